@@ -1,0 +1,52 @@
+# Two commands for a new user: `make demo` and `make test`.
+# Both create .venv with Python >= 3.12 if it is absent and install the package into it.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow test-f32 test-x64 lint bench clean
+
+# Find a Python >= 3.12: on PATH first, then pyenv's versions, then uv's.
+define find_python
+for c in python3.13 python3.12 python3 python; do \
+  p=$$(command -v $$c 2>/dev/null) || continue; \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; exit 0; }; \
+done; \
+for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3 $$HOME/.local/share/uv/python/cpython-3.1[2-9]*/bin/python3; do \
+  [ -x $$p ] && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; exit 0; }; \
+done; \
+echo "error: Python >= 3.12 not found (install python3.12)" >&2; exit 1
+endef
+
+$(PY):
+	@py=$$($(find_python)) || exit 1; echo "creating $(VENV) with $$py"; $$py -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/conceptshift demo
+
+# The default suite runs twice: in float32 (JAX's default) and in float64.
+test: test-f32 test-x64
+
+test-f32: $(STAMP)
+	JAX_ENABLE_X64=0 $(PY) -m pytest -q -n 2 -p no:cacheprovider
+
+test-x64: $(STAMP)
+	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n 2 -p no:cacheprovider
+
+test-slow: $(STAMP)
+	JAX_ENABLE_X64=1 $(PY) -m pytest -q -m slow -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check conceptshift tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m conceptshift.cli bench em
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,94 @@
+"""Input checks at the public boundary: clear errors before anything is traced or compiled."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def float_dtype():
+    """The default floating dtype: float64 under ``JAX_ENABLE_X64``, else float32."""
+    return jnp.zeros((), dtype=float).dtype
+
+
+def as_float_array(name: str, value, *, ndim: int | tuple[int, ...], allow_nan: bool = False):
+    """Converts ``value`` to a floating JAX array of the default dtype, checking rank and finiteness.
+
+    Under tracing (jit/vmap) only the static facts (rank, dtype kind) are checked.
+    """
+    ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if value is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if not is_traced(value):
+        try:
+            arr = np.asarray(value)
+        except Exception as err:  # pragma: no cover - numpy's own message is good enough
+            raise TypeError(f"{name} must be array-like, got {type(value).__name__}") from err
+        if arr.dtype == object or not (
+            np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+        ):
+            raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+        if np.iscomplexobj(arr):
+            raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+        if arr.ndim not in ndims:
+            raise ValueError(f"{name} must have ndim in {ndims}, got shape {arr.shape}")
+        if not allow_nan and arr.size and not np.all(np.isfinite(arr)):
+            bad = int(np.sum(~np.isfinite(arr)))
+            raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf)")
+        return jnp.asarray(arr, dtype=float_dtype())
+    if value.ndim not in ndims:
+        raise ValueError(f"{name} must have ndim in {ndims}, got shape {value.shape}")
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(float_dtype())
+    return value
+
+
+def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_float(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_key(name: str, key):
+    """Accepts a typed PRNG key or a raw uint32 key of shape (2,)."""
+    if is_traced(key):
+        return key
+    if isinstance(key, numbers.Integral):
+        raise TypeError(f"{name} must be a jax.random key (e.g. jax.random.key({key})), got int")
+    arr = key
+    if not hasattr(arr, "dtype"):
+        raise TypeError(f"{name} must be a jax.random key, got {type(key).__name__}")
+    if jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
+        if arr.shape != ():
+            raise ValueError(f"{name} must be a single key, got a key array of shape {arr.shape}")
+        return arr
+    if arr.dtype != jnp.uint32 or arr.shape != (2,):
+        raise TypeError(
+            f"{name} must be a jax.random key, got array of dtype {arr.dtype} and shape {arr.shape}"
+        )
+    return arr

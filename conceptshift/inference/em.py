@@ -1,0 +1,231 @@
+"""Expectation-maximisation for the mixture families, compiled end to end.
+
+One call of :func:`fit_em` is one compiled program: restarts run side by side under ``vmap``, each an
+EM loop in ``lax.while_loop`` that stops on a relative tolerance or an iteration cap. Data are
+arguments of the compiled function, so a second fit with new data of the same shapes reuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.scipy.special import logsumexp
+
+from .._validation import check_float, check_int, check_key, is_traced
+from ..models._experts import ExpertsFamily
+from .init import kmeans_pp_responsibilities, random_responsibilities
+
+INITS = ("mixed", "kmeans++", "random")
+
+
+class EMResult(NamedTuple):
+    """Outcome of :func:`fit_em` (a pytree: it can be returned from ``jit`` and ``vmap``).
+
+    ``loglik`` is the weighted total log-likelihood at ``params``: log p(y | x) summed over samples
+    for :class:`RegressionMixture`, log p(x, y) for :class:`GatedExperts`. ``objective`` adds the
+    weak prior's log-density; EM never decreases it. The traces hold one value per iteration (the
+    value before that iteration's M-step) and NaN past ``n_iter``; :meth:`trace` trims them.
+    """
+
+    params: Any
+    loglik: Array  # ()
+    objective: Array  # ()
+    loglik_trace: Array  # (max_iter,)
+    objective_trace: Array  # (max_iter,)
+    n_iter: Array  # () int32
+    converged: Array  # () bool
+    bic: Array  # ()
+    degenerate: Array  # () bool: the kept fit is spurious (only when every restart was)
+    best_restart: Array  # () int32
+    restart_loglik: Array  # (R,)
+    restart_converged: Array  # (R,)
+    restart_degenerate: Array  # (R,)
+
+    def trace(self) -> np.ndarray:
+        """The log-likelihood trace of the kept restart, trimmed to ``n_iter`` values."""
+        return np.asarray(self.loglik_trace)[: int(self.n_iter)]
+
+
+class _Run(NamedTuple):
+    params: Any
+    loglik: Array
+    objective: Array
+    loglik_trace: Array
+    objective_trace: Array
+    n_iter: Array
+    converged: Array
+
+
+def e_step(model: ExpertsFamily, params, x: Array, y: Array, w: Array):
+    """Weighted log-likelihood () and weighted responsibilities w_n p(k | x_n, y_n), (N, K)."""
+    logp = model.component_log_probs(params, x, y)
+    ll_n = logsumexp(logp, axis=-1)
+    r = jnp.exp(logp - ll_n[:, None]) * w[:, None]
+    return jnp.sum(w * ll_n), r
+
+
+def _all_finite(tree) -> Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
+
+
+def _run_em(model, x, y, w, stats, params0, tol, max_iter: int) -> _Run:
+    dtype = y.dtype
+    nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
+
+    def cond(state):
+        _, _, it, _, _, conv, failed = state
+        return (it < max_iter) & ~conv & ~failed
+
+    def body(state):
+        params, obj_prev, it, ll_tr, obj_tr, _, _ = state
+        ll, r = e_step(model, params, x, y, w)
+        obj = ll + model.log_prior(params, stats)
+        new = model.m_step(x, y, r, stats)
+        ok = _all_finite(new) & jnp.isfinite(obj)
+        # a non-finite update keeps the previous parameters and stops the loop
+        params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
+        conv = ok & (it > 0) & (jnp.abs(obj - obj_prev) <= tol * jnp.abs(obj))
+        return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok
+
+    false = jnp.asarray(False)
+    init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
+            false, false)
+    params, _, n_iter, ll_tr, obj_tr, conv, failed = jax.lax.while_loop(cond, body, init)
+    ll, _ = e_step(model, params, x, y, w)
+    obj = ll + model.log_prior(params, stats)
+    converged = conv & ~failed & jnp.isfinite(obj)
+    return _Run(params, ll, obj, ll_tr, obj_tr, n_iter, converged)
+
+
+def _initial_params(model, key, x, y, w, stats, use_kpp, init: str):
+    k1, k2 = jax.random.split(key)
+    z = jnp.concatenate([x, y], axis=1)
+    n, K = x.shape[0], model.n_components
+    if init == "kmeans++":
+        r0 = kmeans_pp_responsibilities(k1, z, w, K)
+    elif init == "random":
+        r0 = random_responsibilities(k2, n, K, y.dtype)
+    else:
+        r0 = jnp.where(
+            use_kpp,
+            kmeans_pp_responsibilities(k1, z, w, K),
+            random_responsibilities(k2, n, K, y.dtype),
+        )
+    return model.m_step(x, y, r0 * w[:, None], stats)
+
+
+def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, init):
+    stats = model.data_stats(x, y, w)
+    tol = jnp.asarray(tol, y.dtype)
+    if init_params is not None:
+        params0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, y.dtype)[None], init_params)
+    else:
+        keys = jax.random.split(key, restarts)
+        use_kpp = (jnp.arange(restarts) % 2) == 0
+        params0 = jax.vmap(
+            lambda k, u: _initial_params(model, k, x, y, w, stats, u, init)
+        )(keys, use_kpp)
+
+    runs = jax.vmap(lambda p: _run_em(model, x, y, w, stats, p, tol, max_iter))(params0)
+    degenerate = jax.vmap(
+        lambda p: jnp.any(model.degenerate_components(p, x, y, w, stats))
+    )(runs.params)
+    finite = jnp.isfinite(runs.objective)
+    score = jnp.where(degenerate | ~finite, -jnp.inf, runs.loglik)
+    fallback = jnp.where(finite, runs.loglik, -jnp.inf)
+    best = jnp.where(jnp.any(jnp.isfinite(score)), jnp.argmax(score), jnp.argmax(fallback))
+    pick = jax.tree_util.tree_map(lambda a: a[best], runs)
+    n = jnp.sum(w)
+    bic = -2.0 * pick.loglik + model.n_params * jnp.log(n)
+    return EMResult(
+        params=pick.params,
+        loglik=pick.loglik,
+        objective=pick.objective,
+        loglik_trace=pick.loglik_trace,
+        objective_trace=pick.objective_trace,
+        n_iter=pick.n_iter,
+        converged=pick.converged,
+        bic=bic,
+        degenerate=degenerate[best],
+        best_restart=best.astype(jnp.int32),
+        restart_loglik=runs.loglik,
+        restart_converged=runs.converged,
+        restart_degenerate=degenerate,
+    )
+
+
+_fit_em_jit = jax.jit(_fit_em_impl, static_argnames=("model", "restarts", "max_iter", "init"))
+
+
+def fit_em(
+    model: ExpertsFamily,
+    key,
+    x,
+    y,
+    *,
+    weights=None,
+    restarts: int = 1,
+    max_iter: int = 500,
+    tol: float = 1e-8,
+    init: str = "mixed",
+    init_params=None,
+) -> EMResult:
+    """Fits ``model`` to (x, y) by EM with closed-form M-steps; returns the best restart.
+
+    Args:
+      model: a family instance, e.g. ``RegressionMixture(n_components=2)``.
+      key: a ``jax.random`` key; the same key gives the same fit.
+      x: covariates (N, D), or (N,) when D == 1, or None when D == 0.
+      y: responses (N, H), or (N,) when the model has one head.
+      weights: optional non-negative per-sample weights (N,).
+      restarts: R, number of initialisations run together under ``vmap``.
+      max_iter: iteration cap of each EM loop.
+      tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration.
+      init: ``"kmeans++"``, ``"random"`` (Dirichlet responsibilities) or ``"mixed"`` (alternating,
+        restart 0 uses k-means++).
+      init_params: start from these parameters instead (one run; ``restarts`` is ignored).
+
+    Returns:
+      :class:`EMResult` of the restart with the highest log-likelihood among those that are not
+      degenerate (a component on fewer than ``model.min_component_count`` effective points, or
+      fitting its points exactly). ``degenerate`` is True only when no restart was clean.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from conceptshift.models import RegressionMixture
+      >>> rng = np.random.default_rng(0)
+      >>> x = rng.normal(size=200); z = rng.integers(0, 2, 200)
+      >>> y = np.where(z, 1 + 2 * x, -1 - 2 * x) + 0.1 * rng.normal(size=200)
+      >>> fit = fit_em(RegressionMixture(2), jax.random.key(0), x, y, restarts=4)
+      >>> bool(fit.converged)
+      True
+    """
+    if not isinstance(model, ExpertsFamily):
+        raise TypeError(
+            f"model must be a conceptshift model family (e.g. RegressionMixture), "
+            f"got {type(model).__name__}"
+        )
+    key = check_key("key", key)
+    restarts = check_int("restarts", restarts, minimum=1)
+    max_iter = check_int("max_iter", max_iter, minimum=1)
+    if not is_traced(tol):
+        tol = check_float("tol", tol, nonnegative=True)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    arrays = model.check_data(x, y, weights)
+    x, y = arrays[0], arrays[1]
+    w = arrays[2] if weights is not None else jnp.ones((x.shape[0],), y.dtype)
+    if x.shape[0] < model.n_components:
+        raise ValueError(
+            f"x has {x.shape[0]} rows, fewer than n_components={model.n_components}"
+        )
+    if init_params is not None:
+        restarts = 1
+    return _fit_em_jit(
+        model, key, x, y, w, tol, init_params, restarts=restarts, max_iter=max_iter, init=init
+    )

@@ -1,0 +1,67 @@
+"""Initial responsibilities for EM: k-means++ seeding (with a few Lloyd steps) and random ones."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+
+def _standardise(z: Array, w: Array) -> Array:
+    n = jnp.sum(w)
+    mean = w @ z / n
+    sd = jnp.sqrt(w @ (z - mean) ** 2 / n)
+    return (z - mean) / jnp.where(sd > 0, sd, 1.0)
+
+
+def _sq_dist(z: Array, centers: Array) -> Array:
+    """Squared distances (N, K) without forming an (N, K, F) temporary."""
+    zz = jnp.sum(z**2, -1)[:, None]
+    cc = jnp.sum(centers**2, -1)[None, :]
+    return jnp.maximum(zz - 2 * z @ centers.T + cc, 0.0)
+
+
+def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_lloyd: int = 10):
+    """Hard responsibilities (N, K) from k-means++ seeding on standardised z followed by Lloyd steps.
+
+    Args:
+      key: PRNG key.
+      z: (N, F) points (for mixtures of experts: the columns of x and y).
+      w: (N,) non-negative sample weights.
+      n_components: K.
+      n_lloyd: number of Lloyd iterations after seeding.
+    """
+    K = n_components
+    z = _standardise(z, w)
+    N = z.shape[0]
+    keys = jax.random.split(key, K)
+    p0 = w / jnp.sum(w)
+    first = jax.random.choice(keys[0], N, p=p0)
+    centers = jnp.zeros((K, z.shape[1]), z.dtype).at[0].set(z[first])
+    d2 = jnp.sum((z - z[first]) ** 2, -1)
+
+    def seed(k, carry):
+        centers, d2 = carry
+        mass = w * d2
+        total = jnp.sum(mass)
+        # all points already on a centre (e.g. tied data): fall back to the weights
+        p = jnp.where(total > 0, mass / jnp.where(total > 0, total, 1.0), p0)
+        idx = jax.random.choice(keys[k], N, p=p)
+        c = z[idx]
+        return centers.at[k].set(c), jnp.minimum(d2, jnp.sum((z - c) ** 2, -1))
+
+    centers, _ = jax.lax.fori_loop(1, K, seed, (centers, d2))
+
+    def lloyd(_, centers):
+        onehot = jax.nn.one_hot(jnp.argmin(_sq_dist(z, centers), -1), K, dtype=z.dtype)
+        mass = onehot.T @ w
+        sums = (onehot * w[:, None]).T @ z
+        return jnp.where(mass[:, None] > 0, sums / jnp.where(mass > 0, mass, 1.0)[:, None], centers)
+
+    centers = jax.lax.fori_loop(0, n_lloyd, lloyd, centers)
+    return jax.nn.one_hot(jnp.argmin(_sq_dist(z, centers), -1), K, dtype=z.dtype)
+
+
+def random_responsibilities(key, n: int, n_components: int, dtype) -> Array:
+    """Responsibilities (N, K) drawn row-wise from a flat Dirichlet."""
+    return jax.random.dirichlet(key, jnp.ones((n_components,), dtype), (n,)).astype(dtype)

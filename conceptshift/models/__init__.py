@@ -1,0 +1,16 @@
+"""Model families, each a NumPyro generative model defined once, and ground-truth problems."""
+
+from ._experts import DataStats, ExpertsFamily
+from .basis import Basis
+from .gated import GatedExperts, GatedParams
+from .regression import RegressionMixture, RegressionParams
+
+__all__ = [
+    "Basis",
+    "DataStats",
+    "ExpertsFamily",
+    "GatedExperts",
+    "GatedParams",
+    "RegressionMixture",
+    "RegressionParams",
+]

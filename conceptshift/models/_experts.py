@@ -1,0 +1,352 @@
+"""What both regression families share: the response heads phi(y; x, theta_k), their closed-form
+M-step, the weak conjugate prior that keeps every M-step finite, and the NumPyro conditional mixture.
+
+Dimension names: N samples, K components, D covariates, P design columns (intercept first),
+H response heads (y, and y' where a weak label is modelled).
+
+The prior (strength ``reg``, default 1e-6) is what keeps empty or collapsing components finite. With
+nu = reg, v_h the sample variance of head h and c = reg * mean(diag(Phi^T Phi) / N):
+
+  log pi ~ Dirichlet(1 + nu)        ->  pi_k = (N_k + nu) / (N + K nu)
+  beta_kh | s2 ~ N(0, s2 / c)       ->  ridge solve (Phi^T W_k Phi + c I) beta = Phi^T W_k y_h
+  s2_kh: -(nu/2) log s2 - nu v_h / (2 s2)
+                                    ->  s2_kh = (RSS_kh + c |beta_kh|^2 + nu v_h) / (N_k + nu)
+
+Each M-step maximises the penalised log-likelihood exactly, so EM's objective (log-likelihood plus
+log prior, reported as ``objective``) never decreases; the prior moves the log-likelihood itself by
+O(reg), far below any tolerance a fit is judged by. A component that fits its points exactly has
+RSS ~ 0 and lands on the floor s2 = nu v_h / (N_k + nu) instead of zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax import Array
+from jax.scipy.special import logsumexp
+
+from .._validation import as_float_array, check_float, check_int
+from .basis import Basis
+
+
+class DataStats(NamedTuple):
+    """Constants of the data that set the prior's scale (fixed during one fit)."""
+
+    y_var: Array  # (H,) weighted variance of each head
+    x_var: Array  # (D,) weighted variance of each covariate
+    phi_scale: Array  # () mean of diag(Phi^T W Phi) / sum(W)
+    n: Array  # () sum of the weights
+
+
+def _tiny(dtype) -> Array:
+    return jnp.asarray(jnp.finfo(dtype).tiny, dtype)
+
+
+@dataclass(frozen=True)
+class ExpertsFamily:
+    """Base of the families whose experts are Gaussian regressions on a feature map.
+
+    Subclasses define the gate g(x | eta_k); this class owns the heads and everything around them.
+    Instances are frozen and hashable: they are static arguments of ``jax.jit``.
+    """
+
+    n_components: int
+    n_features: int = 1
+    n_heads: int = 1
+    degree: int = 1
+    basis_fn: Any = None
+    shared_scale: bool = False
+    reg: float = 1e-6
+
+    def __post_init__(self):
+        check_int("n_components", self.n_components, minimum=1)
+        check_int("n_features", self.n_features, minimum=0)
+        check_int("n_heads", self.n_heads, minimum=1)
+        check_int("degree", self.degree, minimum=0)
+        check_float("reg", self.reg, positive=True)
+        if self.basis_fn is not None and not callable(self.basis_fn):
+            raise TypeError(f"basis_fn must be callable or None, got {type(self.basis_fn).__name__}")
+        if self.n_features == 0 and (self.degree > 0 and self.basis_fn is None):
+            object.__setattr__(self, "degree", 0)
+
+    # ------------------------------------------------------------------ shapes and names
+    @property
+    def basis(self) -> Basis:
+        return Basis(self.n_features, self.degree, self.basis_fn)
+
+    @property
+    def n_coef(self) -> int:
+        """P, the number of regression coefficients per head (intercept included)."""
+        return self.basis.n_terms
+
+    @property
+    def coef_names(self) -> tuple[str, ...]:
+        return self.basis.names
+
+    def n_gate_params(self) -> int:
+        return 0
+
+    @property
+    def n_params(self) -> int:
+        """Number of free parameters (for BIC)."""
+        K, H, P = self.n_components, self.n_heads, self.n_coef
+        scales = H if self.shared_scale else K * H
+        return (K - 1) + K * H * P + scales + self.n_gate_params()
+
+    @property
+    def min_component_count(self) -> int:
+        """A component with fewer effective points than this can fit them exactly (spurious)."""
+        return max(self.n_coef, self.n_features + 1) + 1
+
+    # ------------------------------------------------------------------ input handling
+    def check_data(self, x, y=None, weights=None, *, n_name: str = "x"):
+        """Validates and converts (x, y, weights) to arrays of shapes (N, D), (N, H), (N,).
+
+        ``x`` may be (N,) when D == 1 and None or (N, 0) when D == 0; ``y`` may be (N,) when H == 1.
+        """
+        if x is None:
+            if self.n_features != 0:
+                raise TypeError(f"x must be an array of shape (N, {self.n_features}), got None")
+            if y is None:
+                raise TypeError("y is required when x is None")
+            y_arr = as_float_array("y", y, ndim=(1, 2))
+            x = jnp.zeros((y_arr.shape[0], 0), dtype=y_arr.dtype)
+        x = as_float_array(n_name, x, ndim=(1, 2))
+        if x.ndim == 1:
+            if self.n_features != 1:
+                raise ValueError(
+                    f"{n_name} has shape {x.shape}; expected (N, {self.n_features}) for "
+                    f"n_features={self.n_features}"
+                )
+            x = x[:, None]
+        if x.shape[1] != self.n_features:
+            raise ValueError(
+                f"{n_name} must have {self.n_features} column(s) (n_features), got shape {x.shape}"
+            )
+        n = x.shape[0]
+        if n < 1:
+            raise ValueError(f"{n_name} must have at least one row, got shape {x.shape}")
+        out = [x]
+        if y is not None:
+            y = as_float_array("y", y, ndim=(1, 2))
+            if y.ndim == 1:
+                if self.n_heads != 1:
+                    raise ValueError(
+                        f"y has shape {y.shape}; expected (N, {self.n_heads}) for "
+                        f"n_heads={self.n_heads}"
+                    )
+                y = y[:, None]
+            if y.shape != (n, self.n_heads):
+                raise ValueError(f"y must have shape ({n}, {self.n_heads}), got {y.shape}")
+            out.append(y.astype(x.dtype))
+        if weights is not None:
+            weights = as_float_array("weights", weights, ndim=1)
+            if weights.shape != (n,):
+                raise ValueError(f"weights must have shape ({n},), got {weights.shape}")
+            if not isinstance(weights, jax.core.Tracer):
+                if bool(jnp.any(weights < 0)) or not bool(jnp.sum(weights) > 0):
+                    raise ValueError("weights must be >= 0 with a positive sum")
+            out.append(weights.astype(x.dtype))
+        return tuple(out)
+
+    def design(self, x: Array) -> Array:
+        """Design matrix Phi (N, P) of x (N, D)."""
+        return self.basis(x)
+
+    # ------------------------------------------------------------------ densities
+    def gate_log_probs(self, params, x: Array) -> Array:
+        """log pi_k + log g(x | eta_k), shape (N, K). Constant gates give log pi_k."""
+        raise NotImplementedError
+
+    def marginal_x_log_prob(self, params, x: Array) -> Array:
+        """log p(x) under the model, shape (N,); zero for families that do not model x."""
+        return logsumexp(self.gate_log_probs(params, x), axis=-1)
+
+    def expert_mean(self, params, x: Array) -> Array:
+        """mu(x; theta_kh) = Phi(x) . beta_kh, shape (N, K, H)."""
+        phi = self.design(x)
+        return jnp.einsum("np,khp->nkh", phi, params.coef)
+
+    def head_distribution(self, params, x: Array) -> dist.Distribution:
+        """phi(y; x, theta_k): Normal with batch (N, K) and event (H,)."""
+        scale = jnp.exp(params.log_scale)
+        return dist.Normal(self.expert_mean(params, x), scale).to_event(1)
+
+    def head_log_probs(self, params, x: Array, y: Array) -> Array:
+        """sum_h log phi(y_h; x, theta_kh), shape (N, K)."""
+        return self.head_distribution(params, x).log_prob(y[:, None, :])
+
+    def component_log_probs(self, params, x: Array, y: Array) -> Array:
+        """log pi_k + log g(x | eta_k) + log phi(y; x, theta_k), shape (N, K): EM's E-step quantity.
+
+        Its logsumexp over K is the joint log-density log p(x, y) (log p(y | x) for constant gates).
+        """
+        return self.gate_log_probs(params, x) + self.head_log_probs(params, x, y)
+
+    def log_likelihood(self, params, x: Array, y: Array) -> Array:
+        """Per-sample log p(x, y) (log p(y | x) when the family does not model x), shape (N,)."""
+        return logsumexp(self.component_log_probs(params, x, y), axis=-1)
+
+    def posterior_k(self, params, x: Array) -> Array:
+        """p(k | x), shape (N, K): the gate probabilities."""
+        return jax.nn.softmax(self.gate_log_probs(params, x), axis=-1)
+
+    def distribution(self, params, x: Array) -> dist.MixtureSameFamily:
+        """The conditional mixture p(y | x) = sum_k p(k | x) phi(y; x, theta_k) as a NumPyro
+        distribution with batch shape (N,) and event shape (H,).
+
+        Its ``component_log_probs(y)`` is ``log p(k | x) + log phi_k(y)``; adding
+        ``marginal_x_log_prob`` gives :meth:`component_log_probs`.
+        """
+        mixing = dist.Categorical(logits=jax.nn.log_softmax(self.gate_log_probs(params, x), -1))
+        return dist.MixtureSameFamily(mixing, self.head_distribution(params, x))
+
+    # conditional q(y|x) helpers, one head at a time
+    def conditional_mean(self, params, x: Array, head: int = 0) -> Array:
+        """E[y_head | x] = sum_k p(k | x) mu(x; theta_k), shape (N,)."""
+        return jnp.sum(self.posterior_k(params, x) * self.expert_mean(params, x)[..., head], -1)
+
+    def conditional_log_prob(self, params, x: Array, y: Array, head: int = 0) -> Array:
+        """log p(y_head | x), shape (N,), for y of shape (N,)."""
+        sub = self.select_heads(params, (head,))
+        return logsumexp(
+            jax.nn.log_softmax(self.gate_log_probs(params, x), -1)
+            + self.head_log_probs(sub, x, y[:, None]),
+            axis=-1,
+        )
+
+    def sample_conditional(self, key, params, x: Array) -> Array:
+        """Draws y ~ p(y | x) for each row of x, shape (N, H)."""
+        return self.distribution(params, x).sample(key)
+
+    def select_heads(self, params, heads: tuple[int, ...]):
+        """The same parameters restricted to the given heads (e.g. ``(0,)`` for the strong label)."""
+        idx = jnp.asarray(heads)
+        return params._replace(coef=params.coef[:, idx], log_scale=params.log_scale[:, idx])
+
+    def with_heads(self, n_heads: int):
+        """This family with another number of response heads."""
+        import dataclasses
+
+        return dataclasses.replace(self, n_heads=n_heads)
+
+    def permute(self, params, perm):
+        """Reorders the components: component j of the result is component ``perm[j]`` of params."""
+        perm = jnp.asarray(perm)
+        return jax.tree_util.tree_map(lambda a: a[perm], params)
+
+    # ------------------------------------------------------------------ EM pieces
+    def data_stats(self, x: Array, y: Array, w: Array) -> DataStats:
+        n = jnp.sum(w)
+        ybar = w @ y / n
+        y_var = w @ (y - ybar) ** 2 / n
+        xbar = w @ x / n
+        x_var = w @ (x - xbar) ** 2 / n
+        phi = self.design(x)
+        phi_scale = jnp.mean(w @ phi**2) / n
+        # constant columns or responses would give a zero floor: fall back to 1
+        y_var = jnp.where(y_var > 0, y_var, jnp.ones_like(y_var))
+        x_var = jnp.where(x_var > 0, x_var, jnp.ones_like(x_var))
+        return DataStats(y_var, x_var, phi_scale, n)
+
+    def _m_step_heads(self, x, y, r, stats: DataStats):
+        """Closed-form update of (log_weights, coef, log_scale) from weighted responsibilities
+        r = w_n * p(k | x_n, y_n), shape (N, K)."""
+        dtype = y.dtype
+        N, K = r.shape
+        P, H = self.n_coef, self.n_heads
+        nu = jnp.asarray(self.reg, dtype)
+        nk = jnp.sum(r, axis=0)  # (K,)
+        log_weights = jnp.log(nk + nu) - jnp.log(stats.n + K * nu)
+
+        phi = self.design(x)  # (N, P)
+        # one (K*P, N) @ (N, P) product instead of an n-batched einsum
+        rphi = (r[:, :, None] * phi[:, None, :]).reshape(N, K * P)
+        gram = (rphi.T @ phi).reshape(K, P, P)
+        rhs = (rphi.T @ y).reshape(K, P, H)
+        c = nu * stats.phi_scale
+        gram = gram + c * jnp.eye(P, dtype=dtype)
+        chol = jnp.linalg.cholesky(gram)
+        beta = jax.scipy.linalg.cho_solve((chol, True), rhs)  # (K, P, H)
+        coef = jnp.swapaxes(beta, 1, 2)  # (K, H, P)
+
+        resid = y[:, None, :] - jnp.einsum("np,khp->nkh", phi, coef)
+        rss = jnp.einsum("nk,nkh->kh", r, resid**2)  # (K, H)
+        pen = c * jnp.sum(coef**2, axis=-1)  # (K, H)
+        if self.shared_scale:
+            s2 = (jnp.sum(rss + pen, 0) + nu * stats.y_var) / (stats.n + nu)
+            s2 = jnp.broadcast_to(s2, (K, H))
+        else:
+            s2 = (rss + pen + nu * stats.y_var) / (nk[:, None] + nu)
+        return log_weights, coef, 0.5 * jnp.log(s2), nk, rss
+
+    def _log_prior_heads(self, params, stats: DataStats) -> Array:
+        dtype = params.coef.dtype
+        nu = jnp.asarray(self.reg, dtype)
+        c = nu * stats.phi_scale
+        s2 = jnp.exp(2 * params.log_scale)
+        lp = nu * jnp.sum(params.log_weights)
+        lp = lp - jnp.sum(c * jnp.sum(params.coef**2, -1) / (2 * s2))
+        var_terms = -0.5 * nu * jnp.log(s2) - nu * stats.y_var / (2 * s2)  # (K, H)
+        lp = lp + (jnp.sum(var_terms[0]) if self.shared_scale else jnp.sum(var_terms))
+        return lp
+
+    def m_step(self, x: Array, y: Array, r: Array, stats: DataStats):
+        """Parameters maximising the expected penalised log-likelihood given r (N, K)."""
+        raise NotImplementedError
+
+    def log_prior(self, params, stats: DataStats) -> Array:
+        """The weak prior's log-density (up to a constant); EM maximises loglik + this."""
+        raise NotImplementedError
+
+    def degenerate_components(self, params, x: Array, y: Array, w: Array, stats: DataStats):
+        """Boolean (K,): components that sit on a spurious, unbounded-likelihood solution.
+
+        A component is degenerate when it holds fewer than ``min_component_count`` effective points
+        (it can fit them exactly) or when its residual sum of squares is below the prior's
+        pseudo-sum nu * v_h (it fits its points exactly, e.g. on tied values).
+        """
+        logp = self.component_log_probs(params, x, y)
+        r = jnp.exp(logp - logsumexp(logp, -1, keepdims=True)) * w[:, None]
+        nk = jnp.sum(r, 0)
+        resid = y[:, None, :] - self.expert_mean(params, x)
+        rss = jnp.einsum("nk,nkh->kh", r, resid**2)
+        few = nk < self.min_component_count
+        exact = jnp.any(rss <= self.reg * stats.y_var * 1.0, axis=-1)
+        return few | exact | self._degenerate_gates(params, x, r, stats)
+
+    def _degenerate_gates(self, params, x, r, stats):
+        return jnp.zeros((self.n_components,), dtype=bool)
+
+    # ------------------------------------------------------------------ NumPyro model
+    def numpyro_model(self, x: Array, y: Array | None = None):
+        """The generative model with weakly informative priors, for SVI and NUTS.
+
+        Sites: ``weights`` (K,), ``coef`` (K, H, P), ``scale`` (K, H), the family's gate sites,
+        then ``x`` (gated families only) and ``y`` (N, H), both marginalised over k.
+        """
+        import numpyro
+
+        K, H, P = self.n_components, self.n_heads, self.n_coef
+        dtype = x.dtype
+        weights = numpyro.sample("weights", dist.Dirichlet(jnp.ones(K, dtype)))
+        coef = numpyro.sample("coef", dist.Normal(jnp.zeros((K, H, P), dtype), 10.0).to_event(3))
+        scale_shape = (1, H) if self.shared_scale else (K, H)
+        scale = numpyro.sample("scale", dist.HalfNormal(jnp.full(scale_shape, 10.0, dtype)).to_event(2))
+        scale = jnp.broadcast_to(scale, (K, H))
+        params = self._params_from_sites(jnp.log(weights), coef, jnp.log(scale), self._gate_sites(x))
+        self._observe_x(params, x)
+        numpyro.sample("y", self.distribution(params, x), obs=y)
+
+    def _gate_sites(self, x):
+        return {}
+
+    def _observe_x(self, params, x):
+        pass
+
+    def _params_from_sites(self, log_weights, coef, log_scale, gate_sites):
+        raise NotImplementedError

@@ -1,0 +1,75 @@
+"""Feature maps psi(x) for the experts: the design row is [1, psi(x)], intercept first (Example 2.5)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+
+@dataclass(frozen=True)
+class Basis:
+    """Polynomial features of total degree 1..``degree`` (all monomials), or a user map.
+
+    Args:
+      n_features: D, the number of covariates.
+      degree: polynomial degree; 1 gives the linear design [1, x]. 0 gives intercept only.
+      fn: optional user map ``x (N, D) -> (N, B)`` without an intercept column. It must be a pure
+        JAX function (it is traced inside jit) and hashable (plain functions are).
+
+    Example:
+      >>> Basis(n_features=2, degree=2).names
+      ('1', 'x1', 'x2', 'x1^2', 'x1*x2', 'x2^2')
+    """
+
+    n_features: int = 1
+    degree: int = 1
+    fn: Callable[[Array], Array] | None = None
+
+    @property
+    def monomials(self) -> tuple[tuple[int, ...], ...]:
+        terms = []
+        for deg in range(1, self.degree + 1):
+            terms.extend(itertools.combinations_with_replacement(range(self.n_features), deg))
+        return tuple(terms)
+
+    @property
+    def n_terms(self) -> int:
+        """P, the number of design columns including the intercept."""
+        if self.fn is not None:
+            out = jax.eval_shape(self.fn, jax.ShapeDtypeStruct((2, self.n_features), jnp.float32))
+            if len(out.shape) != 2 or out.shape[0] != 2:
+                raise ValueError(f"basis fn must map (N, D) to (N, B), got output shape {out.shape}")
+            return 1 + out.shape[1]
+        return 1 + len(self.monomials)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        if self.fn is not None:
+            return ("1",) + tuple(f"psi{j + 1}" for j in range(self.n_terms - 1))
+        names = ["1"]
+        for mono in self.monomials:
+            counts: dict[int, int] = {}
+            for i in mono:
+                counts[i] = counts.get(i, 0) + 1
+            names.append(
+                "*".join(f"x{i + 1}" + (f"^{c}" if c > 1 else "") for i, c in counts.items())
+            )
+        return tuple(names)
+
+    def __call__(self, x: Array) -> Array:
+        """Design matrix (N, P) of ``x`` (N, D)."""
+        ones = jnp.ones((x.shape[0], 1), dtype=x.dtype)
+        if self.fn is not None:
+            return jnp.concatenate([ones, jnp.asarray(self.fn(x), dtype=x.dtype)], axis=1)
+        cols = [ones]
+        for mono in self.monomials:
+            col = x[:, mono[0]]
+            for i in mono[1:]:
+                col = col * x[:, i]
+            cols.append(col[:, None])
+        return jnp.concatenate(cols, axis=1)

@@ -1,0 +1,145 @@
+"""Gaussian-gated mixture of experts (cluster-weighted model, Assumption 2.4 with Gaussian gates).
+
+p(x, y) = sum_k pi_k N(x; m_k, S_k) N(y; Phi(x) . beta_k, sigma_k^2), so that
+p(k | x) = softmax_k(log pi_k + log N(x; m_k, S_k)). With linear experts and full-covariance gates
+this is exactly a full-covariance Gaussian mixture of (x, y) in another parametrisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax import Array
+
+from .._validation import check_int
+from ._experts import DataStats, ExpertsFamily
+
+
+class GatedParams(NamedTuple):
+    log_weights: Array  # (K,) log pi_k
+    coef: Array  # (K, H, P) expert coefficients, intercept first
+    log_scale: Array  # (K, H) log expert standard deviations
+    gate_mean: Array  # (K, D) m_k
+    gate_cov: Array  # (K, D, D) S_k (diagonal matrices when covariance="diag")
+
+    @property
+    def weights(self) -> Array:
+        return jnp.exp(self.log_weights)
+
+    @property
+    def scale(self) -> Array:
+        return jnp.exp(self.log_scale)
+
+
+
+@dataclass(frozen=True)
+class GatedExperts(ExpertsFamily):
+    """Gaussian-gated mixture of experts; the likelihood is the joint log p(x, y).
+
+    Args: as :class:`RegressionMixture`, plus
+      covariance: ``"full"`` or ``"diag"`` gate covariances.
+
+    The gate covariance gets the same weak prior as the expert variances:
+    S_k = (scatter_k + nu diag(var x)) / (N_k + nu).
+    """
+
+    covariance: str = "full"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("n_features", self.n_features, minimum=1)
+        if self.covariance not in ("full", "diag"):
+            raise ValueError(f"covariance must be 'full' or 'diag', got {self.covariance!r}")
+
+    def n_gate_params(self) -> int:
+        K, D = self.n_components, self.n_features
+        cov = D * (D + 1) // 2 if self.covariance == "full" else D
+        return K * (D + cov)
+
+    def gate_distribution(self, params) -> dist.MultivariateNormal:
+        """g(x | eta_k): MultivariateNormal with batch (K,) and event (D,)."""
+        return dist.MultivariateNormal(params.gate_mean, covariance_matrix=params.gate_cov)
+
+    def x_distribution(self, params) -> dist.MixtureSameFamily:
+        """The marginal p(x) = sum_k pi_k g(x | eta_k)."""
+        return dist.MixtureSameFamily(
+            dist.Categorical(logits=params.log_weights), self.gate_distribution(params)
+        )
+
+    def gate_log_probs(self, params, x):
+        return params.log_weights + self.gate_distribution(params).log_prob(x[:, None, :])
+
+    def m_step(self, x, y, r, stats: DataStats) -> GatedParams:
+        log_weights, coef, log_scale, nk, _ = self._m_step_heads(x, y, r, stats)
+        dtype = x.dtype
+        nu = jnp.asarray(self.reg, dtype)
+        tiny = jnp.finfo(dtype).tiny
+        mean = (r.T @ x) / jnp.maximum(nk, tiny)[:, None]  # (K, D)
+        xc = x[None, :, :] - mean[:, None, :]  # (K, N, D): centred, for accurate scatter
+        prior = nu * stats.x_var
+        if self.covariance == "full":
+            scatter = jnp.einsum("nk,knd,kne->kde", r, xc, xc)
+            cov = (scatter + jnp.diag(prior)) / (nk + nu)[:, None, None]
+        else:
+            scatter = jnp.einsum("nk,knd->kd", r, xc**2)
+            cov = jax.vmap(jnp.diag)((scatter + prior) / (nk + nu)[:, None])
+        return GatedParams(log_weights, coef, log_scale, mean, cov)
+
+    def log_prior(self, params, stats: DataStats):
+        nu = jnp.asarray(self.reg, params.coef.dtype)
+        chol = jnp.linalg.cholesky(params.gate_cov)
+        logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
+        inv_diag = jnp.diagonal(jnp.linalg.inv(params.gate_cov), axis1=-2, axis2=-1)  # (K, D)
+        gate = -0.5 * nu * jnp.sum(logdet) - 0.5 * nu * jnp.sum(inv_diag * stats.x_var)
+        return self._log_prior_heads(params, stats) + gate
+
+    def _degenerate_gates(self, params, x, r, stats):
+        nk = jnp.sum(r, 0)
+        nu = self.reg
+        scatter = params.gate_cov * (nk + nu)[:, None, None] - jnp.diag(nu * stats.x_var)
+        # scatter collapsed along some direction: the gate sits on tied or collinear points
+        scaled = scatter / jnp.sqrt(stats.x_var[:, None] * stats.x_var[None, :])
+        return jnp.linalg.eigvalsh(scaled)[:, 0] <= nu
+
+    def init_params(self, key, dtype=None) -> GatedParams:
+        dtype = dtype or jnp.zeros((), float).dtype
+        K, H, P, D = self.n_components, self.n_heads, self.n_coef, self.n_features
+        k1, k2 = jax.random.split(key)
+        return GatedParams(
+            jnp.full((K,), -jnp.log(K), dtype),
+            jax.random.normal(k1, (K, H, P), dtype),
+            jnp.zeros((K, H), dtype),
+            jax.random.normal(k2, (K, D), dtype),
+            jnp.broadcast_to(jnp.eye(D, dtype=dtype), (K, D, D)),
+        )
+
+    def _gate_sites(self, x):
+        import numpyro
+
+        K, D = self.n_components, self.n_features
+        dtype = x.dtype
+        mean = numpyro.sample("gate_mean", dist.Normal(jnp.zeros((K, D), dtype), 10.0).to_event(2))
+        sd = numpyro.sample("gate_sd", dist.HalfNormal(jnp.full((K, D), 10.0, dtype)).to_event(2))
+        if self.covariance == "full" and D > 1:
+            corr = numpyro.sample(
+                "gate_corr_chol", dist.LKJCholesky(D, 2.0).expand([K]).to_event(1)
+            )
+            tril = sd[..., :, None] * corr
+            cov = tril @ jnp.swapaxes(tril, -1, -2)
+        else:
+            cov = jax.vmap(jnp.diag)(sd**2)
+        return {"gate_mean": mean, "gate_cov": cov}
+
+    def _observe_x(self, params, x):
+        import numpyro
+
+        numpyro.sample("x", self.x_distribution(params), obs=x)
+
+    def _params_from_sites(self, log_weights, coef, log_scale, gate_sites):
+        return GatedParams(
+            log_weights, coef, log_scale, gate_sites["gate_mean"], gate_sites["gate_cov"]
+        )

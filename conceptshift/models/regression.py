@@ -1,0 +1,75 @@
+"""Mixture of linear regressions (paper Example 2.6): constant gates, p(k | x) = pi_k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from ._experts import DataStats, ExpertsFamily
+
+
+class RegressionParams(NamedTuple):
+    log_weights: Array  # (K,) log pi_k
+    coef: Array  # (K, H, P) regression coefficients, intercept first
+    log_scale: Array  # (K, H) log of the component standard deviations
+
+    @property
+    def weights(self) -> Array:
+        return jnp.exp(self.log_weights)
+
+    @property
+    def scale(self) -> Array:
+        return jnp.exp(self.log_scale)
+
+
+@dataclass(frozen=True)
+class RegressionMixture(ExpertsFamily):
+    """p(y | x) = sum_k pi_k N(y; Phi(x) . beta_k, sigma_k^2), with Phi(x) = [1, psi(x)].
+
+    The model is conditional on x: its likelihood is log p(y | x).
+
+    Args:
+      n_components: K.
+      n_features: D, covariates per sample (0 for an intercept-only, i.e. univariate, mixture).
+      n_heads: H, responses sharing the concept k (e.g. 2 for the strong label y and weak label y').
+      degree: polynomial degree of the feature map (1: linear in x).
+      basis_fn: optional user feature map ``x (N, D) -> (N, B)`` (no intercept column).
+      shared_scale: one standard deviation per head shared by all components.
+      reg: strength of the weak prior that keeps empty components finite (module docs).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = RegressionMixture(n_components=2)
+      >>> params = model.init_params(jax.random.key(0))
+      >>> model.log_likelihood(params, jnp.zeros((3, 1)), jnp.zeros((3, 1))).shape
+      (3,)
+    """
+
+    def gate_log_probs(self, params, x):
+        return jnp.broadcast_to(params.log_weights, (x.shape[0], self.n_components))
+
+    def marginal_x_log_prob(self, params, x):
+        return jnp.zeros((x.shape[0],), dtype=params.coef.dtype)
+
+    def m_step(self, x, y, r, stats: DataStats) -> RegressionParams:
+        log_weights, coef, log_scale, _, _ = self._m_step_heads(x, y, r, stats)
+        return RegressionParams(log_weights, coef, log_scale)
+
+    def log_prior(self, params, stats: DataStats):
+        return self._log_prior_heads(params, stats)
+
+    def init_params(self, key, dtype=None) -> RegressionParams:
+        """Random parameters (standard-normal coefficients, unit scales, equal weights)."""
+        dtype = dtype or jnp.zeros((), float).dtype
+        K, H, P = self.n_components, self.n_heads, self.n_coef
+        coef = jax.random.normal(key, (K, H, P), dtype)
+        return RegressionParams(
+            jnp.full((K,), -jnp.log(K), dtype), coef, jnp.zeros((K, H), dtype)
+        )
+
+    def _params_from_sites(self, log_weights, coef, log_scale, gate_sites):
+        return RegressionParams(log_weights, coef, log_scale)

@@ -1,0 +1,27 @@
+"""Strict numerics for every test: silent dtype promotion or rank broadcasting fails loudly."""
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+X64 = bool(jax.config.jax_enable_x64)
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "CONCEPTSHIFT_DATA" in os.environ:
+    DATA = Path(os.environ["CONCEPTSHIFT_DATA"])
+
+
+@pytest.fixture
+def data_dir():
+    if not DATA.is_dir():
+        pytest.skip(f"reference data folder {DATA} is absent (it sits beside the clone in CI)")
+    return DATA
+
+
+def rtol(f32: float, f64: float) -> float:
+    """A tolerance chosen by the active precision."""
+    return f64 if X64 else f32
