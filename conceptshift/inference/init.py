@@ -10,8 +10,8 @@ from jax import Array
 def _standardise(z: Array, w: Array) -> Array:
     n = jnp.sum(w)
     mean = w @ z / n
-    sd = jnp.sqrt(w @ (z - mean) ** 2 / n)
-    return (z - mean) / jnp.where(sd > 0, sd, 1.0)
+    sd = jnp.sqrt(w @ (z - mean[None, :]) ** 2 / n)
+    return (z - mean[None, :]) / jnp.where(sd > 0, sd, 1.0)[None, :]
 
 
 def _sq_dist(z: Array, centers: Array) -> Array:
@@ -38,7 +38,7 @@ def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_llo
     p0 = w / jnp.sum(w)
     first = jax.random.choice(keys[0], N, p=p0)
     centers = jnp.zeros((K, z.shape[1]), z.dtype).at[0].set(z[first])
-    d2 = jnp.sum((z - z[first]) ** 2, -1)
+    d2 = jnp.sum((z - z[first][None, :]) ** 2, -1)
 
     def seed(k, carry):
         centers, d2 = carry
@@ -48,7 +48,7 @@ def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_llo
         p = jnp.where(total > 0, mass / jnp.where(total > 0, total, 1.0), p0)
         idx = jax.random.choice(keys[k], N, p=p)
         c = z[idx]
-        return centers.at[k].set(c), jnp.minimum(d2, jnp.sum((z - c) ** 2, -1))
+        return centers.at[k].set(c), jnp.minimum(d2, jnp.sum((z - c[None, :]) ** 2, -1))
 
     centers, _ = jax.lax.fori_loop(1, K, seed, (centers, d2))
 

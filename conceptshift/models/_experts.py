@@ -173,8 +173,9 @@ class ExpertsFamily:
 
     def head_distribution(self, params, x: Array) -> dist.Distribution:
         """phi(y; x, theta_k): Normal with batch (N, K) and event (H,)."""
-        scale = jnp.exp(params.log_scale)
-        return dist.Normal(self.expert_mean(params, x), scale).to_event(1)
+        mean = self.expert_mean(params, x)
+        scale = jnp.broadcast_to(jnp.exp(params.log_scale), mean.shape)
+        return dist.Normal(mean, scale).to_event(1)
 
     def head_log_probs(self, params, x: Array, y: Array) -> Array:
         """sum_h log phi(y_h; x, theta_kh), shape (N, K)."""
@@ -243,9 +244,9 @@ class ExpertsFamily:
     def data_stats(self, x: Array, y: Array, w: Array) -> DataStats:
         n = jnp.sum(w)
         ybar = w @ y / n
-        y_var = w @ (y - ybar) ** 2 / n
+        y_var = w @ (y - ybar[None, :]) ** 2 / n
         xbar = w @ x / n
-        x_var = w @ (x - xbar) ** 2 / n
+        x_var = w @ (x - xbar[None, :]) ** 2 / n
         phi = self.design(x)
         phi_scale = jnp.mean(w @ phi**2) / n
         # constant columns or responses would give a zero floor: fall back to 1
@@ -269,7 +270,7 @@ class ExpertsFamily:
         gram = (rphi.T @ phi).reshape(K, P, P)
         rhs = (rphi.T @ y).reshape(K, P, H)
         c = nu * stats.phi_scale
-        gram = gram + c * jnp.eye(P, dtype=dtype)
+        gram = gram + c * jnp.eye(P, dtype=dtype)[None]
         chol = jnp.linalg.cholesky(gram)
         beta = jax.scipy.linalg.cho_solve((chol, True), rhs)  # (K, P, H)
         coef = jnp.swapaxes(beta, 1, 2)  # (K, H, P)
@@ -281,7 +282,7 @@ class ExpertsFamily:
             s2 = (jnp.sum(rss + pen, 0) + nu * stats.y_var) / (stats.n + nu)
             s2 = jnp.broadcast_to(s2, (K, H))
         else:
-            s2 = (rss + pen + nu * stats.y_var) / (nk[:, None] + nu)
+            s2 = (rss + pen + nu * stats.y_var[None, :]) / (nk[:, None] + nu)
         return log_weights, coef, 0.5 * jnp.log(s2), nk, rss
 
     def _log_prior_heads(self, params, stats: DataStats) -> Array:
@@ -291,7 +292,7 @@ class ExpertsFamily:
         s2 = jnp.exp(2 * params.log_scale)
         lp = nu * jnp.sum(params.log_weights)
         lp = lp - jnp.sum(c * jnp.sum(params.coef**2, -1) / (2 * s2))
-        var_terms = -0.5 * nu * jnp.log(s2) - nu * stats.y_var / (2 * s2)  # (K, H)
+        var_terms = -0.5 * nu * jnp.log(s2) - nu * stats.y_var[None, :] / (2 * s2)  # (K, H)
         lp = lp + (jnp.sum(var_terms[0]) if self.shared_scale else jnp.sum(var_terms))
         return lp
 
@@ -316,7 +317,7 @@ class ExpertsFamily:
         resid = y[:, None, :] - self.expert_mean(params, x)
         rss = jnp.einsum("nk,nkh->kh", r, resid**2)
         few = nk < self.min_component_count
-        exact = jnp.any(rss <= self.reg * stats.y_var * 1.0, axis=-1)
+        exact = jnp.any(rss <= self.reg * stats.y_var[None, :], axis=-1)
         return few | exact | self._degenerate_gates(params, x, r, stats)
 
     def _degenerate_gates(self, params, x, r, stats):

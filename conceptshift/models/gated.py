@@ -71,7 +71,19 @@ class GatedExperts(ExpertsFamily):
         )
 
     def gate_log_probs(self, params, x):
-        return params.log_weights + self.gate_distribution(params).log_prob(x[:, None, :])
+        """log pi_k + log N(x; m_k, S_k), shape (N, K).
+
+        Computed through the Cholesky factor directly (the E-step's hot path); it equals
+        ``gate_distribution(params).log_prob(x[:, None, :])`` (tested).
+        """
+        D = self.n_features
+        chol = jnp.linalg.cholesky(params.gate_cov)  # (K, D, D)
+        diff = x[None, :, :] - params.gate_mean[:, None, :]  # (K, N, D)
+        z = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(diff, 1, 2), lower=True)
+        maha = jnp.sum(z**2, axis=1)  # (K, N)
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
+        log_norm = -half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
+        return (params.log_weights + log_norm)[None, :] - 0.5 * maha.T
 
     def m_step(self, x, y, r, stats: DataStats) -> GatedParams:
         log_weights, coef, log_scale, nk, _ = self._m_step_heads(x, y, r, stats)
@@ -83,10 +95,10 @@ class GatedExperts(ExpertsFamily):
         prior = nu * stats.x_var
         if self.covariance == "full":
             scatter = jnp.einsum("nk,knd,kne->kde", r, xc, xc)
-            cov = (scatter + jnp.diag(prior)) / (nk + nu)[:, None, None]
+            cov = (scatter + jnp.diag(prior)[None]) / (nk + nu)[:, None, None]
         else:
             scatter = jnp.einsum("nk,knd->kd", r, xc**2)
-            cov = jax.vmap(jnp.diag)((scatter + prior) / (nk + nu)[:, None])
+            cov = jax.vmap(jnp.diag)((scatter + prior[None, :]) / (nk + nu)[:, None])
         return GatedParams(log_weights, coef, log_scale, mean, cov)
 
     def log_prior(self, params, stats: DataStats):
@@ -94,15 +106,15 @@ class GatedExperts(ExpertsFamily):
         chol = jnp.linalg.cholesky(params.gate_cov)
         logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
         inv_diag = jnp.diagonal(jnp.linalg.inv(params.gate_cov), axis1=-2, axis2=-1)  # (K, D)
-        gate = -0.5 * nu * jnp.sum(logdet) - 0.5 * nu * jnp.sum(inv_diag * stats.x_var)
+        gate = -0.5 * nu * jnp.sum(logdet) - 0.5 * nu * jnp.sum(inv_diag * stats.x_var[None, :])
         return self._log_prior_heads(params, stats) + gate
 
     def _degenerate_gates(self, params, x, r, stats):
         nk = jnp.sum(r, 0)
         nu = self.reg
-        scatter = params.gate_cov * (nk + nu)[:, None, None] - jnp.diag(nu * stats.x_var)
+        scatter = params.gate_cov * (nk + nu)[:, None, None] - jnp.diag(nu * stats.x_var)[None]
         # scatter collapsed along some direction: the gate sits on tied or collinear points
-        scaled = scatter / jnp.sqrt(stats.x_var[:, None] * stats.x_var[None, :])
+        scaled = scatter / jnp.sqrt(stats.x_var[:, None] * stats.x_var[None, :])[None]
         return jnp.linalg.eigvalsh(scaled)[:, 0] <= nu
 
     def init_params(self, key, dtype=None) -> GatedParams:
