@@ -3,6 +3,7 @@
 from ._experts import DataStats, ExpertsFamily
 from .basis import Basis
 from .gated import GatedExperts, GatedParams
+from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
 from .regression import RegressionMixture, RegressionParams
 
 __all__ = [
@@ -11,6 +12,12 @@ __all__ = [
     "ExpertsFamily",
     "GatedExperts",
     "GatedParams",
+    "Problem",
+    "ProblemSpec",
+    "Sample",
+    "Simulation",
+    "make_problem",
+    "simulate",
     "RegressionMixture",
     "RegressionParams",
 ]
