@@ -1,0 +1,104 @@
+"""Readable and machine-readable summaries of a fitted mixture."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from ..inference.em import EMResult, e_step
+from ..models import ExpertsFamily, GatedExperts
+
+
+def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=None) -> dict:
+    """A JSON-ready dict of a fit (single- or multi-head).
+
+    Keys: ``loglik``, ``bic``, ``weights`` (K), ``coef`` (K x P, intercept first; K x H x P for several
+    heads), ``scale`` (K; K x H), ``converged``, ``n_iter``, ``degenerate``, ``size`` (hard-assigned
+    counts), ``coef_names``, and for gated families ``gate_mean`` (K x D) and ``gate_cov`` (K x D x D).
+    """
+    params = jax.device_get(result.params)
+    x, y = model.check_data(x, y)
+    _, r = e_step(model, result.params, x, y, np.ones(x.shape[0], dtype=y.dtype))
+    size = np.bincount(np.asarray(r.argmax(-1)), minlength=model.n_components)
+    coef = np.asarray(params.coef)
+    scale = np.exp(np.asarray(params.log_scale))
+    if model.n_heads == 1:
+        coef, scale = coef[:, 0, :], scale[:, 0]
+    out = {
+        "family": "gated" if isinstance(model, GatedExperts) else "regression",
+        "components": model.n_components,
+        "n": int(x.shape[0]),
+        "loglik": float(result.loglik),
+        "bic": float(result.bic),
+        "df": model.n_params,
+        "weights": np.exp(np.asarray(params.log_weights)).tolist(),
+        "coef": coef.tolist(),
+        "scale": scale.tolist(),
+        "coef_names": list(model.coef_names),
+        "size": size.tolist(),
+        "converged": bool(result.converged),
+        "n_iter": int(result.n_iter),
+        "degenerate": bool(result.degenerate),
+        "restart_loglik": np.asarray(result.restart_loglik).tolist(),
+        "dtype": str(np.asarray(result.loglik).dtype),
+    }
+    if response_names is not None:
+        out["responses"] = list(response_names)
+    if isinstance(model, GatedExperts):
+        out["gate_mean"] = np.asarray(params.gate_mean).tolist()
+        out["gate_cov"] = np.asarray(params.gate_cov).tolist()
+    return out
+
+
+def render_fit(summary: dict, *, x_names=None, title: str | None = None):
+    """A rich renderable in the spirit of flexmix's summary: one row per component."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    names = list(summary["coef_names"])
+    if x_names:
+        names = [_rename(n, x_names) for n in names]
+    table = Table(title=title, title_justify="left")
+    table.add_column("comp")
+    table.add_column("prior", justify="right")
+    table.add_column("size", justify="right")
+    for n in names:
+        table.add_column("(Intercept)" if n == "1" else n, justify="right")
+    table.add_column("sigma", justify="right")
+    if "gate_mean" in summary:
+        table.add_column("gate mean", justify="right")
+        table.add_column("gate sd", justify="right")
+    coef = np.asarray(summary["coef"])
+    scale = np.asarray(summary["scale"])
+    multi = coef.ndim == 3
+    for k in range(summary["components"]):
+        heads = range(coef.shape[1]) if multi else [None]
+        for h in heads:
+            c = coef[k, h] if multi else coef[k]
+            s = scale[k, h] if multi else scale[k]
+            label = f"Comp.{k + 1}" + (f" [{summary.get('responses', range(99))[h]}]" if multi else "")
+            row = [label, f"{summary['weights'][k]:.4f}", str(summary["size"][k])]
+            row += [f"{v:.5g}" for v in c] + [f"{s:.5g}"]
+            if "gate_mean" in summary:
+                gm = np.asarray(summary["gate_mean"][k])
+                gs = np.sqrt(np.diag(np.asarray(summary["gate_cov"][k])))
+                row += [", ".join(f"{v:.4g}" for v in gm), ", ".join(f"{v:.4g}" for v in gs)]
+            table.add_row(*row)
+    status = "converged" if summary["converged"] else "NOT converged"
+    foot = Text(
+        f"log Lik {summary['loglik']:.6f} (df={summary['df']})   BIC {summary['bic']:.4f}   "
+        f"{status} after {summary['n_iter']} EM iterations   n = {summary['n']}"
+    )
+    parts = [table, foot]
+    if summary["degenerate"]:
+        parts.append(Text("warning: every restart ended on a degenerate (spurious) solution",
+                          style="bold red"))
+    return Group(*parts)
+
+
+def _rename(name: str, x_names) -> str:
+    out = name
+    for i, xn in sorted(enumerate(x_names), key=lambda t: -t[0]):
+        out = out.replace(f"x{i + 1}", xn)
+    return out
