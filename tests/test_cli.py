@@ -1,0 +1,85 @@
+"""The `conceptshift` command: JSON contract, one-line errors with exit code 2, atomic --out."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conceptshift.cli import main
+
+
+def run_cli(*args):
+    """Runs the CLI in a subprocess (it switches JAX to float64, which must not leak into tests)."""
+    proc = subprocess.run([sys.executable, "-m", "conceptshift.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("x,y,label\n" + "".join(f"{i / 10},{(i % 2) * 5 + i / 20},a\n" for i in range(40)))
+    return p
+
+
+def test_fit_json_contract_npreg(data_dir, tmp_path):
+    code, out, err = run_cli("fit", str(data_dir / "NPreg.csv"), "--components", "2", "--y", "yn",
+                             "--x", "x", "--degree", "2", "--json", "--out", str(tmp_path))
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("loglik", "bic", "weights", "coef", "scale", "converged", "n_iter"):
+        assert key in res
+    assert len(res["weights"]) == 2 and len(res["scale"]) == 2
+    assert [len(c) for c in res["coef"]] == [3, 3]  # intercept first, then x, x^2
+    assert res["loglik"] == pytest.approx(-642.532014, abs=1e-5)  # float64 by default
+    assert res["bic"] == pytest.approx(-2 * res["loglik"] + 9 * __import__("math").log(200))
+    assert json.loads((tmp_path / "fit.json").read_text())["loglik"] == res["loglik"]
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_fit_gated_json_has_gates(data_dir):
+    code, out, err = run_cli("fit", str(data_dir / "faithful.csv"), "--family", "gated", "-k", "2",
+                             "--y", "waiting", "--x", "eruptions", "--json", "--restarts", "4")
+    assert code == 0, err
+    res = json.loads(out)
+    assert len(res["gate_mean"]) == 2 and len(res["gate_mean"][0]) == 1
+    assert len(res["gate_cov"]) == 2 and len(res["gate_cov"][0][0]) == 1
+    assert res["converged"] is True
+
+
+def test_fit_table_output(csv_file):
+    code, out, err = run_cli("fit", str(csv_file), "-k", "2", "--y", "y", "--x", "x")
+    assert code == 0, err
+    assert "Comp.1" in out and "log Lik" in out and "(Intercept)" in out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["fit", "/no/such/file.csv", "-k", "2", "--y", "y"], "not found"),
+        (["fit", "{csv}", "-k", "2", "--y", "nope"], "'nope' not in"),
+        (["fit", "{csv}", "-k", "2", "--y", "label"], "not a number"),
+        (["fit", "{csv}", "-k", "0", "--y", "y"], "--components must be >= 1"),
+        (["fit", "{csv}", "-k", "41", "--y", "y"], "exceeds the 40 data rows"),
+        (["fit", "{csv}", "-k", "2", "--y", "y", "--restarts", "0"], "--restarts"),
+        (["fit", "{csv}", "-k", "x", "--y", "y"], "expected an integer"),
+        (["fit", "{csv}", "--family", "gated", "-k", "2", "--y", "y"], "--x"),
+        (["fit", "{csv}", "-k", "2"], "--y"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needle, csv_file, capsys):
+    args = [str(csv_file) if a == "{csv}" else a for a in args]
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(args))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert needle in err
+
+
+def test_nan_cell_rejected(tmp_path, capsys):
+    p = tmp_path / "nan.csv"
+    p.write_text("x,y\n1,2\n2,nan\n3,4\n")
+    assert main(["fit", str(p), "-k", "1", "--y", "y", "--x", "x"]) == 2
+    assert "line 3" in capsys.readouterr().err
