@@ -21,7 +21,7 @@ def test_shapes_and_shared_components(family):
     np.testing.assert_allclose(jnp.sum(pp.weights), 1.0, rtol=1e-6)
     sim = simulate(jax.random.key(1), prob, 50, 60, 70)
     assert sim.source.x.shape == (50, 2) and sim.source.y.shape == (50,)
-    assert sim.source.y_weak.shape == (50,) and sim.target.y is None
+    assert sim.source.y_weak.shape == (50,) and sim.target.y.shape == (60,)
     assert sim.target.y_weak.shape == (60,) and sim.test.y.shape == (70,) and sim.test.y_weak is None
 
 

@@ -17,9 +17,9 @@ from jax.scipy.special import logsumexp
 
 from .._validation import check_float, check_int, check_key, is_traced
 from ..models._experts import ExpertsFamily
-from .init import kmeans_pp_responsibilities, random_responsibilities
+from .init import kmeans_pp_responsibilities, random_responsibilities, subset_responsibilities
 
-INITS = ("mixed", "kmeans++", "random")
+INITS = ("mixed", "kmeans++", "subset", "random")
 
 
 class EMResult(NamedTuple):
@@ -102,19 +102,22 @@ def _run_em(model, x, y, w, stats, params0, tol, max_iter: int) -> _Run:
     return _Run(params, ll, obj, ll_tr, obj_tr, n_iter, converged)
 
 
-def _initial_params(model, key, x, y, w, stats, use_kpp, init: str):
+def _initial_params(model, key, x, y, w, stats, kind, init: str):
+    """M-step from initial responsibilities; ``kind`` (traced) picks the rule when init="mixed":
+    even restarts use k-means++ on (x, y), odd ones random-subset regressions."""
     k1, k2 = jax.random.split(key)
-    z = jnp.concatenate([x, y], axis=1)
     n, K = x.shape[0], model.n_components
     if init == "kmeans++":
-        r0 = kmeans_pp_responsibilities(k1, z, w, K)
+        r0 = kmeans_pp_responsibilities(k1, jnp.concatenate([x, y], axis=1), w, K)
+    elif init == "subset":
+        r0 = subset_responsibilities(k2, model.design(x), y, w, K)
     elif init == "random":
         r0 = random_responsibilities(k2, n, K, y.dtype)
     else:
         r0 = jnp.where(
-            use_kpp,
-            kmeans_pp_responsibilities(k1, z, w, K),
-            random_responsibilities(k2, n, K, y.dtype),
+            kind == 0,
+            kmeans_pp_responsibilities(k1, jnp.concatenate([x, y], axis=1), w, K),
+            subset_responsibilities(k2, model.design(x), y, w, K),
         )
     return model.m_step(x, y, r0 * w[:, None], stats)
 
@@ -126,10 +129,10 @@ def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, i
         params0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, y.dtype)[None], init_params)
     else:
         keys = jax.random.split(key, restarts)
-        use_kpp = (jnp.arange(restarts) % 2) == 0
+        kinds = jnp.arange(restarts) % 2
         params0 = jax.vmap(
             lambda k, u: _initial_params(model, k, x, y, w, stats, u, init)
-        )(keys, use_kpp)
+        )(keys, kinds)
 
     runs = jax.vmap(lambda p: _run_em(model, x, y, w, stats, p, tol, max_iter))(params0)
     degenerate = jax.vmap(
@@ -186,8 +189,10 @@ def fit_em(
       restarts: R, number of initialisations run together under ``vmap``.
       max_iter: iteration cap of each EM loop.
       tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration.
-      init: ``"kmeans++"``, ``"random"`` (Dirichlet responsibilities) or ``"mixed"`` (alternating,
-        restart 0 uses k-means++).
+      init: ``"kmeans++"`` (k-means++ seeding and Lloyd steps on the columns of x and y),
+        ``"subset"`` (K regressions through P + 1 random points each, points to the nearest),
+        ``"random"`` (Dirichlet responsibilities) or ``"mixed"`` (restarts alternate k-means++ and
+        subset, restart 0 uses k-means++).
       init_params: start from these parameters instead (one run; ``restarts`` is ignored).
 
     Returns:

@@ -65,3 +65,24 @@ def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_llo
 def random_responsibilities(key, n: int, n_components: int, dtype) -> Array:
     """Responsibilities (N, K) drawn row-wise from a flat Dirichlet."""
     return jax.random.dirichlet(key, jnp.ones((n_components,), dtype), (n,)).astype(dtype)
+
+
+def subset_responsibilities(key, phi: Array, y: Array, w: Array, n_components: int) -> Array:
+    """Hard responsibilities (N, K) from K regressions, each fitted exactly to P + 1 random points.
+
+    Suited to mixtures of regressions, whose components (e.g. crossing lines) need not be clusters
+    in (x, y). Each point goes to the line with the smallest standardised squared residual.
+    """
+    K = n_components
+    N, P = phi.shape
+    m = P + 1
+    idx = jax.random.choice(key, N, (K, m), p=w / jnp.sum(w))
+    phi_s, y_s = phi[idx], y[idx]  # (K, m, P), (K, m, H)
+    gram = jnp.einsum("kmp,kmq->kpq", phi_s, phi_s)
+    gram = gram + 1e-6 * jnp.mean(jnp.diagonal(gram, axis1=1, axis2=2)) * jnp.eye(P, dtype=phi.dtype)[None]
+    beta = jnp.linalg.solve(gram, jnp.einsum("kmp,kmh->kph", phi_s, y_s))  # (K, P, H)
+    resid = y[:, None, :] - jnp.einsum("np,kph->nkh", phi, beta)
+    n = jnp.sum(w)
+    y_var = w @ (y - (w @ y / n)[None, :]) ** 2 / n
+    score = jnp.sum(resid**2 / jnp.where(y_var > 0, y_var, 1.0)[None, None, :], -1)
+    return jax.nn.one_hot(jnp.argmin(score, -1), K, dtype=phi.dtype)

@@ -242,7 +242,7 @@ class Sample(NamedTuple):
 
 class Simulation(NamedTuple):
     source: Sample  # (x, y, y') ~ P
-    target: Sample  # (x, y') ~ Q, y withheld (None)
+    target: Sample  # (x, y') ~ Q; its gold y is there for the oracle only
     test: Sample  # gold (x, y) ~ Q, y' withheld (None)
 
 
@@ -257,6 +257,8 @@ def _draw(problem: Problem, key, n: int, domain: str) -> tuple[Array, Array, Arr
 
 def simulate(key, problem: Problem, n_source: int, n_target: int, n_test: int) -> Simulation:
     """Draws the source sample (x, y, y'), the weak target sample (x, y') and a gold test sample.
+
+    ``target.y`` holds the target's gold labels: no estimator but the oracle may read them.
 
     Example:
       >>> import jax
@@ -273,7 +275,7 @@ def simulate(key, problem: Problem, n_source: int, n_target: int, n_test: int) -
     x, ys, k = _draw(problem, ks, n_source, "p")
     source = Sample(x, ys[:, 0], ys[:, 1], k)
     x, ys, k = _draw(problem, kt, n_target, "q")
-    target = Sample(x, None, ys[:, 1], k)
+    target = Sample(x, ys[:, 0], ys[:, 1], k)
     x, ys, k = _draw(problem, ke, n_test, "q")
     test = Sample(x, ys[:, 0], None, k)
     return Simulation(source, target, test)

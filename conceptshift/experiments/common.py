@@ -1,0 +1,153 @@
+"""Pieces the experiments share: the problem from a config, one compiled replicate of every estimator,
+summaries over replicates, log-log slopes, and plotting helpers."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..diagnostics.metrics import excess_nll, matching_accuracy, param_error, reg_error, truth_labels
+from ..inference.estimators import Data, EMOptions, estimate_all
+from ..models.problem import Problem, ProblemSpec, make_problem, simulate
+
+PROBLEM_KNOBS = {
+    "family": "regression",
+    "n_components": 3,
+    "n_features": 1,
+    "degree": 1,
+    "separation": 3.0,
+    "noise": 0.5,
+    "shift": 2.0,
+    "weak_bias": 0.5,
+    "weak_shift": 0.3,
+    "weak_noise": 1.0,
+    "gate_separation": 3.0,
+}
+EM_KNOBS = {"restarts": 8, "max_iter": 300, "tol": 1e-7}
+
+LABELS = {
+    "source_only": "source only",
+    "weak_only": "weak only",
+    "weak_training": "weak training (squared loss)",
+    "weak_training_ll": "weak training (likelihood)",
+    "refinement": "label refinement",
+    "refinement_icl": "in-context refinement",
+    "identification": "identification (Alg. 1)",
+    "identification_noweak": "identification, no weak source labels",
+    "oracle": "oracle (gold target labels)",
+}
+MIXTURE_ESTIMATORS = ("source_only", "weak_only", "weak_training_ll", "refinement", "refinement_icl",
+                      "identification", "identification_noweak", "oracle")
+
+
+def problem_from(cfg: dict, **override) -> Problem:
+    knobs = {k: cfg[k] for k in PROBLEM_KNOBS if k in cfg}
+    knobs.update(override)
+    if cfg.get("delta") is not None and "delta" not in override:
+        knobs["delta"] = cfg["delta"]
+    return make_problem(jax.random.key(cfg["seed"]), ProblemSpec(**knobs))
+
+
+def em_options(cfg: dict) -> EMOptions:
+    return EMOptions(int(cfg["restarts"]), int(cfg["max_iter"]), float(cfg["tol"]))
+
+
+def replicate(key, n, problem: Problem, *, n_max: int, n_test: int, lam: float, n_demos: int,
+              opts: EMOptions) -> dict:
+    """Every estimator and metric on one simulated data set with n source and n target rows.
+
+    The sample is drawn at size ``n_max`` and rows past ``n`` get weight 0, so every n shares one
+    compiled program.
+    """
+    ksim, kest = jax.random.split(key)
+    sim = simulate(ksim, problem, n_max, n_max, n_test)
+    dtype = sim.source.x.dtype
+    w = (jnp.arange(n_max) < n).astype(dtype)
+    src = Data(sim.source.x, sim.source.y, sim.source.y_weak, w)
+    tgt = Data(sim.target.x, None, sim.target.y_weak, w)
+    gold = Data(sim.target.x, sim.target.y, None, w)
+    est = estimate_all(kest, problem.strong_model, src, tgt, gold, lam=lam, n_demos=n_demos, opts=opts)
+    x_t, y_t = sim.test.x, sim.test.y
+    out = {}
+    for name, pred in est.predictors.items():
+        m = {"reg_error": reg_error(pred, problem, x_t), "excess_nll": excess_nll(pred, problem, x_t, y_t)}
+        if name in MIXTURE_ESTIMATORS:
+            m["coef_error"], m["weight_error"] = param_error(pred, problem)
+        out[name] = m
+    for name, ident in (("identification", est.identification),
+                        ("identification_noweak", est.identification_noweak)):
+        src_truth = truth_labels(problem, ident.predictor.params, 0, "p", 0)
+        tgt_truth = truth_labels(problem, est.predictors["weak_only"].params, 0, "q", 1)
+        out[name]["matching_accuracy"] = matching_accuracy(ident.assignment, src_truth, tgt_truth)
+        out[name]["matching_margin"] = ident.margin
+        out[name]["greedy_bijection"] = ident.greedy_bijection.astype(dtype)
+        out[name]["greedy_agrees"] = jnp.all(ident.greedy == ident.assignment).astype(dtype)
+    return out
+
+
+def compiled_replicates(problem: Problem, cfg: dict, n_max: int):
+    """jit(vmap(replicate)) over replicate keys; n is a traced argument (one compile for all n)."""
+    fn = partial(replicate, problem=problem, n_max=n_max, n_test=int(cfg["n_test"]),
+                 lam=float(cfg["lam"]), n_demos=int(cfg["n_demos"]), opts=em_options(cfg))
+    return jax.jit(jax.vmap(fn, in_axes=(0, None)))
+
+
+def cell_keys(seed: int, cell_index: int, replicates: int):
+    return jax.random.split(jax.random.fold_in(jax.random.key(seed), cell_index), replicates)
+
+
+def to_lists(tree) -> dict:
+    """Device arrays -> nested lists of Python floats (per replicate)."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float64).tolist(), tree)
+
+
+def mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
+    return float(v.mean()), se
+
+
+def loglog_slope(n, err) -> float:
+    """Least-squares slope of log(err) against log(n)."""
+    n, err = np.asarray(n, float), np.asarray(err, float)
+    ok = (err > 0) & np.isfinite(err)
+    if ok.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(n[ok]), np.log(err[ok]), 1)[0])
+
+
+def summarise(cells: list[dict], n_grid: list[int]) -> dict:
+    """{estimator: {"n": grid, metric: {"mean": [...], "se": [...]}}} over replicates per cell."""
+    names = list(cells[0])
+    out = {}
+    for name in names:
+        entry = {"n": list(n_grid)}
+        for metric in cells[0][name]:
+            means, ses = zip(*(mean_se(c[name][metric]) for c in cells), strict=True)
+            entry[metric] = {"mean": list(means), "se": list(ses)}
+        entry["slope_reg_error"] = loglog_slope(n_grid, entry["reg_error"]["mean"])
+        out[name] = entry
+    return out
+
+
+def savefig(fig, path) -> None:
+    """Saves a figure atomically (temporary file, then rename)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,129 @@
+"""Experiment `consistency`: error against n for every estimator (Theorem 1.1, Props. 4.6-4.7).
+
+Identification and the oracle should be consistent (error falling like a power of n); weak training
+and refinement should level off at a bias that does not shrink with n.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..io import write_json_atomic
+from .common import (
+    EM_KNOBS,
+    LABELS,
+    PROBLEM_KNOBS,
+    cell_keys,
+    compiled_replicates,
+    problem_from,
+    savefig,
+    summarise,
+    to_lists,
+)
+from .runner import Sweep, versions
+
+NAME = "consistency"
+DEFAULTS = {
+    "seed": 0,
+    **PROBLEM_KNOBS,
+    "n_grid": [250, 500, 1000, 2000, 4000],
+    "replicates": 8,
+    "n_test": 2000,
+    "lam": 1.0,
+    "n_demos": 8,
+    **EM_KNOBS,
+}
+
+
+def validate(cfg: dict) -> None:
+    grid = cfg["n_grid"]
+    if not grid or any(int(n) < 2 * cfg["n_components"] for n in grid):
+        raise ValueError(f"n_grid must be non-empty with every n >= 2 * n_components, got {grid}")
+    if int(cfg["replicates"]) < 2:
+        raise ValueError(f"replicates must be >= 2 (for standard errors), got {cfg['replicates']}")
+
+
+def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
+    validate(cfg)
+    problem = problem_from(cfg)
+    grid = sorted(int(n) for n in cfg["n_grid"])
+    sweep = Sweep(out_dir, cfg, NAME)
+    fn = None
+
+    def cell(item):
+        nonlocal fn
+        i, n = item
+        if fn is None:
+            fn = compiled_replicates(problem, cfg, max(grid))
+        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n))
+
+    cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
+    estimators = summarise([cells[f"n{n}"] for n in grid], grid)
+    results = {
+        "experiment": NAME,
+        "config": cfg,
+        "versions": versions(),
+        "problem": {
+            "pi_p": np.asarray(problem.params_p.weights).tolist(),
+            "pi_q": np.asarray(problem.params_q.weights).tolist(),
+            "distinguishability": problem.distinguishability(),
+        },
+        "estimators": estimators,
+        "cells_computed": sweep.computed,
+        "cells_reused": sweep.reused,
+        "figures": [str(sweep.out / "consistency.png")],
+    }
+    plot(results, sweep.out / "consistency.png")
+    write_json_atomic(sweep.out / "results.json", results)
+    return results
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    est = results["estimators"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for name, e in est.items():
+        n = np.asarray(e["n"], float)
+        for ax, metric in zip(axes, ("reg_error", "excess_nll"), strict=True):
+            mean = np.asarray(e[metric]["mean"])
+            se = np.asarray(e[metric]["se"])
+            label = LABELS.get(name, name)
+            if metric == "reg_error":
+                label += f" (slope {e['slope_reg_error']:.2f})"
+            line, = ax.plot(n, mean, "o-", label=label, lw=1.5, ms=3)
+            ax.fill_between(n, mean - 2 * se, mean + 2 * se, color=line.get_color(), alpha=0.15, lw=0)
+    axes[0].set(xscale="log", yscale="log", xlabel="n (source = weak target sample size)",
+                ylabel=r"$E_x(\hat q(x) - q(x))^2$", title="regression-function error")
+    axes[1].set(xscale="log", xlabel="n", ylabel=r"$E[\log q(y|x) - \log \hat q(y|x)]$",
+                title="excess test log-loss")
+    axes[1].axhline(0, color="k", lw=0.5)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Consistency under latent concept shift: mean ± 2 s.e. over replicates")
+    savefig(fig, path)
+    plt.close(fig)
+
+
+def table(results: dict):
+    from rich.table import Table
+
+    est = results["estimators"]
+    grid = est["oracle"]["n"]
+    t = Table(title=f"Error of each estimate of q(y|x) against the truth (n = {grid[0]} .. {grid[-1]}, "
+                    f"{results['config']['replicates']} replicates)")
+    t.add_column("estimator")
+    t.add_column(f"reg. error n={grid[0]}", justify="right")
+    t.add_column(f"reg. error n={grid[-1]}", justify="right")
+    t.add_column("log-log slope", justify="right")
+    t.add_column(f"excess log-loss n={grid[-1]}", justify="right")
+    t.add_column("reading")
+    for name, e in est.items():
+        mean = e["reg_error"]["mean"]
+        slope = e["slope_reg_error"]
+        reading = "consistent: error keeps falling" if slope < -0.4 else "levels off: biased"
+        t.add_row(LABELS.get(name, name), f"{mean[0]:.4g}", f"{mean[-1]:.4g}", f"{slope:+.2f}",
+                  f"{e['excess_nll']['mean'][-1]:.4g}", reading)
+    return t

@@ -1,0 +1,259 @@
+"""Estimators of the target q(y | x) from source data (x, y, y') ~ P and weak target data (x, y') ~ Q
+(paper section 3), each returning a :class:`Predictor`.
+
+| name             | what it fits                                                          | paper           |
+|------------------|-----------------------------------------------------------------------|-----------------|
+| source_only      | the mixture on P's (x, y)                                             | desideratum (ii)|
+| weak_only        | the mixture on Q's (x, y')                                            | desideratum (ii)|
+| weak_training    | least squares on sum_Q' (f - y')^2 + lam sum_P (f - y)^2              | Prop. 3.1       |
+| weak_training_ll | the mixture by EM on Q' (weight 1) and P (weight lam) pooled          | Prop. 3.1       |
+| refinement       | labels ŷ ~ sum_k p̂(y | x, k) p̂(k | x, y'), then the mixture on (x, ŷ)   | Ex. 3.4         |
+| refinement_icl   | the same with p̂(k | x, V), V = M weak demonstrations from Q'         | Ex. 3.3, (3.1)  |
+| identification   | MLE on P and on Q', optimal matching of weak heads, q̂ from pî^q     | Algorithm 1     |
+| oracle           | the mixture on gold target labels                                     | reference       |
+
+Weak-training convention: the loss is sum over Q' of loss(y') plus lam times the sum over P of
+loss(y), as in the paper's main text. With n_P = n_Q', the weight on P is eta = lam / (1 + lam).
+
+All estimators are pure functions of a key and arrays: they run under ``jit`` and ``vmap`` (the
+experiments vmap them over replicates). Samples carry per-row weights so that samples of different
+sizes can share one compiled program (rows with weight 0 are padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from ..models._experts import ExpertsFamily
+from ..models.regression import RegressionMixture
+from .em import EMResult, fit_em
+from .matching import _assign, assignment_margin, greedy_assignment
+from .predictor import Predictor, strong_predictor, with_proportions
+
+ESTIMATORS = (
+    "source_only",
+    "weak_only",
+    "weak_training",
+    "weak_training_ll",
+    "refinement",
+    "refinement_icl",
+    "identification",
+    "identification_noweak",
+    "oracle",
+)
+
+
+@dataclass(frozen=True)
+class EMOptions:
+    """How the estimators run EM (static: part of the compiled program)."""
+
+    restarts: int = 4
+    max_iter: int = 300
+    tol: float = 1e-7
+
+
+class Data(NamedTuple):
+    """One sample: x (N, D), labels (N,) or None, per-row weights (N,)."""
+
+    x: Array
+    y: Array | None
+    y_weak: Array | None
+    w: Array
+
+
+def as_data(sample, w=None) -> Data:
+    """A :class:`conceptshift.models.Sample` (or anything with x, y, y_weak) as weighted Data."""
+    w = jnp.ones((sample.x.shape[0],), sample.x.dtype) if w is None else w
+    return Data(sample.x, sample.y, sample.y_weak, w)
+
+
+def _fit(model, key, x, y, w, opts: EMOptions) -> EMResult:
+    return fit_em(model, key, x, y, weights=w, restarts=opts.restarts, max_iter=opts.max_iter,
+                  tol=opts.tol)
+
+
+def _weak_vectors(params, head: int) -> Array:
+    """Coefficients and log-scale of one head, (K, P + 1): the space heads are matched in."""
+    return jnp.concatenate([params.coef[:, head, :], params.log_scale[:, head : head + 1]], axis=1)
+
+
+def head_cost(params_a, head_a: int, params_b, head_b: int) -> Array:
+    """Squared distances (K, K) between the heads of two fits: cost[k, j] = |a_k - b_j|^2."""
+    a, b = _weak_vectors(params_a, head_a), _weak_vectors(params_b, head_b)
+    return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
+
+
+def gate_cost(params_a, params_b) -> Array:
+    """Squared distances (K, K) between gate means (gated families)."""
+    a, b = params_a.gate_mean, params_b.gate_mean
+    return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
+
+
+# ---------------------------------------------------------------------------------- baselines
+def source_only(key, model: ExpertsFamily, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
+    fit = _fit(model.with_heads(1), key, source.x, source.y, source.w, opts)
+    return Predictor(model.with_heads(1), fit.params)
+
+
+def weak_only(key, model: ExpertsFamily, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
+    fit = _fit(model.with_heads(1), key, target.x, target.y_weak, target.w, opts)
+    return Predictor(model.with_heads(1), fit.params)
+
+
+def oracle(key, model: ExpertsFamily, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
+    """The mixture fitted on gold target labels (x, y) ~ Q: the reference no estimator can see."""
+    return source_only(key, model, gold, opts)
+
+
+def _pooled(source: Data, target: Data, lam):
+    x = jnp.concatenate([target.x, source.x], 0)
+    y = jnp.concatenate([target.y_weak, source.y], 0)
+    w = jnp.concatenate([target.w, lam * source.w], 0)
+    return x, y, w
+
+
+def weak_training(model: ExpertsFamily, source: Data, target: Data, lam) -> Predictor:
+    """Prop. 3.1's estimator: argmin sum_Q' (f(x) - y')^2 + lam sum_P (f(x) - y)^2 over
+    f(x) = sum_k pi_k Phi(x) . beta_k. That f is linear in Phi(x), so the minimiser is weighted
+    least squares on Phi; the predictive density is N(f(x), weighted mean squared residual)."""
+    x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
+    ls = RegressionMixture(1, model.n_features, degree=model.degree, basis_fn=model.basis_fn,
+                           reg=model.reg)
+    y2 = y[:, None]
+    params = ls.m_step(x, y2, w[:, None], ls.data_stats(x, y2, w))
+    return Predictor(ls, params)
+
+
+def weak_training_ll(key, model: ExpertsFamily, source: Data, target: Data, lam,
+                     opts: EMOptions = EMOptions()) -> Predictor:
+    """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
+    x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
+    fit = _fit(model.with_heads(1), key, x, y, w, opts)
+    return Predictor(model.with_heads(1), fit.params)
+
+
+# ---------------------------------------------------------------------------------- refinement
+def _weak_component_logits(model2: ExpertsFamily, params2, x: Array, y_weak: Array) -> Array:
+    """log pî_k + log g(x | η̂_k) + log phi(y'; x, θ̂^wp_k), (N, K), from a two-head source fit."""
+    weak = model2.select_heads(params2, (1,))
+    return model2.with_heads(1).component_log_probs(weak, x, y_weak[:, None])
+
+
+def _draw_refined(key, model2, params2, x, logits) -> Array:
+    """ŷ ~ sum_k p̂(y | x, k) softmax(logits)_k: the source model's strong head given k."""
+    kk, ky = jax.random.split(key)
+    k = jax.random.categorical(kk, logits, axis=-1)  # (N,)
+    mu = model2.expert_mean(params2, x)[:, :, 0]  # (N, K) strong head
+    sd = jnp.exp(params2.log_scale[:, 0])  # (K,)
+    mu_k = jnp.take_along_axis(mu, k[:, None], axis=1)[:, 0]
+    return mu_k + sd[k] * jax.random.normal(ky, mu_k.shape, mu_k.dtype)
+
+
+def refinement_labels(key, model2: ExpertsFamily, params2, target: Data) -> Array:
+    """Example 3.4: one refined label per weak pair, ŷ ~ sum_k p̂(y | x, k) p̂(k | x, y')."""
+    logits = _weak_component_logits(model2, params2, target.x, target.y_weak)
+    return _draw_refined(key, model2, params2, target.x, logits)
+
+
+def refinement_icl_logits(key, model2: ExpertsFamily, params2, target: Data, n_demos: int) -> Array:
+    """log p̂(k | x, V) up to a constant, (N, K), with V = n_demos weak pairs drawn from Q' for each
+    query x (eq. 3.1; demonstrations treated as independent given k as in Example 3.3)."""
+    n = target.x.shape[0]
+    per_pair = _weak_component_logits(model2, params2, target.x, target.y_weak)
+    per_pair = per_pair - params2.log_weights[None, :]  # log g(x_j|η_k) + log phi(y'_j|x_j, k)
+    idx = jax.random.choice(key, n, (n, n_demos), p=target.w / jnp.sum(target.w))
+    demos = jnp.sum(per_pair[idx], axis=1)  # (N, K)
+    return model2.gate_log_probs(params2, target.x) + demos
+
+
+def refinement_icl_labels(key, model2, params2, target: Data, n_demos: int) -> Array:
+    kd, kr = jax.random.split(key)
+    logits = refinement_icl_logits(kd, model2, params2, target, n_demos)
+    return _draw_refined(kr, model2, params2, target.x, logits)
+
+
+# ---------------------------------------------------------------------------------- Algorithm 1
+class Identification(NamedTuple):
+    predictor: Predictor
+    assignment: Array  # (K,) a(k): target component matched to source component k
+    margin: Array  # () second-best minus best total matching cost
+    greedy: Array  # (K,) the paper's argmin rule
+    greedy_bijection: Array  # () whether the greedy rule gave a permutation
+    cost: Array  # (K, K)
+
+
+def identify(source_params, target_params, model: ExpertsFamily, *, weak_source: bool = True,
+             gate_weight: float = 0.0) -> Identification:
+    """Steps 3-4 of Algorithm 1 from a source fit and a weak-target fit.
+
+    Args:
+      source_params: two-head (y, y') source fit, or one-head (y) when ``weak_source`` is False.
+      target_params: one-head fit of (x, y') on Q'.
+      model: the single-head family.
+      weak_source: match thetâ^wp to thetâ^wq; otherwise the strong heads thetâ to thetâ^wq.
+      gate_weight: add this times the squared distance between gate means to the cost.
+    """
+    cost = head_cost(source_params, 1 if weak_source else 0, target_params, 0)
+    if gate_weight:
+        cost = cost + gate_weight * gate_cost(source_params, target_params)
+    a = _assign(cost)
+    greedy, bij = greedy_assignment(cost)
+    n_heads = source_params.coef.shape[1]
+    strong = strong_predictor(model.with_heads(n_heads), source_params, 0)
+    pred = with_proportions(strong, target_params.log_weights[a])
+    return Identification(pred, a, assignment_margin(cost), greedy, bij, cost)
+
+
+def identification(key, model: ExpertsFamily, source: Data, target: Data,
+                   opts: EMOptions = EMOptions(), *, weak_source: bool = True) -> Identification:
+    """Algorithm 1: MLE on D_P (with the weak head when ``weak_source``), MLE on D_Q', matching."""
+    ks, kt = jax.random.split(key)
+    if weak_source:
+        y = jnp.stack([source.y, source.y_weak], axis=1)
+        sfit = _fit(model.with_heads(2), ks, source.x, y, source.w, opts)
+    else:
+        sfit = _fit(model.with_heads(1), ks, source.x, source.y, source.w, opts)
+    tfit = _fit(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts)
+    return identify(sfit.params, tfit.params, model, weak_source=weak_source)
+
+
+# ---------------------------------------------------------------------------------- all at once
+class Estimates(NamedTuple):
+    predictors: dict  # name -> Predictor
+    identification: Identification
+    identification_noweak: Identification
+
+
+def estimate_all(key, model: ExpertsFamily, source: Data, target: Data, gold: Data, *,
+                 lam=1.0, n_demos: int = 8, opts: EMOptions = EMOptions()) -> Estimates:
+    """Every estimator of the table above on one data set, sharing the source and target fits.
+
+    ``gold`` holds gold target labels (x, y) ~ Q for the oracle only.
+    """
+    keys = jax.random.split(key, 9)
+    m1, m2 = model.with_heads(1), model.with_heads(2)
+    y2 = jnp.stack([source.y, source.y_weak], axis=1)
+    s2 = _fit(m2, keys[0], source.x, y2, source.w, opts).params
+    s1 = _fit(m1, keys[1], source.x, source.y, source.w, opts).params
+    t1 = _fit(m1, keys[2], target.x, target.y_weak, target.w, opts).params
+    ident = identify(s2, t1, m1, weak_source=True)
+    ident_nw = identify(s1, t1, m1, weak_source=False)
+    y_ref = refinement_labels(keys[3], m2, s2, target)
+    y_icl = refinement_icl_labels(keys[4], m2, s2, target, n_demos)
+    preds = {
+        "source_only": Predictor(m1, s1),
+        "weak_only": Predictor(m1, t1),
+        "weak_training": weak_training(m1, source, target, lam),
+        "weak_training_ll": weak_training_ll(keys[5], m1, source, target, lam, opts),
+        "refinement": Predictor(m1, _fit(m1, keys[6], target.x, y_ref, target.w, opts).params),
+        "refinement_icl": Predictor(m1, _fit(m1, keys[7], target.x, y_icl, target.w, opts).params),
+        "identification": ident.predictor,
+        "identification_noweak": ident_nw.predictor,
+        "oracle": oracle(keys[8], m1, gold, opts),
+    }
+    return Estimates(preds, ident, ident_nw)
