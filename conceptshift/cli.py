@@ -52,10 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, help="folder to write fit.json into (atomically)")
     f.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
 
-    d = sub.add_parser("demo", help="simulate a latent-concept-shift problem and fit it")
-    d.add_argument("--seed", type=_positive_int, default=0)
-    d.add_argument("--n", type=_positive_int, default=2000, help="source sample size")
-    d.add_argument("--float32", action="store_true")
+    e = sub.add_parser("experiment", help="run one of the paper's experiments (a resumable sweep)")
+    e.add_argument("name", help="experiment name (see `conceptshift experiment list`)")
+    e.add_argument("--config", type=Path, help="TOML file of knobs")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a knob (repeatable); lists are comma-separated")
+    e.add_argument("--out", type=Path, help="output folder (default runs/NAME)")
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
+
+    d = sub.add_parser("demo", help="the consistency experiment at a size that runs in minutes")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
+    d.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -125,56 +134,63 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    _setup_precision(args.float32)
+DEMO_SETTINGS = ["n_grid=250,500,1000,2000,4000", "replicates=6", "n_test=1000"]
+
+
+def cmd_experiment(args) -> int:
+    from .experiments import EXPERIMENTS
+
+    if args.name == "list":
+        for name, mod in EXPERIMENTS.items():
+            print(f"{name:20s} {mod.__doc__.strip().splitlines()[0]}")
+        return 0
+    if args.name not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment {args.name!r}; known: {', '.join(EXPERIMENTS)}")
+    return _run_experiment(args.name, args.config, args.overrides,
+                           args.out or Path("runs") / args.name, not args.no_progress,
+                           float64=args.float64)
+
+
+def _run_experiment(name, config, overrides, out, progress, *, float64=False, intro=None) -> int:
+    from .experiments import EXPERIMENTS
+    from .experiments.runner import load_config
+
+    mod = EXPERIMENTS[name]
+    cfg = load_config(mod.DEFAULTS, config, overrides)
+    mod.validate(cfg)
+    _setup_precision(not float64)
     import time
 
-    import jax
-    import numpy as np
     from rich.console import Console
-    from rich.table import Table
-
-    from .inference import fit_em
-    from .inference.matching import optimal_assignment
-    from .models import make_problem, simulate
 
     console = Console()
-    problem = make_problem(jax.random.key(args.seed))
-    sim = simulate(jax.random.key(args.seed + 1), problem, args.n, args.n, 1000)
-    model = problem.model
-    y2 = np.stack([np.asarray(sim.source.y), np.asarray(sim.source.y_weak)], 1)
-    console.print(
-        f"[bold]Source sample[/]: n = {args.n} draws of (x, y, y') from a mixture of "
-        f"K = {model.n_components} linear regressions; fitting by EM with 8 restarts..."
-    )
+    if intro:
+        console.print(intro)
     t0 = time.perf_counter()
-    fit = fit_em(model, jax.random.key(args.seed + 2), sim.source.x, y2, restarts=8)
-    jax.block_until_ready(fit.loglik)
-    secs = time.perf_counter() - t0
-    true = problem.params_p
-    cost = np.sum((np.asarray(fit.params.coef)[:, None] - np.asarray(true.coef)[None]) ** 2,
-                  axis=(-1, -2))
-    perm = np.asarray(optimal_assignment(cost.T))  # perm[k] = fitted component matched to true k
-    est = model.permute(fit.params, perm)
-    table = Table(title="Source fit against the truth (components matched by optimal assignment)")
-    for col in ["k", "pi true", "pi fit", "y: b0, b1 true", "y: b0, b1 fit", "sigma true",
-                "sigma fit", "y': b0, b1 true", "y': b0, b1 fit"]:
-        table.add_column(col, justify="right")
-    for k in range(model.n_components):
-        def pair(c):
-            return f"{c[0]:+.3f}, {c[1]:+.3f}"
-        table.add_row(
-            str(k + 1), f"{float(true.weights[k]):.3f}", f"{float(est.weights[k]):.3f}",
-            pair(true.coef[k, 0]), pair(est.coef[k, 0]),
-            f"{float(true.scale[k, 0]):.3f}", f"{float(est.scale[k, 0]):.3f}",
-            pair(true.coef[k, 1]), pair(est.coef[k, 1]),
-        )
-    console.print(table)
+    results = mod.run(cfg, out, progress=progress)
+    console.print(mod.table(results))
+    if hasattr(mod, "reading"):
+        console.print(mod.reading(results))
+    reused = results.get("cells_reused", [])
     console.print(
-        f"log-likelihood {float(fit.loglik):.3f}, converged={bool(fit.converged)} after "
-        f"{int(fit.n_iter)} iterations, {secs:.2f} s including compilation"
+        f"{len(results.get('cells_computed', []))} cell(s) computed, {len(reused)} reused from an "
+        f"earlier run, {time.perf_counter() - t0:.0f} s"
     )
+    console.print(f"results: {Path(out) / 'results.json'}")
+    for fig in results.get("figures", []):
+        console.print(f"figure:  {fig}")
     return 0
+
+
+def cmd_demo(args) -> int:
+    intro = (
+        "[bold]conceptshift demo[/]: a source domain P and a target domain Q mix the same K = 3 "
+        "linear regressions in different proportions; a weak model labels Q. Eight estimators of "
+        "the target's q(y|x) are fitted for sample sizes n = 250 .. 4000 (6 simulated replicates "
+        "each) and scored against the true q(y|x) on gold test data."
+    )
+    return _run_experiment("consistency", None, DEMO_SETTINGS + list(args.overrides), args.out,
+                           not args.no_progress, intro=intro)
 
 
 class _null:
@@ -188,7 +204,7 @@ class _null:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"fit": cmd_fit, "demo": cmd_demo}
+    handlers = {"fit": cmd_fit, "demo": cmd_demo, "experiment": cmd_experiment}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as err:

@@ -1,7 +1,10 @@
-"""The paper's experiments, each a module with DEFAULTS, run(cfg, out_dir) and table(results)."""
+"""The paper's experiments, each a module with NAME, DEFAULTS, validate(cfg), run(cfg, out_dir) and
+table(results)."""
 
-from . import consistency
+from . import consistency, distinguishability, misspecified, refinement_bias, weak_training
 
-EXPERIMENTS = {consistency.NAME: consistency}
+EXPERIMENTS = {
+    m.NAME: m for m in (consistency, distinguishability, refinement_bias, weak_training, misspecified)
+}
 
 __all__ = ["EXPERIMENTS"]

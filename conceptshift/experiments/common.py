@@ -55,12 +55,38 @@ def em_options(cfg: dict) -> EMOptions:
     return EMOptions(int(cfg["restarts"]), int(cfg["max_iter"]), float(cfg["tol"]))
 
 
+def _identification_only(key, model, src, tgt, gold, opts):
+    """The fits Algorithm 1 needs (and the oracle), without the other baselines."""
+    from ..inference.estimators import Estimates, _fit, identify, oracle
+    from ..inference.predictor import Predictor
+
+    keys = jax.random.split(key, 4)
+    m1, m2 = model.with_heads(1), model.with_heads(2)
+    s2f = _fit(m2, keys[0], src.x, jnp.stack([src.y, src.y_weak], axis=1), src.w, opts)
+    s1f = _fit(m1, keys[1], src.x, src.y, src.w, opts)
+    t1f = _fit(m1, keys[2], tgt.x, tgt.y_weak, tgt.w, opts)
+    preds = {
+        "weak_only": Predictor(m1, t1f.params),
+        "identification": None,
+        "identification_noweak": None,
+        "oracle": oracle(keys[3], m1, gold, opts),
+    }
+    ident = identify(s2f.params, t1f.params, m1, weak_source=True)
+    ident_nw = identify(s1f.params, t1f.params, m1, weak_source=False)
+    preds["identification"] = ident.predictor
+    preds["identification_noweak"] = ident_nw.predictor
+    bic = {"source_bic": s2f.bic, "target_bic": t1f.bic}
+    return Estimates(preds, ident, ident_nw), bic
+
+
 def replicate(key, n, problem: Problem, *, n_max: int, n_test: int, lam: float, n_demos: int,
-              opts: EMOptions) -> dict:
+              opts: EMOptions, which: str = "all", n_components: int | None = None) -> dict:
     """Every estimator and metric on one simulated data set with n source and n target rows.
 
-    The sample is drawn at size ``n_max`` and rows past ``n`` get weight 0, so every n shares one
-    compiled program.
+    The sample is drawn at size ``n_max`` and rows past ``n`` get weight 0, so every n (and every
+    problem of the same shapes) shares one compiled program. ``which="identification"`` runs only
+    Algorithm 1 (with and without weak source labels), weak-only and the oracle; ``n_components``
+    fits that many components instead of the true number (misspecification).
     """
     ksim, kest = jax.random.split(key)
     sim = simulate(ksim, problem, n_max, n_max, n_test)
@@ -69,30 +95,45 @@ def replicate(key, n, problem: Problem, *, n_max: int, n_test: int, lam: float, 
     src = Data(sim.source.x, sim.source.y, sim.source.y_weak, w)
     tgt = Data(sim.target.x, None, sim.target.y_weak, w)
     gold = Data(sim.target.x, sim.target.y, None, w)
-    est = estimate_all(kest, problem.strong_model, src, tgt, gold, lam=lam, n_demos=n_demos, opts=opts)
+    model = problem.strong_model
+    if n_components is not None:
+        import dataclasses
+
+        model = dataclasses.replace(model, n_components=n_components)
+    extra = {}
+    if which == "all":
+        est = estimate_all(kest, model, src, tgt, gold, lam=lam, n_demos=n_demos, opts=opts)
+    else:
+        est, extra = _identification_only(kest, model, src, tgt, gold, opts)
     x_t, y_t = sim.test.x, sim.test.y
+    K_true = problem.spec.n_components
     out = {}
     for name, pred in est.predictors.items():
         m = {"reg_error": reg_error(pred, problem, x_t), "excess_nll": excess_nll(pred, problem, x_t, y_t)}
-        if name in MIXTURE_ESTIMATORS:
+        if name in MIXTURE_ESTIMATORS and model.n_components == K_true:
             m["coef_error"], m["weight_error"] = param_error(pred, problem)
         out[name] = m
     for name, ident in (("identification", est.identification),
                         ("identification_noweak", est.identification_noweak)):
-        src_truth = truth_labels(problem, ident.predictor.params, 0, "p", 0)
-        tgt_truth = truth_labels(problem, est.predictors["weak_only"].params, 0, "q", 1)
-        out[name]["matching_accuracy"] = matching_accuracy(ident.assignment, src_truth, tgt_truth)
+        if model.n_components == K_true:
+            src_truth = truth_labels(problem, ident.predictor.params, 0, "p", 0)
+            tgt_truth = truth_labels(problem, est.predictors["weak_only"].params, 0, "q", 1)
+            out[name]["matching_accuracy"] = matching_accuracy(ident.assignment, src_truth, tgt_truth)
         out[name]["matching_margin"] = ident.margin
         out[name]["greedy_bijection"] = ident.greedy_bijection.astype(dtype)
         out[name]["greedy_agrees"] = jnp.all(ident.greedy == ident.assignment).astype(dtype)
+    if extra:
+        out["fit"] = extra
     return out
 
 
-def compiled_replicates(problem: Problem, cfg: dict, n_max: int):
-    """jit(vmap(replicate)) over replicate keys; n is a traced argument (one compile for all n)."""
-    fn = partial(replicate, problem=problem, n_max=n_max, n_test=int(cfg["n_test"]),
-                 lam=float(cfg["lam"]), n_demos=int(cfg["n_demos"]), opts=em_options(cfg))
-    return jax.jit(jax.vmap(fn, in_axes=(0, None)))
+def compiled_replicates(cfg: dict, n_max: int, *, which: str = "all", n_components=None):
+    """jit(vmap(replicate)) over replicate keys, called as ``fn(keys, n, problem)``; n and the
+    problem's parameters are traced, so one compile serves every n and every Delta."""
+    fn = partial(replicate, n_max=n_max, n_test=int(cfg["n_test"]), lam=float(cfg.get("lam", 1.0)),
+                 n_demos=int(cfg.get("n_demos", 8)), opts=em_options(cfg), which=which,
+                 n_components=n_components)
+    return jax.jit(jax.vmap(fn, in_axes=(0, None, None)))
 
 
 def cell_keys(seed: int, cell_index: int, replicates: int):
@@ -124,9 +165,10 @@ def loglog_slope(n, err) -> float:
 
 def summarise(cells: list[dict], n_grid: list[int]) -> dict:
     """{estimator: {"n": grid, metric: {"mean": [...], "se": [...]}}} over replicates per cell."""
-    names = list(cells[0])
     out = {}
-    for name in names:
+    for name in cells[0]:
+        if name == "fit":
+            continue
         entry = {"n": list(n_grid)}
         for metric in cells[0][name]:
             means, ses = zip(*(mean_se(c[name][metric]) for c in cells), strict=True)

@@ -54,8 +54,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
         nonlocal fn
         i, n = item
         if fn is None:
-            fn = compiled_replicates(problem, cfg, max(grid))
-        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n))
+            fn = compiled_replicates(cfg, max(grid))
+        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problem))
 
     cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
     estimators = summarise([cells[f"n{n}"] for n in grid], grid)

@@ -1,16 +1,16 @@
 """Estimators of the target q(y | x) from source data (x, y, y') ~ P and weak target data (x, y') ~ Q
 (paper section 3), each returning a :class:`Predictor`.
 
-| name             | what it fits                                                          | paper           |
-|------------------|-----------------------------------------------------------------------|-----------------|
-| source_only      | the mixture on P's (x, y)                                             | desideratum (ii)|
-| weak_only        | the mixture on Q's (x, y')                                            | desideratum (ii)|
-| weak_training    | least squares on sum_Q' (f - y')^2 + lam sum_P (f - y)^2              | Prop. 3.1       |
-| weak_training_ll | the mixture by EM on Q' (weight 1) and P (weight lam) pooled          | Prop. 3.1       |
-| refinement       | labels ŷ ~ sum_k p̂(y | x, k) p̂(k | x, y'), then the mixture on (x, ŷ)   | Ex. 3.4         |
-| refinement_icl   | the same with p̂(k | x, V), V = M weak demonstrations from Q'         | Ex. 3.3, (3.1)  |
-| identification   | MLE on P and on Q', optimal matching of weak heads, q̂ from pî^q     | Algorithm 1     |
-| oracle           | the mixture on gold target labels                                     | reference       |
+name              what it fits                                                      paper
+----------------  ----------------------------------------------------------------  ---------------
+source_only       the mixture on P's (x, y)                                         desideratum (ii)
+weak_only         the mixture on Q's (x, y')                                        desideratum (ii)
+weak_training     least squares on sum_Q' (f - y')^2 + lam sum_P (f - y)^2          Prop. 3.1
+weak_training_ll  the mixture by EM on Q' (weight 1) and P (weight lam) pooled      Prop. 3.1
+refinement        labels drawn from sum_k p(y | x, k) p(k | x, y'), then a fit      Ex. 3.4
+refinement_icl    the same with p(k | x, V), V = M weak demonstrations from Q'      Ex. 3.3, (3.1)
+identification    MLE on P and on Q', optimal matching of weak heads, pi^q to P     Algorithm 1
+oracle            the mixture on gold target labels                                 reference
 
 Weak-training convention: the loss is sum over Q' of loss(y') plus lam times the sum over P of
 loss(y), as in the paper's main text. With n_P = n_Q', the weight on P is eta = lam / (1 + lam).

@@ -86,7 +86,10 @@ class ProblemSpec:
 
 @dataclass(frozen=True)
 class Problem:
-    """A latent-concept-shift problem with known ground truth (see module docs)."""
+    """A latent-concept-shift problem with known ground truth (see module docs).
+
+    A pytree: its parameters are leaves, so a compiled function can take problems as arguments.
+    """
 
     spec: ProblemSpec
     params_p: RegressionParams | GatedParams
@@ -132,6 +135,18 @@ class Problem:
         params = self.params_p if domain == "p" else self.params_q
         with jax.numpy_rank_promotion("allow"):  # numpyro's MVN sampler broadcasts implicitly
             return self.model.x_distribution(params).sample(key, (n,))
+
+
+def _problem_flatten(p: Problem):
+    # delta and weak_shift only matter when the problem is drawn: keep them out of the static part
+    # so that problems of different Delta share one compiled program
+    spec = dataclasses.replace(p.spec, delta=None, weak_shift=0.0)
+    return (p.params_p, p.params_q), spec
+
+
+jax.tree_util.register_pytree_node(
+    Problem, _problem_flatten, lambda spec, children: Problem(spec, *children)
+)
 
 
 def _weak_vectors(params) -> Array:
