@@ -101,6 +101,12 @@ def plot(results: dict, path) -> None:
     axes[1].set(xscale="log", xlabel="n", ylabel=r"$E[\log q(y|x) - \log \hat q(y|x)]$",
                 title="excess test log-loss")
     axes[1].axhline(0, color="k", lw=0.5)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for ax in axes:
+        ax.set_xticks(est["oracle"]["n"])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Consistency under latent concept shift: mean ± 2 s.e. over replicates")
     savefig(fig, path)

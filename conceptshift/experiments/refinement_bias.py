@@ -194,7 +194,7 @@ def plot(results: dict, path) -> None:
         axes[1].plot(b["x"], 1 - q[:, ks], label=f"k* = {ks + 1}")
     axes[0].set(xscale="log", yscale="log", xlabel=r"$\Delta_k(x)^2$", ylabel=r"$\hat q(k|x)$, $k \neq k^*$",
                 title="refined mass on wrong concepts (grey: bound)")
-    axes[0].set_ylim(bottom=1e-12)
+    axes[0].set_ylim(bottom=max(1e-12, min(np.min(np.asarray(b["qhat"])) for b in bias) / 3))
     axes[0].legend(fontsize=6)
     axes[1].set(xlabel="x", ylabel=r"$1 - \hat q(k^*|x)$", title="irreducible refinement bias over x",
                 yscale="log")

@@ -1,0 +1,125 @@
+"""The sweep runner (config, atomic cells, resume) and the experiments' scientific checks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conceptshift.cli import main
+from conceptshift.experiments import EXPERIMENTS, consistency, refinement_bias
+from conceptshift.experiments.runner import Sweep, load_config
+
+
+def test_load_config_layers(tmp_path):
+    defaults = {"seed": 0, "n_grid": [1, 2], "lam": 1.0, "family": "regression", "flag": False}
+    toml = tmp_path / "c.toml"
+    toml.write_text('seed = 5\nn_grid = [10, 20, 40]\n')
+    cfg = load_config(defaults, toml, ["lam=0.5", "n_grid=3,6", "flag=true"])
+    assert cfg == {"seed": 5, "n_grid": [3, 6], "lam": 0.5, "family": "regression", "flag": True}
+    with pytest.raises(ValueError, match="unknown knob 'nope'"):
+        load_config(defaults, None, ["nope=1"])
+    with pytest.raises(ValueError, match="seed"):
+        load_config(defaults, None, ["seed=x"])
+    with pytest.raises(ValueError, match="name=value"):
+        load_config(defaults, None, ["seed"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("what = 1\n")
+    with pytest.raises(ValueError, match="unknown knob 'what'"):
+        load_config(defaults, bad)
+
+
+def test_sweep_resumes_and_refuses_other_config(tmp_path):
+    calls = []
+    killed = []
+
+    def fn(cell):
+        calls.append(cell)
+        if cell == 2 and not killed:
+            killed.append(cell)
+            raise KeyboardInterrupt  # killed mid-sweep
+        return {"value": cell * 10}
+
+    cells = [(f"c{i}", i) for i in range(4)]
+    with pytest.raises(KeyboardInterrupt):
+        Sweep(tmp_path, {"a": 1}, "toy").run(cells, fn, progress=False)
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["c0.json", "c1.json"]
+    calls.clear()
+    sweep = Sweep(tmp_path, {"a": 1}, "toy")
+    res = sweep.run(cells, fn, progress=False)
+    assert calls == [2, 3] and sweep.reused == ["c0", "c1"]
+    assert res == {f"c{i}": {"value": i * 10} for i in range(4)}
+    with pytest.raises(ValueError, match="another configuration"):
+        Sweep(tmp_path, {"a": 2}, "toy")
+
+
+SMALL_RB = ["n_x=41", "n_quad=60", "mc_draws=60000"]
+
+
+def test_refinement_bias_bound_and_prop32_identity(tmp_path):
+    cfg = load_config(refinement_bias.DEFAULTS, None, SMALL_RB)
+    res = refinement_bias.run(cfg, tmp_path, progress=False)
+    for b in res["bias"]:
+        assert b["bound_holds"] is True
+        q = np.asarray(b["qhat"])
+        np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-4)
+        assert b["max_wrong_mass"] > 1e-3  # refinement leaves mass on wrong concepts
+    for point in res["identity"]["points"]:
+        assert point["max_abs_z_k"] < 4.5 and abs(point["z_mean"]) < 4.5
+        assert point["ks_p_value"] > 1e-3
+    assert (tmp_path / "refinement_bias.png").stat().st_size > 10_000
+
+
+def test_killed_sweep_resumes_to_identical_results(tmp_path, monkeypatch):
+    cfg = load_config(refinement_bias.DEFAULTS, None, SMALL_RB)
+    full = refinement_bias.run(cfg, tmp_path / "a", progress=False)
+
+    real = refinement_bias.bias_cell
+    count = {"n": 0}
+
+    def dying(*args, **kw):
+        count["n"] += 1
+        if count["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(refinement_bias, "bias_cell", dying)
+    with pytest.raises(KeyboardInterrupt):
+        refinement_bias.run(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(refinement_bias, "bias_cell", real)
+    resumed = refinement_bias.run(cfg, tmp_path / "b", progress=False)
+    assert resumed["cells_reused"] == ["kstar0"]
+    assert "kstar0" not in resumed["cells_computed"]
+    assert resumed["bias"] == full["bias"] and resumed["identity"] == full["identity"]
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["bias"] == full["bias"]
+
+
+def test_consistency_identification_is_consistent_and_baselines_are_not(tmp_path):
+    """The estimators issue's acceptance check, at a reduced but 16-fold n range."""
+    cfg = load_config(consistency.DEFAULTS, None,
+                      ["n_grid=250,1000,4000", "replicates=4", "n_test=1000"])
+    res = consistency.run(cfg, tmp_path, progress=False)
+    est = res["estimators"]
+    assert set(est) >= {"source_only", "weak_only", "weak_training", "refinement", "refinement_icl",
+                        "identification", "oracle"}
+    for name in ("identification", "oracle"):
+        assert est[name]["slope_reg_error"] < -0.4, (name, est[name]["reg_error"]["mean"])
+    ident_last = est["identification"]["reg_error"]["mean"][-1]
+    for name in ("weak_training", "refinement", "source_only", "weak_only"):
+        assert est[name]["reg_error"]["mean"][-1] > 3 * ident_last, name
+        assert est[name]["slope_reg_error"] > -0.4, name
+    assert all(m == 1.0 for m in est["identification"]["matching_accuracy"]["mean"][1:])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["estimators"]["oracle"]["n"] == [250, 1000, 4000]
+    assert set(saved) >= {"config", "versions", "estimators"}
+    assert (tmp_path / "consistency.png").is_file()
+
+
+def test_cli_experiment_errors(capsys):
+    assert main(["experiment", "nope"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+    assert main(["experiment", "consistency", "--set", "replicates=1"]) == 2
+    assert "replicates" in capsys.readouterr().err
+    assert main(["experiment", "consistency", "--set", "n_grid=a"]) == 2
+    assert set(EXPERIMENTS) == {"consistency", "distinguishability", "refinement-bias", "weak-training",
+                                "misspecified"}
