@@ -73,9 +73,76 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
-def _run_em(model, x, y, w, stats, params0, tol, max_iter: int) -> _Run:
+DEFAULT_BLOCK = 32768
+
+
+def block_layout(n: int, block_size: int | None, n_shards: int = 1) -> tuple[int, int]:
+    """(block, number of blocks per shard) covering n rows; n is padded with zero-weight rows."""
+    per_shard = -(-n // n_shards)
+    block = per_shard if block_size is None or per_shard <= block_size else block_size
+    return block, -(-per_shard // block)
+
+
+def _pad_blocks(a: Array, n_total: int, shape: tuple[int, ...]) -> Array:
+    pad = [(0, n_total - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
+    return jnp.pad(a, pad).reshape(shape + a.shape[1:])
+
+
+def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None):
+    """The fused E-step: ``params -> (weighted loglik, SuffStats)`` with residuals against the
+    current coefficients. Rows are processed in blocks under ``lax.scan`` (bounded temporaries,
+    blocked float32 sums); with a ``mesh`` (one axis named "data") each device reduces its rows and
+    the statistics are summed with ``psum``."""
+    n = x.shape[0]
+    n_shards = 1 if mesh is None else mesh.shape["data"]
+    block, nb = block_layout(n, block_size, n_shards)
+    total = n_shards * nb * block
+    shape = (n_shards * nb, block)
+    xb, yb, wb = (_pad_blocks(a, total, shape) for a in (x, y, w))
+
+    def local(params, xb, yb, wb):
+        ref = jnp.swapaxes(params.coef, 1, 2)
+
+        def one(xs, ys, ws):
+            logp = model.component_log_probs(params, xs, ys)
+            ll = logsumexp(logp, axis=-1)
+            r = jnp.exp(logp - ll[:, None]) * ws[:, None]
+            return jnp.sum(ws * ll), model.suff_stats(xs, ys, r, ref, stats)
+
+        if xb.shape[0] == 1:
+            return one(xb[0], yb[0], wb[0])
+
+        def body(acc, blk):
+            out = one(*blk)
+            return jax.tree_util.tree_map(jnp.add, acc, out), None
+
+        first = one(xb[0], yb[0], wb[0])
+        acc, _ = jax.lax.scan(body, first, (xb[1:], yb[1:], wb[1:]))
+        return acc
+
+    if mesh is None:
+        def fn(params):
+            ll, ss = local(params, xb, yb, wb)
+            return ll, ss._replace(ref=jnp.swapaxes(params.coef, 1, 2))
+        return fn
+
+    from jax.sharding import PartitionSpec as P
+
+    def sharded(params, xb, yb, wb):
+        ll, ss = local(params, xb, yb, wb)
+        ll, ss = jax.lax.psum((ll, ss), "data")
+        return ll, ss._replace(ref=jnp.swapaxes(params.coef, 1, 2))
+
+    smap = jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+                         out_specs=P(), check_vma=False)
+    return lambda params: smap(params, xb, yb, wb)
+
+
+def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DEFAULT_BLOCK,
+            mesh=None) -> _Run:
     dtype = y.dtype
     nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
+    stats_fn = make_stats_fn(model, x, y, w, stats, block_size=block_size, mesh=mesh)
 
     def cond(state):
         _, _, it, _, _, conv, failed = state
@@ -83,9 +150,9 @@ def _run_em(model, x, y, w, stats, params0, tol, max_iter: int) -> _Run:
 
     def body(state):
         params, obj_prev, it, ll_tr, obj_tr, _, _ = state
-        ll, r = e_step(model, params, x, y, w)
+        ll, ss = stats_fn(params)
         obj = ll + model.log_prior(params, stats)
-        new = model.m_step(x, y, r, stats)
+        new = model.m_step_from_stats(ss, stats)
         ok = _all_finite(new) & jnp.isfinite(obj)
         # a non-finite update keeps the previous parameters and stops the loop
         params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
@@ -93,11 +160,14 @@ def _run_em(model, x, y, w, stats, params0, tol, max_iter: int) -> _Run:
         return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok
 
     false = jnp.asarray(False)
+    # a restart whose initial parameters are not finite is failed from the start
     init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
-            false, false)
+            false, ~_all_finite(params0))
     params, _, n_iter, ll_tr, obj_tr, conv, failed = jax.lax.while_loop(cond, body, init)
-    ll, _ = e_step(model, params, x, y, w)
+    ll, _ = stats_fn(params)
     obj = ll + model.log_prior(params, stats)
+    ll = jnp.where(failed & (n_iter == 0), -jnp.inf, ll)
+    obj = jnp.where(failed & (n_iter == 0), -jnp.inf, obj)
     converged = conv & ~failed & jnp.isfinite(obj)
     return _Run(params, ll, obj, ll_tr, obj_tr, n_iter, converged)
 
@@ -122,7 +192,8 @@ def _initial_params(model, key, x, y, w, stats, kind, init: str):
     return model.m_step(x, y, r0 * w[:, None], stats)
 
 
-def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, init):
+def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, init, block_size,
+                 mesh):
     stats = model.data_stats(x, y, w)
     tol = jnp.asarray(tol, y.dtype)
     if init_params is not None:
@@ -134,7 +205,9 @@ def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, i
             lambda k, u: _initial_params(model, k, x, y, w, stats, u, init)
         )(keys, kinds)
 
-    runs = jax.vmap(lambda p: _run_em(model, x, y, w, stats, p, tol, max_iter))(params0)
+    runs = jax.vmap(
+        lambda p: _run_em(model, x, y, w, stats, p, tol, max_iter, block_size=block_size, mesh=mesh)
+    )(params0)
     degenerate = jax.vmap(
         lambda p: jnp.any(model.degenerate_components(p, x, y, w, stats))
     )(runs.params)
@@ -162,7 +235,9 @@ def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, i
     )
 
 
-_fit_em_jit = jax.jit(_fit_em_impl, static_argnames=("model", "restarts", "max_iter", "init"))
+_fit_em_jit = jax.jit(
+    _fit_em_impl, static_argnames=("model", "restarts", "max_iter", "init", "block_size", "mesh")
+)
 
 
 def fit_em(
@@ -177,6 +252,8 @@ def fit_em(
     tol: float = 1e-8,
     init: str = "mixed",
     init_params=None,
+    block_size: int | None = DEFAULT_BLOCK,
+    mesh=None,
 ) -> EMResult:
     """Fits ``model`` to (x, y) by EM with closed-form M-steps; returns the best restart.
 
@@ -194,6 +271,10 @@ def fit_em(
         ``"random"`` (Dirichlet responsibilities) or ``"mixed"`` (restarts alternate k-means++ and
         subset, restart 0 uses k-means++).
       init_params: start from these parameters instead (one run; ``restarts`` is ignored).
+      block_size: rows per block of the fused E-step (bounded memory; None: one block).
+      mesh: a ``jax.sharding.Mesh`` with an axis named ``"data"``: rows are split across its
+        devices, each device reduces its share and the statistics are summed with ``psum``
+        (data-parallel EM; the result equals the single-device fit to float tolerance).
 
     Returns:
       :class:`EMResult` of the restart with the highest log-likelihood among those that are not
@@ -231,6 +312,11 @@ def fit_em(
         )
     if init_params is not None:
         restarts = 1
+    if block_size is not None:
+        block_size = check_int("block_size", block_size, minimum=1)
+    if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
+        raise ValueError("mesh must be a jax.sharding.Mesh with an axis named 'data'")
     return _fit_em_jit(
-        model, key, x, y, w, tol, init_params, restarts=restarts, max_iter=max_iter, init=init
+        model, key, x, y, w, tol, init_params, restarts=restarts, max_iter=max_iter, init=init,
+        block_size=block_size, mesh=mesh,
     )

@@ -5,12 +5,13 @@ Dimension names: N samples, K components, D covariates, P design columns (interc
 H response heads (y, and y' where a weak label is modelled).
 
 The prior (strength ``reg``, default 1e-6) is what keeps empty or collapsing components finite. With
-nu = reg, v_h the sample variance of head h and c = reg * mean(diag(Phi^T Phi) / N):
+nu = reg, v_h the sample variance of head h and c_p = reg * (Phi^T Phi)_pp / N per design column
+(floored at 100 eps of the Gram's diagonal, so that float32 resolves it):
 
   log pi ~ Dirichlet(1 + nu)        ->  pi_k = (N_k + nu) / (N + K nu)
-  beta_kh | s2 ~ N(0, s2 / c)       ->  ridge solve (Phi^T W_k Phi + c I) beta = Phi^T W_k y_h
+  beta_khp | s2 ~ N(0, s2 / c_p)    ->  ridge solve (Phi^T W_k Phi + diag c) beta = Phi^T W_k y_h
   s2_kh: -(nu/2) log s2 - nu v_h / (2 s2)
-                                    ->  s2_kh = (RSS_kh + c |beta_kh|^2 + nu v_h) / (N_k + nu)
+                                    ->  s2_kh = (RSS_kh + sum_p c_p beta_khp^2 + nu v_h) / (N_k + nu)
 
 Each M-step maximises the penalised log-likelihood exactly, so EM's objective (log-likelihood plus
 log prior, reported as ``objective``) never decreases; the prior moves the log-likelihood itself by
@@ -38,8 +39,43 @@ class DataStats(NamedTuple):
 
     y_var: Array  # (H,) weighted variance of each head
     x_var: Array  # (D,) weighted variance of each covariate
-    phi_scale: Array  # () mean of diag(Phi^T W Phi) / sum(W)
+    phi_scale: Array  # (P,) diag(Phi^T W Phi) / sum(W): the ridge is relative to each column
     n: Array  # () sum of the weights
+    x_mean: Array  # (D,) weighted mean of x: gate statistics are accumulated centred on it
+
+
+class SuffStats(NamedTuple):
+    """Expected sufficient statistics of one E-step (sums over samples, so they add across data
+    blocks and devices, and average in online EM).
+
+    Residuals are taken against a reference ``ref`` (the previous coefficients), so that the residual
+    sum of squares of the new coefficients is formed without catastrophic cancellation in float32.
+    """
+
+    nk: Array  # (K,) sum_n r_nk
+    s_pp: Array  # (K, P, P) sum_n r_nk phi_n phi_n^T
+    s_pe: Array  # (K, P, H) sum_n r_nk phi_n e_nkh, e = y - phi . ref
+    s_ee: Array  # (K, H) sum_n r_nk e_nkh^2
+    ref: Array  # (K, P, H) the reference coefficients
+    s_x: Array  # (K, D) sum_n r_nk (x_n - xbar)      (gated families; D = 0 otherwise)
+    s_xx: Array  # (K, D, D) sum_n r_nk (x_n - xbar)(x_n - xbar)^T
+
+
+def _solve_psd(gram: Array, rhs: Array) -> Array:
+    """Solves gram beta = rhs for a batch of symmetric positive semi-definite matrices (K, P, P).
+
+    Cholesky where it succeeds; where the ridge is below the working precision (a component on a
+    rank-deficient design, e.g. tied x in float32) the eigenvalues are clipped at P eps times the
+    largest instead, which gives the minimum-norm solution on the resolved subspace.
+    """
+    chol = jnp.linalg.cholesky(gram)
+    beta = jax.scipy.linalg.cho_solve((chol, True), rhs)
+    ok = jnp.all(jnp.isfinite(beta), axis=(1, 2))
+    lam, vec = jnp.linalg.eigh(gram)
+    floor = gram.shape[-1] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(lam), -1, keepdims=True)
+    inv = jnp.where(lam > floor, 1.0 / jnp.where(lam > floor, lam, 1.0), 0.0)
+    beta_eig = jnp.einsum("kpq,kq,krq,krh->kph", vec, inv, vec, rhs)
+    return jnp.where(ok[:, None, None], beta, beta_eig)
 
 
 def _tiny(dtype) -> Array:
@@ -248,57 +284,104 @@ class ExpertsFamily:
         xbar = w @ x / n
         x_var = w @ (x - xbar[None, :]) ** 2 / n
         phi = self.design(x)
-        phi_scale = jnp.mean(w @ phi**2) / n
+        phi_scale = (w @ phi**2) / n
+        phi_scale = jnp.where(phi_scale > 0, phi_scale, jnp.ones_like(phi_scale))
         # constant columns or responses would give a zero floor: fall back to 1
         y_var = jnp.where(y_var > 0, y_var, jnp.ones_like(y_var))
         x_var = jnp.where(x_var > 0, x_var, jnp.ones_like(x_var))
-        return DataStats(y_var, x_var, phi_scale, n)
+        return DataStats(y_var, x_var, phi_scale, n, xbar)
 
-    def _m_step_heads(self, x, y, r, stats: DataStats):
-        """Closed-form update of (log_weights, coef, log_scale) from weighted responsibilities
-        r = w_n * p(k | x_n, y_n), shape (N, K)."""
-        dtype = y.dtype
+    def _ridge(self, stats: DataStats) -> Array:
+        """The ridge c (P,) of the coefficient prior, one value per design column: reg times the
+        column's mean square."""
+        return self.reg * stats.phi_scale
+
+    def uses_gate_stats(self) -> bool:
+        return False
+
+    def _gate_nu(self, dtype) -> Array:
+        """Prior pseudo-count of the gate covariances: reg, but never below 100 eps, so that a
+        collapsed gate stays positive definite after float32 rounding of its scatter."""
+        return jnp.maximum(jnp.asarray(self.reg, dtype), 100 * jnp.finfo(dtype).eps)
+
+    def suff_stats(self, x, y, r, ref, stats: DataStats) -> SuffStats:
+        """Sufficient statistics of (x, y) under weighted responsibilities r (N, K), residuals taken
+        against ``ref`` (K, P, H). Every sum over N is a matrix product."""
         N, K = r.shape
         P, H = self.n_coef, self.n_heads
-        nu = jnp.asarray(self.reg, dtype)
-        nk = jnp.sum(r, axis=0)  # (K,)
-        log_weights = jnp.log(nk + nu) - jnp.log(stats.n + K * nu)
-
         phi = self.design(x)  # (N, P)
-        # one (K*P, N) @ (N, P) product instead of an n-batched einsum
         rphi = (r[:, :, None] * phi[:, None, :]).reshape(N, K * P)
-        gram = (rphi.T @ phi).reshape(K, P, P)
-        rhs = (rphi.T @ y).reshape(K, P, H)
-        c = nu * stats.phi_scale
-        gram = gram + c * jnp.eye(P, dtype=dtype)[None]
-        chol = jnp.linalg.cholesky(gram)
-        beta = jax.scipy.linalg.cho_solve((chol, True), rhs)  # (K, P, H)
-        coef = jnp.swapaxes(beta, 1, 2)  # (K, H, P)
+        s_pp = (rphi.T @ phi).reshape(K, P, P)
+        e = y[:, None, :] - jnp.einsum("np,kph->nkh", phi, ref)  # (N, K, H)
+        re = r[:, :, None] * e
+        s_pe = jnp.transpose((phi.T @ re.reshape(N, K * H)).reshape(P, K, H), (1, 0, 2))
+        s_ee = jnp.sum(re * e, axis=0)
+        if self.uses_gate_stats():
+            xc = x - stats.x_mean[None, :]
+            D = x.shape[1]
+            s_x = r.T @ xc
+            s_xx = ((r[:, :, None] * xc[:, None, :]).reshape(N, K * D).T @ xc).reshape(K, D, D)
+        else:
+            s_x = jnp.zeros((K, 0), y.dtype)
+            s_xx = jnp.zeros((K, 0, 0), y.dtype)
+        return SuffStats(jnp.sum(r, axis=0), s_pp, s_pe, s_ee, ref, s_x, s_xx)
 
-        resid = y[:, None, :] - jnp.einsum("np,khp->nkh", phi, coef)
-        rss = jnp.einsum("nk,nkh->kh", r, resid**2)  # (K, H)
-        pen = c * jnp.sum(coef**2, axis=-1)  # (K, H)
+    @staticmethod
+    def rebase(ss: SuffStats, new_ref: Array) -> SuffStats:
+        """The same statistics with residuals against another reference (exact algebra)."""
+        d = new_ref - ss.ref  # (K, P, H)
+        s_ppd = jnp.einsum("kpq,kqh->kph", ss.s_pp, d)
+        s_pe = ss.s_pe - s_ppd
+        s_ee = ss.s_ee - 2 * jnp.sum(d * ss.s_pe, axis=1) + jnp.sum(d * s_ppd, axis=1)
+        return ss._replace(s_pe=s_pe, s_ee=s_ee, ref=new_ref)
+
+    def _heads_from_stats(self, ss: SuffStats, stats: DataStats):
+        """Closed-form (log_weights, coef, log_scale) maximising the penalised expected
+        log-likelihood given the statistics."""
+        dtype = ss.s_pp.dtype
+        K = ss.nk.shape[0]
+        nu = jnp.asarray(self.reg, dtype)
+        nk = ss.nk
+        log_weights = jnp.log(nk + nu) - jnp.log(stats.n + K * nu)
+        c = self._ridge(stats)
+        gram = ss.s_pp + jnp.diag(c)[None]
+        # normal equations for y = e + phi . ref:  (S_pp + diag c) beta = S_pe + S_pp ref
+        rhs = ss.s_pe + jnp.einsum("kpq,kqh->kph", ss.s_pp, ss.ref)
+        beta = _solve_psd(gram, rhs)  # (K, P, H)
+        moved = self.rebase(ss, beta)  # residual sums against the new coefficients
+        rss = jnp.maximum(moved.s_ee, 0.0)  # (K, H)
+        coef = jnp.swapaxes(beta, 1, 2)  # (K, H, P)
+        pen = jnp.sum(c[None, None, :] * coef**2, axis=-1)  # (K, H)
+        H = coef.shape[1]
         if self.shared_scale:
             s2 = (jnp.sum(rss + pen, 0) + nu * stats.y_var) / (stats.n + nu)
             s2 = jnp.broadcast_to(s2, (K, H))
         else:
             s2 = (rss + pen + nu * stats.y_var[None, :]) / (nk[:, None] + nu)
-        return log_weights, coef, 0.5 * jnp.log(s2), nk, rss
+        return log_weights, coef, 0.5 * jnp.log(s2)
+
+    def m_step_from_stats(self, ss: SuffStats, stats: DataStats):
+        """Parameters maximising the expected penalised log-likelihood given the statistics."""
+        raise NotImplementedError
 
     def _log_prior_heads(self, params, stats: DataStats) -> Array:
         dtype = params.coef.dtype
         nu = jnp.asarray(self.reg, dtype)
-        c = nu * stats.phi_scale
+        c = self._ridge(stats)
         s2 = jnp.exp(2 * params.log_scale)
         lp = nu * jnp.sum(params.log_weights)
-        lp = lp - jnp.sum(c * jnp.sum(params.coef**2, -1) / (2 * s2))
+        lp = lp - jnp.sum(jnp.sum(c[None, None, :] * params.coef**2, -1) / (2 * s2))
         var_terms = -0.5 * nu * jnp.log(s2) - nu * stats.y_var[None, :] / (2 * s2)  # (K, H)
         lp = lp + (jnp.sum(var_terms[0]) if self.shared_scale else jnp.sum(var_terms))
         return lp
 
     def m_step(self, x: Array, y: Array, r: Array, stats: DataStats):
         """Parameters maximising the expected penalised log-likelihood given r (N, K)."""
-        raise NotImplementedError
+        ref = jnp.zeros((r.shape[1], self.n_coef, self.n_heads), y.dtype)
+        first = self.m_step_from_stats(self.suff_stats(x, y, r, ref, stats), stats)
+        # second pass: residuals against the new coefficients, for accurate variances
+        ref = jnp.swapaxes(first.coef, 1, 2)
+        return self.m_step_from_stats(self.suff_stats(x, y, r, ref, stats), stats)
 
     def log_prior(self, params, stats: DataStats) -> Array:
         """The weak prior's log-density (up to a constant); EM maximises loglik + this."""

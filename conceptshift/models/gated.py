@@ -44,7 +44,7 @@ class GatedExperts(ExpertsFamily):
       covariance: ``"full"`` or ``"diag"`` gate covariances.
 
     The gate covariance gets the same weak prior as the expert variances:
-    S_k = (scatter_k + nu diag(var x)) / (N_k + nu).
+    S_k = (scatter_k + nu diag(var x)) / (N_k + nu), with nu = max(reg, 100 eps).
     """
 
     covariance: str = "full"
@@ -85,24 +85,29 @@ class GatedExperts(ExpertsFamily):
         log_norm = -half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
         return (params.log_weights + log_norm)[None, :] - 0.5 * maha.T
 
-    def m_step(self, x, y, r, stats: DataStats) -> GatedParams:
-        log_weights, coef, log_scale, nk, _ = self._m_step_heads(x, y, r, stats)
-        dtype = x.dtype
-        nu = jnp.asarray(self.reg, dtype)
+    def uses_gate_stats(self) -> bool:
+        return True
+
+    def m_step_from_stats(self, ss, stats: DataStats) -> GatedParams:
+        log_weights, coef, log_scale = self._heads_from_stats(ss, stats)
+        dtype = ss.s_pp.dtype
+        nu = self._gate_nu(dtype)
         tiny = jnp.finfo(dtype).tiny
-        mean = (r.T @ x) / jnp.maximum(nk, tiny)[:, None]  # (K, D)
-        xc = x[None, :, :] - mean[:, None, :]  # (K, N, D): centred, for accurate scatter
+        nk = ss.nk
+        mc = ss.s_x / jnp.maximum(nk, tiny)[:, None]  # (K, D) mean, centred on xbar
+        scatter = ss.s_xx - nk[:, None, None] * (mc[:, :, None] * mc[:, None, :])
+        scatter = 0.5 * (scatter + jnp.swapaxes(scatter, 1, 2))
         prior = nu * stats.x_var
         if self.covariance == "full":
-            scatter = jnp.einsum("nk,knd,kne->kde", r, xc, xc)
             cov = (scatter + jnp.diag(prior)[None]) / (nk + nu)[:, None, None]
         else:
-            scatter = jnp.einsum("nk,knd->kd", r, xc**2)
-            cov = jax.vmap(jnp.diag)((scatter + prior[None, :]) / (nk + nu)[:, None])
+            d = jnp.maximum(jnp.diagonal(scatter, axis1=1, axis2=2), 0.0)
+            cov = jax.vmap(jnp.diag)((d + prior[None, :]) / (nk + nu)[:, None])
+        mean = mc + stats.x_mean[None, :]
         return GatedParams(log_weights, coef, log_scale, mean, cov)
 
     def log_prior(self, params, stats: DataStats):
-        nu = jnp.asarray(self.reg, params.coef.dtype)
+        nu = self._gate_nu(params.coef.dtype)
         chol = jnp.linalg.cholesky(params.gate_cov)
         logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
         inv_diag = jnp.diagonal(jnp.linalg.inv(params.gate_cov), axis1=-2, axis2=-1)  # (K, D)
@@ -111,7 +116,7 @@ class GatedExperts(ExpertsFamily):
 
     def _degenerate_gates(self, params, x, r, stats):
         nk = jnp.sum(r, 0)
-        nu = self.reg
+        nu = self._gate_nu(params.coef.dtype)
         scatter = params.gate_cov * (nk + nu)[:, None, None] - jnp.diag(nu * stats.x_var)[None]
         # scatter collapsed along some direction: the gate sits on tied or collinear points
         scaled = scatter / jnp.sqrt(stats.x_var[:, None] * stats.x_var[None, :])[None]

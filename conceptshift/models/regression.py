@@ -55,9 +55,8 @@ class RegressionMixture(ExpertsFamily):
     def marginal_x_log_prob(self, params, x):
         return jnp.zeros((x.shape[0],), dtype=params.coef.dtype)
 
-    def m_step(self, x, y, r, stats: DataStats) -> RegressionParams:
-        log_weights, coef, log_scale, _, _ = self._m_step_heads(x, y, r, stats)
-        return RegressionParams(log_weights, coef, log_scale)
+    def m_step_from_stats(self, ss, stats: DataStats) -> RegressionParams:
+        return RegressionParams(*self._heads_from_stats(ss, stats))
 
     def log_prior(self, params, stats: DataStats):
         return self._log_prior_heads(params, stats)
