@@ -73,17 +73,20 @@ class GatedExperts(ExpertsFamily):
     def gate_log_probs(self, params, x):
         """log pi_k + log N(x; m_k, S_k), shape (N, K).
 
-        Computed through the Cholesky factor directly (the E-step's hot path); it equals
+        Through the inverse Cholesky factor U_k = L_k^-1: the Mahalanobis terms of all components
+        come from one (N, D) @ (D, K D) product (the E-step's hot path). It equals
         ``gate_distribution(params).log_prob(x[:, None, :])`` (tested).
         """
-        D = self.n_features
+        K, D = self.n_components, self.n_features
         chol = jnp.linalg.cholesky(params.gate_cov)  # (K, D, D)
-        diff = x[None, :, :] - params.gate_mean[:, None, :]  # (K, N, D)
-        z = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(diff, 1, 2), lower=True)
-        maha = jnp.sum(z**2, axis=1)  # (K, N)
+        eye = jnp.broadcast_to(jnp.eye(D, dtype=x.dtype), (K, D, D))
+        u = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)  # (K, D, D) = L^-1
+        proj = (x @ jnp.swapaxes(u, 1, 2).transpose(1, 0, 2).reshape(D, K * D)).reshape(-1, K, D)
+        shift = jnp.einsum("kij,kj->ki", u, params.gate_mean)  # (K, D)
+        maha = jnp.sum((proj - shift[None, :, :]) ** 2, axis=-1)  # (N, K)
         half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
         log_norm = -half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
-        return (params.log_weights + log_norm)[None, :] - 0.5 * maha.T
+        return (params.log_weights + log_norm)[None, :] - 0.5 * maha
 
     def uses_gate_stats(self) -> bool:
         return True
