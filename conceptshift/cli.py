@@ -170,7 +170,7 @@ def _run_experiment(name, config, overrides, out, progress, *, float64=False, in
     results = mod.run(cfg, out, progress=progress)
     console.print(mod.table(results))
     if hasattr(mod, "reading"):
-        console.print(mod.reading(results))
+        console.print(mod.reading(results), markup=False)
     reused = results.get("cells_reused", [])
     console.print(
         f"{len(results.get('cells_computed', []))} cell(s) computed, {len(reused)} reused from an "
