@@ -39,14 +39,15 @@ test-f32: $(STAMP)
 test-x64: $(STAMP)
 	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n 2 -p no:cacheprovider
 
+# heavy tests (none are marked yet: pytest's "no tests collected" exit code 5 counts as success)
 test-slow: $(STAMP)
-	JAX_ENABLE_X64=1 $(PY) -m pytest -q -m slow -p no:cacheprovider
+	JAX_ENABLE_X64=1 $(PY) -m pytest -q -m slow -p no:cacheprovider || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check conceptshift tests benchmarks
 
 bench: $(STAMP)
-	$(PY) -m conceptshift.cli bench em
+	$(PY) benchmarks/em_iteration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
