@@ -49,12 +49,17 @@ def test_sharded_fit_equals_single_device():
         sim = simulate(jax.random.key(1), prob, 4001, 10, 10)
         m = prob.strong_model
         mesh = Mesh(np.array(jax.devices()), ("data",))
-        a = fit_em(m, jax.random.key(0), sim.source.x, sim.source.y, restarts=2)
-        b = fit_em(m, jax.random.key(0), sim.source.x, sim.source.y, restarts=2, mesh=mesh,
+        from scipy.optimize import linear_sum_assignment
+        a = fit_em(m, jax.random.key(0), sim.source.x, sim.source.y, restarts=1)
+        b = fit_em(m, jax.random.key(0), sim.source.x, sim.source.y, restarts=1, mesh=mesh,
                    block_size=300)
         rel = abs(float(a.loglik) - float(b.loglik)) / abs(float(a.loglik))
+        # float32 sums in another order may end on the same optimum with components relabelled
+        ga, gb = np.asarray(a.params.gate_mean), np.asarray(b.params.gate_mean)
+        _, perm = linear_sum_assignment(((ga[:, None] - gb[None]) ** 2).sum(-1))
+        bp = m.permute(b.params, perm)
         diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-                   for u, v in zip(a.params, b.params))
+                   for u, v in zip(a.params, bp))
         print(rel, diff, int(a.n_iter), int(b.n_iter))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")

@@ -79,8 +79,12 @@ DEFAULT_BLOCK = 32768
 def block_layout(n: int, block_size: int | None, n_shards: int = 1) -> tuple[int, int]:
     """(block, number of blocks per shard) covering n rows; n is padded with zero-weight rows."""
     per_shard = -(-n // n_shards)
-    block = per_shard if block_size is None or per_shard <= block_size else block_size
-    return block, -(-per_shard // block)
+    if block_size is None or per_shard <= block_size:
+        return per_shard, 1
+    nb = -(-per_shard // block_size)
+    block = -(-per_shard // nb)  # equal blocks: at most nb - 1 padding rows
+    block = -(-block // 8) * 8
+    return block, nb
 
 
 def _pad_blocks(a: Array, n_total: int, shape: tuple[int, ...]) -> Array:
@@ -98,16 +102,19 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
     block, nb = block_layout(n, block_size, n_shards)
     total = n_shards * nb * block
     shape = (n_shards * nb, block)
-    xb, yb, wb = (_pad_blocks(a, total, shape) for a in (x, y, w))
+    # blocks in the E-step's layout: samples on the minor axis, (blocks, D, B) and (blocks, H, B)
+    xb = jnp.swapaxes(_pad_blocks(x, total, shape), 1, 2)
+    yb = jnp.swapaxes(_pad_blocks(y, total, shape), 1, 2)
+    wb = _pad_blocks(w, total, shape)
 
     def local(params, xb, yb, wb):
         ref = jnp.swapaxes(params.coef, 1, 2)
 
         def one(xs, ys, ws):
-            logp = model.component_log_probs(params, xs, ys)
-            ll = logsumexp(logp, axis=-1)
-            r = jnp.exp(logp - ll[:, None]) * ws[:, None]
-            return jnp.sum(ws * ll), model.suff_stats(xs, ys, r, ref, stats)
+            logp = model.component_log_probs_t(params, xs, ys)  # (K, B)
+            ll = logsumexp(logp, axis=0)
+            r = jnp.exp(logp - ll[None, :]) * ws[None, :]
+            return jnp.sum(ws * ll), model.suff_stats_t(xs, ys, r, ref, stats)
 
         if xb.shape[0] == 1:
             return one(xb[0], yb[0], wb[0])

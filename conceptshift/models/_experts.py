@@ -196,6 +196,10 @@ class ExpertsFamily:
     # ------------------------------------------------------------------ densities
     def gate_log_probs(self, params, x: Array) -> Array:
         """log pi_k + log g(x | eta_k), shape (N, K). Constant gates give log pi_k."""
+        return self.gate_log_probs_t(params, x.T).T
+
+    def gate_log_probs_t(self, params, xT: Array) -> Array:
+        """:meth:`gate_log_probs` in the E-step's layout: x (D, N) -> (K, N)."""
         raise NotImplementedError
 
     def marginal_x_log_prob(self, params, x: Array) -> Array:
@@ -217,12 +221,28 @@ class ExpertsFamily:
         """sum_h log phi(y_h; x, theta_kh), shape (N, K)."""
         return self.head_distribution(params, x).log_prob(y[:, None, :])
 
+    def _head_log_probs_t(self, params, phiT: Array, yT: Array):
+        """Head log-densities (K, N) and residuals e = y - mu (K, H, N) in the E-step's layout."""
+        K, H, P = params.coef.shape
+        mu = (params.coef.reshape(K * H, P) @ phiT).reshape(K, H, -1)
+        e = yT[None, :, :] - mu
+        inv = jnp.exp(-params.log_scale)[:, :, None]
+        lp = jnp.sum(-0.5 * (e * inv) ** 2 - params.log_scale[:, :, None], axis=1)
+        return lp - 0.5 * H * jnp.log(2 * jnp.pi), e
+
+    def component_log_probs_t(self, params, xT: Array, yT: Array) -> Array:
+        """:meth:`component_log_probs` in the E-step's layout: x (D, N), y (H, N) -> (K, N)."""
+        head, _ = self._head_log_probs_t(params, self.basis.transposed(xT), yT)
+        return self.gate_log_probs_t(params, xT) + head
+
     def component_log_probs(self, params, x: Array, y: Array) -> Array:
         """log pi_k + log g(x | eta_k) + log phi(y; x, theta_k), shape (N, K): EM's E-step quantity.
 
         Its logsumexp over K is the joint log-density log p(x, y) (log p(y | x) for constant gates).
+        It equals ``distribution(params, x).component_log_probs(y) + marginal_x_log_prob`` (tested);
+        it is computed in the (K, N) layout, where the reductions over K and D are fast.
         """
-        return self.gate_log_probs(params, x) + self.head_log_probs(params, x, y)
+        return self.component_log_probs_t(params, x.T, y.T).T
 
     def log_likelihood(self, params, x: Array, y: Array) -> Array:
         """Per-sample log p(x, y) (log p(y | x) when the family does not model x), shape (N,)."""
@@ -306,25 +326,31 @@ class ExpertsFamily:
 
     def suff_stats(self, x, y, r, ref, stats: DataStats) -> SuffStats:
         """Sufficient statistics of (x, y) under weighted responsibilities r (N, K), residuals taken
-        against ``ref`` (K, P, H). Every sum over N is a matrix product."""
-        N, K = r.shape
+        against ``ref`` (K, P, H)."""
+        return self.suff_stats_t(x.T, y.T, r.T, ref, stats)
+
+    def suff_stats_t(self, xT, yT, rT, ref, stats: DataStats) -> SuffStats:
+        """:meth:`suff_stats` in the E-step's layout: x (D, N), y (H, N), r (K, N). The sums over N
+        are matrix products with N as the contracted, minor axis."""
+        K, N = rT.shape
         P, H = self.n_coef, self.n_heads
-        phi = self.design(x)  # (N, P)
-        rphi = (r[:, :, None] * phi[:, None, :]).reshape(N, K * P)
-        s_pp = (rphi.T @ phi).reshape(K, P, P)
-        e = y[:, None, :] - jnp.einsum("np,kph->nkh", phi, ref)  # (N, K, H)
-        re = r[:, :, None] * e
-        s_pe = jnp.transpose((phi.T @ re.reshape(N, K * H)).reshape(P, K, H), (1, 0, 2))
-        s_ee = jnp.sum(re * e, axis=0)
+        phiT = self.basis.transposed(xT)  # (P, N)
+        rphi = rT[:, None, :] * phiT[None, :, :]  # (K, P, N)
+        s_pp = (rphi.reshape(K * P, N) @ phiT.T).reshape(K, P, P)
+        refT = jnp.swapaxes(ref, 1, 2)  # (K, H, P)
+        e = yT[None, :, :] - (refT.reshape(K * H, P) @ phiT).reshape(K, H, N)
+        s_pe = jnp.einsum("kpn,khn->kph", rphi, e)
+        s_ee = jnp.sum(rT[:, None, :] * e * e, axis=-1)
         if self.uses_gate_stats():
-            xc = x - stats.x_mean[None, :]
-            D = x.shape[1]
-            s_x = r.T @ xc
-            s_xx = ((r[:, :, None] * xc[:, None, :]).reshape(N, K * D).T @ xc).reshape(K, D, D)
+            D = xT.shape[0]
+            xc = xT - stats.x_mean[:, None]
+            rx = rT[:, None, :] * xc[None, :, :]  # (K, D, N)
+            s_x = jnp.sum(rx, axis=-1)
+            s_xx = (rx.reshape(K * D, N) @ xc.T).reshape(K, D, D)
         else:
-            s_x = jnp.zeros((K, 0), y.dtype)
-            s_xx = jnp.zeros((K, 0, 0), y.dtype)
-        return SuffStats(jnp.sum(r, axis=0), s_pp, s_pe, s_ee, ref, s_x, s_xx)
+            s_x = jnp.zeros((K, 0), yT.dtype)
+            s_xx = jnp.zeros((K, 0, 0), yT.dtype)
+        return SuffStats(jnp.sum(rT, axis=-1), s_pp, s_pe, s_ee, ref, s_x, s_xx)
 
     @staticmethod
     def rebase(ss: SuffStats, new_ref: Array) -> SuffStats:

@@ -61,6 +61,20 @@ class Basis:
             )
         return tuple(names)
 
+    def transposed(self, xT: Array) -> Array:
+        """The design matrix transposed, (P, N), from ``xT`` (D, N): the E-step's layout, in which
+        reductions over samples run along the minor axis."""
+        ones = jnp.ones((1, xT.shape[1]), dtype=xT.dtype)
+        if self.fn is not None:
+            return jnp.concatenate([ones, jnp.asarray(self.fn(xT.T), dtype=xT.dtype).T], axis=0)
+        rows = [ones]
+        for mono in self.monomials:
+            row = xT[mono[0]]
+            for i in mono[1:]:
+                row = row * xT[i]
+            rows.append(row[None, :])
+        return jnp.concatenate(rows, axis=0)
+
     def __call__(self, x: Array) -> Array:
         """Design matrix (N, P) of ``x`` (N, D)."""
         ones = jnp.ones((x.shape[0], 1), dtype=x.dtype)

@@ -70,23 +70,23 @@ class GatedExperts(ExpertsFamily):
             dist.Categorical(logits=params.log_weights), self.gate_distribution(params)
         )
 
-    def gate_log_probs(self, params, x):
-        """log pi_k + log N(x; m_k, S_k), shape (N, K).
+    def gate_log_probs_t(self, params, xT):
+        """log pi_k + log N(x; m_k, S_k) in the E-step's layout, x (D, N) -> (K, N).
 
-        Through the inverse Cholesky factor U_k = L_k^-1: the Mahalanobis terms of all components
-        come from one (N, D) @ (D, K D) product (the E-step's hot path). It equals
-        ``gate_distribution(params).log_prob(x[:, None, :])`` (tested).
+        Through the inverse Cholesky factors U_k = L_k^-1: all components' whitened coordinates come
+        from one (K D, D) @ (D, N) product. It equals
+        ``gate_distribution(params).log_prob(x[:, None, :]).T`` (tested).
         """
         K, D = self.n_components, self.n_features
         chol = jnp.linalg.cholesky(params.gate_cov)  # (K, D, D)
-        eye = jnp.broadcast_to(jnp.eye(D, dtype=x.dtype), (K, D, D))
+        eye = jnp.broadcast_to(jnp.eye(D, dtype=xT.dtype), (K, D, D))
         u = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)  # (K, D, D) = L^-1
-        proj = (x @ jnp.swapaxes(u, 1, 2).transpose(1, 0, 2).reshape(D, K * D)).reshape(-1, K, D)
         shift = jnp.einsum("kij,kj->ki", u, params.gate_mean)  # (K, D)
-        maha = jnp.sum((proj - shift[None, :, :]) ** 2, axis=-1)  # (N, K)
+        z = (u.reshape(K * D, D) @ xT).reshape(K, D, -1) - shift[:, :, None]
+        maha = jnp.sum(z * z, axis=1)  # (K, N)
         half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
         log_norm = -half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
-        return (params.log_weights + log_norm)[None, :] - 0.5 * maha
+        return (params.log_weights + log_norm)[:, None] - 0.5 * maha
 
     def uses_gate_stats(self) -> bool:
         return True

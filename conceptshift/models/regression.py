@@ -49,8 +49,8 @@ class RegressionMixture(ExpertsFamily):
       (3,)
     """
 
-    def gate_log_probs(self, params, x):
-        return jnp.broadcast_to(params.log_weights, (x.shape[0], self.n_components))
+    def gate_log_probs_t(self, params, xT):
+        return jnp.broadcast_to(params.log_weights[:, None], (self.n_components, xT.shape[1]))
 
     def marginal_x_log_prob(self, params, x):
         return jnp.zeros((x.shape[0],), dtype=params.coef.dtype)
