@@ -125,3 +125,39 @@ def test_cli_experiment_errors(capsys):
     assert main(["experiment", "consistency", "--set", "n_grid=a"]) == 2
     assert set(EXPERIMENTS) == {"consistency", "distinguishability", "refinement-bias", "weak-training",
                                 "misspecified"}
+
+
+TINY = {
+    "distinguishability": ["n_grid=40,80", "delta_grid=-1,1", "replicates=2", "restarts=2",
+                           "max_iter=30", "n_test=100"],
+    "weak-training": ["n=200", "lam_grid=0.5,2", "replicates=2", "restarts=2", "max_iter=30",
+                      "n_test=100"],
+    "misspecified": ["n_grid=60", "k_grid=2,3", "replicates=2", "restarts=2", "max_iter=30",
+                     "n_test=100"],
+}
+
+
+@pytest.mark.skipif(X64, reason="end-to-end smoke run of the sweeps, run once: in the float32 pass")
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_other_experiments_run_end_to_end(name, tmp_path):
+    mod = EXPERIMENTS[name]
+    cfg = load_config(mod.DEFAULTS, None, TINY[name])
+    res = mod.run(cfg, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"] == cfg and "versions" in saved and "estimators" in saved
+    for fig in res["figures"]:
+        assert (tmp_path / fig.rsplit("/", 1)[-1]).stat().st_size > 5_000
+    assert all(np.isfinite(v) for v in _floats(saved["estimators"]))
+    again = mod.run(cfg, tmp_path, progress=False)  # a finished sweep is read back, not recomputed
+    assert again["cells_computed"] == [] and len(again["cells_reused"]) == len(res["cells_computed"])
+
+
+def _floats(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _floats(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _floats(v)
+    elif isinstance(tree, float):
+        yield tree

@@ -187,6 +187,16 @@ def summarise(cells: list[dict], n_grid: list[int]) -> dict:
     return out
 
 
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (figures are only written to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def savefig(fig, path) -> None:
     """Saves a figure atomically (temporary file, then rename)."""
     import os

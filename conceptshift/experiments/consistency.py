@@ -16,6 +16,7 @@ from .common import (
     cell_keys,
     compiled_replicates,
     problem_from,
+    pyplot,
     savefig,
     summarise,
     to_lists,
@@ -79,10 +80,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     est = results["estimators"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))

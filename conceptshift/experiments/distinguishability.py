@@ -20,6 +20,7 @@ from .common import (
     compiled_replicates,
     mean_se,
     problem_from,
+    pyplot,
     savefig,
     to_lists,
 )
@@ -90,10 +91,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     e = results["estimators"]["identification"]
     d = np.asarray(e["delta"])

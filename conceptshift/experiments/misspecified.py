@@ -18,6 +18,7 @@ from .common import (
     compiled_replicates,
     mean_se,
     problem_from,
+    pyplot,
     savefig,
     to_lists,
 )
@@ -94,10 +95,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = results["k_grid"]
     fig, ax = plt.subplots(figsize=(6.5, 4.3))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..io import write_json_atomic
-from .common import PROBLEM_KNOBS, problem_from, savefig
+from .common import PROBLEM_KNOBS, problem_from, pyplot, savefig
 from .runner import Sweep, versions
 
 NAME = "refinement-bias"
@@ -173,10 +173,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bias = results["bias"]
     K = len(bias)

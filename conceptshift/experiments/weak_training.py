@@ -22,7 +22,17 @@ from ..diagnostics.metrics import reg_error
 from ..inference.estimators import Data, weak_training, weak_training_ll
 from ..io import write_json_atomic
 from ..models.problem import simulate
-from .common import EM_KNOBS, PROBLEM_KNOBS, cell_keys, em_options, mean_se, problem_from, savefig, to_lists
+from .common import (
+    EM_KNOBS,
+    PROBLEM_KNOBS,
+    cell_keys,
+    em_options,
+    mean_se,
+    problem_from,
+    pyplot,
+    savefig,
+    to_lists,
+)
 from .runner import Sweep, versions
 
 NAME = "weak-training"
@@ -111,10 +121,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = results["rows"]
     lam = np.asarray([r["lam"] for r in rows])
