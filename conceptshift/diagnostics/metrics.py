@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
+from ..inference.estimators import head_vectors
 from ..inference.matching import _assign
 from ..inference.predictor import Predictor
 from ..models.problem import Problem
@@ -44,8 +45,7 @@ def truth_labels(problem: Problem, params, head: int, domain: str, true_head: in
     """For each fitted component, the true component it estimates, shape (K,): optimal assignment
     of the fit's ``head`` against head ``true_head`` (0: y, 1: y') of the truth in ``domain``."""
     true = problem.params_p if domain == "p" else problem.params_q
-    a = jnp.concatenate([params.coef[:, head, :], params.log_scale[:, head : head + 1]], 1)
-    t = jnp.concatenate([true.coef[:, true_head, :], true.log_scale[:, true_head : true_head + 1]], 1)
+    a, t = head_vectors(params, head), head_vectors(true, true_head)
     cost = jnp.sum((a[:, None, :] - t[None, :, :]) ** 2, -1)
     return _assign(cost)
 

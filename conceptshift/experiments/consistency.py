@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io import write_json_atomic
 from .common import (
     EM_KNOBS,
     LABELS,
@@ -70,13 +69,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             "distinguishability": problem.distinguishability(),
         },
         "estimators": estimators,
-        "cells_computed": sweep.computed,
-        "cells_reused": sweep.reused,
-        "figures": [str(sweep.out / "consistency.png")],
     }
-    plot(results, sweep.out / "consistency.png")
-    write_json_atomic(sweep.out / "results.json", results)
-    return results
+    return sweep.finish(results, plot, "consistency.png")
 
 
 def plot(results: dict, path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io import write_json_atomic
 from .common import (
     EM_KNOBS,
     PROBLEM_KNOBS,
@@ -81,13 +80,10 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     results = {
         "experiment": NAME, "config": cfg, "versions": versions(),
         "delta_realised": [problems[d].distinguishability() for d in grid_d],
-        "estimators": estimators, "cells_computed": sweep.computed, "cells_reused": sweep.reused,
-        "figures": [str(sweep.out / "distinguishability.png")],
+        "estimators": estimators,
         "layout": "metric mean/se are [delta][n] tables",
     }
-    plot(results, sweep.out / "distinguishability.png")
-    write_json_atomic(sweep.out / "results.json", results)
-    return results
+    return sweep.finish(results, plot, "distinguishability.png")
 
 
 def plot(results: dict, path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io import write_json_atomic
 from .common import (
     EM_KNOBS,
     PROBLEM_KNOBS,
@@ -86,12 +85,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             "mean": [per_k[str(problem.spec.n_components)]["identification"]["reg_error"][j]["mean"]
                      for j in range(len(ns))] if problem.spec.n_components in ks else [],
         }}},
-        "cells_computed": sweep.computed, "cells_reused": sweep.reused,
-        "figures": [str(sweep.out / "misspecified.png")],
     }
-    plot(results, sweep.out / "misspecified.png")
-    write_json_atomic(sweep.out / "results.json", results)
-    return results
+    return sweep.finish(results, plot, "misspecified.png")
 
 
 def plot(results: dict, path) -> None:

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..io import write_json_atomic
 from .common import PROBLEM_KNOBS, problem_from, pyplot, savefig
 from .runner import Sweep, versions
 
@@ -164,12 +163,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
         "experiment": NAME, "config": cfg, "versions": versions(),
         "bias": [cells[f"kstar{k}"] for k in range(K)],
         "identity": cells["identity"],
-        "cells_computed": sweep.computed, "cells_reused": sweep.reused,
-        "figures": [str(sweep.out / "refinement_bias.png")],
     }
-    plot(results, sweep.out / "refinement_bias.png")
-    write_json_atomic(sweep.out / "results.json", results)
-    return results
+    return sweep.finish(results, plot, "refinement_bias.png")
 
 
 def plot(results: dict, path) -> None:

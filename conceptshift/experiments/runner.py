@@ -138,3 +138,12 @@ class Sweep:
                 self.computed.append(name)
                 bar.advance(task)
         return results
+
+    def finish(self, results: dict, plot: Callable[[dict, Path], None], figure: str) -> dict:
+        """Adds the sweep's bookkeeping to ``results``, draws the figure and writes results.json,
+        both atomically."""
+        path = self.out / figure
+        results.update(cells_computed=self.computed, cells_reused=self.reused, figures=[str(path)])
+        plot(results, path)
+        write_json_atomic(self.out / "results.json", results)
+        return results

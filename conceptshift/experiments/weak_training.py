@@ -20,7 +20,6 @@ import numpy as np
 
 from ..diagnostics.metrics import reg_error
 from ..inference.estimators import Data, weak_training, weak_training_ll
-from ..io import write_json_atomic
 from ..models.problem import simulate
 from .common import (
     EM_KNOBS,
@@ -112,12 +111,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
         "estimators": {name: {"lam": grid, "reg_error": {"mean": [r[name]["mean"] for r in rows],
                                                           "se": [r[name]["se"] for r in rows]}}
                        for name in ("weak_training", "weak_training_ll")},
-        "cells_computed": sweep.computed, "cells_reused": sweep.reused,
-        "figures": [str(sweep.out / "weak_training.png")],
     }
-    plot(results, sweep.out / "weak_training.png")
-    write_json_atomic(sweep.out / "results.json", results)
-    return results
+    return sweep.finish(results, plot, "weak_training.png")
 
 
 def plot(results: dict, path) -> None:

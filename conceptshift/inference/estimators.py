@@ -77,14 +77,14 @@ def _fit(model, key, x, y, w, opts: EMOptions) -> EMResult:
                   tol=opts.tol)
 
 
-def _weak_vectors(params, head: int) -> Array:
+def head_vectors(params, head: int) -> Array:
     """Coefficients and log-scale of one head, (K, P + 1): the space heads are matched in."""
     return jnp.concatenate([params.coef[:, head, :], params.log_scale[:, head : head + 1]], axis=1)
 
 
 def head_cost(params_a, head_a: int, params_b, head_b: int) -> Array:
     """Squared distances (K, K) between the heads of two fits: cost[k, j] = |a_k - b_j|^2."""
-    a, b = _weak_vectors(params_a, head_a), _weak_vectors(params_b, head_b)
+    a, b = head_vectors(params_a, head_a), head_vectors(params_b, head_b)
     return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
 
 
