@@ -108,13 +108,8 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
     wb = _pad_blocks(w, total, shape)
 
     def local(params, xb, yb, wb):
-        ref = jnp.swapaxes(params.coef, 1, 2)
-
         def one(xs, ys, ws):
-            logp = model.component_log_probs_t(params, xs, ys)  # (K, B)
-            ll = logsumexp(logp, axis=0)
-            r = jnp.exp(logp - ll[None, :]) * ws[None, :]
-            return jnp.sum(ws * ll), model.suff_stats_t(xs, ys, r, ref, stats)
+            return model.estep_stats_t(params, xs, ys, ws, stats)
 
         if xb.shape[0] == 1:
             return one(xb[0], yb[0], wb[0])

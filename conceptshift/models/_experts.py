@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from jax import Array
 from jax.scipy.special import logsumexp
@@ -329,28 +330,100 @@ class ExpertsFamily:
         against ``ref`` (K, P, H)."""
         return self.suff_stats_t(x.T, y.T, r.T, ref, stats)
 
+    def _design_t(self, xT: Array, stats: DataStats):
+        """The design in the E-step's layout (P, N) and the map T back to the raw design.
+
+        Polynomial bases are evaluated at x - xbar (centred on the data mean), so that products of
+        design columns summed over many rows keep their accuracy in float32; T (P, P) maps the
+        centred statistics to the raw ones exactly (``Basis.shift_matrix``). Other maps: (phi, None).
+        """
+        if self.basis.shiftable:
+            return (self.basis.transposed(xT - stats.x_mean[:, None]),
+                    self.basis.shift_matrix(stats.x_mean))
+        return self.basis.transposed(xT), None
+
     def suff_stats_t(self, xT, yT, rT, ref, stats: DataStats) -> SuffStats:
-        """:meth:`suff_stats` in the E-step's layout: x (D, N), y (H, N), r (K, N). The sums over N
-        are matrix products with N as the contracted, minor axis."""
+        """:meth:`suff_stats` in the E-step's layout: x (D, N), y (H, N), r (K, N)."""
+        A, T = self._design_t(xT, stats)
+        ref_c = ref if T is None else jnp.einsum("qp,kqh->kph", T, ref)  # T^T ref
+        K, H = rT.shape[0], yT.shape[0]
+        mu = (jnp.swapaxes(ref_c, 1, 2).reshape(K * H, -1) @ A).reshape(K, H, -1)
+        return self._stats_from_r(xT, A, T, yT[None, :, :] - mu, rT, ref, stats)
+
+    def _stats_from_r(self, xT, A, T, e, rT, ref, stats: DataStats) -> SuffStats:
+        """The statistics of design A (P, N) and residuals e (K, H, N) under responsibilities r (K, N).
+
+        S_pp is symmetric: only its P (P + 1) / 2 distinct column products are formed, once for all
+        components, and reduced against r in one matrix product (N the contracted, minor axis).
+        """
         K, N = rT.shape
-        P, H = self.n_coef, self.n_heads
-        phiT = self.basis.transposed(xT)  # (P, N)
-        rphi = rT[:, None, :] * phiT[None, :, :]  # (K, P, N)
-        s_pp = (rphi.reshape(K * P, N) @ phiT.T).reshape(K, P, P)
-        refT = jnp.swapaxes(ref, 1, 2)  # (K, H, P)
-        e = yT[None, :, :] - (refT.reshape(K * H, P) @ phiT).reshape(K, H, N)
-        s_pe = jnp.einsum("kpn,khn->kph", rphi, e)
-        s_ee = jnp.sum(rT[:, None, :] * e * e, axis=-1)
-        if self.uses_gate_stats():
-            D = xT.shape[0]
+        P, H = A.shape[0], e.shape[1]
+        iu, ju = np.triu_indices(P)
+        pair = np.zeros((P, P), dtype=np.int32)
+        pair[iu, ju] = np.arange(iu.size)
+        pair[ju, iu] = np.arange(iu.size)
+        s_q = rT @ (A[iu] * A[ju]).T  # (K, P (P + 1) / 2)
+        s_pp = s_q[:, pair]  # (K, P, P), centred design when T is given
+        re = rT[:, None, :] * e  # (K, H, N)
+        s_pe = jnp.swapaxes((re.reshape(K * H, N) @ A.T).reshape(K, H, P), 1, 2)  # (K, P, H)
+        s_ee = jnp.sum(re * e, axis=-1)
+        nk = jnp.sum(rT, axis=-1)
+        D = xT.shape[0]
+        if self.uses_gate_stats() and T is not None:
+            # rows 1..D of the centred polynomial design are x - xbar
+            s_x, s_xx = s_pp[:, 0, 1:D + 1], s_pp[:, 1:D + 1, 1:D + 1]
+        elif self.uses_gate_stats():
             xc = xT - stats.x_mean[:, None]
             rx = rT[:, None, :] * xc[None, :, :]  # (K, D, N)
             s_x = jnp.sum(rx, axis=-1)
             s_xx = (rx.reshape(K * D, N) @ xc.T).reshape(K, D, D)
         else:
-            s_x = jnp.zeros((K, 0), yT.dtype)
-            s_xx = jnp.zeros((K, 0, 0), yT.dtype)
-        return SuffStats(jnp.sum(rT, axis=-1), s_pp, s_pe, s_ee, ref, s_x, s_xx)
+            s_x = jnp.zeros((K, 0), rT.dtype)
+            s_xx = jnp.zeros((K, 0, 0), rT.dtype)
+        if T is not None:
+            s_pp = jnp.einsum("pq,kqr,sr->kps", T, s_pp, T)
+            s_pe = jnp.einsum("pq,kqh->kph", T, s_pe)
+        return SuffStats(nk, s_pp, s_pe, s_ee, ref, s_x, s_xx)
+
+    def _gate_rows(self, params, stats: DataStats, centred: bool):
+        """The gate as rows of one matrix product with the design: log pi_k + log g(x | eta_k)
+        = c_k - |Z_k a|^2 / 2 with Z_k (G, P) acting on the design column a. Returns (Z (K, G, P),
+        c (K,)); G = 0 for constant gates. None (the default): the gate is evaluated on its own by
+        ``gate_log_probs_t``."""
+        return None
+
+    def estep_stats_t(self, params, xT, yT, wT, stats: DataStats):
+        """One fused E-step on a block in the E-step's layout: x (D, N), y (H, N), w (N,) ->
+        (sum_n w_n log p_n, SuffStats) with residuals against the current coefficients.
+
+        Two matrix products give every component's whitened gate coordinates and expert means;
+        the statistics follow from the responsibilities without another pass over (K, P, N)
+        temporaries. Equals ``component_log_probs_t`` followed by ``suff_stats_t`` (tested).
+        """
+        A, T = self._design_t(xT, stats)
+        K, H, P = params.coef.shape
+        rows = self._gate_rows(params, stats, T is not None)
+        coef_c = params.coef if T is None else jnp.einsum("khp,pq->khq", params.coef, T)
+        if rows is None:
+            mu = (coef_c.reshape(K * H, P) @ A).reshape(K, H, -1)
+            gate = self.gate_log_probs_t(params, xT)
+        else:
+            Z, const = rows
+            G, N = Z.shape[1], A.shape[1]
+            mu = (coef_c.reshape(K * H, P) @ A).reshape(K, H, N)
+            gate = jnp.broadcast_to(const[:, None], (K, N))
+            if G:
+                z = (Z.reshape(K * G, P) @ A).reshape(K, G, N)
+                gate = gate - 0.5 * jnp.sum(z * z, axis=1)
+        e = yT[None, :, :] - mu
+        inv = jnp.exp(-params.log_scale)[:, :, None]
+        head = jnp.sum(-0.5 * (e * inv) ** 2, axis=1)
+        head_const = -jnp.sum(params.log_scale, 1) - 0.5 * H * jnp.log(2 * jnp.pi)
+        logp = gate + head + head_const[:, None]
+        ll = logsumexp(logp, axis=0)
+        r = jnp.exp(logp - ll[None, :]) * wT[None, :]
+        ref = jnp.swapaxes(params.coef, 1, 2)
+        return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, ref, stats)
 
     @staticmethod
     def rebase(ss: SuffStats, new_ref: Array) -> SuffStats:

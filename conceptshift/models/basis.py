@@ -61,6 +61,43 @@ class Basis:
             )
         return tuple(names)
 
+    @property
+    def shiftable(self) -> bool:
+        """Whether :meth:`shift_matrix` exists: polynomial maps (closed under translation) with the
+        linear terms x_1..x_D as design rows 1..D."""
+        return self.fn is None and self.degree >= 1 and self.n_features >= 1
+
+    def shift_matrix(self, c: Array) -> Array:
+        """T (P, P) with phi(x) = T phi(x - c) for every x: the binomial expansion of each monomial
+        about c. Statistics accumulated in the centred design phi(x - c) (accurate in float32 when
+        |c| is large against the spread) map exactly to the raw design: S_raw = T S_c T^T."""
+        if not self.shiftable:
+            raise ValueError("shift_matrix needs a polynomial basis of degree >= 1 (no basis_fn)")
+        from math import comb
+
+        D = self.n_features
+        counts = [[0] * D]
+        for mono in self.monomials:
+            cnt = [0] * D
+            for i in mono:
+                cnt[i] += 1
+            counts.append(cnt)
+        P = len(counts)
+        rows = []
+        for ci in counts:
+            row = []
+            for cj in counts:
+                if all(b <= a for a, b in zip(ci, cj, strict=True)):
+                    term = jnp.asarray(1.0, c.dtype)
+                    for d in range(D):
+                        if ci[d] > cj[d]:
+                            term = term * comb(ci[d], cj[d]) * c[d] ** (ci[d] - cj[d])
+                    row.append(term)
+                else:
+                    row.append(jnp.zeros((), c.dtype))
+            rows.append(jnp.stack(row))
+        return jnp.stack(rows).reshape(P, P)
+
     def transposed(self, xT: Array) -> Array:
         """The design matrix transposed, (P, N), from ``xT`` (D, N): the E-step's layout, in which
         reductions over samples run along the minor axis."""

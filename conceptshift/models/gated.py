@@ -91,6 +91,22 @@ class GatedExperts(ExpertsFamily):
     def uses_gate_stats(self) -> bool:
         return True
 
+    def _gate_rows(self, params, stats: DataStats, centred: bool):
+        """z = L_k^-1 (x - m_k) = [-L_k^-1 (m_k - xbar), L_k^-1] [1, x - xbar]: rows 0..D of the
+        centred design (see ``ExpertsFamily._gate_rows``)."""
+        if not centred:
+            return None
+        K, D = self.n_components, self.n_features
+        dtype = params.coef.dtype
+        chol = jnp.linalg.cholesky(params.gate_cov)  # (K, D, D)
+        eye = jnp.broadcast_to(jnp.eye(D, dtype=dtype), (K, D, D))
+        u = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)  # (K, D, D) = L^-1
+        shift = jnp.einsum("kij,kj->ki", u, params.gate_mean - stats.x_mean[None, :])
+        rest = jnp.zeros((K, D, self.n_coef - 1 - D), dtype)
+        Z = jnp.concatenate([-shift[:, :, None], u, rest], axis=2)
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+        return Z, params.log_weights - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
+
     def m_step_from_stats(self, ss, stats: DataStats) -> GatedParams:
         log_weights, coef, log_scale = self._heads_from_stats(ss, stats)
         dtype = ss.s_pp.dtype

@@ -52,6 +52,10 @@ class RegressionMixture(ExpertsFamily):
     def gate_log_probs_t(self, params, xT):
         return jnp.broadcast_to(params.log_weights[:, None], (self.n_components, xT.shape[1]))
 
+    def _gate_rows(self, params, stats, centred):
+        K = self.n_components
+        return jnp.zeros((K, 0, self.n_coef), params.coef.dtype), params.log_weights
+
     def marginal_x_log_prob(self, params, x):
         return jnp.zeros((x.shape[0],), dtype=params.coef.dtype)
 
