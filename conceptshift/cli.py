@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
     d.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("bench", help="run a benchmark script of the checkout's benchmarks/ folder")
+    b.add_argument("name", help="benchmark name (see `conceptshift bench list`)")
+    b.add_argument("--quick", action="store_true", help="toy sizes, seconds")
+    b.add_argument("--out", type=Path, help="JSON file to write (default benchmarks/results/NAME.json)")
     return p
 
 
@@ -193,6 +198,35 @@ def cmd_demo(args) -> int:
                            not args.no_progress, intro=intro)
 
 
+def _bench_dir() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (base / "benchmarks" / "_harness.py").is_file():
+            return base / "benchmarks"
+    raise UsageError("the benchmark scripts live in the benchmarks/ folder of a conceptshift "
+                     "checkout; run this from one (or from an editable install)")
+
+
+def cmd_bench(args) -> int:
+    import importlib.util
+
+    folder = _bench_dir()
+    names = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    if args.name == "list":
+        for name in names:
+            doc = (folder / f"{name}.py").read_text().split('"""')
+            print(f"{name:20s} {doc[1].strip().splitlines()[0] if len(doc) > 2 else ''}")
+        return 0
+    name = args.name.replace("-", "_")
+    if name not in names:
+        raise UsageError(f"unknown benchmark {args.name!r}; known: {', '.join(names)}")
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else [])
+    mod.main(argv)
+    return 0
+
+
 class _null:
     def __enter__(self):
         return self
@@ -204,7 +238,8 @@ class _null:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"fit": cmd_fit, "demo": cmd_demo, "experiment": cmd_experiment}
+    handlers = {"fit": cmd_fit, "demo": cmd_demo, "experiment": cmd_experiment,
+                "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as err:

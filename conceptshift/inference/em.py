@@ -76,9 +76,18 @@ def _all_finite(tree) -> Array:
 DEFAULT_BLOCK = 32768
 
 
-def block_layout(n: int, block_size: int | None, n_shards: int = 1) -> tuple[int, int]:
-    """(block, number of blocks per shard) covering n rows; n is padded with zero-weight rows."""
+BLOCK_BUDGET = 1 << 21  # elements of the widest temporary of one block (8 MiB in float32)
+
+
+def block_layout(n: int, block_size: int | None, n_shards: int = 1,
+                 rows: int = 1) -> tuple[int, int]:
+    """(block, number of blocks per shard) covering n rows; n is padded with zero-weight rows.
+
+    ``block_size`` is an upper bound: a block is also kept below ``BLOCK_BUDGET`` elements of a
+    temporary with ``rows`` rows (so that wide models stay in cache), and never below 512 rows."""
     per_shard = -(-n // n_shards)
+    if block_size is not None:
+        block_size = max(min(block_size, BLOCK_BUDGET // max(rows, 1)), min(block_size, 512))
     if block_size is None or per_shard <= block_size:
         return per_shard, 1
     nb = -(-per_shard // block_size)
@@ -99,7 +108,7 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
     the statistics are summed with ``psum``."""
     n = x.shape[0]
     n_shards = 1 if mesh is None else mesh.shape["data"]
-    block, nb = block_layout(n, block_size, n_shards)
+    block, nb = block_layout(n, block_size, n_shards, model.block_rows())
     total = n_shards * nb * block
     shape = (n_shards * nb, block)
     # blocks in the E-step's layout: samples on the minor axis, (blocks, D, B) and (blocks, H, B)
@@ -273,7 +282,8 @@ def fit_em(
         ``"random"`` (Dirichlet responsibilities) or ``"mixed"`` (restarts alternate k-means++ and
         subset, restart 0 uses k-means++).
       init_params: start from these parameters instead (one run; ``restarts`` is ignored).
-      block_size: rows per block of the fused E-step (bounded memory; None: one block).
+      block_size: at most this many rows per block of the fused E-step (bounded memory; fewer
+        when a block's widest temporary would exceed ``BLOCK_BUDGET`` elements; None: one block).
       mesh: a ``jax.sharding.Mesh`` with an axis named ``"data"``: rows are split across its
         devices, each device reduces its share and the statistics are summed with ``psum``
         (data-parallel EM; the result equals the single-device fit to float tolerance).

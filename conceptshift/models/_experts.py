@@ -358,12 +358,15 @@ class ExpertsFamily:
         """
         K, N = rT.shape
         P, H = A.shape[0], e.shape[1]
-        iu, ju = np.triu_indices(P)
-        pair = np.zeros((P, P), dtype=np.int32)
-        pair[iu, ju] = np.arange(iu.size)
-        pair[ju, iu] = np.arange(iu.size)
-        s_q = rT @ (A[iu] * A[ju]).T  # (K, P (P + 1) / 2)
-        s_pp = s_q[:, pair]  # (K, P, P), centred design when T is given
+        if self.pair_products(K, P):
+            iu, ju = np.triu_indices(P)
+            pair = np.zeros((P, P), dtype=np.int32)
+            pair[iu, ju] = np.arange(iu.size)
+            pair[ju, iu] = np.arange(iu.size)
+            s_q = rT @ (A[iu] * A[ju]).T  # (K, P (P + 1) / 2)
+            s_pp = s_q[:, pair]  # (K, P, P), centred design when T is given
+        else:  # wide designs: one (K P, N) @ (N, P) product
+            s_pp = ((rT[:, None, :] * A[None]).reshape(K * P, N) @ A.T).reshape(K, P, P)
         re = rT[:, None, :] * e  # (K, H, N)
         s_pe = jnp.swapaxes((re.reshape(K * H, N) @ A.T).reshape(K, H, P), 1, 2)  # (K, P, H)
         s_ee = jnp.sum(re * e, axis=-1)
@@ -384,6 +387,18 @@ class ExpertsFamily:
             s_pp = jnp.einsum("pq,kqr,sr->kps", T, s_pp, T)
             s_pe = jnp.einsum("pq,kqh->kph", T, s_pe)
         return SuffStats(nk, s_pp, s_pe, s_ee, ref, s_x, s_xx)
+
+    @staticmethod
+    def pair_products(K: int, P: int) -> bool:
+        """Whether S_pp is formed from the P (P + 1) / 2 distinct column products (narrow designs)
+        rather than from K weighted copies of the design (the smaller temporary wins)."""
+        return P + 1 <= 4 * K
+
+    def block_rows(self) -> int:
+        """Rows of the widest (rows, N) temporary of the fused E-step, for choosing block sizes."""
+        K, P, H, D = self.n_components, self.n_coef, self.n_heads, self.n_features
+        stats_rows = P * (P + 1) // 2 if self.pair_products(K, P) else K * P
+        return max(stats_rows, K * D, K * H, P)
 
     def _gate_rows(self, params, stats: DataStats, centred: bool):
         """The gate as rows of one matrix product with the design: log pi_k + log g(x | eta_k)

@@ -1,0 +1,125 @@
+"""What every benchmark script shares: timing of compiled functions, the machine's roofline, the
+machine description, and writing results.
+
+Timing: compile and run are measured apart (``lower().compile()``, then a warm-up call, then
+``repeats`` timed calls each ending in ``block_until_ready``); the median and spread are reported.
+Roofline: the read bandwidth (a reduction over a 256 MiB array) and the GEMM throughput (2048^3
+float32 products) are measured in the same run, through JAX, so that a kernel's time can be
+reported as a multiple of max(bytes / bandwidth, flops / peak).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conceptshift.io import write_json_atomic
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("jax", "jaxlib", "numpy", "numpyro", "optax", "scikit-learn", "hmmlearn"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "x64": bool(jax.config.jax_enable_x64),
+        "versions": versions,
+    }
+
+
+def summary(times: list[float], per: float = 1.0) -> dict:
+    t = [v / per for v in times]
+    q = np.percentile(t, [25, 75])
+    return {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+            "iqr_s": float(q[1] - q[0]), "repeats": len(t)}
+
+
+def time_jitted(fn, args: tuple, repeats: int, per: float = 1.0) -> dict:
+    """Compile ``jax.jit(fn)`` for ``args``, warm up once, then time ``repeats`` calls.
+    Times are divided by ``per`` (e.g. the number of EM iterations inside one call)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, **summary(times, per)}
+
+
+def time_python(fn, repeats: int, per: float = 1.0, warmup: bool = True) -> dict:
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return summary(times, per)
+
+
+def roofline(quick: bool = False) -> dict:
+    """Read bandwidth (bytes/s) and GEMM throughput (flop/s) of the default device, through JAX."""
+    n = (1 << 22) if quick else (1 << 26)  # float32 elements: 16 MiB / 256 MiB
+    a = jnp.ones((n,), jnp.float32)
+    bw = time_jitted(lambda v: jnp.sum(v), (a,), 3 if quick else 10)
+    m = 256 if quick else 2048
+    b = jnp.ones((m, m), jnp.float32)
+    mm = time_jitted(lambda u, v: u @ v, (b, b), 3 if quick else 10)
+    del a
+    return {
+        "read_bandwidth_Bps": 4 * n / bw["min_s"],
+        "gemm_flops": 2 * m**3 / mm["min_s"],
+        "bandwidth_array_bytes": 4 * n,
+        "gemm_size": m,
+        "method": "best of repeats: jnp.sum over a float32 array; float32 square matmul",
+    }
+
+
+def roofline_multiple(seconds: float, flops: float, nbytes: float, roof: dict) -> dict:
+    bound = max(nbytes / roof["read_bandwidth_Bps"], flops / roof["gemm_flops"])
+    return {"flops": flops, "bytes": nbytes, "roofline_s": bound, "x_roofline": seconds / bound,
+            "bound": "memory" if nbytes / roof["read_bandwidth_Bps"] >= flops / roof["gemm_flops"]
+            else "compute"}
+
+
+def write(name: str, result: dict, out: Path | None) -> Path:
+    out = Path(out) if out is not None else RESULTS / f"{name}.json"
+    write_json_atomic(out, result)
+    print(f"written: {out}")
+    return out
