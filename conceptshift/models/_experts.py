@@ -79,6 +79,19 @@ def _solve_psd(gram: Array, rhs: Array) -> Array:
     return jnp.where(ok[:, None, None], beta, beta_eig)
 
 
+def _contract_minor(a: Array, b: Array) -> Array:
+    """sum_n a[i, n] b[j, n] -> (I, J): a reduction over the long, minor sample axis, with the
+    operand of more rows on the left."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+
+
+def _small_product(M: Array, A: Array) -> Array:
+    """sum_p M[k, g, p] A[p, n] -> (K, G, N) as one (K G, P) @ (P, N) matrix product. (Written as P
+    fused broadcast multiply-adds instead, it measured slower on CPU.)"""
+    K, G, P = M.shape
+    return (M.reshape(K * G, P) @ A).reshape(K, G, -1)
+
+
 def _tiny(dtype) -> Array:
     return jnp.asarray(jnp.finfo(dtype).tiny, dtype)
 
@@ -363,12 +376,12 @@ class ExpertsFamily:
             pair = np.zeros((P, P), dtype=np.int32)
             pair[iu, ju] = np.arange(iu.size)
             pair[ju, iu] = np.arange(iu.size)
-            s_q = rT @ (A[iu] * A[ju]).T  # (K, P (P + 1) / 2)
-            s_pp = s_q[:, pair]  # (K, P, P), centred design when T is given
+            s_q = _contract_minor(A[iu] * A[ju], rT)  # (P (P + 1) / 2, K)
+            s_pp = s_q.T[:, pair]  # (K, P, P), centred design when T is given
         else:  # wide designs: one (K P, N) @ (N, P) product
             s_pp = ((rT[:, None, :] * A[None]).reshape(K * P, N) @ A.T).reshape(K, P, P)
         re = rT[:, None, :] * e  # (K, H, N)
-        s_pe = jnp.swapaxes((re.reshape(K * H, N) @ A.T).reshape(K, H, P), 1, 2)  # (K, P, H)
+        s_pe = jnp.swapaxes(_contract_minor(A, re.reshape(K * H, N)).reshape(P, K, H), 0, 1)
         s_ee = jnp.sum(re * e, axis=-1)
         nk = jnp.sum(rT, axis=-1)
         D = xT.shape[0]
@@ -425,10 +438,10 @@ class ExpertsFamily:
         else:
             Z, const = rows
             G, N = Z.shape[1], A.shape[1]
-            mu = (coef_c.reshape(K * H, P) @ A).reshape(K, H, N)
+            mu = _small_product(coef_c, A)  # (K, H, N)
             gate = jnp.broadcast_to(const[:, None], (K, N))
             if G:
-                z = (Z.reshape(K * G, P) @ A).reshape(K, G, N)
+                z = _small_product(Z, A)  # (K, G, N)
                 gate = gate - 0.5 * jnp.sum(z * z, axis=1)
         e = yT[None, :, :] - mu
         inv = jnp.exp(-params.log_scale)[:, :, None]
