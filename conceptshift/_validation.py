@@ -18,6 +18,11 @@ def float_dtype():
     return jnp.zeros((), dtype=float).dtype
 
 
+@jax.jit
+def _count_non_finite(a):
+    return jnp.sum(~jnp.isfinite(a))
+
+
 def as_float_array(name: str, value, *, ndim: int | tuple[int, ...], allow_nan: bool = False):
     """Converts ``value`` to a floating JAX array of the default dtype, checking rank and finiteness.
 
@@ -26,6 +31,20 @@ def as_float_array(name: str, value, *, ndim: int | tuple[int, ...], allow_nan: 
     ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if value is None:
         raise TypeError(f"{name} must be an array, got None")
+    if isinstance(value, jax.Array) and not is_traced(value):
+        # device arrays (possibly sharded over several devices or hosts) are checked where they live
+        if not (jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(value.dtype, jnp.bool_)):
+            raise TypeError(f"{name} must hold numbers, got dtype {value.dtype}")
+        if jnp.issubdtype(value.dtype, jnp.complexfloating):
+            raise TypeError(f"{name} must be real, got dtype {value.dtype}")
+        if value.ndim not in ndims:
+            raise ValueError(f"{name} must have ndim in {ndims}, got shape {value.shape}")
+        value = value.astype(float_dtype())
+        if not allow_nan and value.size:
+            bad = int(_count_non_finite(value))
+            if bad:
+                raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf)")
+        return value
     if not is_traced(value):
         try:
             arr = np.asarray(value)
