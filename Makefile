@@ -46,7 +46,9 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check conceptshift tests benchmarks
 
+# every benchmark, full size (tens of minutes on 2 cores); each writes benchmarks/results/NAME.json
 bench: $(STAMP)
+	$(PY) benchmarks/replicates.py
 	$(PY) benchmarks/em_iteration.py
 
 clean:
