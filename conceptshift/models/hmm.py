@@ -138,31 +138,32 @@ class HMMMixture:
                                log_trans=params.log_trans[:, perm][:, :, perm],
                                log_emit=params.log_emit[perm], log_out=params.log_out[:, perm])
 
-    def init_params(self, key, dtype=None, *, token_freq: Array | None = None,
-                    concentration: float = 1.0) -> HMMParams:
-        """Random parameters: Dirichlet(concentration) rows; emissions around ``token_freq`` if given."""
-        dtype = dtype or float_dtype()
+    def init_params(self, key, dtype=None, *, token_freq: Array | None = None) -> HMMParams:
+        """Random parameters: Dirichlet(1) rows; emissions around ``token_freq`` (V,) if given."""
+        return _init_jit(self, key, jnp.dtype(dtype or float_dtype()), token_freq)
+
+    def _init_params(self, key, dtype, token_freq) -> HMMParams:
         K, S, V, H = self.n_components, self.n_states, self.n_tokens, self.n_heads
         ks = jax.random.split(key, 5)
 
-        def dirichlet(k, shape):
-            g = jax.random.gamma(k, jnp.asarray(concentration, dtype), shape, dtype)
-            g = jnp.maximum(g, jnp.finfo(dtype).tiny)
+        def dirichlet(k, shape):  # Dirichlet(1) rows from exponentials (cheaper than gamma draws)
+            g = jnp.maximum(jax.random.exponential(k, shape, dtype), jnp.finfo(dtype).tiny)
             return jnp.log(g) - jnp.log(jnp.sum(g, -1, keepdims=True))
 
-        log_emit = dirichlet(ks[3], (S, V))
-        if token_freq is not None:
+        if token_freq is None:
+            log_emit = dirichlet(ks[3], (S, V))
+            log_out = dirichlet(ks[4], (H, S, V))
+        else:
             base = jnp.log(jnp.asarray(token_freq, dtype) + 1.0 / V)
             u = jax.random.uniform(ks[3], (S, V), dtype, -1.0, 1.0)
             log_emit = _norm(base[None, :] + u)
-        log_out = dirichlet(ks[4], (H, S, V)) if token_freq is None else jnp.broadcast_to(
-            log_emit[None], (H, S, V))
+            log_out = jnp.broadcast_to(log_emit[None], (H, S, V))
         return HMMParams(
             log_weights=jnp.full((K,), -jnp.log(jnp.asarray(K, dtype)), dtype),
             log_init=dirichlet(ks[0], (K, S)),
             log_trans=dirichlet(ks[1], (K, S, S)),
             log_emit=log_emit,
-            log_out=jnp.asarray(log_out, dtype),
+            log_out=log_out,
         )
 
     # ------------------------------------------------------------------ input handling
@@ -280,12 +281,12 @@ class HMMMixture:
 
     def component_log_probs(self, params: HMMParams, x, lengths=None, y=None) -> Array:
         """log pi_k + log p(x, y | k), (N, K): EM's E-step quantity (y's missing entries are -1)."""
-        return self._component_log_probs(params, self.check_data(x, lengths, y))
+        return _clp_jit(self, params, self.check_data(x, lengths, y))
 
     def log_likelihood(self, params: HMMParams, x, lengths=None, y=None, weights=None) -> Array:
         """sum_n w_n log p(x_n, y_n), a scalar."""
         d = self.check_data(x, lengths, y, weights)
-        return jnp.sum(d.w * logsumexp(self._component_log_probs(params, d), axis=-1))
+        return jnp.sum(d.w * logsumexp(_clp_jit(self, params, d), axis=-1))
 
     def posterior_k(self, params: HMMParams, x, lengths=None, y=None) -> Array:
         """Sequence responsibilities p(k | x, y), (N, K)."""
@@ -295,11 +296,29 @@ class HMMMixture:
         """log q(y = v | x) of output head ``head`` for every token v, (N, V):
         sum_k p(k | x) sum_j p(h_{L+1} = j | x, k) out_head(v | j), in log space."""
         d = self.check_data(x, lengths)
-        a = self.forward(params, d.x, d.lengths)
+        return _next_jit(self, params, d.x, d.lengths, head)
+
+    def _next_token_log_probs(self, params, x, lengths, head):
+        a = self.forward(params, x, lengths)
         nxt = _propagate(a, jnp.exp(params.log_trans)) + params.log_weights[None, :, None]  # (N, K, S)
         nxt = nxt - logsumexp(nxt, axis=(1, 2), keepdims=True)  # p(k, h_{L+1} | x)
         joint = nxt[:, :, :, None] + params.log_out[head][None, None, :, :]  # (N, K, S, V)
         return logsumexp(joint, axis=(1, 2))
+
+    def next_token_log_probs_by_concept(self, params: HMMParams, x, lengths=None, head: int = 0
+                                        ) -> tuple[Array, Array]:
+        """(log p(k | x) (N, K), log p(y = v | x, k) (N, K, V)) of output head ``head``."""
+        d = self.check_data(x, lengths)
+        return _by_concept_jit(self, params, d.x, d.lengths, head)
+
+    def _by_concept(self, params, x, lengths, head):
+        a = self.forward(params, x, lengths)
+        nxt = _propagate(a, jnp.exp(params.log_trans))  # (N, K, S) log p(x, h_{L+1} | k)
+        ll_k = logsumexp(nxt, axis=-1)
+        post = jax.nn.log_softmax(params.log_weights[None, :] + ll_k, axis=-1)
+        state = nxt - ll_k[:, :, None]
+        per_k = logsumexp(state[:, :, :, None] + params.log_out[head][None, None, :, :], axis=2)
+        return post, per_k
 
     def conditional_log_prob(self, params: HMMParams, x, lengths, y, head: int = 0) -> Array:
         """log q(y_n | x_n) of head ``head``, (N,)."""
@@ -375,6 +394,11 @@ class HMMMixture:
         if lengths is None:
             lengths = jnp.full((n,), T, jnp.int32)
         lengths = jnp.asarray(lengths, jnp.int32)
+        if lengths.shape != (n,):
+            raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
+        return _sample_jit(self, key, params, lengths, n, T)
+
+    def _sample(self, key, params, lengths, n, T):
         kz, kh, kx, ky = jax.random.split(key, 4)
         z = jax.random.categorical(kz, params.log_weights, shape=(n,))
         h0 = jax.random.categorical(kh, params.log_init[z], axis=-1)  # (n,)
@@ -387,13 +411,42 @@ class HMMMixture:
 
         _, (states, toks) = jax.lax.scan(step, h0, jax.random.split(kx, T + 1))
         states, toks = states.T, toks.T  # (n, T + 1)
-        x = jnp.where(jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None], toks[:, :T], 0).astype(jnp.int32)
+        valid = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
+        x = jnp.where(valid, toks[:, :T], 0).astype(jnp.int32)
         h_next = jnp.take_along_axis(states, lengths[:, None], axis=1)[:, 0]  # h_{L+1}
         keys = jax.random.split(ky, max(self.n_heads, 1))
         y = jnp.stack([jax.random.categorical(keys[j], params.log_out[j][h_next], axis=-1)
                        for j in range(self.n_heads)], axis=1) if self.n_heads else \
             jnp.zeros((n, 0), jnp.int32)
         return x, lengths, y.astype(jnp.int32), z.astype(jnp.int32)
+
+
+def _clp(model, params, d):
+    return model._component_log_probs(params, d)
+
+
+def _next(model, params, x, lengths, head):
+    return model._next_token_log_probs(params, x, lengths, head)
+
+
+def _by_concept(model, params, x, lengths, head):
+    return model._by_concept(params, x, lengths, head)
+
+
+def _sample(model, key, params, lengths, n, T):
+    return model._sample(key, params, lengths, n, T)
+
+
+def _init(model, key, dtype, token_freq):
+    return model._init_params(key, dtype, token_freq)
+
+
+# compiled entry points (the model, a frozen dataclass, is static; arrays are traced)
+_clp_jit = jax.jit(_clp, static_argnums=0)
+_next_jit = jax.jit(_next, static_argnums=(0, 4))
+_by_concept_jit = jax.jit(_by_concept, static_argnums=(0, 4))
+_sample_jit = jax.jit(_sample, static_argnums=(0, 4, 5))
+_init_jit = jax.jit(_init, static_argnums=(0, 2))
 
 
 def _propagate(a: Array, trans: Array) -> Array:

@@ -1,0 +1,251 @@
+"""Mixture of HMMs (Example 2.7): forward algorithm against brute-force enumeration of hidden paths,
+Baum-Welch against brute-force expected counts and against hmmlearn's CategoricalHMM, EM guarantees
+(monotone, no NaN, no recompilation), recovery of a simulated problem with anchor words."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import X64, rtol
+
+from conceptshift.inference.baum_welch import _fit_jit, fit_hmm_em
+from conceptshift.inference.hmm_estimators import param_errors
+from conceptshift.models.hmm import HMMMixture, HMMParams
+from conceptshift.models.hmm_problem import HMMProblemSpec, make_hmm_problem, simulate_hmm
+
+
+def _probs(params):
+    return {k: np.exp(np.asarray(v, np.float64)) for k, v in params._asdict().items()}
+
+
+def _brute(params, x, length, y):
+    """log pi_k + log p(x, y | k) and the expected counts (init, trans, emit, out) given k, by summing
+    over every hidden path h_1..h_{L+1} (h_{L+1} only when an output token is present)."""
+    P = _probs(params)
+    K, S = P["log_init"].shape
+    xs = list(x[:length])
+    has_y = any(v >= 0 for v in y)
+    n_states = length + 1 if has_y else length
+    logp = np.zeros(K)
+    counts = []
+    for k in range(K):
+        tot = 0.0
+        c_tr = np.zeros((S, S))
+        c_em = np.zeros(P["log_emit"].shape)
+        for path in itertools.product(range(S), repeat=n_states):
+            pr = P["log_init"][k, path[0]]
+            for t in range(length):
+                pr *= P["log_emit"][path[t], xs[t]]
+            for t in range(n_states - 1):
+                pr *= P["log_trans"][k, path[t], path[t + 1]]
+            for h, v in enumerate(y):
+                if v >= 0:
+                    pr *= P["log_out"][h, path[-1], v]
+            tot += pr
+            for t in range(n_states - 1):
+                c_tr[path[t], path[t + 1]] += pr
+            for t in range(length):
+                c_em[path[t], xs[t]] += pr
+        logp[k] = np.log(P["log_weights"][k] * tot)
+        counts.append((c_tr / tot, c_em / tot))
+    return logp, counts
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = HMMMixture(n_components=2, n_states=2, n_tokens=3, n_heads=2)
+    p = m.init_params(jax.random.key(0))
+    x, lengths, y, _ = m.sample(jax.random.key(1), p, 6, 4, lengths=jnp.array([4, 3, 1, 2, 4, 4]))
+    y = np.asarray(y).copy()
+    y[1, 0] = -1  # one head missing
+    y[4] = -1  # both missing: no h_{L+1}
+    return m, p, np.asarray(x), np.asarray(lengths), y
+
+
+def test_log_likelihood_equals_brute_force_enumeration(tiny):
+    m, p, x, lengths, y = tiny
+    got = np.asarray(m.component_log_probs(p, x, lengths, y))
+    for i in range(x.shape[0]):
+        want, _ = _brute(p, x[i], lengths[i], y[i])
+        np.testing.assert_allclose(got[i], want, rtol=rtol(2e-5, 1e-12))
+    # the NumPyro distribution evaluates the same density
+    d = m.distribution(p, lengths, x.shape[1])
+    lp = d.log_prob(np.concatenate([x, y], 1))
+    np.testing.assert_allclose(lp, jax.scipy.special.logsumexp(got, axis=1), rtol=rtol(2e-5, 1e-12))
+
+
+def test_expected_counts_equal_brute_force_posterior_expectations(tiny):
+    """The E-step's counts (gradients of the log-likelihood) are the forward-backward expectations."""
+    m, p, x, lengths, y = tiny
+    w = np.linspace(0.5, 2.0, x.shape[0])
+    d = m.check_data(x, lengths, y, w)
+    _, stats = m.expected_stats(p, d)
+    want_tr = np.zeros((2, 2, 2))
+    want_em = np.zeros((2, 3))
+    for i in range(x.shape[0]):
+        logp, counts = _brute(p, x[i], lengths[i], y[i])
+        r = np.exp(logp - np.logaddexp.reduce(logp))
+        for k in range(2):
+            want_tr[k] += w[i] * r[k] * counts[k][0]
+            want_em += w[i] * r[k] * counts[k][1]
+    np.testing.assert_allclose(stats.trans, want_tr, rtol=rtol(1e-4, 1e-10), atol=rtol(1e-5, 1e-12))
+    np.testing.assert_allclose(stats.emit, want_em, rtol=rtol(1e-4, 1e-10), atol=rtol(1e-5, 1e-12))
+    np.testing.assert_allclose(jnp.sum(stats.n_k), w.sum(), rtol=rtol(1e-5, 1e-12))
+
+
+def test_next_token_distribution_normalised_and_matches_joint(tiny):
+    m, p, x, lengths, _ = tiny
+    for head in (0, 1):
+        table = np.asarray(m.next_token_log_probs(p, x, lengths, head), np.float64)
+        np.testing.assert_allclose(np.exp(table).sum(1), 1.0, rtol=rtol(1e-5, 1e-12))
+        # q(y | x) = p(x, y) / p(x) with the other head missing
+        for v in range(3):
+            y = np.full((x.shape[0], 2), -1)
+            y[:, head] = v
+            joint = jax.scipy.special.logsumexp(m.component_log_probs(p, x, lengths, y), axis=1)
+            marg = jax.scipy.special.logsumexp(m.component_log_probs(p, x, lengths, None), axis=1)
+            np.testing.assert_allclose(table[:, v], joint - marg, rtol=rtol(1e-4, 1e-10),
+                                       atol=rtol(1e-5, 1e-12))
+
+
+def _hmmlearn_setup(n_iter):
+    hmm = pytest.importorskip("hmmlearn.hmm")
+    m = HMMMixture(1, 3, 4, reg=1e-12)
+    truth = m.init_params(jax.random.key(0))
+    lengths = np.asarray(jax.random.randint(jax.random.key(2), (40,), 3, 13))
+    x, _, _, _ = m.sample(jax.random.key(1), truth, 40, 12, lengths=lengths)
+    x = np.asarray(x)
+    p0 = m.init_params(jax.random.key(5))
+    hl = hmm.CategoricalHMM(n_components=3, n_features=4, init_params="", n_iter=n_iter, tol=0,
+                            params="ste")
+    hl.startprob_ = np.exp(np.asarray(p0.log_init[0], np.float64))
+    hl.transmat_ = np.exp(np.asarray(p0.log_trans[0], np.float64))
+    hl.emissionprob_ = np.exp(np.asarray(p0.log_emit, np.float64))
+    hl.startprob_ /= hl.startprob_.sum()
+    hl.transmat_ /= hl.transmat_.sum(1, keepdims=True)
+    hl.emissionprob_ /= hl.emissionprob_.sum(1, keepdims=True)
+    X = np.concatenate([x[i, : lengths[i]] for i in range(40)])[:, None]
+    return m, p0, x, lengths, hl, X
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:hmmlearn")
+def test_k1_matches_hmmlearn_likelihood_and_em_fixed_point():
+    m, p0, x, lengths, hl, X = _hmmlearn_setup(n_iter=25)
+    np.testing.assert_allclose(m.log_likelihood(p0, x, lengths), hl.score(X, lengths),
+                               rtol=rtol(1e-5, 1e-12))
+    hl.fit(X, lengths)
+    fit = fit_hmm_em(m, jax.random.key(0), x, lengths, init_params=p0, max_iter=25, tol=0.0)
+    assert int(fit.n_iter) == 25
+    # the log-likelihood trace is hmmlearn's monitor history, iteration by iteration
+    np.testing.assert_allclose(fit.trace(), np.asarray(hl.monitor_.history), rtol=rtol(1e-5, 1e-12))
+    tol = rtol(2e-4, 1e-9)
+    np.testing.assert_allclose(np.exp(fit.params.log_trans[0]), hl.transmat_, atol=tol)
+    np.testing.assert_allclose(np.exp(fit.params.log_emit), hl.emissionprob_, atol=tol)
+    np.testing.assert_allclose(np.exp(fit.params.log_init[0]), hl.startprob_, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def anchored():
+    prob = make_hmm_problem(jax.random.key(0), HMMProblemSpec(n_components=2, n_states=3, n_tokens=6,
+                                                              length=10, min_length=6, separation=0.8))
+    sim = simulate_hmm(jax.random.key(1), prob, 2000, 10, 10)
+    y = np.stack([sim.source.y, sim.source.y_weak], 1)
+    fit = fit_hmm_em(prob.model, jax.random.key(2), sim.source.x, sim.source.lengths, y, restarts=4,
+                     max_iter=150, tol=1e-7)
+    return prob, sim, y, fit
+
+
+def test_em_monotone_finite_and_recovers_anchored_problem(anchored):
+    prob, sim, y, fit = anchored
+    obj = np.asarray(fit.objective_trace)[: int(fit.n_iter)]
+    assert np.all(np.isfinite(obj)) and np.all(np.isfinite(np.asarray(fit.restart_loglik)))
+    scale = np.abs(obj).max() * (1e-6 if not X64 else 1e-12)
+    assert np.all(np.diff(obj) >= -scale), np.diff(obj).min()
+    assert bool(fit.converged)
+    # the fit is at least as likely as the truth (it is the MLE up to restarts)
+    truth_ll = prob.model.log_likelihood(prob.params_p, sim.source.x, sim.source.lengths, y)
+    assert float(fit.loglik) >= float(truth_ll) - 1.0
+    emit, trans, w = (float(v) for v in param_errors(prob.params_p, fit.params))
+    assert emit < 0.05 and trans < 0.12 and w < 0.08, (emit, trans, w)
+
+
+def test_sampler_matches_density(anchored):
+    """Frequencies of simulated next tokens and concepts agree with the model's laws."""
+    prob, sim, y, _ = anchored
+    table = np.exp(np.asarray(prob.model.next_token_log_probs(prob.params_p, sim.source.x, sim.source.lengths,
+                                                              1), np.float64))
+    freq = np.bincount(np.asarray(y[:, 1]), minlength=6) / y.shape[0]
+    se = np.sqrt(table.mean(0) * (1 - table.mean(0)) / y.shape[0])
+    assert np.all(np.abs(freq - table.mean(0)) < 4.5 * se + 1e-3), (freq, table.mean(0))
+    pz = np.bincount(np.asarray(sim.source.z), minlength=2) / y.shape[0]
+    np.testing.assert_allclose(pz, np.exp(np.asarray(prob.params_p.log_weights, np.float64)), atol=0.035)
+    lengths = np.asarray(sim.source.lengths)
+    assert lengths.min() >= 6 and lengths.max() <= 10 and np.all(np.asarray(sim.source.x)[
+        np.arange(10)[None, :] >= lengths[:, None]] == 0)
+
+
+def test_new_data_same_shape_does_not_recompile_and_empty_state_stays_finite(anchored):
+    prob, sim, y, fit = anchored
+    size = _fit_jit._cache_size()
+    x2 = np.asarray(sim.source.x).copy()
+    x2[:, :] = np.where(x2 == 5, 4, x2)  # token 5 never occurs: its emission count is zero
+    fit2 = fit_hmm_em(prob.model, jax.random.key(7), x2, sim.source.lengths, y, restarts=4,
+                      max_iter=150, tol=1e-7)
+    assert _fit_jit._cache_size() == size
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in fit2.params)
+    assert float(jnp.max(jnp.exp(fit2.params.log_emit[:, 5]))) < 1e-4
+
+
+def test_jit_and_vmap_over_parameters(tiny):
+    m, p, x, lengths, y = tiny
+    w = jnp.log(jnp.array([0.2, 0.8], p.log_weights.dtype))
+    q = m.permute_states(p, jnp.array([1, 0]))._replace(log_weights=w)
+    ps = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), p, q)
+    batched = jax.jit(jax.vmap(lambda p: m.log_likelihood(p, x, lengths, y)))(ps)
+    np.testing.assert_allclose(batched[0], m.log_likelihood(p, x, lengths, y), rtol=rtol(1e-5, 1e-12))
+    np.testing.assert_allclose(batched[1], m.log_likelihood(q, x, lengths, y), rtol=rtol(1e-5, 1e-12))
+    assert abs(float(batched[0] - batched[1])) > 1e-3  # the two parameter sets differ
+
+
+def test_permutation_invariance_of_likelihood(tiny):
+    m, p, x, lengths, y = tiny
+    base = m.log_likelihood(p, x, lengths, y)
+    q = m.permute_states(m.permute(p, jnp.array([1, 0])), jnp.array([1, 0]))
+    np.testing.assert_allclose(m.log_likelihood(q, x, lengths, y), base, rtol=rtol(1e-6, 1e-13))
+
+
+def test_numpyro_model_observes_the_same_density(tiny):
+    from numpyro import handlers
+
+    m, p, x, lengths, y = tiny
+    probs = {k: jnp.exp(v) for k, v in zip(("weights", "init", "trans", "emit", "out"), p, strict=True)}
+    tr = handlers.trace(handlers.substitute(m.numpyro_model, probs)).get_trace(x, lengths, y)
+    site = tr["obs"]
+    np.testing.assert_allclose(jnp.sum(site["fn"].log_prob(site["value"])),
+                               m.log_likelihood(p, x, lengths, y), rtol=rtol(1e-5, 1e-12))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=np.array([[0, 3]])), r"x\[0, 1\] = 3 is not a token"),
+    (dict(x=np.array([0, 1])), "x must have shape"),
+    (dict(x=np.array([[0.5, 1.0]])), "integer tokens"),
+    (dict(lengths=np.array([3])), "lengths must lie in"),
+    (dict(y=np.array([[5]])), "y must hold tokens"),
+    (dict(y=np.array([[0, 1]])), "y must have shape"),
+    (dict(weights=np.array([-1.0])), "weights must be >= 0"),
+])
+def test_bad_input_is_a_clear_error_before_compiling(bad, match):
+    m = HMMMixture(1, 2, 3, n_heads=1)
+    args = dict(x=np.array([[0, 1]]), lengths=None, y=None, weights=None) | bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        fit_hmm_em(m, jax.random.key(0), args["x"], args["lengths"], args["y"], weights=args["weights"])
+
+
+def test_init_params_shape_checked():
+    m = HMMMixture(2, 2, 3)
+    bad = HMMParams(jnp.zeros(3), jnp.zeros((2, 2)), jnp.zeros((2, 2, 2)), jnp.zeros((2, 3)),
+                    jnp.zeros((0, 2, 3)))
+    with pytest.raises(ValueError, match="init_params.log_weights"):
+        fit_hmm_em(m, jax.random.key(0), np.zeros((3, 2), int), init_params=bad)
