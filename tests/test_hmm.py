@@ -249,3 +249,48 @@ def test_init_params_shape_checked():
                     jnp.zeros((0, 2, 3)))
     with pytest.raises(ValueError, match="init_params.log_weights"):
         fit_hmm_em(m, jax.random.key(0), np.zeros((3, 2), int), init_params=bad)
+
+
+# ---------------------------------------------------------------- estimators (no new EM compile)
+def test_identification_recovers_a_concept_permutation_and_moves_target_weights(anchored):
+    """Algorithm 1 steps 3-4 on a target 'fit' that is the source fit with concepts and states
+    relabelled, its weak head shifted slightly and other proportions: the matching undoes the
+    relabelling, and the estimate is the source's concepts under the target's proportions."""
+    from conceptshift.inference.hmm_estimators import identify_hmm, next_token_kl
+
+    prob, sim, _, fit = anchored
+    m2 = prob.model
+    perm, sperm = jnp.array([1, 0]), jnp.array([2, 0, 1])
+    tgt = m2.permute_states(m2.permute(fit.params, perm), sperm)
+    tgt = m2.select_heads(tgt, (1,))
+    tgt = tgt._replace(log_out=jnp.log(0.9 * jnp.exp(tgt.log_out) + 0.1 / 6),
+                       log_weights=jnp.log(jnp.array([0.7, 0.3], tgt.log_weights.dtype)))
+    for match in ("weak", "transitions"):
+        ident = identify_hmm(fit.params, tgt, m2, match=match)
+        np.testing.assert_array_equal(ident.assignment, [1, 0])  # source k <-> target perm^-1(k)
+        assert bool(ident.greedy_bijection) and float(ident.margin) > 0
+        np.testing.assert_allclose(jnp.exp(ident.predictor.params.log_weights), [0.3, 0.7], rtol=1e-6)
+    # the predictor is the source's strong head under the new weights
+    want = m2.with_heads(1).next_token_log_probs(
+        m2.select_heads(fit.params, (0,))._replace(log_weights=ident.predictor.params.log_weights),
+        sim.test.x, sim.test.lengths)
+    got = ident.predictor.log_probs(sim.test.x, sim.test.lengths)
+    np.testing.assert_allclose(got, want, rtol=rtol(1e-5, 1e-12))
+    assert abs(float(next_token_kl(got, got))) < 1e-6
+
+
+def test_icl_refinement_with_no_demos_is_the_source_fit_and_concentrates_with_many(anchored):
+    from conceptshift.inference.hmm_estimators import as_seq_data, refinement_icl
+
+    prob, sim, _, fit = anchored
+    m2 = prob.model
+    target = as_seq_data(sim.source)  # demonstrations from the source sample itself
+    r0 = refinement_icl(jax.random.key(0), m2, fit.params, target, sim.test.x, sim.test.lengths, 0)
+    src = m2.next_token_log_probs(fit.params, sim.test.x, sim.test.lengths, 0)
+    np.testing.assert_allclose(r0.log_probs, src, rtol=rtol(1e-5, 1e-12), atol=rtol(1e-6, 1e-13))
+    np.testing.assert_allclose(jnp.exp(r0.log_post), m2.posterior_k(fit.params, sim.test.x, sim.test.lengths),
+                               rtol=rtol(1e-4, 1e-10), atol=1e-7)
+    many = refinement_icl(jax.random.key(1), m2, fit.params, target, sim.test.x, sim.test.lengths, 200, 1)
+    # 200 demonstrations from a mixture: q̂(k | x, V) is (nearly) a point mass on one concept
+    assert float(jnp.min(jnp.max(jnp.exp(many.log_post), axis=1))) > 0.99
+    np.testing.assert_allclose(jnp.sum(jnp.exp(many.log_probs), 1), 1.0, rtol=rtol(1e-5, 1e-12))
