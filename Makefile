@@ -48,6 +48,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/em_iteration.py
+	$(PY) benchmarks/hmm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
