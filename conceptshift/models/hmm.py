@@ -363,7 +363,7 @@ class HMMMixture:
         """Dirichlet priors on every probability vector and the observed records.
 
         ``x`` (N, T) and ``y`` (N, H) are concatenated into one record per row; sample sites:
-        ``weights``, ``init``, ``trans``, ``emit``, ``out`` and the observed ``obs``.
+        ``weights``, ``init``, ``trans``, ``emit``, ``out`` (only when H > 0) and the observed ``obs``.
         """
         import numpyro
 
@@ -376,7 +376,10 @@ class HMMMixture:
             init = numpyro.sample("init", dist.Dirichlet(jnp.full((K, S), c)).to_event(1))
             trans = numpyro.sample("trans", dist.Dirichlet(jnp.full((K, S, S), c)).to_event(2))
             emit = numpyro.sample("emit", dist.Dirichlet(jnp.full((S, V), c)).to_event(1))
-            out = numpyro.sample("out", dist.Dirichlet(jnp.full((H, S, V), c)).to_event(2))
+            if H:
+                out = numpyro.sample("out", dist.Dirichlet(jnp.full((H, S, V), c)).to_event(2))
+            else:  # no output heads: no site (numpyro cannot transform a zero-size simplex batch)
+                out = jnp.zeros((0, S, V), dtype)
             params = HMMParams(*(jnp.log(jnp.maximum(p, jnp.finfo(dtype).tiny))
                                  for p in (weights, init, trans, emit, out)))
             record = jnp.concatenate([d.x, d.y], axis=1)
