@@ -294,3 +294,23 @@ def test_icl_refinement_with_no_demos_is_the_source_fit_and_concentrates_with_ma
     # 200 demonstrations from a mixture: q̂(k | x, V) is (nearly) a point mass on one concept
     assert float(jnp.min(jnp.max(jnp.exp(many.log_post), axis=1))) > 0.99
     np.testing.assert_allclose(jnp.sum(jnp.exp(many.log_probs), 1), 1.0, rtol=rtol(1e-5, 1e-12))
+
+
+def test_icl_refinement_path_equals_direct_computation_of_eq_3_2(anchored):
+    """q_re(y|x) = sum_k p̂(y|x,k) mean_V softmax_k(log pî_k + log p̂(x|k) + sum_j log p̂(x_j, y'_j|k)),
+    written out with the same demonstration indices, for every M of the grid."""
+    from conceptshift.inference.hmm_estimators import as_seq_data, refinement_icl_path
+
+    prob, sim, _, fit = anchored
+    m2, tgt = prob.model, as_seq_data(sim.source)
+    xq, lq = sim.source.x[:40], sim.source.lengths[:40]
+    path = refinement_icl_path(jax.random.key(2), m2, fit.params, tgt, xq, lq, (0, 1, 3), 4)
+    n = tgt.w.shape[0]
+    idx = jax.random.choice(jax.random.key(2), n, (40, 4, 3), p=tgt.w / jnp.sum(tgt.w))
+    yw = jnp.stack([jnp.full_like(tgt.y_weak, -1), tgt.y_weak], 1)
+    demo = m2.component_log_probs(fit.params, tgt.x, tgt.lengths, yw) - fit.params.log_weights[None]
+    lpx, per_k = m2.next_token_log_probs_by_concept(fit.params, xq, lq)
+    for g, M in enumerate((0, 1, 3)):
+        post = jnp.mean(jax.nn.softmax(lpx[:, None, :] + jnp.sum(demo[idx[:, :, :M]], 2), -1), 1)
+        want = jnp.log(jnp.einsum("nk,nkv->nv", post, jnp.exp(per_k)))
+        np.testing.assert_allclose(path.log_probs[g], want, rtol=rtol(1e-5, 1e-12), atol=rtol(2e-6, 1e-12))

@@ -17,7 +17,7 @@ from ..inference.hmm_estimators import (
     identify_hmm,
     next_token_kl,
     param_errors,
-    refinement_icl,
+    refinement_icl_path,
     truth_labels,
 )
 from ..inference.matching import _assign
@@ -88,8 +88,11 @@ def hmm_replicate(key, n, params_p: HMMParams, params_q: HMMParams, *, model: HM
     keys = jax.random.split(kest, 6)
     m1, m2 = model.with_heads(1), model.with_heads(2)
     s2 = _fit(m2, keys[0], s.x, s.lengths, jnp.stack([s.y, s.y_weak], 1), w, opts)
-    t1 = _fit(m1, keys[1], t.x, t.lengths, t.y_weak, w, opts)
-    gold = _fit(m1, keys[2], t.x, t.lengths, t.y, w, opts)
+    # the weak-target fit and the oracle's gold fit share one vmapped EM (one copy in the program)
+    both = jax.vmap(lambda k, y: _fit(m1, k, t.x, t.lengths, y, w, opts))(
+        keys[1:3], jnp.stack([t.y_weak, t.y]))
+    t1 = jax.tree_util.tree_map(lambda a: a[0], both)
+    gold = jax.tree_util.tree_map(lambda a: a[1], both)
     truth = m2.next_token_log_probs(params_q, sim.test.x, sim.test.lengths, 0)
     xt, lt = sim.test.x, sim.test.lengths
 
@@ -114,9 +117,9 @@ def hmm_replicate(key, n, params_p: HMMParams, params_q: HMMParams, *, model: HM
                   jnp.concatenate([w, lam * w], 0), opts)
         out["weak_training"] = {"kl": kl(HMMPredictor(m1, wt))}
         tdata = SeqData(t.x, t.lengths, None, t.y_weak, w)
-        for M in m_grid:
-            r = refinement_icl(jax.random.fold_in(keys[4], M), m2, s2, tdata, xt, lt, M, n_draws)
-            out[f"icl_M{M}"] = {"kl": next_token_kl(truth, r.log_probs)}
+        path = refinement_icl_path(keys[4], m2, s2, tdata, xt, lt, m_grid, n_draws)
+        for i, M in enumerate(m_grid):
+            out[f"icl_M{M}"] = {"kl": next_token_kl(truth, path.log_probs[i])}
     emit, trans, weights = param_errors(params_p, s2)
     out["source_fit"] = {"emit_error": emit, "trans_error": trans, "weight_error": weights,
                          "state_perm_ok": _states_recovered(params_p, s2).astype(dtype)}

@@ -171,8 +171,8 @@ def weak_training(key, model: HMMMixture, source: SeqData, target: SeqData, lam,
 
 
 class ICLRefinement(NamedTuple):
-    log_probs: Array  # (N, V) log q_re(y | x) on the queries
-    log_post: Array  # (N, K) log E_V q̂(k | x, V)
+    log_probs: Array  # (N, V) log q_re(y | x) on the queries ((G, N, V) from refinement_icl_path)
+    log_post: Array  # (N, K) log E_V q̂(k | x, V) ((G, N, K))
 
 
 def refinement_icl(key, model: HMMMixture, source_params: HMMParams, target: SeqData, x, lengths,
@@ -188,22 +188,38 @@ def refinement_icl(key, model: HMMMixture, source_params: HMMParams, target: Seq
       n_demos: M, demonstrations per query (0: the source fit's own p̂(k | x)).
       n_draws: demonstration sets per query averaged in E_V q̂(k | x, V).
     """
+    out = refinement_icl_path(key, model, source_params, target, x, lengths, (n_demos,), n_draws)
+    return ICLRefinement(out.log_probs[0], out.log_post[0])
+
+
+def refinement_icl_path(key, model: HMMMixture, source_params: HMMParams, target: SeqData, x, lengths,
+                        m_grid: tuple[int, ...], n_draws: int = 8) -> ICLRefinement:
+    """:func:`refinement_icl` for every M in ``m_grid`` at once, (len(m_grid), N, V) and (len, N, K).
+
+    The demonstration sets are nested (the first M of max(m_grid) draws), so the curve against M is
+    free of the noise of independent draws, and one compiled program serves every M."""
+    m_grid = tuple(int(m) for m in m_grid)
     m2 = model.with_heads(2)
-    # log p̂(x_j, y'_j | k) of every demonstration under the source fit's weak head
-    demo = m2.component_log_probs(source_params, target.x, target.lengths,
-                                  jnp.stack([jnp.full_like(target.y_weak, -1), target.y_weak], 1))
-    demo = demo - source_params.log_weights[None, :]  # (N_Q', K)
     log_post_x, per_k = m2.next_token_log_probs_by_concept(source_params, x, lengths, head=0)
     n = per_k.shape[0]
-    if n_demos > 0:
+    m_max = max(m_grid)
+    if m_max > 0:
+        # log p̂(x_j, y'_j | k) of every demonstration under the source fit's weak head
+        demo = m2.component_log_probs(source_params, target.x, target.lengths,
+                                      jnp.stack([jnp.full_like(target.y_weak, -1), target.y_weak], 1))
+        demo = demo - source_params.log_weights[None, :]  # (N_Q', K)
         p = target.w / jnp.sum(target.w)
-        idx = jax.random.choice(key, target.w.shape[0], (n, n_draws, n_demos), p=p)
-        logits = log_post_x[:, None, :] + jnp.sum(demo[idx], axis=2)  # (N, D, K)
+        idx = jax.random.choice(key, target.w.shape[0], (n, n_draws, m_max), p=p)
+        zero = jnp.zeros((n, n_draws, 1, per_k.shape[1]), demo.dtype)
+        cum = jnp.concatenate([zero, jnp.cumsum(demo[idx], axis=2)], axis=2)  # (N, D, M_max + 1, K)
+        logits = log_post_x[:, None, None, :] + cum[:, :, jnp.asarray(m_grid), :]  # (N, D, G, K)
         post = jax.nn.log_softmax(logits, axis=-1)
-        log_post = logsumexp(post, axis=1) - jnp.log(jnp.asarray(n_draws, post.dtype))
+        log_post = logsumexp(post, axis=1) - jnp.log(jnp.asarray(n_draws, post.dtype))  # (N, G, K)
+        log_post = jnp.swapaxes(log_post, 0, 1)
     else:
-        log_post = log_post_x
-    return ICLRefinement(logsumexp(log_post[:, :, None] + per_k, axis=1), log_post)
+        log_post = jnp.broadcast_to(log_post_x[None], (len(m_grid),) + log_post_x.shape)
+    log_probs = logsumexp(log_post[:, :, :, None] + per_k[None], axis=2)  # (G, N, V)
+    return ICLRefinement(log_probs, log_post)
 
 
 def identification(key, model: HMMMixture, source: SeqData, target: SeqData,
