@@ -118,8 +118,10 @@ def hmm_replicate(key, n, params_p: HMMParams, params_q: HMMParams, *, model: HM
         out["weak_training"] = {"kl": kl(HMMPredictor(m1, wt))}
         tdata = SeqData(t.x, t.lengths, None, t.y_weak, w)
         path = refinement_icl_path(keys[4], m2, s2, tdata, xt, lt, m_grid, n_draws)
+        strong = refinement_icl_path(keys[4], m2, s2, tdata, xt, lt, m_grid, n_draws, demo_head=0)
         for i, M in enumerate(m_grid):
-            out[f"icl_M{M}"] = {"kl": next_token_kl(truth, path.log_probs[i])}
+            out[f"icl_M{M}"] = {"kl": next_token_kl(truth, path.log_probs[i]),
+                                "kl_strong_demo_head": next_token_kl(truth, strong.log_probs[i])}
     emit, trans, weights = param_errors(params_p, s2)
     out["source_fit"] = {"emit_error": emit, "trans_error": trans, "weight_error": weights,
                          "state_perm_ok": _states_recovered(params_p, s2).astype(dtype)}

@@ -3,7 +3,9 @@ demonstrations M grows, against Algorithm 1 and the oracle as n grows.
 
 For each n (source = weak target sample size) and replicate the source mixture is fitted with its weak
 head; in-context refinement re-weights the source's concepts by M weak demonstrations (x_j, y'_j) drawn
-from D_Q' (eq. 3.2) and predicts q_re(y|x) = sum_k p̂(y|x,k) q̂(k|x, V). Errors are the exact expected
+from D_Q' (eq. 3.2) and predicts q_re(y|x) = sum_k p̂(y|x,k) q̂(k|x, V). The demonstrations' labels are
+scored with the source fit's weak head (``kl``) and, as eq. 3.2 displays it, with the strong emission
+(``kl_strong_demo_head``). Errors are the exact expected
 next-token KL E_x KL(q(.|x) || q̂(.|x)) on gold test queries. ``target_concept = k*`` gives Example
 3.3's q(k) = 1{k = k*}; -1 (default) keeps the mixture pi^q.
 """
@@ -77,8 +79,10 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     m_grid = [int(m) for m in cfg["m_grid"]]
     icl = {}
     for n, c in zip(grid, per_n, strict=True):
-        means, ses = zip(*(mean_se(c[f"icl_M{m}"]["kl"]) for m in m_grid), strict=True)
-        icl[str(n)] = {"M": m_grid, "kl": {"mean": list(means), "se": list(ses)}}
+        icl[str(n)] = {"M": m_grid}
+        for metric in c[f"icl_M{m_grid[0]}"]:
+            means, ses = zip(*(mean_se(c[f"icl_M{m}"][metric]) for m in m_grid), strict=True)
+            icl[str(n)][metric] = {"mean": list(means), "se": list(ses)}
     results = {
         "experiment": NAME,
         "config": cfg,
@@ -111,7 +115,10 @@ def plot(results: dict, path) -> None:
     axes[0].legend(fontsize=7)
     for n, e in results["icl"].items():
         M = np.asarray(e["M"], float)
-        axes[1].plot(np.maximum(M, 0.5), e["kl"]["mean"], "o-", ms=3, label=f"ICL refinement, n = {n}")
+        line, = axes[1].plot(np.maximum(M, 0.5), e["kl"]["mean"], "o-", ms=3, label=f"ICL refinement, n = {n}")
+        if "kl_strong_demo_head" in e and n == max(results["icl"], key=int):
+            axes[1].plot(np.maximum(M, 0.5), e["kl_strong_demo_head"]["mean"], "s--", ms=3,
+                         color=line.get_color(), label=f"demos scored by tau (eq. 3.2), n = {n}")
     last = str(max(int(n) for n in results["icl"]))
     for name, style in (("identification", "--"), ("oracle", ":")):
         axes[1].axhline(est[name]["kl"]["mean"][-1], ls=style, color="k", lw=1,
@@ -140,6 +147,9 @@ def table(results: dict):
             continue
         for M, v in zip(e["M"], e["kl"]["mean"], strict=True):
             t.add_row(f"ICL refinement M={M} (n={n})", *([""] * (len(grid) - 1)), f"{v:.4f}")
+        if "kl_strong_demo_head" in e:
+            for M, v in zip(e["M"], e["kl_strong_demo_head"]["mean"], strict=True):
+                t.add_row(f"ICL, demos scored by tau, M={M}", *([""] * (len(grid) - 1)), f"{v:.4f}")
     return t
 
 

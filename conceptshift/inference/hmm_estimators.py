@@ -176,7 +176,7 @@ class ICLRefinement(NamedTuple):
 
 
 def refinement_icl(key, model: HMMMixture, source_params: HMMParams, target: SeqData, x, lengths,
-                   n_demos: int, n_draws: int = 8) -> ICLRefinement:
+                   n_demos: int, n_draws: int = 8, *, demo_head: int = 1) -> ICLRefinement:
     """Example 3.3's in-context refinement of queries ``x`` with ``n_demos`` weak demonstrations.
 
     Args:
@@ -187,26 +187,35 @@ def refinement_icl(key, model: HMMMixture, source_params: HMMParams, target: Seq
       x, lengths: the queries (N, T), (N,).
       n_demos: M, demonstrations per query (0: the source fit's own p̂(k | x)).
       n_draws: demonstration sets per query averaged in E_V q̂(k | x, V).
+      demo_head: the source head that scores the demonstrations' labels: 1 (default), the weak head
+        p̂(y' | h), as the regression family's refinement does; 0, the strong emission, as eq. 3.2
+        displays it (p(y' | tau, h): the strong model reads the weak labels as its own tokens).
     """
-    out = refinement_icl_path(key, model, source_params, target, x, lengths, (n_demos,), n_draws)
+    out = refinement_icl_path(key, model, source_params, target, x, lengths, (n_demos,), n_draws,
+                              demo_head=demo_head)
     return ICLRefinement(out.log_probs[0], out.log_post[0])
 
 
 def refinement_icl_path(key, model: HMMMixture, source_params: HMMParams, target: SeqData, x, lengths,
-                        m_grid: tuple[int, ...], n_draws: int = 8) -> ICLRefinement:
+                        m_grid: tuple[int, ...], n_draws: int = 8, *, demo_head: int = 1
+                        ) -> ICLRefinement:
     """:func:`refinement_icl` for every M in ``m_grid`` at once, (len(m_grid), N, V) and (len, N, K).
 
     The demonstration sets are nested (the first M of max(m_grid) draws), so the curve against M is
     free of the noise of independent draws, and one compiled program serves every M."""
     m_grid = tuple(int(m) for m in m_grid)
+    if demo_head not in (0, 1):
+        raise ValueError(f"demo_head must be 0 (strong) or 1 (weak), got {demo_head!r}")
     m2 = model.with_heads(2)
     log_post_x, per_k = m2.next_token_log_probs_by_concept(source_params, x, lengths, head=0)
     n = per_k.shape[0]
     m_max = max(m_grid)
     if m_max > 0:
         # log p̂(x_j, y'_j | k) of every demonstration under the source fit's weak head
-        demo = m2.component_log_probs(source_params, target.x, target.lengths,
-                                      jnp.stack([jnp.full_like(target.y_weak, -1), target.y_weak], 1))
+        missing = jnp.full_like(target.y_weak, -1)
+        yd = [missing, missing]
+        yd[demo_head] = target.y_weak
+        demo = m2.component_log_probs(source_params, target.x, target.lengths, jnp.stack(yd, 1))
         demo = demo - source_params.log_weights[None, :]  # (N_Q', K)
         p = target.w / jnp.sum(target.w)
         idx = jax.random.choice(key, target.w.shape[0], (n, n_draws, m_max), p=p)
