@@ -115,7 +115,8 @@ def plot(results: dict, path) -> None:
     axes[0].legend(fontsize=7)
     for n, e in results["icl"].items():
         M = np.asarray(e["M"], float)
-        line, = axes[1].plot(np.maximum(M, 0.5), e["kl"]["mean"], "o-", ms=3, label=f"ICL refinement, n = {n}")
+        line, = axes[1].plot(np.maximum(M, 0.5), e["kl"]["mean"], "o-", ms=3,
+                             label=f"ICL refinement, n = {n}")
         if "kl_strong_demo_head" in e and n == max(results["icl"], key=int):
             axes[1].plot(np.maximum(M, 0.5), e["kl_strong_demo_head"]["mean"], "s--", ms=3,
                          color=line.get_color(), label=f"demos scored by tau (eq. 3.2), n = {n}")
