@@ -314,3 +314,20 @@ def test_icl_refinement_path_equals_direct_computation_of_eq_3_2(anchored):
         post = jnp.mean(jax.nn.softmax(lpx[:, None, :] + jnp.sum(demo[idx[:, :, :M]], 2), -1), 1)
         want = jnp.log(jnp.einsum("nk,nkv->nv", post, jnp.exp(per_k)))
         np.testing.assert_allclose(path.log_probs[g], want, rtol=rtol(1e-5, 1e-12), atol=rtol(2e-6, 1e-12))
+
+
+@pytest.mark.parametrize("anchors, want", [("on", [1, 1, 1, 1]), ("partial", [1, 1, 0, 0]),
+                                           ("off", [0, 0, 0, 0])])
+def test_anchor_knob(anchors, want):
+    """A token is an anchor word when exactly one state emits it (Prop. 4.4, assumption 2)."""
+    prob = make_hmm_problem(jax.random.key(0), n_components=2, n_states=4, n_tokens=7, anchors=anchors)
+    tau = np.exp(np.asarray(prob.params_p.log_emit, np.float64))
+    np.testing.assert_allclose(tau.sum(1), 1.0, rtol=1e-6)
+    emitters = (tau > 0).sum(0)
+    has_anchor = [int(any(emitters[v] == 1 and tau[s, v] > 0 for v in range(7))) for s in range(4)]
+    assert has_anchor == want and prob.anchor_states.astype(int).tolist() == want
+    # both domains share everything but the proportions and the weak output emission
+    p, q = prob.params_p, prob.params_q
+    for a, b in ((p.log_trans, q.log_trans), (p.log_emit, q.log_emit), (p.log_out[0], q.log_out[0])):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(p.log_weights, q.log_weights) and not np.allclose(p.log_out[1], q.log_out[1])
