@@ -279,41 +279,32 @@ def test_identification_recovers_a_concept_permutation_and_moves_target_weights(
     assert abs(float(next_token_kl(got, got))) < 1e-6
 
 
-def test_icl_refinement_with_no_demos_is_the_source_fit_and_concentrates_with_many(anchored):
-    from conceptshift.inference.hmm_estimators import as_seq_data, refinement_icl
-
-    prob, sim, _, fit = anchored
-    m2 = prob.model
-    target = as_seq_data(sim.source)  # demonstrations from the source sample itself
-    r0 = refinement_icl(jax.random.key(0), m2, fit.params, target, sim.test.x, sim.test.lengths, 0)
-    src = m2.next_token_log_probs(fit.params, sim.test.x, sim.test.lengths, 0)
-    np.testing.assert_allclose(r0.log_probs, src, rtol=rtol(1e-5, 1e-12), atol=rtol(1e-6, 1e-13))
-    np.testing.assert_allclose(jnp.exp(r0.log_post), m2.posterior_k(fit.params, sim.test.x, sim.test.lengths),
-                               rtol=rtol(1e-4, 1e-10), atol=1e-7)
-    many = refinement_icl(jax.random.key(1), m2, fit.params, target, sim.test.x, sim.test.lengths, 200, 1)
-    # 200 demonstrations from a mixture: q̂(k | x, V) is (nearly) a point mass on one concept
-    assert float(jnp.min(jnp.max(jnp.exp(many.log_post), axis=1))) > 0.99
-    np.testing.assert_allclose(jnp.sum(jnp.exp(many.log_probs), 1), 1.0, rtol=rtol(1e-5, 1e-12))
-
-
-def test_icl_refinement_path_equals_direct_computation_of_eq_3_2(anchored):
+def test_icl_refinement_equals_eq_3_2_written_out(anchored):
     """q_re(y|x) = sum_k p̂(y|x,k) mean_V softmax_k(log pî_k + log p̂(x|k) + sum_j log p̂(x_j, y'_j|k)),
-    written out with the same demonstration indices, for every M of the grid."""
+    written out with the same demonstration indices for every M of the grid; M = 0 is the source fit,
+    and 200 demonstrations from a mixture make q̂(k | x, V) a point mass."""
     from conceptshift.inference.hmm_estimators import as_seq_data, refinement_icl_path
 
     prob, sim, _, fit = anchored
-    m2, tgt = prob.model, as_seq_data(sim.source)
+    m2, tgt = prob.model, as_seq_data(sim.source)  # demonstrations from the source sample itself
     xq, lq = sim.source.x[:40], sim.source.lengths[:40]
-    path = refinement_icl_path(jax.random.key(2), m2, fit.params, tgt, xq, lq, (0, 1, 3), 4)
+    grid = (0, 1, 3, 200)
+    path = refinement_icl_path(jax.random.key(2), m2, fit.params, tgt, xq, lq, grid, 4)
     n = tgt.w.shape[0]
-    idx = jax.random.choice(jax.random.key(2), n, (40, 4, 3), p=tgt.w / jnp.sum(tgt.w))
+    idx = jax.random.choice(jax.random.key(2), n, (40, 4, 200), p=tgt.w / jnp.sum(tgt.w))
     yw = jnp.stack([jnp.full_like(tgt.y_weak, -1), tgt.y_weak], 1)
     demo = m2.component_log_probs(fit.params, tgt.x, tgt.lengths, yw) - fit.params.log_weights[None]
     lpx, per_k = m2.next_token_log_probs_by_concept(fit.params, xq, lq)
-    for g, M in enumerate((0, 1, 3)):
+    for g, M in enumerate(grid[:3]):
         post = jnp.mean(jax.nn.softmax(lpx[:, None, :] + jnp.sum(demo[idx[:, :, :M]], 2), -1), 1)
         want = jnp.log(jnp.einsum("nk,nkv->nv", post, jnp.exp(per_k)))
         np.testing.assert_allclose(path.log_probs[g], want, rtol=rtol(1e-5, 1e-12), atol=rtol(2e-6, 1e-12))
+    src = m2.next_token_log_probs(fit.params, xq, lq, 0)
+    np.testing.assert_allclose(path.log_probs[0], src, rtol=rtol(1e-5, 1e-12), atol=rtol(1e-6, 1e-13))
+    np.testing.assert_allclose(jnp.exp(path.log_post[0]), m2.posterior_k(fit.params, xq, lq),
+                               rtol=rtol(1e-4, 1e-10), atol=1e-7)
+    assert float(jnp.min(jnp.max(jnp.exp(path.log_post[3]), axis=1))) > 0.99
+    np.testing.assert_allclose(jnp.sum(jnp.exp(path.log_probs[3]), 1), 1.0, rtol=rtol(1e-5, 1e-12))
 
 
 @pytest.mark.parametrize("anchors, want", [("on", [1, 1, 1, 1]), ("partial", [1, 1, 0, 0]),
