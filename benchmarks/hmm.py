@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "hmm.json")
     args = ap.parse_args(argv)
     if args.quick:
-        configs, repeats, Ks = [(3, 5, 50, 10)], 2, (1, 2)
+        configs, repeats, Ks = [(3, 5, 50, 10)], 2, (1,)
     else:
         configs, repeats, Ks = [(4, 16, 2000, 100), (16, 32, 2000, 100)], 5, (1, 4)
     rows, checks, notes = [], [], []
