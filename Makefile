@@ -50,6 +50,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/replicates.py
 	$(PY) benchmarks/em_iteration.py
+	$(PY) benchmarks/hmm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

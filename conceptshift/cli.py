@@ -34,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="conceptshift", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    f = sub.add_parser("fit", help="fit a mixture to a CSV file by EM")
-    f.add_argument("data", help="CSV file with a header row")
-    f.add_argument("--family", choices=["regression", "gated"], default="regression")
+    f = sub.add_parser("fit", help="fit a mixture to a CSV file (or token sequences: --family hmm) by EM")
+    f.add_argument("data", help="CSV file with a header row (hmm: token sequences, text or .npy)")
+    f.add_argument("--family", choices=["regression", "gated", "hmm"], default="regression")
     f.add_argument("--components", "-k", type=_positive_int, required=True, help="K")
-    f.add_argument("--y", required=True, help="response column")
+    f.add_argument("--y", help="response column (required unless --family hmm)")
     f.add_argument("--x", nargs="*", default=[], help="covariate column(s); none: intercept only")
     f.add_argument("--degree", type=_positive_int, default=1, help="polynomial degree in x")
     f.add_argument("--covariance", choices=["full", "diag"], default="full",
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.add_argument("--out", type=Path, help="folder to write fit.json into (atomically)")
     f.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
+    f.add_argument("--states", type=_positive_int, help="hidden states S (--family hmm)")
+    f.add_argument("--tokens", type=_positive_int, help="vocabulary size V (--family hmm; default: max + 1)")
 
     e = sub.add_parser("experiment", help="run one of the paper's experiments (a resumable sweep)")
     e.add_argument("name", help="experiment name (see `conceptshift experiment list`)")
@@ -82,6 +84,12 @@ def _setup_precision(float32: bool) -> None:
 def cmd_fit(args) -> int:
     from rich.console import Console
 
+    if args.family == "hmm":
+        from .cli_hmm import cmd_fit_hmm
+
+        return cmd_fit_hmm(args, UsageError)
+    if args.y is None:
+        raise UsageError(f"--y is required for --family {args.family}")
     if args.components < 1:
         raise UsageError(f"--components must be >= 1, got {args.components}")
     if args.restarts < 1:

@@ -73,3 +73,17 @@ def test_cli_bench_list_and_unknown(capsys, monkeypatch):
     assert main(["bench", "no-such-benchmark"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown benchmark" in err
+
+
+@float32_only
+def test_hmm_quick(tmp_path):
+    out = tmp_path / "hmm.json"
+    res = _load("hmm").main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "hmm" and saved["rows"] == res["rows"]
+    assert {r["impl"] for r in res["rows"]} >= {"conceptshift", "hmmlearn"}
+    assert all(r["seconds"] > 0 for r in res["rows"])
+    for c in res["loglik_agreement"]:  # every library evaluates the same likelihood
+        assert abs(c["loglik_conceptshift"] - c["loglik_hmmlearn"]) < 1e-3 * abs(c["loglik_hmmlearn"])
+        if c["loglik_dynamax"] is not None:
+            assert abs(c["loglik_dynamax"] - c["loglik_hmmlearn"]) < 1e-3 * abs(c["loglik_hmmlearn"])

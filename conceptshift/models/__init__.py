@@ -3,6 +3,8 @@
 from ._experts import DataStats, ExpertsFamily
 from .basis import Basis
 from .gated import GatedExperts, GatedParams
+from .hmm import HMMMixture, HMMParams
+from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
 from .regression import RegressionMixture, RegressionParams
 
@@ -20,4 +22,10 @@ __all__ = [
     "simulate",
     "RegressionMixture",
     "RegressionParams",
+    "HMMMixture",
+    "HMMParams",
+    "HMMProblem",
+    "HMMProblemSpec",
+    "make_hmm_problem",
+    "simulate_hmm",
 ]

@@ -1,0 +1,274 @@
+"""Estimators of the target next-token distribution q(y | x) for the mixture-of-HMMs family (Example
+2.7), from source records (x, y, y') ~ P and weak target records (x, y') ~ Q'.
+
+name            what it fits                                                          paper
+--------------  --------------------------------------------------------------------  ------------
+source_only     the mixture on P's (x, y)                                             desideratum (ii)
+weak_only       the mixture on Q's (x, y')                                            desideratum (ii)
+weak_training   the mixture on Q' (x, y') (weight 1) and P (x, y) (weight lam) pooled  Prop. 3.1
+refinement_icl  q_re(y|x) = sum_k p̂(y|x,k) q̂(k|x), q̂(k|x) from M weak demonstrations  Ex. 3.3 (3.2)
+identification  MLE on P (y, y') and on Q' (y'), concept matching, pi^q onto P's fit    Algorithm 1
+oracle          the mixture on gold target records (x, y)                              reference
+
+Matching concepts across two fits first aligns their hidden states (the emission tau of the sequence
+tokens is shared by P and Q; anchor words make its rows identifiable), then compares per concept either
+the weak output head as seen from each state, W_k = theta_k tau^w (row s: p(y' | h_L = s, k); the
+analogue of the paper's weak heads theta^w_k, which for HMMs depend on k only through theta_k), or the
+transition matrices theta_k themselves (``match="transitions"``, Algorithm 1 without weak source labels).
+
+In-context refinement (Example 3.3, eq. 3.2): for a query x with demonstrations V = ((x_j, y'_j))_{j<=M}
+drawn from D_Q', q̂(k | x, V) is proportional to pî^p_k p̂(x | k) prod_j p̂(x_j, y'_j | k), where p̂ is the
+source fit with its weak head (demonstrations independent given k, as in the example). The estimator is
+the refined conditional q_re(y | x) = sum_k p̂(y | x, k) E_V q̂(k | x, V) of Prop. 3.2, the E_V estimated
+with ``n_draws`` demonstration sets per query.
+
+All functions are pure functions of keys and arrays: they run under ``jit`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.scipy.special import logsumexp
+
+from ..models.hmm import HMMMixture, HMMParams
+from .baum_welch import HMMEMResult, fit_hmm_em
+from .estimators import EMOptions
+from .matching import _assign, assignment_margin, greedy_assignment
+
+MATCHES = ("weak", "transitions")
+DEFAULT_OPTS = EMOptions()
+
+
+class SeqData(NamedTuple):
+    """One sample: x (N, T), lengths (N,), y (N,) or None, y_weak (N,) or None, weights (N,)."""
+
+    x: Array
+    lengths: Array
+    y: Array | None
+    y_weak: Array | None
+    w: Array
+
+
+def as_seq_data(sample, w=None) -> SeqData:
+    """An :class:`conceptshift.models.hmm_problem.HMMSample` as weighted SeqData."""
+    w = jnp.ones(sample.x.shape[:1], jnp.zeros(()).dtype) if w is None else w
+    return SeqData(sample.x, sample.lengths, sample.y, sample.y_weak, w)
+
+
+@jax.tree_util.register_pytree_node_class
+class HMMPredictor:
+    """q̂(y | x) of a one-head fit: the next-token distribution under the fitted mixture."""
+
+    def __init__(self, model: HMMMixture, params: HMMParams):
+        self.model, self.params = model, params
+
+    def tree_flatten(self):
+        return (self.params,), self.model
+
+    @classmethod
+    def tree_unflatten(cls, model, children):
+        return cls(model, children[0])
+
+    def log_probs(self, x, lengths=None) -> Array:
+        """log q̂(y = v | x), (N, V)."""
+        return self.model.next_token_log_probs(self.params, x, lengths, head=0)
+
+    def __repr__(self) -> str:
+        return f"HMMPredictor({self.model!r})"
+
+
+def _fit(model: HMMMixture, key, x, lengths, y, w, opts: EMOptions) -> HMMEMResult:
+    return fit_hmm_em(model, key, x, lengths, y, weights=w, restarts=opts.restarts,
+                      max_iter=opts.max_iter, tol=opts.tol)
+
+
+# ---------------------------------------------------------------------------------- matching
+def state_alignment(params_ref: HMMParams, params: HMMParams) -> Array:
+    """perm (S,): state s of ``params_ref`` is state perm[s] of ``params`` (optimal matching of the
+    emission rows tau(. | s) in squared distance)."""
+    a, b = jnp.exp(params_ref.log_emit), jnp.exp(params.log_emit)
+    return _assign(jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
+
+
+def _aligned(params: HMMParams, perm: Array) -> HMMParams:
+    return params._replace(log_init=params.log_init[:, perm], log_trans=params.log_trans[:, perm][:, :, perm],
+                           log_emit=params.log_emit[perm], log_out=params.log_out[:, perm])
+
+
+def concept_signatures(params: HMMParams, match: str, head: int = 0) -> Array:
+    """Per-concept vectors compared across fits, (K, ...): theta_k tau^w_head (``"weak"``) or theta_k."""
+    trans = jnp.exp(params.log_trans)
+    if match == "transitions":
+        return trans.reshape(trans.shape[0], -1)
+    return jnp.einsum("kij,jv->kiv", trans, jnp.exp(params.log_out[head])).reshape(trans.shape[0], -1)
+
+
+def concept_cost(params_a: HMMParams, head_a: int, params_b: HMMParams, head_b: int, match: str
+                 ) -> Array:
+    """cost[k, j] = |sig_a(k) - sig_b(j)|^2 after aligning b's states to a's, (K, K)."""
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    b = _aligned(params_b, state_alignment(params_a, params_b))
+    sa, sb = concept_signatures(params_a, match, head_a), concept_signatures(b, match, head_b)
+    return jnp.sum((sa[:, None, :] - sb[None, :, :]) ** 2, -1)
+
+
+class HMMIdentification(NamedTuple):
+    predictor: HMMPredictor
+    assignment: Array  # (K,) a(k): target concept matched to source concept k
+    margin: Array  # () second-best minus best total matching cost
+    greedy: Array  # (K,) the paper's argmin rule
+    greedy_bijection: Array  # () whether the greedy rule gave a permutation
+    cost: Array  # (K, K)
+
+
+def identify_hmm(source_params: HMMParams, target_params: HMMParams, model: HMMMixture, *,
+                 match: str = "weak") -> HMMIdentification:
+    """Steps 3-4 of Algorithm 1 from a source fit (heads y, y') and a weak-target fit (head y').
+
+    With ``match="weak"`` the source's weak head (1) is compared with the target's head (0); with
+    ``"transitions"`` only the transition matrices are used (a source fit with one head is enough).
+    The estimate keeps the source's concepts and strong head and takes pî^q_{a(k)} as proportions.
+    """
+    cost = concept_cost(source_params, 1, target_params, 0, match)
+    a = _assign(cost)
+    greedy, bij = greedy_assignment(cost)
+    m1 = model.with_heads(1)
+    strong = m1.select_heads(source_params, (0,))
+    pred = HMMPredictor(m1, strong._replace(log_weights=target_params.log_weights[a]))
+    return HMMIdentification(pred, a, assignment_margin(cost), greedy, bij, cost)
+
+
+# ---------------------------------------------------------------------------------- estimators
+def source_only(key, model: HMMMixture, source: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
+    m1 = model.with_heads(1)
+    return HMMPredictor(m1, _fit(m1, key, source.x, source.lengths, source.y, source.w, opts).params)
+
+
+def weak_only(key, model: HMMMixture, target: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
+    m1 = model.with_heads(1)
+    return HMMPredictor(m1, _fit(m1, key, target.x, target.lengths, target.y_weak, target.w, opts).params)
+
+
+def oracle(key, model: HMMMixture, gold: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
+    """The mixture fitted on gold target records (x, y) ~ Q: the reference no estimator can see."""
+    return source_only(key, model, gold, opts)
+
+
+def weak_training(key, model: HMMMixture, source: SeqData, target: SeqData, lam,
+                  opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
+    """One mixture fitted by EM to Q' (x, y') with weight 1 and P (x, y) with weight lam, pooled."""
+    m1 = model.with_heads(1)
+    x = jnp.concatenate([target.x, source.x], 0)
+    lengths = jnp.concatenate([target.lengths, source.lengths], 0)
+    y = jnp.concatenate([target.y_weak, source.y], 0)
+    w = jnp.concatenate([target.w, jnp.asarray(lam, source.w.dtype) * source.w], 0)
+    return HMMPredictor(m1, _fit(m1, key, x, lengths, y, w, opts).params)
+
+
+class ICLRefinement(NamedTuple):
+    log_probs: Array  # (N, V) log q_re(y | x) on the queries ((G, N, V) from refinement_icl_path)
+    log_post: Array  # (N, K) log E_V q̂(k | x, V) ((G, N, K))
+
+
+def refinement_icl(key, model: HMMMixture, source_params: HMMParams, target: SeqData, x, lengths,
+                   n_demos: int, n_draws: int = 8, *, demo_head: int = 1) -> ICLRefinement:
+    """Example 3.3's in-context refinement of queries ``x`` with ``n_demos`` weak demonstrations.
+
+    Args:
+      key: draws the demonstrations (uniformly, by weight, from ``target``).
+      model: the two-head family of ``source_params`` (head 0: y, head 1: y').
+      source_params: the source fit p̂ with its weak head.
+      target: D_Q', the pool of weak demonstrations (x_j, y'_j).
+      x, lengths: the queries (N, T), (N,).
+      n_demos: M, demonstrations per query (0: the source fit's own p̂(k | x)).
+      n_draws: demonstration sets per query averaged in E_V q̂(k | x, V).
+      demo_head: the source head that scores the demonstrations' labels: 1 (default), the weak head
+        p̂(y' | h), as the regression family's refinement does; 0, the strong emission, as eq. 3.2
+        displays it (p(y' | tau, h): the strong model reads the weak labels as its own tokens).
+    """
+    out = refinement_icl_path(key, model, source_params, target, x, lengths, (n_demos,), n_draws,
+                              demo_head=demo_head)
+    return ICLRefinement(out.log_probs[0], out.log_post[0])
+
+
+def refinement_icl_path(key, model: HMMMixture, source_params: HMMParams, target: SeqData, x, lengths,
+                        m_grid: tuple[int, ...], n_draws: int = 8, *, demo_head: int = 1
+                        ) -> ICLRefinement:
+    """:func:`refinement_icl` for every M in ``m_grid`` at once, (len(m_grid), N, V) and (len, N, K).
+
+    The demonstration sets are nested (the first M of max(m_grid) draws), so the curve against M is
+    free of the noise of independent draws, and one compiled program serves every M."""
+    m_grid = tuple(int(m) for m in m_grid)
+    if demo_head not in (0, 1):
+        raise ValueError(f"demo_head must be 0 (strong) or 1 (weak), got {demo_head!r}")
+    m2 = model.with_heads(2)
+    log_post_x, per_k = m2.next_token_log_probs_by_concept(source_params, x, lengths, head=0)
+    n = per_k.shape[0]
+    m_max = max(m_grid)
+    if m_max > 0:
+        # log p̂(x_j, y'_j | k) of every demonstration under the source fit's weak head
+        missing = jnp.full_like(target.y_weak, -1)
+        yd = [missing, missing]
+        yd[demo_head] = target.y_weak
+        demo = m2.component_log_probs(source_params, target.x, target.lengths, jnp.stack(yd, 1))
+        demo = demo - source_params.log_weights[None, :]  # (N_Q', K)
+        p = target.w / jnp.sum(target.w)
+        idx = jax.random.choice(key, target.w.shape[0], (n, n_draws, m_max), p=p)
+        zero = jnp.zeros((n, n_draws, 1, per_k.shape[1]), demo.dtype)
+        cum = jnp.concatenate([zero, jnp.cumsum(demo[idx], axis=2)], axis=2)  # (N, D, M_max + 1, K)
+        logits = log_post_x[:, None, None, :] + cum[:, :, jnp.asarray(m_grid), :]  # (N, D, G, K)
+        post = jax.nn.log_softmax(logits, axis=-1)
+        log_post = logsumexp(post, axis=1) - jnp.log(jnp.asarray(n_draws, post.dtype))  # (N, G, K)
+        log_post = jnp.swapaxes(log_post, 0, 1)
+    else:
+        log_post = jnp.broadcast_to(log_post_x[None], (len(m_grid),) + log_post_x.shape)
+    log_probs = logsumexp(log_post[:, :, :, None] + per_k[None], axis=2)  # (G, N, V)
+    return ICLRefinement(log_probs, log_post)
+
+
+def identification(key, model: HMMMixture, source: SeqData, target: SeqData,
+                   opts: EMOptions = DEFAULT_OPTS, *, match: str = "weak") -> HMMIdentification:
+    """Algorithm 1: MLE on D_P (heads y, y'), MLE on D_Q' (head y'), matching, pi^q onto P's fit."""
+    ks, kt = jax.random.split(key)
+    sfit = _fit(model.with_heads(2), ks, source.x, source.lengths,
+                jnp.stack([source.y, source.y_weak], 1), source.w, opts)
+    tfit = _fit(model.with_heads(1), kt, target.x, target.lengths, target.y_weak, target.w, opts)
+    return identify_hmm(sfit.params, tfit.params, model, match=match)
+
+
+# ---------------------------------------------------------------------------------- metrics
+def next_token_kl(log_q: Array, log_q_hat: Array) -> Array:
+    """E_x KL(q(. | x) || q̂(. | x)) over the query rows, exact over the V tokens (the expected excess
+    next-token log-loss)."""
+    q = jnp.exp(log_q)
+    return jnp.mean(jnp.sum(jnp.where(q > 0, q * (log_q - log_q_hat), 0.0), axis=-1))
+
+
+def excess_log_loss(log_q: Array, log_q_hat: Array, y: Array) -> Array:
+    """mean_n log q(y_n | x_n) - log q̂(y_n | x_n) on gold test tokens (a Monte Carlo estimate of
+    :func:`next_token_kl`)."""
+    y = jnp.asarray(y, jnp.int32)[:, None]
+    return jnp.mean(jnp.take_along_axis(log_q, y, 1)[:, 0] - jnp.take_along_axis(log_q_hat, y, 1)[:, 0])
+
+
+def truth_labels(true_params: HMMParams, params: HMMParams) -> Array:
+    """For each fitted concept, the true concept it estimates (K,): optimal matching of transitions
+    after aligning states through the emission."""
+    return _assign(concept_cost(params, 0, true_params, 0, "transitions"))
+
+
+def param_errors(true_params: HMMParams, params: HMMParams) -> tuple[Array, Array, Array]:
+    """(max |tau - taû|, max |theta - thetâ|, max |pi - pî|) after the best permutation of states (by
+    emission) and of concepts (by transitions)."""
+    st = state_alignment(true_params, params)
+    p = _aligned(params, st)
+    perm = _assign(concept_cost(true_params, 0, p, 0, "transitions"))
+    emit = jnp.max(jnp.abs(jnp.exp(true_params.log_emit) - jnp.exp(p.log_emit)))
+    trans = jnp.max(jnp.abs(jnp.exp(true_params.log_trans) - jnp.exp(p.log_trans[perm])))
+    w = jnp.max(jnp.abs(jnp.exp(true_params.log_weights) - jnp.exp(p.log_weights[perm])))
+    return emit, trans, w

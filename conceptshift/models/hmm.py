@@ -1,0 +1,509 @@
+"""Mixture of hidden Markov models (paper Example 2.7, Xie et al. 2021): the in-context-learning family.
+
+Concept k is a transition matrix theta_k (and an initial distribution) over S hidden states; tokens are
+emitted through an emission matrix tau (S, V) shared by every concept. A record is a token sequence
+x = (x^1, ..., x^L) (L <= T, padded to T) and optionally H output tokens (the next token y through the
+strong output emission, y' through the weak one), all emitted from the *next* hidden state h_{L+1}:
+
+  p(x, y | k) = sum_h p(h_1 | k) prod_t tau(x^t | h_t) theta_k(h_{t+1} | h_t) prod_j out_j(y_j | h_{L+1})
+
+which is Example 2.7's sum_h p(y | h, tau) p(h | x, theta_k) p(x | theta_k). The density is computed by
+the forward algorithm in log space under ``lax.scan`` (one definition for simulation, EM, SVI and NUTS).
+
+Baum-Welch's expected counts are the gradients of the log-likelihood with respect to the log-parameters
+(reverse-mode differentiation of the forward recursion *is* the backward recursion; Eisner 2016, "Inside-
+outside and forward-backward algorithms are just backprop"), so EM's E-step reuses the forward pass
+exactly and cannot drift from the density it maximises (tested against brute-force enumeration).
+
+Dimension names: N sequences, T positions, K concepts, S hidden states, V tokens, H output heads.
+Missing output tokens are -1 (they contribute a factor 1); positions past a sequence's length are
+masked (their tokens are ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax import Array
+from jax.scipy.special import logsumexp
+from numpyro.distributions import constraints
+
+from .._validation import as_float_array, check_float, check_int, float_dtype, is_traced
+
+
+class HMMParams(NamedTuple):
+    """Parameters of a mixture of HMMs, all as log-probabilities (rows sum to one in probability)."""
+
+    log_weights: Array  # (K,) log pi_k
+    log_init: Array  # (K, S) log p(h_1 = s | k)
+    log_trans: Array  # (K, S, S) log theta_k(h' = j | h = i), rows i
+    log_emit: Array  # (S, V) log tau(v | s), shared by the concepts
+    log_out: Array  # (H, S, V) log out_j(v | s) of the output tokens, emitted from h_{L+1}
+
+    @property
+    def weights(self) -> Array:
+        return jnp.exp(self.log_weights)
+
+
+class HMMStats(NamedTuple):
+    """Expected sufficient statistics (weighted sums over sequences, so they add across blocks)."""
+
+    n_k: Array  # (K,) sum_n w_n r_nk
+    init: Array  # (K, S) expected initial-state counts
+    trans: Array  # (K, S, S) expected transition counts
+    emit: Array  # (S, V) expected emission counts of the sequence tokens
+    out: Array  # (H, S, V) expected emission counts of the output tokens
+
+
+class HMMData(NamedTuple):
+    """Validated sequence data: tokens (N, T) int32, lengths (N,) int32, outputs (N, H) int32 (-1 =
+    missing), weights (N,) float."""
+
+    x: Array
+    lengths: Array
+    y: Array
+    w: Array
+
+
+def _norm(logits: Array, axis: int = -1) -> Array:
+    return logits - logsumexp(logits, axis=axis, keepdims=True)
+
+
+@dataclass(frozen=True)
+class HMMMixture:
+    """A mixture of K hidden Markov models over S states and V tokens with H output heads.
+
+    Args:
+      n_components: K, the number of concepts (transition matrices).
+      n_states: S, hidden states.
+      n_tokens: V, vocabulary size.
+      n_heads: H, output tokens per record emitted from the next hidden state h_{L+1} (0: sequences
+        only; 1: the next token y; 2: y and the weak label y').
+      reg: Dirichlet(1 + reg) prior on every probability vector: the M-step adds ``reg`` pseudo-counts,
+        so an empty state or concept keeps finite parameters and EM's objective never decreases.
+
+    Instances are frozen and hashable: they are static arguments of ``jax.jit``.
+
+    Example:
+      >>> import jax
+      >>> m = HMMMixture(n_components=2, n_states=3, n_tokens=5, n_heads=1)
+      >>> p = m.init_params(jax.random.key(0))
+      >>> x, lengths, y, z = m.sample(jax.random.key(1), p, n=4, length=6)
+      >>> m.log_likelihood(p, x, lengths, y).shape
+      ()
+    """
+
+    n_components: int
+    n_states: int
+    n_tokens: int
+    n_heads: int = 0
+    reg: float = 1e-6
+
+    def __post_init__(self):
+        check_int("n_components", self.n_components, minimum=1)
+        check_int("n_states", self.n_states, minimum=1)
+        check_int("n_tokens", self.n_tokens, minimum=2)
+        check_int("n_heads", self.n_heads, minimum=0)
+        check_float("reg", self.reg, positive=True)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def n_params(self) -> int:
+        """Free parameters (for BIC)."""
+        K, S, V, H = self.n_components, self.n_states, self.n_tokens, self.n_heads
+        return (K - 1) + K * (S - 1) + K * S * (S - 1) + S * (V - 1) + H * S * (V - 1)
+
+    def with_heads(self, n_heads: int) -> HMMMixture:
+        return HMMMixture(self.n_components, self.n_states, self.n_tokens, n_heads, self.reg)
+
+    def select_heads(self, params: HMMParams, heads: tuple[int, ...]) -> HMMParams:
+        idx = jnp.asarray(heads, jnp.int32).reshape(-1)
+        return params._replace(log_out=params.log_out[idx])
+
+    def permute(self, params: HMMParams, perm) -> HMMParams:
+        """Relabels concepts: component k of the result is component perm[k] of ``params``."""
+        perm = jnp.asarray(perm)
+        return params._replace(log_weights=params.log_weights[perm], log_init=params.log_init[perm],
+                               log_trans=params.log_trans[perm])
+
+    def permute_states(self, params: HMMParams, perm) -> HMMParams:
+        """Relabels hidden states: state s of the result is state perm[s] of ``params``."""
+        perm = jnp.asarray(perm)
+        return params._replace(log_init=params.log_init[:, perm],
+                               log_trans=params.log_trans[:, perm][:, :, perm],
+                               log_emit=params.log_emit[perm], log_out=params.log_out[:, perm])
+
+    def init_params(self, key, dtype=None, *, token_freq: Array | None = None) -> HMMParams:
+        """Random parameters: Dirichlet(1) rows; emissions around ``token_freq`` (V,) if given."""
+        return _init_jit(self, key, jnp.dtype(dtype or float_dtype()), token_freq)
+
+    def _init_params(self, key, dtype, token_freq) -> HMMParams:
+        K, S, V, H = self.n_components, self.n_states, self.n_tokens, self.n_heads
+        ks = jax.random.split(key, 5)
+
+        def dirichlet(k, shape):  # Dirichlet(1) rows from exponentials (cheaper than gamma draws)
+            g = jnp.maximum(jax.random.exponential(k, shape, dtype), jnp.finfo(dtype).tiny)
+            return jnp.log(g) - jnp.log(jnp.sum(g, -1, keepdims=True))
+
+        if token_freq is None:
+            log_emit = dirichlet(ks[3], (S, V))
+            log_out = dirichlet(ks[4], (H, S, V))
+        else:
+            base = jnp.log(jnp.asarray(token_freq, dtype) + 1.0 / V)
+            u = jax.random.uniform(ks[3], (S, V), dtype, -1.0, 1.0)
+            log_emit = _norm(base[None, :] + u)
+            log_out = jnp.broadcast_to(log_emit[None], (H, S, V))
+        return HMMParams(
+            log_weights=jnp.full((K,), -jnp.log(jnp.asarray(K, dtype)), dtype),
+            log_init=dirichlet(ks[0], (K, S)),
+            log_trans=dirichlet(ks[1], (K, S, S)),
+            log_emit=log_emit,
+            log_out=log_out,
+        )
+
+    # ------------------------------------------------------------------ input handling
+    def check_data(self, x, lengths=None, y=None, weights=None, *, name: str = "x") -> HMMData:
+        """Validates token sequences and converts them to :class:`HMMData`.
+
+        Args:
+          x: integer tokens (N, T) in [0, V); entries past a sequence's length are ignored.
+          lengths: (N,) ints in [1, T]; None means every sequence has length T.
+          y: output tokens (N, H) (or (N,) when H == 1) in [0, V), -1 for missing; None: all missing.
+          weights: optional non-negative per-sequence weights (N,).
+        """
+        V, H = self.n_tokens, self.n_heads
+        if x is None:
+            raise TypeError(f"{name} must be an integer array of shape (N, T), got None")
+        if not is_traced(x):
+            arr = np.asarray(x)
+            if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)
+                                           or np.issubdtype(arr.dtype, np.bool_)):
+                if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(arr == np.round(arr)):
+                    arr = arr.astype(np.int64)
+                else:
+                    raise TypeError(f"{name} must hold integer tokens, got dtype {arr.dtype}")
+            if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+                raise ValueError(f"{name} must have shape (N, T) with N, T >= 1, got {arr.shape}")
+            x = arr
+        elif x.ndim != 2:
+            raise ValueError(f"{name} must have shape (N, T), got {x.shape}")
+        N, T = x.shape
+        if lengths is None:
+            lengths = np.full((N,), T, np.int32) if not is_traced(x) else jnp.full((N,), T, jnp.int32)
+        elif not is_traced(lengths):
+            lengths = np.asarray(lengths)
+            if not np.issubdtype(lengths.dtype, np.integer) or lengths.shape != (N,):
+                raise ValueError(f"lengths must be integers of shape ({N},), got {lengths.dtype} "
+                                 f"{lengths.shape}")
+            if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+                raise ValueError(f"lengths must lie in [1, {T}], got range [{lengths.min()}, "
+                                 f"{lengths.max()}]")
+        if not is_traced(x) and not is_traced(lengths):
+            valid = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+            bad = valid & ((x < 0) | (x >= V))
+            if bad.any():
+                i, t = np.argwhere(bad)[0]
+                raise ValueError(f"{name}[{i}, {t}] = {x[i, t]} is not a token in [0, {V}) "
+                                 f"(n_tokens={V})")
+            x = np.where(valid, x, 0)
+        if y is None:
+            y = jnp.full((N, H), -1, jnp.int32)
+        else:
+            if not is_traced(y):
+                y = np.asarray(y)
+                if not (np.issubdtype(y.dtype, np.integer)
+                        or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+                    raise TypeError(f"y must hold integer tokens, got dtype {y.dtype}")
+                y = y.astype(np.int64)
+                if y.ndim == 1 and H == 1:
+                    y = y[:, None]
+                if y.shape != (N, H):
+                    raise ValueError(f"y must have shape ({N}, {H}) for n_heads={H}, got {y.shape}")
+                if y.size and (y.min() < -1 or y.max() >= V):
+                    raise ValueError(f"y must hold tokens in [0, {V}) or -1 (missing), got range "
+                                     f"[{y.min()}, {y.max()}]")
+            elif y.ndim == 1:
+                y = y[:, None]
+        if weights is None:
+            w = jnp.ones((N,), float_dtype())
+        else:
+            w = as_float_array("weights", weights, ndim=1)
+            if w.shape != (N,):
+                raise ValueError(f"weights must have shape ({N},), got {w.shape}")
+            if not is_traced(w) and (bool(jnp.any(w < 0)) or not bool(jnp.sum(w) > 0)):
+                raise ValueError("weights must be >= 0 with a positive sum")
+        return HMMData(jnp.asarray(x, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                       jnp.asarray(y, jnp.int32), w)
+
+    # ------------------------------------------------------------------ the forward algorithm
+    def forward(self, params: HMMParams, x: Array, lengths: Array) -> Array:
+        """log p(x^{1:L}, h_L = s | k) for every sequence, concept and state, (N, K, S).
+
+        Log-space forward recursion under ``lax.scan``: alpha_{t+1}(j) = log sum_i exp(alpha_t(i))
+        theta_k(j | i) + log tau(x^{t+1} | j), with the running maximum taken out before the sum (a
+        matrix product in probability space, exact in log space). Positions t >= L leave alpha as is.
+        """
+        N, T = x.shape
+        emit_t = jnp.swapaxes(params.log_emit.T[x], 0, 1)  # (T, N, S)
+        mask = jnp.arange(T, dtype=jnp.int32)[:, None] < lengths[None, :]  # (T, N)
+        trans = jnp.exp(params.log_trans)  # (K, S, S)
+        a0 = params.log_init[None, :, :] + emit_t[0][:, None, :]  # (N, K, S)
+
+        def step(a, inp):
+            e, m = inp
+            new = _propagate(a, trans) + e[:, None, :]
+            return jnp.where(m[:, None, None], new, a), None
+
+        a, _ = jax.lax.scan(step, a0, (emit_t[1:], mask[1:]))
+        return a
+
+    def _component_log_probs(self, params: HMMParams, d: HMMData) -> Array:
+        a = self.forward(params, d.x, d.lengths)  # (N, K, S)
+        ll_x = logsumexp(a, axis=-1)
+        if self.n_heads == 0:
+            return params.log_weights[None, :] + ll_x
+        nxt = _propagate(a, jnp.exp(params.log_trans))  # log p(x, h_{L+1} = j | k)
+        present = d.y >= 0  # (N, H)
+        yy = jnp.where(present, d.y, 0)
+        # out_terms[n, s] = sum_h [y_nh present] log out_h(y_nh | s)
+        per_head = jnp.take_along_axis(
+            jnp.swapaxes(params.log_out, 1, 2)[None, :, :, :],  # (1, H, V, S)
+            yy[:, :, None, None], axis=2)[:, :, 0, :]  # (N, H, S)
+        out_terms = jnp.sum(jnp.where(present[:, :, None], per_head, 0.0), axis=1)  # (N, S)
+        ll_xy = logsumexp(nxt + out_terms[:, None, :], axis=-1)
+        any_y = jnp.any(present, axis=1)
+        return params.log_weights[None, :] + jnp.where(any_y[:, None], ll_xy, ll_x)
+
+    def component_log_probs(self, params: HMMParams, x, lengths=None, y=None) -> Array:
+        """log pi_k + log p(x, y | k), (N, K): EM's E-step quantity (y's missing entries are -1)."""
+        return _clp_jit(self, params, self.check_data(x, lengths, y))
+
+    def log_likelihood(self, params: HMMParams, x, lengths=None, y=None, weights=None) -> Array:
+        """sum_n w_n log p(x_n, y_n), a scalar."""
+        d = self.check_data(x, lengths, y, weights)
+        return jnp.sum(d.w * logsumexp(_clp_jit(self, params, d), axis=-1))
+
+    def posterior_k(self, params: HMMParams, x, lengths=None, y=None) -> Array:
+        """Sequence responsibilities p(k | x, y), (N, K)."""
+        return jax.nn.softmax(self.component_log_probs(params, x, lengths, y), axis=-1)
+
+    def next_token_log_probs(self, params: HMMParams, x, lengths=None, head: int = 0) -> Array:
+        """log q(y = v | x) of output head ``head`` for every token v, (N, V):
+        sum_k p(k | x) sum_j p(h_{L+1} = j | x, k) out_head(v | j), in log space."""
+        d = self.check_data(x, lengths)
+        return _next_jit(self, params, d.x, d.lengths, head)
+
+    def _next_token_log_probs(self, params, x, lengths, head):
+        a = self.forward(params, x, lengths)
+        nxt = _propagate(a, jnp.exp(params.log_trans)) + params.log_weights[None, :, None]  # (N, K, S)
+        nxt = nxt - logsumexp(nxt, axis=(1, 2), keepdims=True)  # p(k, h_{L+1} | x)
+        joint = nxt[:, :, :, None] + params.log_out[head][None, None, :, :]  # (N, K, S, V)
+        return logsumexp(joint, axis=(1, 2))
+
+    def next_token_log_probs_by_concept(self, params: HMMParams, x, lengths=None, head: int = 0
+                                        ) -> tuple[Array, Array]:
+        """(log p(k | x) (N, K), log p(y = v | x, k) (N, K, V)) of output head ``head``."""
+        d = self.check_data(x, lengths)
+        return _by_concept_jit(self, params, d.x, d.lengths, head)
+
+    def _by_concept(self, params, x, lengths, head):
+        a = self.forward(params, x, lengths)
+        nxt = _propagate(a, jnp.exp(params.log_trans))  # (N, K, S) log p(x, h_{L+1} | k)
+        ll_k = logsumexp(nxt, axis=-1)
+        post = jax.nn.log_softmax(params.log_weights[None, :] + ll_k, axis=-1)
+        state = nxt - ll_k[:, :, None]
+        per_k = logsumexp(state[:, :, :, None] + params.log_out[head][None, None, :, :], axis=2)
+        return post, per_k
+
+    def conditional_log_prob(self, params: HMMParams, x, lengths, y, head: int = 0) -> Array:
+        """log q(y_n | x_n) of head ``head``, (N,)."""
+        table = self.next_token_log_probs(params, x, lengths, head)
+        y = jnp.asarray(y, jnp.int32).reshape(-1)
+        return jnp.take_along_axis(table, y[:, None], axis=1)[:, 0]
+
+    # ------------------------------------------------------------------ EM pieces
+    def expected_stats(self, params: HMMParams, d: HMMData) -> tuple[Array, HMMStats]:
+        """Weighted log-likelihood and the expected counts of Baum-Welch's E-step.
+
+        The counts are d/d(log-parameter) of sum_n w_n log p(x_n, y_n), which equals the forward-
+        backward posterior expectations (the log-parameters enter the forward recursion linearly)."""
+
+        def ll(p):
+            return jnp.sum(d.w * logsumexp(self._component_log_probs(p, d), axis=-1))
+
+        val, g = jax.value_and_grad(ll)(params)
+        return val, HMMStats(g.log_weights, g.log_init, g.log_trans, g.log_emit, g.log_out)
+
+    def m_step_from_stats(self, s: HMMStats) -> HMMParams:
+        """Closed-form maximiser of the expected complete-data log-likelihood plus the log prior."""
+        nu = jnp.asarray(self.reg, s.n_k.dtype)
+
+        def normalise(c):
+            c = jnp.maximum(c, 0.0) + nu  # autodiff counts can be -0 or -1e-17 by rounding
+            return jnp.log(c) - jnp.log(jnp.sum(c, -1, keepdims=True))
+
+        return HMMParams(normalise(s.n_k), normalise(s.init), normalise(s.trans), normalise(s.emit),
+                         normalise(s.out))
+
+    def log_prior(self, params: HMMParams) -> Array:
+        """log density (up to a constant) of the Dirichlet(1 + reg) prior on every row."""
+        return self.reg * sum(jnp.sum(leaf) for leaf in params)
+
+    # ------------------------------------------------------------------ NumPyro
+    def distribution(self, params: HMMParams, lengths: Array, length: int | None = None):
+        """The NumPyro distribution of records [x^1..x^T, y_1..y_H] (one integer vector per row)."""
+        return HMMMixtureDistribution(self, params, lengths, length)
+
+    def numpyro_model(self, x, lengths=None, y=None, *, concentration: float = 1.0):
+        """Dirichlet priors on every probability vector and the observed records.
+
+        ``x`` (N, T) and ``y`` (N, H) are concatenated into one record per row; sample sites:
+        ``weights``, ``init``, ``trans``, ``emit``, ``out`` (only when H > 0) and the observed ``obs``.
+        """
+        import numpyro
+
+        d = self.check_data(x, lengths, y)
+        K, S, V, H = self.n_components, self.n_states, self.n_tokens, self.n_heads
+        dtype = float_dtype()
+        c = jnp.asarray(concentration, dtype)
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            weights = numpyro.sample("weights", dist.Dirichlet(jnp.full((K,), c)))
+            init = numpyro.sample("init", dist.Dirichlet(jnp.full((K, S), c)).to_event(1))
+            trans = numpyro.sample("trans", dist.Dirichlet(jnp.full((K, S, S), c)).to_event(2))
+            emit = numpyro.sample("emit", dist.Dirichlet(jnp.full((S, V), c)).to_event(1))
+            if H:
+                out = numpyro.sample("out", dist.Dirichlet(jnp.full((H, S, V), c)).to_event(2))
+            else:  # no output heads: no site (numpyro cannot transform a zero-size simplex batch)
+                out = jnp.zeros((0, S, V), dtype)
+            params = HMMParams(*(jnp.log(jnp.maximum(p, jnp.finfo(dtype).tiny))
+                                 for p in (weights, init, trans, emit, out)))
+            record = jnp.concatenate([d.x, d.y], axis=1)
+            numpyro.sample("obs", self.distribution(params, d.lengths, d.x.shape[1]), obs=record)
+
+    # ------------------------------------------------------------------ simulation
+    def sample(self, key, params: HMMParams, n: int, length: int, lengths=None):
+        """Draws n records: tokens (n, T) (zeros past each length), lengths (n,), outputs (n, H) from
+        the state after the last token, concepts z (n,).
+
+        ``length`` (T) is static; ``lengths`` (n,) in [1, T] defaults to T for every record.
+        """
+        n = check_int("n", n, minimum=1)
+        T = check_int("length", length, minimum=1)
+        if lengths is None:
+            lengths = jnp.full((n,), T, jnp.int32)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        if lengths.shape != (n,):
+            raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
+        return _sample_jit(self, key, params, lengths, n, T)
+
+    def _sample(self, key, params, lengths, n, T):
+        kz, kh, kx, ky = jax.random.split(key, 4)
+        z = jax.random.categorical(kz, params.log_weights, shape=(n,))
+        h0 = jax.random.categorical(kh, params.log_init[z], axis=-1)  # (n,)
+
+        def step(h, k):
+            ke, kt = jax.random.split(k)
+            tok = jax.random.categorical(ke, params.log_emit[h], axis=-1)
+            h_next = jax.random.categorical(kt, params.log_trans[z, h], axis=-1)
+            return h_next, (h, tok)
+
+        _, (states, toks) = jax.lax.scan(step, h0, jax.random.split(kx, T + 1))
+        states, toks = states.T, toks.T  # (n, T + 1)
+        valid = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
+        x = jnp.where(valid, toks[:, :T], 0).astype(jnp.int32)
+        h_next = jnp.take_along_axis(states, lengths[:, None], axis=1)[:, 0]  # h_{L+1}
+        keys = jax.random.split(ky, max(self.n_heads, 1))
+        y = jnp.stack([jax.random.categorical(keys[j], params.log_out[j][h_next], axis=-1)
+                       for j in range(self.n_heads)], axis=1) if self.n_heads else \
+            jnp.zeros((n, 0), jnp.int32)
+        return x, lengths, y.astype(jnp.int32), z.astype(jnp.int32)
+
+
+def _clp(model, params, d):
+    return model._component_log_probs(params, d)
+
+
+def _next(model, params, x, lengths, head):
+    return model._next_token_log_probs(params, x, lengths, head)
+
+
+def _by_concept(model, params, x, lengths, head):
+    return model._by_concept(params, x, lengths, head)
+
+
+def _sample(model, key, params, lengths, n, T):
+    return model._sample(key, params, lengths, n, T)
+
+
+def _init(model, key, dtype, token_freq):
+    return model._init_params(key, dtype, token_freq)
+
+
+# compiled entry points (the model, a frozen dataclass, is static; arrays are traced)
+_clp_jit = jax.jit(_clp, static_argnums=0)
+_next_jit = jax.jit(_next, static_argnums=(0, 4))
+_by_concept_jit = jax.jit(_by_concept, static_argnums=(0, 4))
+_sample_jit = jax.jit(_sample, static_argnums=(0, 4, 5))
+_init_jit = jax.jit(_init, static_argnums=(0, 2))
+
+
+def _propagate(a: Array, trans: Array) -> Array:
+    """log sum_i exp(a[..., k, i]) trans[k, i, j] for a (N, K, S) and trans (K, S, S)."""
+    mx = jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.exp(a - mx)
+    return jnp.log(jnp.einsum("nki,kij->nkj", p, trans)) + mx
+
+
+class HMMMixtureDistribution(dist.Distribution):
+    """NumPyro distribution of one record per batch element: the integer vector [x^1..x^T, y_1..y_H].
+
+    ``log_prob`` is the forward algorithm of :class:`HMMMixture` (tokens past a record's length are
+    ignored, output tokens equal to -1 are missing); ``sample`` simulates the mixture;
+    ``component_log_probs`` gives log pi_k + log p(record | k), EM's E-step quantity.
+    """
+
+    arg_constraints = {}
+    pytree_data_fields = ("params", "lengths")
+    pytree_aux_fields = ("model", "length")
+
+    def __init__(self, model: HMMMixture, params: HMMParams, lengths, length: int | None = None,
+                 *, validate_args=None):
+        self.model, self.params = model, params
+        self.lengths = jnp.asarray(lengths, jnp.int32)
+        self.length = int(length) if length is not None else None
+        batch = self.lengths.shape
+        event = ((self.length or 0) + model.n_heads,) if length is not None else (model.n_heads,)
+        super().__init__(batch_shape=batch, event_shape=event, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=1)
+    def support(self):
+        return constraints.independent(constraints.integer_interval(-1, self.model.n_tokens - 1), 1)
+
+    def _split(self, value):
+        H = self.model.n_heads
+        x = value[..., : value.shape[-1] - H]
+        y = value[..., value.shape[-1] - H:]
+        return x, y
+
+    def component_log_probs(self, value) -> Array:
+        x, y = self._split(jnp.asarray(value, jnp.int32))
+        d = HMMData(x, self.lengths, y, jnp.ones(self.lengths.shape, self.params.log_weights.dtype))
+        return self.model._component_log_probs(self.params, d)
+
+    def log_prob(self, value) -> Array:
+        return logsumexp(self.component_log_probs(value), axis=-1)
+
+    def sample(self, key, sample_shape=()):
+        if self.length is None:
+            raise ValueError("sampling needs the sequence length: build with distribution(..., length=T)")
+        n = int(np.prod(sample_shape)) * int(np.prod(self.batch_shape))
+        lengths = jnp.broadcast_to(self.lengths, tuple(sample_shape) + self.batch_shape).reshape(-1)
+        x, _, y, _ = self.model.sample(key, self.params, n, self.length, lengths)
+        return jnp.concatenate([x, y], axis=1).reshape(tuple(sample_shape) + self.batch_shape
+                                                       + self.event_shape)
