@@ -297,3 +297,35 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
         paths.append(str(p))
         plt.close("all")
     return paths
+
+
+def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True) -> list:
+    """Rich renderables for one saved DataTree: the diagnostics, the parameter summary and the
+    figures written beside it (``{stem}_band.png``, ``{stem}_ppc.png``, ``{stem}_rank.png``)."""
+    from rich.table import Table
+
+    path = Path(path)
+    dt = read_datatree(path)
+    if "posterior" not in dt.children or "log_likelihood" not in dt.children:
+        raise ValueError(f"{path} is not a conceptshift posterior DataTree (no posterior or "
+                         f"log_likelihood group)")
+    d = diagnose(dt, prob=prob)
+    head = Table(title=f"{path.name}: {dt.attrs.get('method', '')}", title_justify="left")
+    head.add_column("diagnostic")
+    head.add_column("value", justify="right")
+    for k, v in d.items():
+        if k != "summary":
+            head.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    table = d["summary"]
+    summ = Table(title="parameters", title_justify="left")
+    summ.add_column("")
+    cols = [c for c in ("mean", "sd", "ess_bulk", "ess_tail", "r_hat") if c in table.columns]
+    for c in cols:
+        summ.add_column(c, justify="right")
+    for name, row in table.iterrows():
+        summ.add_row(str(name), *(f"{float(row[c]):.4g}" for c in cols))
+    out = [head, summ]
+    if figures:
+        paths = plot_posterior(dt, path.parent, prob=prob, prefix=f"{path.stem}_")
+        out.append("figures: " + ", ".join(paths))
+    return out
