@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PARAM_VARS = ("weights", "coef", "scale", "gate_mean", "gate_cov")
+PARAM_VARS = ("weights", "coef", "scale", "gate_mean", "gate_cov", "gate_weights")
 
 
 def _dims(K, H, P, D, prefix=("chain", "draw")):
@@ -40,6 +40,7 @@ def _dims(K, H, P, D, prefix=("chain", "draw")):
         "scale": pre + ["component", "head"],
         "gate_mean": pre + ["component", "feature"],
         "gate_cov": pre + ["component", "feature", "feature_bis"],
+        "gate_weights": pre + ["component", "feature"],
     }
 
 
@@ -50,6 +51,8 @@ def _param_arrays(params) -> dict:
     if hasattr(params, "gate_mean"):
         out["gate_mean"] = np.asarray(params.gate_mean, np.float64)
         out["gate_cov"] = np.asarray(params.gate_cov, np.float64)
+    if hasattr(params, "gate_weights"):
+        out["gate_weights"] = np.asarray(params.gate_weights, np.float64)
     return out
 
 

@@ -1,5 +1,9 @@
 """Fitting: EM (closed-form M-steps, vmapped restarts)."""
 
 from .em import EMResult, e_step, fit_em
+from .gem import fit_gem
+from .mcmc import fit_nuts, relabel
+from .svi import fit_svi
 
 __all__ = ["EMResult", "e_step", "fit_em"]
+__all__ += ["fit_gem", "fit_nuts", "fit_svi", "relabel"]

@@ -30,12 +30,14 @@ EXTRA_FIELDS = ("diverging", "accept_prob", "num_steps", "energy", "potential_en
 
 
 def component_vectors(params) -> Array:
-    """One row per component, (K, F): coefficients of every head, log-scales, log-weight and (gated
-    families) the gate mean: what draws are aligned on."""
+    """One row per component, (K, F): coefficients of every head, log-scales, log-weight and the
+    gate's mean (Gaussian gates) or slopes (softmax gates): what draws are aligned on."""
     K = params.coef.shape[0]
     parts = [params.coef.reshape(K, -1), params.log_scale.reshape(K, -1), params.log_weights[:, None]]
     if hasattr(params, "gate_mean"):
         parts.append(params.gate_mean)
+    if hasattr(params, "gate_weights"):
+        parts.append(params.gate_weights)
     return jnp.concatenate(parts, axis=1)
 
 

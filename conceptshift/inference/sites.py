@@ -19,6 +19,7 @@ from numpyro import handlers
 
 from ..models._experts import ExpertsFamily
 from ..models.gated import GatedExperts
+from ..models.softmax_gated import SoftmaxGatedExperts
 
 
 def numpyro_numerics():
@@ -34,6 +35,8 @@ def numpyro_numerics():
 def latent_site_names(model: ExpertsFamily) -> tuple[str, ...]:
     """The latent sites of ``model.numpyro_model`` in the order they are sampled."""
     names = ["weights", "coef", "scale"]
+    if isinstance(model, SoftmaxGatedExperts):
+        names.append("gate_weights")
     if isinstance(model, GatedExperts):
         names += ["gate_mean", "gate_sd"]
         if model.covariance == "full" and model.n_features > 1:
@@ -51,6 +54,8 @@ def sites_from_params(model: ExpertsFamily, params) -> dict[str, Array]:
     if model.shared_scale:
         scale = scale[:1]
     out = {"weights": w, "coef": params.coef, "scale": scale}
+    if isinstance(model, SoftmaxGatedExperts):
+        out["gate_weights"] = params.gate_weights
     if isinstance(model, GatedExperts):
         cov = params.gate_cov
         sd = jnp.sqrt(jnp.diagonal(cov, axis1=-2, axis2=-1))
@@ -69,6 +74,8 @@ def params_from_sites(model: ExpertsFamily, sites: dict):
     coef = sites["coef"]
     scale = jnp.broadcast_to(sites["scale"], (K, H))
     gate = {}
+    if isinstance(model, SoftmaxGatedExperts):
+        gate = {"gate_weights": sites["gate_weights"]}
     if isinstance(model, GatedExperts):
         dummy = jnp.zeros((0, model.n_features), coef.dtype)
         with numpyro_numerics(), handlers.seed(rng_seed=0), handlers.substitute(data=sites):

@@ -5,6 +5,7 @@ from .basis import Basis
 from .gated import GatedExperts, GatedParams
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
 from .regression import RegressionMixture, RegressionParams
+from .softmax_gated import SoftmaxGatedExperts, SoftmaxGatedParams
 
 __all__ = [
     "Basis",
@@ -20,4 +21,6 @@ __all__ = [
     "simulate",
     "RegressionMixture",
     "RegressionParams",
+    "SoftmaxGatedExperts",
+    "SoftmaxGatedParams",
 ]
