@@ -54,6 +54,7 @@ def test_gate_m_step_matches_scipy():
     np.testing.assert_allclose(m.posterior_k(new, x), m.posterior_k(ref_p, x), atol=rtol(1e-3, 1e-6))
 
 
+@pytest.mark.slow
 def test_fit_is_a_stationary_point_scipy_cannot_improve():
     """Tiny problem: scipy's L-BFGS on the full penalised log-likelihood, started from the GEM fit
     and from a perturbation of it, finds no better objective and returns to the same optimum."""

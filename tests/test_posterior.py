@@ -73,12 +73,15 @@ def problem_data():
 
 
 @pytest.fixture(scope="module")
-def boot_run(problem_data):
-    """A DataTree of 2 x 100 parametric-bootstrap refits of the EM fit to gold target data (the
-    DataTree does not care where its draws come from; NUTS is exercised separately)."""
-    prob, sim, em = problem_data
-    boot = bootstrap_em(M1, jax.random.key(3), em.params, sim.target.x, 200)
-    draws = jax.tree_util.tree_map(lambda a: a.reshape((2, 100) + a.shape[1:]), boot)
+def boot_run():
+    """A DataTree of 2 x 100 draws scattered around the true parameters (the DataTree does not
+    care where its draws come from; NUTS and the bootstrap are exercised separately)."""
+    prob = make_problem(jax.random.key(0), n_components=2, noise=0.5)
+    sim = simulate(jax.random.key(1), prob, 10, 10, 100)
+    t = prob.heads("q", "strong")
+    draws = _jitter(t, jax.random.key(3), (2, 100), scale=0.05)
+    draws = draws._replace(log_weights=jax.nn.log_softmax(draws.log_weights, axis=-1))
+    em = None
     stats_ = {"diverging": np.zeros((2, 100), bool)}
     dt = posterior_datatree(M1, draws, sim.test.x, sim.test.y, jax.random.key(4),
                             sample_stats=stats_, truth=prob)
@@ -152,6 +155,7 @@ def test_datatree_groups_and_netcdf_round_trip(boot_run, tmp_path):
         read_datatree(tmp_path / "missing.nc")
 
 
+@pytest.mark.slow
 def test_identification_draws_are_algorithm_1_draw_by_draw():
     m2 = RegressionMixture(2, n_heads=2)
     src = _jitter(m2.init_params(jax.random.key(0)), jax.random.key(1), (2, 3), scale=0.3)
@@ -172,6 +176,7 @@ def test_identification_draws_are_algorithm_1_draw_by_draw():
                 np.testing.assert_allclose(u, v, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bootstrap_em_matches_ols_standard_errors():
     """K = 1: the parametric bootstrap of the ML fit has the sampling spread of OLS,
     sd(beta*) ~ s (X'X)^-1/2 (up to the ML variance's (n - P) / n), over 400 refits."""

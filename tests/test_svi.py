@@ -66,6 +66,7 @@ def test_delta_reaches_em_loglik_and_no_recompile():
     assert res2.loss_trace.shape == (1200,)  # a partial last chunk, same compiled program
 
 
+@pytest.mark.slow
 def test_fullrank_guide_matches_regression_posterior():
     """K = 1: the posterior of the coefficients is close to N(beta_OLS, s^2 (X'X)^-1) at n = 400
     (flat-ish priors); the full-rank guide recovers its mean and standard deviations."""
