@@ -43,7 +43,9 @@ def gate_m_step(model: SoftmaxGatedExperts, params, x, r, stats, inner_steps: in
         updates, state = opt.update(grad, state, g, value=value, grad=grad, value_fn=loss)
         return (optax.apply_updates(g, updates), state), None
 
-    (g, _), _ = jax.lax.scan(body, (g0, opt.init(g0)), None, length=inner_steps)
+    # optax's line search mixes int32 and int64 counters under x64: standard promotion inside
+    with jax.numpy_dtype_promotion("standard"):
+        (g, _), _ = jax.lax.scan(body, (g0, opt.init(g0)), None, length=inner_steps)
     b = g[0] - logsumexp(g[0])  # the softmax does not see a common shift of b
     new = params._replace(log_weights=b, gate_weights=g[1])
     ok = _all_finite(new) & (loss((b, g[1])) <= loss(g0))
