@@ -229,4 +229,6 @@ def test_nuts_well_specified_rhat_ess_and_hdi_coverage():
         d = diagnose(dt)
         assert d["max_rhat"] < 1.01 and d["min_ess_bulk"] > 400, (rep, d["max_rhat"], d["min_ess_bulk"])
         rates.append(d["hdi_coverage"])
+    print(f"90% HDI coverage of q(x) per replicate: {np.round(rates, 3).tolist()}, "
+          f"mean {np.mean(rates):.3f}")
     assert 0.85 <= np.mean(rates) <= 0.95, rates
