@@ -48,6 +48,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/em_iteration.py
+	$(PY) benchmarks/svi.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
