@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/replicates.py
 	$(PY) benchmarks/em_iteration.py
 	$(PY) benchmarks/hmm.py
+	$(PY) benchmarks/svi.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

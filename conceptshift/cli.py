@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
 
+    g = sub.add_parser("diagnose", help="summary and figures of a saved posterior run (netCDF)")
+    g.add_argument("path", type=Path, help="a folder of .nc DataTrees (e.g. from `experiment "
+                   "posterior`) or one .nc file")
+    g.add_argument("--hdi-prob", type=float, default=0.9)
+    g.add_argument("--no-figures", action="store_true")
+
     d = sub.add_parser("demo", help="the consistency experiment at a size that runs in minutes")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
@@ -235,6 +241,29 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    if not 0 < args.hdi_prob < 1:
+        raise UsageError(f"--hdi-prob must be in (0, 1), got {args.hdi_prob}")
+    path = args.path
+    if path.is_dir():
+        files = sorted(path.glob("*.nc"))
+        if not files:
+            raise UsageError(f"{path} holds no .nc DataTree files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    from rich.console import Console
+
+    from .diagnostics.posterior import render_diagnosis
+
+    console = Console()
+    for f in files:
+        for item in render_diagnosis(f, prob=args.hdi_prob, figures=not args.no_figures):
+            console.print(item)
+    return 0
+
+
 class _null:
     def __enter__(self):
         return self
@@ -247,7 +276,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"fit": cmd_fit, "demo": cmd_demo, "experiment": cmd_experiment,
-                "bench": cmd_bench}
+                "bench": cmd_bench, "diagnose": cmd_diagnose}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as err:

@@ -87,3 +87,14 @@ def test_hmm_quick(tmp_path):
         assert abs(c["loglik_conceptshift"] - c["loglik_hmmlearn"]) < 1e-3 * abs(c["loglik_hmmlearn"])
         if c["loglik_dynamax"] is not None:
             assert abs(c["loglik_dynamax"] - c["loglik_hmmlearn"]) < 1e-3 * abs(c["loglik_hmmlearn"])
+
+
+@float32_only
+def test_svi_quick(tmp_path):
+    out = tmp_path / "svi.json"
+    res = _load("svi").main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "svi" and saved["rows"] == res["rows"]
+    row = res["rows"][0]
+    assert row["svi_run_s_median"] > 0 and row["em_run_s_median"] > 0
+    assert abs(row["svi_final_gap_per_obs"]) < 1e-3 and row["svi_steps_to_1e-3"] is not None

@@ -3,11 +3,12 @@ table(results)."""
 
 from conceptshift.experiments import anchors, icl  # mixture of HMMs (Example 2.7)
 
-from . import consistency, distinguishability, misspecified, refinement_bias, weak_training
+from . import consistency, distinguishability, misspecified, posterior, refinement_bias, weak_training
 
 EXPERIMENTS = {
     m.NAME: m for m in (consistency, distinguishability, refinement_bias, weak_training, misspecified)
 }
 EXPERIMENTS.update({m.NAME: m for m in (icl, anchors)})
+EXPERIMENTS[posterior.NAME] = posterior
 
 __all__ = ["EXPERIMENTS"]

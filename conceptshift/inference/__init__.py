@@ -2,5 +2,9 @@
 
 from .baum_welch import HMMEMResult, fit_hmm_em
 from .em import EMResult, e_step, fit_em
+from .gem import fit_gem
+from .mcmc import fit_nuts, relabel
+from .svi import fit_svi
 
 __all__ = ["EMResult", "e_step", "fit_em", "HMMEMResult", "fit_hmm_em"]
+__all__ += ["fit_gem", "fit_nuts", "fit_svi", "relabel"]

@@ -7,6 +7,7 @@ from .hmm import HMMMixture, HMMParams
 from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
 from .regression import RegressionMixture, RegressionParams
+from .softmax_gated import SoftmaxGatedExperts, SoftmaxGatedParams
 
 __all__ = [
     "Basis",
@@ -28,4 +29,6 @@ __all__ = [
     "HMMProblemSpec",
     "make_hmm_problem",
     "simulate_hmm",
+    "SoftmaxGatedExperts",
+    "SoftmaxGatedParams",
 ]

@@ -1,0 +1,334 @@
+"""ArviZ (>= 1.0, xarray DataTree) view of a posterior over q(y | x), checked against the truth.
+
+:func:`posterior_datatree` builds one DataTree from draws of a single-head family's parameters
+(relabelled NUTS draws, guide draws, bootstrap refits or Algorithm 1's matched draws):
+
+group                  variables
+---------------------  -----------------------------------------------------------------------
+posterior              weights, coef, scale (gate_mean, gate_cov), q_mean = q̂(x) at the test x
+sample_stats           what the sampler reports (diverging, acceptance_rate, lp, ...), if given
+posterior_predictive   y ~ q̂(y | x) at the gold test x, one per draw
+log_likelihood         y: log q̂(y_test | x_test) per draw (for PSIS-LOO)
+observed_data          y: the gold test responses
+constant_data          x: the gold test covariates
+truth                  the true parameters, q_mean = q(x) and log_lik = log q(y_test | x_test)
+
+:func:`diagnose` summarises it (R-hat, ESS, ELPD by PSIS-LOO under q̂ and the truth's test
+log-likelihood, PIT calibration, coverage of q(x) by HDIs); :func:`plot_posterior` draws the q̂(x)
+band against q(x), a posterior predictive check and rank plots.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PARAM_VARS = ("weights", "coef", "scale", "gate_mean", "gate_cov", "gate_weights")
+
+
+def _dims(K, H, P, D, prefix=("chain", "draw")):
+    pre = list(prefix)
+    return {
+        "weights": pre + ["component"],
+        "coef": pre + ["component", "head", "term"],
+        "scale": pre + ["component", "head"],
+        "gate_mean": pre + ["component", "feature"],
+        "gate_cov": pre + ["component", "feature", "feature_bis"],
+        "gate_weights": pre + ["component", "feature"],
+    }
+
+
+def _param_arrays(params) -> dict:
+    out = {"weights": np.exp(np.asarray(params.log_weights, np.float64)),
+           "coef": np.asarray(params.coef, np.float64),
+           "scale": np.exp(np.asarray(params.log_scale, np.float64))}
+    if hasattr(params, "gate_mean"):
+        out["gate_mean"] = np.asarray(params.gate_mean, np.float64)
+        out["gate_cov"] = np.asarray(params.gate_cov, np.float64)
+    if hasattr(params, "gate_weights"):
+        out["gate_weights"] = np.asarray(params.gate_weights, np.float64)
+    return out
+
+
+def _draw_fns(model):
+    def one(params, key, x, y):
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            mean = model.conditional_mean(params, x)
+            logp = model.conditional_log_prob(params, x, y)
+            ypp = model.sample_conditional(key, params, x)[:, 0]
+        return mean, logp, ypp
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+
+
+_FNS: dict = {}
+
+
+def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict | None = None,
+                       truth=None, name: str = "qhat", attrs: dict | None = None):
+    """The DataTree described in the module docs.
+
+    Args:
+      model: a single-head family (q̂'s family).
+      draws: its parameters with leading (chain, draw) axes.
+      x_test, y_test: gold test data (N, D) and (N,).
+      key: for the posterior predictive draws.
+      sample_stats: arrays of shape (chain, draw), e.g. ``MCMCResult.sample_stats``.
+      truth: a :class:`conceptshift.models.Problem` (its target Q), or None.
+      attrs: extra root attributes (str, int or float values).
+    """
+    import xarray as xr
+    from arviz_base import from_dict
+
+    if model.n_heads != 1:
+        raise ValueError(f"model must have one head (q̂'s family), got n_heads={model.n_heads}")
+    x_test = jnp.asarray(x_test)
+    y_test = jnp.asarray(y_test, x_test.dtype)
+    if x_test.ndim != 2 or y_test.shape != (x_test.shape[0],):
+        raise ValueError(f"x_test must be (N, D) and y_test (N,), got {x_test.shape} and {y_test.shape}")
+    C, S = draws.coef.shape[:2]
+    N = x_test.shape[0]
+    flat = jax.tree_util.tree_map(lambda a: a.reshape((C * S,) + a.shape[2:]), draws)
+    if model not in _FNS:
+        _FNS[model] = _draw_fns(model)
+    keys = jax.random.split(key, C * S)
+    mean, logp, ypp = (np.asarray(a, np.float64).reshape(C, S, N)
+                       for a in _FNS[model](flat, keys, x_test, y_test))
+    K, H, P = draws.coef.shape[2:]
+    D = x_test.shape[1]
+    post = _param_arrays(draws)
+    post["q_mean"] = mean
+    dims = _dims(K, H, P, D)
+    dims.update(q_mean=["chain", "draw", "obs"], y=["chain", "draw", "obs"])
+    groups = {"posterior": post, "posterior_predictive": {"y": ypp}, "log_likelihood": {"y": logp}}
+    if sample_stats:
+        groups["sample_stats"] = {k: np.asarray(v) for k, v in sample_stats.items()}
+    coords = {"component": np.arange(K), "head": np.arange(H), "term": list(model.coef_names),
+              "obs": np.arange(N), "feature": np.arange(D), "feature_bis": np.arange(D)}
+    dt = from_dict(groups, name=name, coords=coords, dims=dims)
+    dt["observed_data"] = xr.DataTree(xr.Dataset(
+        {"y": (("obs",), np.asarray(y_test, np.float64))}, coords={"obs": np.arange(N)}))
+    dt["constant_data"] = xr.DataTree(xr.Dataset(
+        {"x": (("obs", "feature"), np.asarray(x_test, np.float64))},
+        coords={"obs": np.arange(N), "feature": np.arange(D)}))
+    if truth is not None:
+        true = truth.heads("q", "strong")
+        tv = _param_arrays(true)
+        tdims = _dims(K, H, P, D, prefix=())
+        data = {k: (tuple(tdims[k]), v) for k, v in tv.items()}
+        data["q_mean"] = (("obs",), np.asarray(truth.true_mean(x_test), np.float64))
+        data["log_lik"] = (("obs",), np.asarray(truth.true_log_prob(x_test, y_test), np.float64))
+        tcoords = {c: coords[c] for c in ("component", "head", "term", "obs", "feature")}
+        if "gate_cov" in tv:
+            tcoords["feature_bis"] = coords["feature_bis"]
+        dt["truth"] = xr.DataTree(xr.Dataset(data, coords=tcoords))
+    for k, v in (attrs or {}).items():
+        dt.attrs[k] = v
+    return dt
+
+
+def write_datatree(dt, path) -> None:
+    """Writes the DataTree as netCDF (h5netcdf), atomically; its name is kept in an attribute."""
+    path = Path(path)
+    dt = dt.copy()
+    dt.attrs["datatree_name"] = dt.name or ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        dt.to_netcdf(tmp, engine="h5netcdf")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_datatree(path):
+    """Reads a DataTree written by :func:`write_datatree` fully into memory."""
+    import xarray as xr
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    with xr.open_datatree(path, engine="h5netcdf") as dt:
+        dt = dt.load()
+    dt.name = dt.attrs.pop("datatree_name", None) or None
+    return dt
+
+
+def pit_values(dt) -> np.ndarray:
+    """PIT of each gold test response under the posterior predictive, mean over draws of
+    1[y_rep <= y], shape (N,). Uniform when q̂ is calibrated."""
+    ypp = dt["posterior_predictive"]["y"].values  # (C, S, N)
+    y = dt["observed_data"]["y"].values
+    return np.mean(ypp <= y[None, None, :], axis=(0, 1))
+
+
+def ks_uniform(u: np.ndarray) -> tuple[float, float]:
+    """Kolmogorov-Smirnov distance of u from Uniform(0, 1) and its asymptotic p-value."""
+    u = np.sort(np.asarray(u, np.float64))
+    n = u.size
+    i = np.arange(1, n + 1)
+    d = float(max(np.max(i / n - u), np.max(u - (i - 1) / n)))
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    p = 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * lam * lam) for j in range(1, 101))
+    return d, float(min(max(p, 0.0), 1.0))
+
+
+def hdi_coverage(dt, prob: float = 0.9) -> tuple[float, np.ndarray]:
+    """Fraction of test points whose true q(x) lies in the ``prob`` HDI of q̂(x); and the per-point
+    indicator (N,)."""
+    from arviz_stats import hdi
+
+    band = hdi(dt, prob=prob, var_names=["q_mean"])["q_mean"]
+    lo = band.sel(ci_bound="lower").values
+    hi = band.sel(ci_bound="upper").values
+    true = dt["truth"]["q_mean"].values
+    inside = (lo <= true) & (true <= hi)
+    return float(np.mean(inside)), inside
+
+
+def _finite_extreme(column, fn) -> float:
+    v = np.asarray(column, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(fn(v)) if v.size else float("nan")
+
+
+def diagnose(dt, *, prob: float = 0.9) -> dict:
+    """R-hat and ESS of every parameter; the ELPD of the gold test data under q̂ against the truth's
+    test log-likelihood; PIT calibration; HDI coverage of q(x) (when the DataTree has a truth).
+
+    The gold test data are held out (not in the fit), so their expected log predictive density is
+    estimated directly, ``elpd_test`` = sum_i log mean_s q̂_s(y_i | x_i), and compared with
+    ``elpd_truth`` = sum_i log q(y_i | x_i) (``elpd_gap_per_obs``: their difference per point, an
+    estimate of E_x KL(q || q̂_Bayes)). ArviZ's PSIS-LOO on the same log-likelihood is reported as
+    ``elpd_loo`` with its Pareto k: it treats the points as if they were in the fit, so it is
+    pessimistic here and its k-hat values flag that.
+
+    Returns a dict of plain numbers plus ``summary`` (a pandas DataFrame from
+    ``arviz_stats.summary``).
+    """
+    import warnings
+
+    from arviz_stats import loo, summary
+
+    names = [v for v in PARAM_VARS if v in dt["posterior"].data_vars]
+    table = summary(dt, var_names=names, kind="all", round_to="none")
+    out = {"summary": table,
+           "max_rhat": _finite_extreme(table["r_hat"], np.max),
+           "min_ess_bulk": _finite_extreme(table["ess_bulk"], np.min),
+           "min_ess_tail": _finite_extreme(table["ess_tail"], np.min)}
+    ll = dt["log_likelihood"]["y"].values  # (C, S, N)
+    n = ll.shape[-1]
+    flat = ll.reshape(-1, n)
+    m = np.max(flat, axis=0)
+    lppd = m + np.log(np.mean(np.exp(flat - m[None, :]), axis=0))
+    out["n_test"] = int(n)
+    out["elpd_test"] = float(np.sum(lppd))
+    out["elpd_test_se"] = float(np.sqrt(n) * np.std(lppd))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        elpd = loo(dt, var_name="y")
+    out["elpd_loo"] = float(elpd.elpd)
+    out["elpd_loo_se"] = float(elpd.se)
+    out["pareto_k_max"] = float(np.max(np.asarray(elpd.pareto_k)))
+    pit = pit_values(dt)
+    out["pit_ks"], out["pit_ks_pvalue"] = ks_uniform(pit)
+    if "truth" in dt.children:
+        out["elpd_truth"] = float(np.sum(dt["truth"]["log_lik"].values))
+        out["elpd_gap_per_obs"] = (out["elpd_truth"] - out["elpd_test"]) / n
+        out["hdi_prob"] = prob
+        out["hdi_coverage"], _ = hdi_coverage(dt, prob)
+        q_hat = dt["posterior"]["q_mean"].mean(("chain", "draw")).values
+        out["reg_error"] = float(np.mean((q_hat - dt["truth"]["q_mean"].values) ** 2))
+    if "sample_stats" in dt.children and "diverging" in dt["sample_stats"].data_vars:
+        out["divergences"] = int(np.sum(dt["sample_stats"]["diverging"].values))
+    return out
+
+
+def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[str]:
+    """Figures into ``out_dir``: ``{prefix}band.png`` (q̂(x) band against q(x), one-dimensional x
+    only), ``{prefix}ppc.png`` (posterior predictive check), ``{prefix}rank.png`` (rank plots of the
+    proportions and scales). Returns the paths written."""
+    import arviz_plots as azp
+    from arviz_stats import hdi
+
+    from ..experiments.common import pyplot, savefig
+
+    plt = pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    x = dt["constant_data"]["x"].values
+    if x.shape[1] == 1:
+        order = np.argsort(x[:, 0])
+        xs = x[order, 0]
+        band = hdi(dt, prob=prob, var_names=["q_mean"])["q_mean"]
+        lo = band.sel(ci_bound="lower").values[order]
+        hi = band.sel(ci_bound="upper").values[order]
+        mean = dt["posterior"]["q_mean"].mean(("chain", "draw")).values[order]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.scatter(x[:, 0], dt["observed_data"]["y"].values, s=4, color="0.75", label="gold test data")
+        ax.fill_between(xs, lo, hi, alpha=0.3, color="C0", lw=0, label=f"{prob:.0%} HDI of q̂(x)")
+        ax.plot(xs, mean, color="C0", lw=1.5, label="posterior mean of q̂(x)")
+        if "truth" in dt.children:
+            ax.plot(xs, dt["truth"]["q_mean"].values[order], "k--", lw=1.2, label="truth q(x)")
+        ax.set(xlabel="x", ylabel="E[y | x]", title=dt.attrs.get("title", "q̂(x) against q(x)"))
+        ax.legend(fontsize=8)
+        p = out_dir / f"{prefix}band.png"
+        savefig(fig, p)
+        plt.close(fig)
+        paths.append(str(p))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pc = azp.plot_ppc_dist(dt, backend="matplotlib", num_samples=50)
+        p = out_dir / f"{prefix}ppc.png"
+        pc.savefig(p, dpi=100)
+        paths.append(str(p))
+        plt.close("all")
+        pc = azp.plot_rank(dt, var_names=["weights", "scale"], backend="matplotlib")
+        p = out_dir / f"{prefix}rank.png"
+        pc.savefig(p, dpi=100)
+        paths.append(str(p))
+        plt.close("all")
+    return paths
+
+
+def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True) -> list:
+    """Rich renderables for one saved DataTree: the diagnostics, the parameter summary and the
+    figures written beside it (``{stem}_band.png``, ``{stem}_ppc.png``, ``{stem}_rank.png``)."""
+    from rich.table import Table
+
+    path = Path(path)
+    dt = read_datatree(path)
+    if "posterior" not in dt.children or "log_likelihood" not in dt.children:
+        raise ValueError(f"{path} is not a conceptshift posterior DataTree (no posterior or "
+                         f"log_likelihood group)")
+    d = diagnose(dt, prob=prob)
+    head = Table(title=f"{path.name}: {dt.attrs.get('method', '')}", title_justify="left")
+    head.add_column("diagnostic")
+    head.add_column("value", justify="right")
+    for k, v in d.items():
+        if k != "summary":
+            head.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    table = d["summary"]
+    summ = Table(title="parameters", title_justify="left")
+    summ.add_column("")
+    cols = [c for c in ("mean", "sd", "ess_bulk", "ess_tail", "r_hat") if c in table.columns]
+    for c in cols:
+        summ.add_column(c, justify="right")
+    for name, row in table.iterrows():
+        summ.add_row(str(name), *(f"{float(row[c]):.4g}" for c in cols))
+    out = [head, summ]
+    if figures:
+        paths = plot_posterior(dt, path.parent, prob=prob, prefix=f"{path.stem}_")
+        out.append("figures: " + ", ".join(paths))
+    return out

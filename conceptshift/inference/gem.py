@@ -1,0 +1,153 @@
+"""Generalized EM for families whose gate has no closed-form M-step (:class:`SoftmaxGatedExperts`).
+
+Each iteration: the E-step (responsibilities r), the experts' closed-form M-step (the exact maximiser
+of their part of the expected penalised log-likelihood given r), then the gate's M-step: a fixed
+number of L-BFGS steps (optax) on the gate's weighted multinomial log-likelihood
+sum_n sum_k r_nk log softmax_k(b + W x_n) minus its ridge, started at the current gate. That gate
+problem is concave; the new gate is accepted only if it does not lower the gate objective (otherwise
+the old one is kept), so the EM objective (log-likelihood plus log prior) never decreases: a
+generalized EM. Restarts run under ``vmap``; everything is one compiled program.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy.special import logsumexp
+
+from .._validation import check_float, check_int, check_key, is_traced
+from ..models.softmax_gated import SoftmaxGatedExperts
+from .em import EMResult, _all_finite
+from .init import kmeans_pp_responsibilities, subset_responsibilities
+
+
+def gate_m_step(model: SoftmaxGatedExperts, params, x, r, stats, inner_steps: int):
+    """The gate's M-step: ``inner_steps`` L-BFGS steps on the gate objective from the current gate;
+    the result is kept only if the objective did not decrease. Returns (params, accepted)."""
+    scale = jnp.maximum(jnp.sum(r), jnp.finfo(r.dtype).tiny)
+
+    def loss(g):
+        p = params._replace(log_weights=g[0], gate_weights=g[1])
+        return -model.gate_objective(p, x, r, stats) / scale
+
+    g0 = (params.log_weights, params.gate_weights)
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def body(carry, _):
+        g, state = carry
+        value, grad = value_and_grad(g, state=state)
+        updates, state = opt.update(grad, state, g, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(g, updates), state), None
+
+    # optax's line search mixes int32 and int64 counters under x64: standard promotion inside
+    with jax.numpy_dtype_promotion("standard"):
+        (g, _), _ = jax.lax.scan(body, (g0, opt.init(g0)), None, length=inner_steps)
+    b = g[0] - logsumexp(g[0])  # the softmax does not see a common shift of b
+    new = params._replace(log_weights=b, gate_weights=g[1])
+    ok = _all_finite(new) & (loss((b, g[1])) <= loss(g0))
+    return jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, params), ok
+
+
+def _objective(model, params, x, y, w, stats):
+    ll_n = logsumexp(model.component_log_probs(params, x, y), axis=-1)
+    return jnp.sum(w * ll_n) + model.log_prior(params, stats), jnp.sum(w * ll_n)
+
+
+def _run_gem(model, x, y, w, stats, params0, tol, max_iter, inner_steps):
+    dtype = y.dtype
+    nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
+
+    def cond(s):
+        return (s[2] < max_iter) & ~s[5] & ~s[6]
+
+    def body(s):
+        params, obj_prev, it, ll_tr, obj_tr, _, _, rejected = s
+        logp = model.component_log_probs(params, x, y)
+        ll_n = logsumexp(logp, axis=-1)
+        ll = jnp.sum(w * ll_n)
+        obj = ll + model.log_prior(params, stats)
+        r = jnp.exp(logp - ll_n[:, None]) * w[:, None]
+        coef, log_scale = model.experts_m_step(x, y, r, stats, params.coef)
+        new, ok_gate = gate_m_step(model, params._replace(coef=coef, log_scale=log_scale), x, r,
+                                   stats, inner_steps)
+        ok = _all_finite(new) & jnp.isfinite(obj)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
+        conv = ok & (it > 0) & (jnp.abs(obj - obj_prev) <= tol * jnp.abs(obj))
+        return (new, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok,
+                rejected + (~ok_gate).astype(jnp.int32))
+
+    init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
+            jnp.asarray(False), ~_all_finite(params0), jnp.asarray(0, jnp.int32))
+    params, _, n_iter, ll_tr, obj_tr, conv, failed, _ = jax.lax.while_loop(cond, body, init)
+    obj, ll = _objective(model, params, x, y, w, stats)
+    return params, ll, obj, ll_tr, obj_tr, n_iter, conv & ~failed & jnp.isfinite(obj)
+
+
+def _initial(model, key, x, y, w, stats, kind, inner_steps):
+    k1, k2, k3 = jax.random.split(key, 3)
+    K = model.n_components
+    r0 = jnp.where(kind == 0,
+                   kmeans_pp_responsibilities(k1, jnp.concatenate([x, y], axis=1), w, K),
+                   subset_responsibilities(k2, model.design(x), y, w, K)) * w[:, None]
+    p = model.init_params(k3, y.dtype)
+    p = p._replace(gate_weights=jnp.zeros_like(p.gate_weights), coef=jnp.zeros_like(p.coef))
+    coef, log_scale = model.experts_m_step(x, y, r0, stats, p.coef)
+    p = p._replace(coef=coef, log_scale=log_scale)
+    p, _ = gate_m_step(model, p, x, r0, stats, inner_steps)
+    return p
+
+
+@partial(jax.jit, static_argnames=("model", "restarts", "max_iter", "inner_steps"))
+def _fit_gem_jit(model, key, x, y, w, tol, *, restarts, max_iter, inner_steps):
+    stats = model.data_stats(x, y, w)
+    keys = jax.random.split(key, restarts)
+    p0 = jax.vmap(lambda k, u: _initial(model, k, x, y, w, stats, u, inner_steps))(
+        keys, jnp.arange(restarts) % 2)
+    params, ll, obj, ll_tr, obj_tr, n_iter, conv = jax.vmap(
+        lambda p: _run_gem(model, x, y, w, stats, p, tol, max_iter, inner_steps))(p0)
+    degenerate = jax.vmap(lambda p: jnp.any(model.degenerate_components(p, x, y, w, stats)))(params)
+    score = jnp.where(degenerate | ~jnp.isfinite(obj), -jnp.inf, ll)
+    fallback = jnp.where(jnp.isfinite(obj), ll, -jnp.inf)
+    best = jnp.where(jnp.any(jnp.isfinite(score)), jnp.argmax(score), jnp.argmax(fallback))
+    pick = lambda a: a[best]  # noqa: E731
+    bic = -2.0 * ll[best] + model.n_params * jnp.log(jnp.sum(w))
+    return EMResult(jax.tree_util.tree_map(pick, params), ll[best], obj[best], ll_tr[best],
+                    obj_tr[best], n_iter[best], conv[best], bic, degenerate[best],
+                    best.astype(jnp.int32), ll, conv, degenerate)
+
+
+def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: int = 1,
+            max_iter: int = 500, tol: float = 1e-8, inner_steps: int = 10) -> EMResult:
+    """Fits a :class:`SoftmaxGatedExperts` by generalized EM (module docs); returns an
+    :class:`EMResult` like :func:`fit_em` (restarts alternate k-means++ and random-subset starts;
+    the best non-degenerate restart is kept).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from conceptshift.models.softmax_gated import SoftmaxGatedExperts
+      >>> rng = np.random.default_rng(0)
+      >>> x = rng.normal(size=300); z = rng.random(300) < 1 / (1 + np.exp(-3 * x))
+      >>> y = np.where(z, 2 + x, -2 - x) + 0.3 * rng.normal(size=300)
+      >>> fit = fit_gem(SoftmaxGatedExperts(2), jax.random.key(0), x, y, restarts=2)
+      >>> bool(fit.converged)
+      True
+    """
+    if not isinstance(model, SoftmaxGatedExperts):
+        raise TypeError(f"model must be a SoftmaxGatedExperts, got {type(model).__name__}")
+    key = check_key("key", key)
+    restarts = check_int("restarts", restarts, minimum=1)
+    max_iter = check_int("max_iter", max_iter, minimum=1)
+    inner_steps = check_int("inner_steps", inner_steps, minimum=1)
+    if not is_traced(tol):
+        tol = check_float("tol", tol, nonnegative=True)
+    arrays = model.check_data(x, y, weights)
+    x, y = arrays[0], arrays[1]
+    w = arrays[2] if weights is not None else jnp.ones((x.shape[0],), y.dtype)
+    if x.shape[0] < model.n_components:
+        raise ValueError(f"x has {x.shape[0]} rows, fewer than n_components={model.n_components}")
+    return _fit_gem_jit(model, key, x, y, w, jnp.asarray(tol, y.dtype), restarts=restarts,
+                        max_iter=max_iter, inner_steps=inner_steps)

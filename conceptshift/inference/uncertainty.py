@@ -1,0 +1,93 @@
+"""Uncertainty for Algorithm 1: a distribution over q̂(y | x) rather than one estimate.
+
+Bayesian: posterior draws of the two-head source fit and of the weak-target fit are matched draw by
+draw (steps 3-4 of Algorithm 1 on each pair), giving draws of q̂'s parameters.
+Frequentist: a parametric bootstrap of the EM fits (data redrawn from each fit, refitted by EM from
+the fit, all replicates in one vmapped compiled call) run through the same matching.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .._validation import check_int, check_key
+from ..models._experts import ExpertsFamily
+from ..models.gated import GatedExperts
+from .em import fit_em
+from .estimators import identify
+from .mcmc import relabel_one
+
+
+def identification_draws(model: ExpertsFamily, source_draws, target_draws, *, n_batch: int = 2):
+    """Algorithm 1 applied to each (source draw, target draw) pair.
+
+    Args:
+      model: the single-head family.
+      source_draws: two-head (y, y') source parameters with ``n_batch`` leading axes.
+      target_draws: one-head weak-target parameters with the same leading axes.
+
+    Returns:
+      (q̂ parameter draws (single head, same leading axes), assignments (..., K)).
+    """
+    fn = lambda s, t: _ident(model, s, t)  # noqa: E731
+    for _ in range(n_batch):
+        fn = jax.vmap(fn)
+    return fn(source_draws, target_draws)
+
+
+def _ident(model, s, t):
+    ident = identify(s, t, model, weak_source=True)
+    return ident.predictor.params, ident.assignment
+
+
+def _resample(model, key, params, x):
+    """New data from a fit: x redrawn from the gate mixture for gated families, kept otherwise."""
+    kx, ky = jax.random.split(key)
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        if isinstance(model, GatedExperts):
+            x = model.x_distribution(params).sample(kx, (x.shape[0],))
+        y = model.sample_conditional(ky, params, x)
+    return x, y
+
+
+@partial(jax.jit, static_argnames=("model", "max_iter"))
+def _bootstrap_impl(model, keys, params, x, tol, max_iter):
+    def one(key):
+        xb, yb = _resample(model, key, params, x)
+        fit = fit_em(model, key, xb, yb, init_params=params, max_iter=max_iter, tol=tol)
+        return fit.params
+
+    draws = jax.vmap(one)(keys)
+    aligned, _ = jax.vmap(relabel_one, in_axes=(0, None))(draws, params)
+    return aligned
+
+
+def bootstrap_em(model: ExpertsFamily, key, params, x, n_boot: int, *, max_iter: int = 300,
+                 tol: float = 1e-7):
+    """Parametric bootstrap of an EM fit: ``n_boot`` data sets of the same size drawn from
+    ``params`` (at the observed x for regression mixtures; x redrawn for gated families), each
+    refitted by EM starting from ``params`` and relabelled to it. Returns the refits with a leading
+    axis of size ``n_boot``; one compiled call.
+    """
+    key = check_key("key", key)
+    n_boot = check_int("n_boot", n_boot, minimum=1)
+    (x,) = model.check_data(x)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x.dtype), params)
+    keys = jax.random.split(key, n_boot)
+    return _bootstrap_impl(model, keys, params, x, jnp.asarray(tol, x.dtype), max_iter)
+
+
+def bootstrap_identification(model: ExpertsFamily, key, source_params, target_params, source_x,
+                             target_x, n_boot: int, **em_kw):
+    """Bootstrap draws of Algorithm 1's q̂: source (two-head) and weak-target fits bootstrapped
+    independently, matched replicate by replicate. Returns (q̂ params (n_boot, ...), assignments)."""
+    ks, kt = jax.random.split(check_key("key", key))
+    sb = bootstrap_em(model.with_heads(2), ks, source_params, source_x, n_boot, **em_kw)
+    tb = bootstrap_em(model.with_heads(1), kt, target_params, target_x, n_boot, **em_kw)
+    return identification_draws(model.with_heads(1), sb, tb, n_batch=1)
+
+
+__all__ = ["bootstrap_em", "bootstrap_identification", "identification_draws"]

@@ -1,0 +1,103 @@
+"""Softmax-gated mixture of regressions: flexmix's concomitant-variable model.
+
+p(y | x) = sum_k softmax_k(b + W x) N(y; Phi(x) . beta_k, sigma_k^2), with gate offsets b (K,)
+(stored as ``log_weights``, normalised so that logsumexp(b) = 0) and gate slopes W (K, D). Like
+:class:`RegressionMixture` the model is conditional on x (its likelihood is log p(y | x)); unlike it,
+the mixing proportions depend on x. The gate has no closed-form M-step: it is fitted by generalized
+EM (:func:`conceptshift.inference.gem.fit_gem`), an Optax inner loop on the gate's weighted
+multinomial log-likelihood with the experts' closed-form M-step.
+
+Gate prior: a ridge (reg / 2) * ||W||^2 * n_x_var (slopes scaled by the covariates' spread) keeps the
+slopes finite when the responsibilities separate linearly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax import Array
+
+from .._validation import check_int
+from ._experts import DataStats, ExpertsFamily
+
+
+class SoftmaxGatedParams(NamedTuple):
+    log_weights: Array  # (K,) gate offsets b, logsumexp(b) = 0 (the proportions at x = 0)
+    coef: Array  # (K, H, P) expert coefficients, intercept first
+    log_scale: Array  # (K, H)
+    gate_weights: Array  # (K, D) gate slopes W
+
+    @property
+    def weights(self) -> Array:
+        return jnp.exp(self.log_weights)
+
+    @property
+    def scale(self) -> Array:
+        return jnp.exp(self.log_scale)
+
+
+@dataclass(frozen=True)
+class SoftmaxGatedExperts(ExpertsFamily):
+    """p(k | x) = softmax(b + W x), Gaussian regression experts; fitted by :func:`fit_gem`."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("n_features", self.n_features, minimum=1)
+
+    def n_gate_params(self) -> int:
+        return self.n_components * self.n_features
+
+    def gate_logits_t(self, params, xT: Array) -> Array:
+        """b + W x in the E-step's layout, x (D, N) -> (K, N)."""
+        return params.log_weights[:, None] + params.gate_weights @ xT
+
+    def gate_log_probs_t(self, params, xT):
+        return jax.nn.log_softmax(self.gate_logits_t(params, xT), axis=0)
+
+    def marginal_x_log_prob(self, params, x):
+        return jnp.zeros((x.shape[0],), dtype=params.coef.dtype)
+
+    def gate_ridge(self, stats: DataStats) -> Array:
+        """(D,) ridge on each gate slope column: reg times the covariate's variance."""
+        return self.reg * stats.x_var
+
+    def log_prior(self, params, stats: DataStats):
+        heads = self._log_prior_heads(params._replace(log_weights=jnp.zeros_like(params.log_weights)),
+                                      stats)
+        return heads - 0.5 * jnp.sum(self.gate_ridge(stats)[None, :] * params.gate_weights**2)
+
+    def gate_objective(self, params, x: Array, r: Array, stats: DataStats) -> Array:
+        """sum_n sum_k r_nk log p(k | x_n) minus the gate ridge: what the gate M-step maximises."""
+        logp = self.gate_log_probs_t(params, x.T)  # (K, N)
+        ridge = 0.5 * jnp.sum(self.gate_ridge(stats)[None, :] * params.gate_weights**2)
+        return jnp.sum(r.T * logp) - ridge
+
+    def experts_m_step(self, x, y, r, stats: DataStats, ref):
+        """Closed-form (coef, log_scale) given responsibilities r (N, K), residuals against ``ref``."""
+        ss = self.suff_stats(x, y, r, jnp.swapaxes(ref, 1, 2), stats)
+        _, coef, log_scale = self._heads_from_stats(ss, stats)
+        ss = self.suff_stats(x, y, r, jnp.swapaxes(coef, 1, 2), stats)
+        _, coef, log_scale = self._heads_from_stats(ss, stats)
+        return coef, log_scale
+
+    def init_params(self, key, dtype=None) -> SoftmaxGatedParams:
+        dtype = dtype or jnp.zeros((), float).dtype
+        K, H, P, D = self.n_components, self.n_heads, self.n_coef, self.n_features
+        k1, k2 = jax.random.split(key)
+        return SoftmaxGatedParams(jnp.full((K,), -jnp.log(K), dtype),
+                                  jax.random.normal(k1, (K, H, P), dtype), jnp.zeros((K, H), dtype),
+                                  0.1 * jax.random.normal(k2, (K, D), dtype))
+
+    def _gate_sites(self, x):
+        import numpyro
+
+        K, D = self.n_components, self.n_features
+        w = numpyro.sample("gate_weights", dist.Normal(jnp.zeros((K, D), x.dtype), 5.0).to_event(2))
+        return {"gate_weights": w}
+
+    def _params_from_sites(self, log_weights, coef, log_scale, gate_sites):
+        return SoftmaxGatedParams(log_weights, coef, log_scale, gate_sites["gate_weights"])

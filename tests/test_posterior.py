@@ -1,0 +1,234 @@
+"""NUTS with relabelling, Algorithm 1's posterior and bootstrap draws, and the ArviZ DataTree:
+relabelling restores permuted draws exactly, chains started in different labellings agree once
+relabelled, the diagnostics equal direct computations, the netCDF round trip is identical.
+
+One short NUTS run (module fixture) serves the default tests; the full criteria (R-hat < 1.01,
+bulk ESS > 400, 90% HDI coverage of q(x) in [0.85, 0.95] over test points and replicates) are
+``slow``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rtol
+from scipy import stats
+from scipy.special import logsumexp
+
+from conceptshift.diagnostics.posterior import (
+    diagnose,
+    hdi_coverage,
+    pit_values,
+    posterior_datatree,
+    read_datatree,
+    write_datatree,
+)
+from conceptshift.inference import fit_em
+from conceptshift.inference.estimators import identify
+from conceptshift.inference.mcmc import fit_nuts, relabel
+from conceptshift.inference.uncertainty import bootstrap_em, identification_draws
+from conceptshift.models import GatedExperts, RegressionMixture, make_problem, simulate
+
+M1 = RegressionMixture(2)
+
+
+def _jitter(params, key, n_batch_shape, scale=0.05):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    out = [jnp.broadcast_to(a, n_batch_shape + a.shape)
+           + scale * jax.random.normal(k, n_batch_shape + a.shape, a.dtype)
+           for a, k in zip(leaves, keys, strict=True)]
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+@pytest.mark.parametrize("model", [
+    RegressionMixture(3, n_heads=2),
+    pytest.param(GatedExperts(3, n_features=2), marks=pytest.mark.slow),
+], ids=["regression", "gated"])
+def test_relabel_restores_permuted_draws_exactly(model):
+    ref = model.init_params(jax.random.key(0))
+    ref = ref._replace(coef=3 * ref.coef)  # well separated components
+    draws = _jitter(ref, jax.random.key(1), (2, 25))  # (chain, draw)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, 3))(jax.random.split(jax.random.key(2), 50))
+    perms = perms.reshape(2, 25, 3)
+    shuffled = jax.tree_util.tree_map(
+        lambda a: jax.vmap(jax.vmap(lambda v, p: v[p]))(a, perms), draws)
+    back, found = relabel(shuffled, ref)
+    for u, v in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(draws), strict=True):
+        np.testing.assert_array_equal(u, v)
+    # the permutation found undoes the one applied: shuffled[found] == draws
+    inv = jax.vmap(jax.vmap(jnp.argsort))(perms)
+    np.testing.assert_array_equal(found, inv)
+    # aligned draws are left alone
+    same, ident = relabel(draws, ref)
+    assert np.all(np.asarray(ident) == np.arange(3))
+
+
+@pytest.fixture(scope="module")
+def problem_data():
+    prob = make_problem(jax.random.key(0), n_components=2, noise=0.5)
+    sim = simulate(jax.random.key(1), prob, 10, 150, 100)
+    em = fit_em(M1, jax.random.key(2), sim.target.x, sim.target.y, restarts=4)
+    return prob, sim, em
+
+
+@pytest.fixture(scope="module")
+def boot_run():
+    """A DataTree of 2 x 100 draws scattered around the true parameters (the DataTree does not
+    care where its draws come from; NUTS and the bootstrap are exercised separately)."""
+    prob = make_problem(jax.random.key(0), n_components=2, noise=0.5)
+    sim = simulate(jax.random.key(1), prob, 10, 10, 100)
+    t = prob.heads("q", "strong")
+    draws = _jitter(t, jax.random.key(3), (2, 100), scale=0.05)
+    draws = draws._replace(log_weights=jax.nn.log_softmax(draws.log_weights, axis=-1))
+    em = None
+    stats_ = {"diverging": np.zeros((2, 100), bool)}
+    dt = posterior_datatree(M1, draws, sim.test.x, sim.test.y, jax.random.key(4),
+                            sample_stats=stats_, truth=prob)
+    return prob, sim, em, draws, dt
+
+
+@pytest.mark.slow
+def test_nuts_chains_in_different_labellings_agree_once_relabelled(problem_data):
+    """Chains started at EM's fit in the two labellings: the raw draws disagree (R-hat >> 1), the
+    relabelled ones agree. Short chains here; the full criteria are in the slow test below."""
+    from arviz_base import from_dict
+    from arviz_stats import rhat
+
+    prob, sim, em = problem_data
+    x, y = sim.target.x[:100], sim.target.y[:100]
+    starts = jax.tree_util.tree_map(lambda a: jnp.stack([a, a[::-1]]), em.params)
+    res = fit_nuts(M1, jax.random.key(3), x, y, num_chains=2, num_warmup=100, num_samples=100,
+                   init_params=starts, reference=em.params, max_tree_depth=5)
+    assert res.params.coef.shape == (2, 100, 2, 1, 2)
+    assert set(res.sample_stats) >= {"diverging", "acceptance_rate", "lp", "step_size"}
+    raw = from_dict({"posterior": {"w": np.exp(np.asarray(res.raw_params.log_weights, float))}})
+    assert float(rhat(raw)["w"].max()) > 1.5  # label switching: raw chains disagree
+    assert np.all(np.asarray(res.perms[1]) == [1, 0])  # chain 1 ran in the other labelling
+    post = {"w": np.exp(np.asarray(res.params.log_weights, float)),
+            "c": np.asarray(res.params.coef[..., 0, :], float)}
+    r = rhat(from_dict({"posterior": post}))
+    assert float(r["w"].max()) < 1.1 and float(r["c"].max()) < 1.1
+    np.testing.assert_allclose(np.sort(post["w"].mean((0, 1))),
+                               np.sort(np.asarray(prob.params_q.weights, float)), atol=0.15)
+
+
+def test_diagnostics_equal_direct_computations(boot_run):
+    prob, sim, em, draws, dt = boot_run
+    d = diagnose(dt, prob=0.9)
+    ll = dt["log_likelihood"]["y"].values.reshape(-1, 100)
+    # the log-likelihood group is log q̂_s(y | x) of each draw
+    p0 = jax.tree_util.tree_map(lambda a: a[0, 0], draws)
+    np.testing.assert_allclose(ll[0], M1.conditional_log_prob(p0, sim.test.x, sim.test.y),
+                               rtol=rtol(1e-5, 1e-10))
+    np.testing.assert_allclose(d["elpd_test"], np.sum(logsumexp(ll, 0) - np.log(ll.shape[0])),
+                               rtol=1e-10)
+    np.testing.assert_allclose(d["elpd_truth"], float(jnp.sum(prob.true_log_prob(sim.test.x, sim.test.y))),
+                               rtol=rtol(1e-5, 1e-10))
+    ks = stats.kstest(pit_values(dt), "uniform")
+    np.testing.assert_allclose(d["pit_ks"], ks.statistic, rtol=1e-10)
+    np.testing.assert_allclose(d["pit_ks_pvalue"], ks.pvalue, atol=0.02)
+    # HDI by hand: the shortest window holding ceil(0.9 S) sorted draws
+    q = np.sort(dt["posterior"]["q_mean"].values.reshape(-1, 100), axis=0)
+    m = int(np.ceil(0.9 * q.shape[0]))
+    width = q[m - 1:] - q[: q.shape[0] - m + 1]
+    j = np.argmin(width, axis=0)
+    lo, hi = q[j, np.arange(100)], q[j + m - 1, np.arange(100)]
+    true = np.asarray(prob.true_mean(sim.test.x), float)
+    rate, inside = hdi_coverage(dt, 0.9)
+    np.testing.assert_allclose(rate, np.mean((lo <= true) & (true <= hi)), atol=0.02)
+    assert 0 < d["pareto_k_max"] and np.isfinite(d["elpd_loo"])
+
+
+def test_datatree_groups_and_netcdf_round_trip(boot_run, tmp_path):
+    dt = boot_run[4]
+    assert set(dt.children) == {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",
+                                "observed_data", "constant_data", "truth"}
+    assert dt["posterior"]["q_mean"].dims == ("chain", "draw", "obs")
+    assert dt["truth"]["coef"].dims == ("component", "head", "term")
+    path = tmp_path / "run" / "posterior.nc"
+    write_datatree(dt, path)
+    back = read_datatree(path)
+    assert back.identical(dt)
+    assert [p.name for p in path.parent.iterdir()] == ["posterior.nc"]  # no temporary file left
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_datatree(tmp_path / "missing.nc")
+
+
+@pytest.mark.slow
+def test_identification_draws_are_algorithm_1_draw_by_draw():
+    m2 = RegressionMixture(2, n_heads=2)
+    src = _jitter(m2.init_params(jax.random.key(0)), jax.random.key(1), (2, 3), scale=0.3)
+    tgt = _jitter(M1.init_params(jax.random.key(2)), jax.random.key(3), (2, 3), scale=0.3)
+    q, a = identification_draws(M1, src, tgt)
+    assert q.coef.shape == (2, 3, 2, 1, 2) and a.shape == (2, 3, 2)
+    one_fn = jax.jit(lambda s_, t_: identify(s_, t_, M1))
+    def pick(tree, c, s):
+        return jax.tree_util.tree_map(lambda v: v[c, s], tree)
+
+    for c in range(2):
+        for s in range(3):
+            one = one_fn(pick(src, c, s), pick(tgt, c, s))
+            np.testing.assert_array_equal(a[c, s], one.assignment)
+            for u, v in zip(jax.tree_util.tree_leaves(one.predictor.params),
+                            jax.tree_util.tree_leaves(pick(q, c, s)),
+                            strict=True):
+                np.testing.assert_allclose(u, v, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_bootstrap_em_matches_ols_standard_errors():
+    """K = 1: the parametric bootstrap of the ML fit has the sampling spread of OLS,
+    sd(beta*) ~ s (X'X)^-1/2 (up to the ML variance's (n - P) / n), over 400 refits."""
+    rng = np.random.default_rng(0)
+    n = 400
+    x = rng.normal(size=n)
+    y = 1.0 + 2.0 * x + 0.5 * rng.normal(size=n)
+    X = np.stack([np.ones(n), x], 1)
+    beta = np.linalg.lstsq(X, y, rcond=None)[0]
+    s2 = np.sum((y - X @ beta) ** 2) / n
+    se = np.sqrt(s2 * np.diag(np.linalg.inv(X.T @ X)))
+    m = RegressionMixture(1)
+    fit = fit_em(m, jax.random.key(0), x, y)
+    boot = bootstrap_em(m, jax.random.key(1), fit.params, x, 400)
+    coef = np.asarray(boot.coef[:, 0, 0], float)
+    np.testing.assert_allclose(coef.std(0), se, rtol=0.12)
+    assert np.all(np.abs(coef.mean(0) - beta) < 4 * se / np.sqrt(400))
+    with pytest.raises(ValueError, match="n_boot must be >= 1"):
+        bootstrap_em(m, jax.random.key(1), fit.params, x, 0)
+
+
+def test_bad_arguments():
+    x, y = np.zeros((10, 1)), np.zeros(10)
+    with pytest.raises(ValueError, match="target_accept must be in"):
+        fit_nuts(M1, jax.random.key(0), x, y, target_accept=1.5)
+    with pytest.raises(ValueError, match="num_chains must be >= 1"):
+        fit_nuts(M1, jax.random.key(0), x, y, num_chains=0)
+    with pytest.raises(ValueError, match="one head"):
+        posterior_datatree(RegressionMixture(2, n_heads=2),
+                           RegressionMixture(2, n_heads=2).init_params(jax.random.key(0)), x, y,
+                           jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------ slow: full criteria
+@pytest.mark.slow
+def test_nuts_well_specified_rhat_ess_and_hdi_coverage():
+    """A well-specified problem, 12 replicates: relabelled NUTS (4 chains x 1000 draws) has R-hat <
+    1.01 and bulk ESS > 400 for every parameter, and the 90% HDIs of q̂(x) cover the true q(x) at a
+    rate in [0.85, 0.95] over test points and replicates."""
+    prob = make_problem(jax.random.key(0), n_components=2, noise=0.5)
+    rates = []
+    for rep in range(12):
+        sim = simulate(jax.random.key(100 + rep), prob, 10, 300, 50)
+        x, y = sim.target.x, sim.target.y
+        em = fit_em(M1, jax.random.key(rep), x, y, restarts=4)
+        res = fit_nuts(M1, jax.random.key(200 + rep), x, y, num_chains=4, num_warmup=500,
+                       num_samples=1000, init_params=em.params)
+        dt = posterior_datatree(M1, res.params, sim.test.x, sim.test.y, jax.random.key(rep),
+                                sample_stats=res.sample_stats, truth=prob)
+        d = diagnose(dt)
+        assert d["max_rhat"] < 1.01 and d["min_ess_bulk"] > 400, (rep, d["max_rhat"], d["min_ess_bulk"])
+        rates.append(d["hdi_coverage"])
+    print(f"90% HDI coverage of q(x) per replicate: {np.round(rates, 3).tolist()}, "
+          f"mean {np.mean(rates):.3f}")
+    assert 0.85 <= np.mean(rates) <= 0.95, rates
