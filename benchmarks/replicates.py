@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     else:
         grid, n, restarts, max_iter, repeats = [1, 4, 16, 64], 2000, 8, 100, 3
     rows = []
-    for family in ("gated",) if args.quick else ("regression", "gated"):
+    for family in ("regression",) if args.quick else ("regression", "gated"):
         for R in grid:
             rows.append(bench(R, n, family, restarts, max_iter, repeats))
             print(json.dumps(rows[-1]), flush=True)

@@ -5,8 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import X64
 
 from conceptshift.cli import main
+
+# the CLI chooses its own precision (float64 unless --float32): the float64 pass would repeat it
+pytestmark = pytest.mark.skipif(X64, reason="the CLI sets its own precision; run once")
 
 
 def run_cli(*args):

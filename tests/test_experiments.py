@@ -124,7 +124,7 @@ def test_cli_experiment_errors(capsys):
     assert "replicates" in capsys.readouterr().err
     assert main(["experiment", "consistency", "--set", "n_grid=a"]) == 2
     assert set(EXPERIMENTS) == {"consistency", "distinguishability", "refinement-bias", "weak-training",
-                                "misspecified", "posterior"}
+                                "misspecified", "posterior", "icl", "anchors"}
 
 
 TINY = {
@@ -137,8 +137,13 @@ TINY = {
 }
 
 
+HEAVY = {"misspecified", "distinguishability"}  # their smoke runs cost a minute: `make test-slow`
+
+
 @pytest.mark.skipif(X64, reason="end-to-end smoke run of the sweeps, run once: in the float32 pass")
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(TINY)]
+)
 def test_other_experiments_run_end_to_end(name, tmp_path):
     mod = EXPERIMENTS[name]
     cfg = load_config(mod.DEFAULTS, None, TINY[name])
