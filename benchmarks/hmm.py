@@ -172,7 +172,44 @@ def main(argv=None) -> dict:
     }
     write_json_atomic(args.out, result)
     print(f"written: {args.out}")
+    if not args.quick:
+        write_table(result, HERE / "results" / "hmm.md")
     return result
+
+
+def write_table(result: dict, path: Path) -> None:
+    """The HMM section of benchmarks/README.md (included by em_iteration.py's generator)."""
+    from conceptshift.io import write_atomic
+
+    lines = [
+        "## Mixture of HMMs against hmmlearn and dynamax (`hmm`)",
+        "",
+        "Time of the log-likelihood and of one Baum-Welch iteration over N sequences of T tokens, same data",
+        "and parameters (conceptshift and dynamax in float32, hmmlearn in float64; hmmlearn's",
+        "iteration is one `fit(n_iter=1)` call). The log-likelihoods agree to "
+        f"{_agreement(result):.0e} relative.",
+        "",
+        "| K | S | V | N x T | implementation | log-likelihood (ms) | EM iteration (ms) |",
+        "|---:|---:|---:|---|---|---:|---:|",
+    ]
+    by = {}
+    for r in result["rows"]:
+        by.setdefault((r["K"], r["S"], r["V"], r["N"], r["T"], r["impl"]), {})[r["op"]] = r["seconds"]
+    for (K, S, V, N, T, impl), ops in by.items():
+        ll, em = ops.get("loglik"), ops.get("em_iter")
+        ll_ms = "-" if ll is None else f"{ll * 1e3:.1f}"
+        em_ms = "-" if em is None else f"{em * 1e3:.1f}"
+        lines.append(f"| {K} | {S} | {V} | {N} x {T} | {impl} | {ll_ms} | {em_ms} |")
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _agreement(result: dict) -> float:
+    worst = 0.0
+    for c in result["loglik_agreement"]:
+        for other in ("loglik_hmmlearn", "loglik_dynamax"):
+            if c.get(other) is not None:
+                worst = max(worst, abs(c["loglik_conceptshift"] - c[other]) / abs(c[other]))
+    return worst
 
 
 if __name__ == "__main__":
