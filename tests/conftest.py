@@ -25,3 +25,8 @@ def data_dir():
 def rtol(f32: float, f64: float) -> float:
     """A tolerance chosen by the active precision."""
     return f64 if X64 else f32
+
+
+# a test whose outcome does not depend on the precision (integer assignments, program structure,
+# jit/vmap plumbing): run once, in the float32 pass, to keep `make test` within its time budget
+once = pytest.mark.skipif(X64, reason="precision-independent: run once, in the float32 pass")

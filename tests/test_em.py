@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import X64, rtol
+from conftest import X64, once, rtol
 from scipy.optimize import linear_sum_assignment
 
 from conceptshift.inference import fit_em
@@ -199,6 +199,7 @@ def _assert_same_fit(a, b, tol):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e3 * tol, atol=1e3 * tol)
 
 
+@once
 def test_fit_em_under_jit_and_vmap_over_keys_and_datasets():
     """One jitted, vmapped program over a batch of (key, data set) pairs equals one eager fit each.
     (One compile: jit and vmap are exercised together to keep the suite fast.)"""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import X64, rtol
+from conftest import X64, once, rtol
 
 from conceptshift.inference.baum_welch import _fit_jit, fit_hmm_em
 from conceptshift.inference.hmm_estimators import param_errors
@@ -252,6 +252,7 @@ def test_init_params_shape_checked():
 
 
 # ---------------------------------------------------------------- estimators (no new EM compile)
+@once
 def test_identification_recovers_a_concept_permutation_and_moves_target_weights(anchored):
     """Algorithm 1 steps 3-4 on a target 'fit' that is the source fit with concepts and states
     relabelled, its weak head shifted slightly and other proportions: the matching undoes the

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pytest
-from conftest import rtol
+from conftest import once, rtol
 from numpyro import handlers
 
 from conceptshift.models import GatedExperts, RegressionMixture
@@ -50,6 +50,7 @@ def test_regression_model_likelihood_equals_log_likelihood():
     np.testing.assert_allclose(lp, model.log_likelihood(params, x, y), rtol=rtol(1e-5, 1e-12))
 
 
+@once
 @pytest.mark.parametrize("covariance, D", [("full", 2), ("diag", 2), ("full", 1)])
 def test_gated_model_sites_and_prior_draw(covariance, D):
     model = GatedExperts(2, n_features=D, covariance=covariance)

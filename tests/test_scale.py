@@ -8,7 +8,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import rtol
+from conftest import once, rtol
 
 from conceptshift.inference import fit_em
 from conceptshift.inference.em import make_stats_fn
@@ -76,6 +76,7 @@ def test_sharded_fit_equals_single_device():
     assert float(diff) < (1e-8 if x64 else 5e-2)
 
 
+@once
 def test_online_em_reaches_batch_optimum(tmp_path):
     prob, x, y = _sample(40000)
     np.save(tmp_path / "x.npy", x)
