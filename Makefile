@@ -34,10 +34,10 @@ demo: $(STAMP)
 test: test-f32 test-x64
 
 test-f32: $(STAMP)
-	JAX_ENABLE_X64=0 $(PY) -m pytest -q -n 2 -p no:cacheprovider
+	JAX_ENABLE_X64=0 $(PY) -m pytest -q -n 2 --dist worksteal -p no:cacheprovider
 
 test-x64: $(STAMP)
-	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n 2 -p no:cacheprovider
+	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n 2 --dist worksteal -p no:cacheprovider
 
 # heavy tests (marked slow; pytest's "no tests collected" exit code 5 counts as success)
 test-slow: $(STAMP)

@@ -137,7 +137,7 @@ TINY = {
 }
 
 
-HEAVY = {"misspecified", "distinguishability"}  # their smoke runs cost a minute: `make test-slow`
+HEAVY = {"misspecified", "distinguishability", "weak-training"}  # smoke runs of 20-60 s: test-slow
 
 
 @pytest.mark.skipif(X64, reason="end-to-end smoke run of the sweeps, run once: in the float32 pass")

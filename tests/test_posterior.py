@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rtol
+from conftest import once, rtol
 from scipy import stats
 from scipy.special import logsumexp
 
@@ -113,6 +113,7 @@ def test_nuts_chains_in_different_labellings_agree_once_relabelled(problem_data)
                                np.sort(np.asarray(prob.params_q.weights, float)), atol=0.15)
 
 
+@once
 def test_diagnostics_equal_direct_computations(boot_run):
     prob, sim, em, draws, dt = boot_run
     d = diagnose(dt, prob=0.9)
@@ -140,6 +141,7 @@ def test_diagnostics_equal_direct_computations(boot_run):
     assert 0 < d["pareto_k_max"] and np.isfinite(d["elpd_loo"])
 
 
+@once
 def test_datatree_groups_and_netcdf_round_trip(boot_run, tmp_path):
     dt = boot_run[4]
     assert set(dt.children) == {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",

@@ -71,7 +71,6 @@ def _sq(x):
 
 MODELS = {
     "regression": RegressionMixture(3, n_features=2, degree=2),
-    "regression-fn": RegressionMixture(3, n_features=2, basis_fn=_sq),
     "regression-intercept": RegressionMixture(2, n_features=0),
     "gated-full": GatedExperts(3, n_features=2, n_heads=2),
     "gated-diag": GatedExperts(2, n_features=3, covariance="diag", degree=2),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import rtol
+from conftest import once, rtol
 
 from conceptshift.inference import fit_em
 from conceptshift.inference.svi import _RUNNERS, fit_svi, initial_params
@@ -98,6 +98,7 @@ def _poison_from(step: int):
 POISONED = optax.chain(optax.adam(0.05), _poison_from(5))
 
 
+@once
 def test_nonfinite_steps_leave_the_state_alone():
     """Updates turn NaN from step 5 on: every later step is discarded, and the result is exactly
     the state after the 5 good steps; the trace marks the discarded steps."""
