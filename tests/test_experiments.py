@@ -95,6 +95,7 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path, monkeypatch):
     assert saved["bias"] == full["bias"]
 
 
+@pytest.mark.slow  # 80 s of CPU: `make test-slow` (and `make demo` shows the same at full size)
 @pytest.mark.skipif(X64, reason="a statistical check of the estimators, run once: in the float32 pass")
 def test_consistency_identification_is_consistent_and_baselines_are_not(tmp_path):
     """The estimators issue's acceptance check, at a reduced but 16-fold n range."""

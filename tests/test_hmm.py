@@ -252,6 +252,7 @@ def test_init_params_shape_checked():
 
 
 # ---------------------------------------------------------------- estimators (no new EM compile)
+@pytest.mark.slow  # 30 s of CPU: `make test-slow`
 @once
 def test_identification_recovers_a_concept_permutation_and_moves_target_weights(anchored):
     """Algorithm 1 steps 3-4 on a target 'fit' that is the source fit with concepts and states
