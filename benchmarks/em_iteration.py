@@ -270,8 +270,12 @@ def _table(rows, key, label):
             return row[f]["median_s"] * 1e3 if f in row else float("nan")
         g = ms("GatedExperts")
         xr = row.get("GatedExperts", {}).get("x_roofline", float("nan"))
-        out.append(f"| {v:,} | {ms('RegressionMixture'):.2f} | {g:.2f} | {xr:.1f} | {ms(SKLEARN):.1f} "
-                   f"| {ms(NUMPY):.1f} | {ms(SKLEARN) / g:.1f}x | {ms(NUMPY) / g:.1f}x |")
+        def f(v, spec, suffix=""):
+            return "-" if v != v else f"{v:{spec}}{suffix}"
+
+        out.append(f"| {v:,} | {f(ms('RegressionMixture'), '.2f')} | {f(g, '.2f')} | {f(xr, '.1f')} "
+                   f"| {f(ms(SKLEARN), '.1f')} | {f(ms(NUMPY), '.1f')} | {f(ms(SKLEARN) / g, '.1f', 'x')} "
+                   f"| {f(ms(NUMPY) / g, '.1f', 'x')} |")
     return out
 
 
