@@ -24,6 +24,7 @@ from jax import Array
 
 from .._validation import check_float, check_int, check_key, is_traced
 from ..models.hmm import HMMData, HMMMixture, HMMParams
+from .em import em_loop
 
 
 class HMMEMResult(NamedTuple):
@@ -51,10 +52,6 @@ class HMMEMResult(NamedTuple):
         return np.asarray(self.loglik_trace)[: int(self.n_iter)]
 
 
-def _all_finite(tree) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]))
-
-
 def hmm_em_step(model: HMMMixture, params: HMMParams, d: HMMData) -> tuple[HMMParams, Array]:
     """One Baum-Welch iteration: (new parameters, weighted log-likelihood at the old ones)."""
     ll, stats = model.expected_stats(params, d)
@@ -62,25 +59,11 @@ def hmm_em_step(model: HMMMixture, params: HMMParams, d: HMMData) -> tuple[HMMPa
 
 
 def _run(model: HMMMixture, d: HMMData, params0: HMMParams, tol, max_iter: int):
-    dtype = d.w.dtype
-    nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
-
-    def cond(s):
-        return (s[2] < max_iter) & ~s[5] & ~s[6]
-
-    def body(s):
-        params, obj_prev, it, ll_tr, obj_tr, _, _ = s
+    def step(params):
         new, ll = hmm_em_step(model, params, d)
-        obj = ll + model.log_prior(params)
-        ok = _all_finite(new) & jnp.isfinite(obj)
-        params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
-        conv = ok & (it > 0) & (jnp.abs(obj - obj_prev) <= tol * jnp.abs(obj))
-        return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok
+        return new, ll, ll + model.log_prior(params)
 
-    false = jnp.asarray(False)
-    init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
-            false, ~_all_finite(params0))
-    params, _, n_iter, ll_tr, obj_tr, conv, failed = jax.lax.while_loop(cond, body, init)
+    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, d.w.dtype)
     ll = jnp.sum(d.w * jax.scipy.special.logsumexp(model._component_log_probs(params, d), axis=-1))
     obj = ll + model.log_prior(params)
     return params, ll, obj, ll_tr, obj_tr, n_iter, conv & ~failed & jnp.isfinite(obj)

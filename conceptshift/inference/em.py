@@ -149,11 +149,13 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
     return lambda params: smap(params, xb, yb, wb)
 
 
-def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DEFAULT_BLOCK,
-            mesh=None) -> _Run:
-    dtype = y.dtype
+def em_loop(step, params0, tol, max_iter: int, dtype):
+    """The EM driver every family shares: ``step(params) -> (new params, loglik, objective)`` (the
+    log-likelihood and objective at the old parameters) repeated in ``lax.while_loop`` until the
+    objective changes by at most ``tol * |objective|`` or ``max_iter``. A non-finite update keeps the
+    previous parameters and stops the loop; a start that is not finite fails at once.
+    Returns (params, n_iter, loglik trace, objective trace, converged-by-tolerance, failed)."""
     nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
-    stats_fn = make_stats_fn(model, x, y, w, stats, block_size=block_size, mesh=mesh)
 
     def cond(state):
         _, _, it, _, _, conv, failed = state
@@ -161,20 +163,27 @@ def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DE
 
     def body(state):
         params, obj_prev, it, ll_tr, obj_tr, _, _ = state
-        ll, ss = stats_fn(params)
-        obj = ll + model.log_prior(params, stats)
-        new = model.m_step_from_stats(ss, stats)
+        new, ll, obj = step(params)
         ok = _all_finite(new) & jnp.isfinite(obj)
-        # a non-finite update keeps the previous parameters and stops the loop
         params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
         conv = ok & (it > 0) & (jnp.abs(obj - obj_prev) <= tol * jnp.abs(obj))
         return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok
 
-    false = jnp.asarray(False)
-    # a restart whose initial parameters are not finite is failed from the start
     init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
-            false, ~_all_finite(params0))
+            jnp.asarray(False), ~_all_finite(params0))
     params, _, n_iter, ll_tr, obj_tr, conv, failed = jax.lax.while_loop(cond, body, init)
+    return params, n_iter, ll_tr, obj_tr, conv, failed
+
+
+def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DEFAULT_BLOCK,
+            mesh=None) -> _Run:
+    stats_fn = make_stats_fn(model, x, y, w, stats, block_size=block_size, mesh=mesh)
+
+    def step(params):
+        ll, ss = stats_fn(params)
+        return model.m_step_from_stats(ss, stats), ll, ll + model.log_prior(params, stats)
+
+    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, y.dtype)
     ll, _ = stats_fn(params)
     obj = ll + model.log_prior(params, stats)
     ll = jnp.where(failed & (n_iter == 0), -jnp.inf, ll)
