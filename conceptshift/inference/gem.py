@@ -20,7 +20,7 @@ from jax.scipy.special import logsumexp
 
 from .._validation import check_float, check_int, check_key, is_traced
 from ..models.softmax_gated import SoftmaxGatedExperts
-from .em import EMResult, _all_finite
+from .em import EMResult, _all_finite, em_loop
 from .init import kmeans_pp_responsibilities, subset_responsibilities
 
 
@@ -58,31 +58,17 @@ def _objective(model, params, x, y, w, stats):
 
 
 def _run_gem(model, x, y, w, stats, params0, tol, max_iter, inner_steps):
-    dtype = y.dtype
-    nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
-
-    def cond(s):
-        return (s[2] < max_iter) & ~s[5] & ~s[6]
-
-    def body(s):
-        params, obj_prev, it, ll_tr, obj_tr, _, _, rejected = s
+    def step(params):
         logp = model.component_log_probs(params, x, y)
         ll_n = logsumexp(logp, axis=-1)
         ll = jnp.sum(w * ll_n)
-        obj = ll + model.log_prior(params, stats)
         r = jnp.exp(logp - ll_n[:, None]) * w[:, None]
         coef, log_scale = model.experts_m_step(x, y, r, stats, params.coef)
-        new, ok_gate = gate_m_step(model, params._replace(coef=coef, log_scale=log_scale), x, r,
-                                   stats, inner_steps)
-        ok = _all_finite(new) & jnp.isfinite(obj)
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
-        conv = ok & (it > 0) & (jnp.abs(obj - obj_prev) <= tol * jnp.abs(obj))
-        return (new, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok,
-                rejected + (~ok_gate).astype(jnp.int32))
+        new, _ = gate_m_step(model, params._replace(coef=coef, log_scale=log_scale), x, r, stats,
+                             inner_steps)
+        return new, ll, ll + model.log_prior(params, stats)
 
-    init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
-            jnp.asarray(False), ~_all_finite(params0), jnp.asarray(0, jnp.int32))
-    params, _, n_iter, ll_tr, obj_tr, conv, failed, _ = jax.lax.while_loop(cond, body, init)
+    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, y.dtype)
     obj, ll = _objective(model, params, x, y, w, stats)
     return params, ll, obj, ll_tr, obj_tr, n_iter, conv & ~failed & jnp.isfinite(obj)
 
