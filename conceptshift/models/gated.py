@@ -70,6 +70,14 @@ class GatedExperts(ExpertsFamily):
             dist.Categorical(logits=params.log_weights), self.gate_distribution(params)
         )
 
+    def _whitening(self, params):
+        """U_k = L_k^-1 (K, D, D) for S_k = L_k L_k^T, and half log det S_k (K,)."""
+        K, D = self.n_components, self.n_features
+        chol = jnp.linalg.cholesky(params.gate_cov)
+        eye = jnp.broadcast_to(jnp.eye(D, dtype=chol.dtype), (K, D, D))
+        u = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+        return u, jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+
     def gate_log_probs_t(self, params, xT):
         """log pi_k + log N(x; m_k, S_k) in the E-step's layout, x (D, N) -> (K, N).
 
@@ -78,13 +86,10 @@ class GatedExperts(ExpertsFamily):
         ``gate_distribution(params).log_prob(x[:, None, :]).T`` (tested).
         """
         K, D = self.n_components, self.n_features
-        chol = jnp.linalg.cholesky(params.gate_cov)  # (K, D, D)
-        eye = jnp.broadcast_to(jnp.eye(D, dtype=xT.dtype), (K, D, D))
-        u = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)  # (K, D, D) = L^-1
+        u, half_logdet = self._whitening(params)
         shift = jnp.einsum("kij,kj->ki", u, params.gate_mean)  # (K, D)
         z = (u.reshape(K * D, D) @ xT).reshape(K, D, -1) - shift[:, :, None]
         maha = jnp.sum(z * z, axis=1)  # (K, N)
-        half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
         log_norm = -half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
         return (params.log_weights + log_norm)[:, None] - 0.5 * maha
 
@@ -97,14 +102,10 @@ class GatedExperts(ExpertsFamily):
         if not centred:
             return None
         K, D = self.n_components, self.n_features
-        dtype = params.coef.dtype
-        chol = jnp.linalg.cholesky(params.gate_cov)  # (K, D, D)
-        eye = jnp.broadcast_to(jnp.eye(D, dtype=dtype), (K, D, D))
-        u = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)  # (K, D, D) = L^-1
+        u, half_logdet = self._whitening(params)
         shift = jnp.einsum("kij,kj->ki", u, params.gate_mean - stats.x_mean[None, :])
-        rest = jnp.zeros((K, D, self.n_coef - 1 - D), dtype)
+        rest = jnp.zeros((K, D, self.n_coef - 1 - D), u.dtype)
         Z = jnp.concatenate([-shift[:, :, None], u, rest], axis=2)
-        half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
         return Z, params.log_weights - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
 
     def m_step_from_stats(self, ss, stats: DataStats) -> GatedParams:
