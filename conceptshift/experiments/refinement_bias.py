@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _precision as _p
 from .common import PROBLEM_KNOBS, problem_from, pyplot, savefig
 from .runner import Sweep, versions
 
@@ -67,7 +68,7 @@ def confusion(problem, x, n_quad: int):
     ll = (-0.5 * ((yq[..., None] - mu_wp[:, None, None, :]) / sd_p[None, None, None, :, 1]) ** 2
           - jnp.log(sd_p[None, None, None, :, 1]))
     post = jax.nn.softmax(log_pk[:, None, None, :] + ll, axis=-1)
-    return jnp.einsum("nqik,i->nqk", post, wq)
+    return _p.einsum("nqik,i->nqk", post, wq)
 
 
 def bias_cell(problem, kstar: int, cfg: dict) -> dict:
@@ -105,7 +106,7 @@ def identity_cell(problem, cfg: dict) -> dict:
     log_pk, mu_y, mu_wp, sd_p, mu_wq, sd_q = _heads(problem, x)
     log_qk = jax.nn.log_softmax(problem.model.gate_log_probs(problem.params_q, x), -1)
     conf = confusion(problem, x, int(cfg["n_quad"]))  # (N, K', K)
-    qhat = jnp.einsum("nq,nqk->nk", jnp.exp(log_qk), conf)
+    qhat = _p.einsum("nq,nqk->nk", jnp.exp(log_qk), conf)
     rows = []
     key = jax.random.key(cfg["seed"] + 7)
     for i in range(x.shape[0]):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import Array
 from jax.scipy.special import logsumexp
 
+from .. import _precision as _p
 from ..models.hmm import HMMMixture, HMMParams
 from .baum_welch import HMMEMResult, fit_hmm_em
 from .estimators import EMOptions
@@ -104,7 +105,7 @@ def concept_signatures(params: HMMParams, match: str, head: int = 0) -> Array:
     trans = jnp.exp(params.log_trans)
     if match == "transitions":
         return trans.reshape(trans.shape[0], -1)
-    return jnp.einsum("kij,jv->kiv", trans, jnp.exp(params.log_out[head])).reshape(trans.shape[0], -1)
+    return _p.einsum("kij,jv->kiv", trans, jnp.exp(params.log_out[head])).reshape(trans.shape[0], -1)
 
 
 def concept_cost(params_a: HMMParams, head_a: int, params_b: HMMParams, head_b: int, match: str

@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from .. import _precision as _p
+
 
 def _standardise(z: Array, w: Array) -> Array:
     n = jnp.sum(w)
-    mean = w @ z / n
-    sd = jnp.sqrt(w @ (z - mean[None, :]) ** 2 / n)
+    mean = _p.mm(w, z) / n
+    sd = jnp.sqrt(_p.mm(w, (z - mean[None, :]) ** 2) / n)
     return (z - mean[None, :]) / jnp.where(sd > 0, sd, 1.0)[None, :]
 
 
@@ -18,7 +20,7 @@ def _sq_dist(z: Array, centers: Array) -> Array:
     """Squared distances (N, K) without forming an (N, K, F) temporary."""
     zz = jnp.sum(z**2, -1)[:, None]
     cc = jnp.sum(centers**2, -1)[None, :]
-    return jnp.maximum(zz - 2 * z @ centers.T + cc, 0.0)
+    return jnp.maximum(zz - 2 * _p.mm(z, centers.T) + cc, 0.0)
 
 
 def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_lloyd: int = 10):
@@ -54,8 +56,8 @@ def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_llo
 
     def lloyd(_, centers):
         onehot = jax.nn.one_hot(jnp.argmin(_sq_dist(z, centers), -1), K, dtype=z.dtype)
-        mass = onehot.T @ w
-        sums = (onehot * w[:, None]).T @ z
+        mass = _p.mm(onehot.T, w)
+        sums = _p.mm((onehot * w[:, None]).T, z)
         return jnp.where(mass[:, None] > 0, sums / jnp.where(mass > 0, mass, 1.0)[:, None], centers)
 
     centers = jax.lax.fori_loop(0, n_lloyd, lloyd, centers)
@@ -78,11 +80,11 @@ def subset_responsibilities(key, phi: Array, y: Array, w: Array, n_components: i
     m = P + 1
     idx = jax.random.choice(key, N, (K, m), p=w / jnp.sum(w))
     phi_s, y_s = phi[idx], y[idx]  # (K, m, P), (K, m, H)
-    gram = jnp.einsum("kmp,kmq->kpq", phi_s, phi_s)
+    gram = _p.einsum("kmp,kmq->kpq", phi_s, phi_s)
     gram = gram + 1e-6 * jnp.mean(jnp.diagonal(gram, axis1=1, axis2=2)) * jnp.eye(P, dtype=phi.dtype)[None]
-    beta = jnp.linalg.solve(gram, jnp.einsum("kmp,kmh->kph", phi_s, y_s))  # (K, P, H)
-    resid = y[:, None, :] - jnp.einsum("np,kph->nkh", phi, beta)
+    beta = jnp.linalg.solve(gram, _p.einsum("kmp,kmh->kph", phi_s, y_s))  # (K, P, H)
+    resid = y[:, None, :] - _p.einsum("np,kph->nkh", phi, beta)
     n = jnp.sum(w)
-    y_var = w @ (y - (w @ y / n)[None, :]) ** 2 / n
+    y_var = _p.mm(w, (y - (_p.mm(w, y) / n)[None, :]) ** 2) / n
     score = jnp.sum(resid**2 / jnp.where(y_var > 0, y_var, 1.0)[None, None, :], -1)
     return jax.nn.one_hot(jnp.argmin(score, -1), K, dtype=phi.dtype)

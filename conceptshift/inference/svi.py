@@ -29,6 +29,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.optim import optax_to_numpyro
 from numpyro.primitives import Messenger
 
+from .. import _precision as _p
 from .._validation import check_int, check_key
 from ..models._experts import ExpertsFamily
 from .sites import (
@@ -181,7 +182,7 @@ def _sample_sites(kind: str, gp: dict, supports: dict, key, num: int) -> dict:
         return out
     loc, tril = gp["auto_loc"], gp["auto_scale_tril"]
     eps = jax.random.normal(key, (num,) + loc.shape, loc.dtype)
-    return _unflatten(loc + eps @ tril.T, supports)
+    return _unflatten(loc + _p.mm(eps, tril.T), supports)
 
 
 def initial_params(model: ExpertsFamily, key, x, y, *, init: str = "kmeans++"):

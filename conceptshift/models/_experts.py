@@ -31,6 +31,7 @@ import numpyro.distributions as dist
 from jax import Array
 from jax.scipy.special import logsumexp
 
+from .. import _precision as _p
 from .._validation import as_float_array, check_float, check_int
 from .basis import Basis
 
@@ -75,21 +76,21 @@ def _solve_psd(gram: Array, rhs: Array) -> Array:
     lam, vec = jnp.linalg.eigh(gram)
     floor = gram.shape[-1] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(lam), -1, keepdims=True)
     inv = jnp.where(lam > floor, 1.0 / jnp.where(lam > floor, lam, 1.0), 0.0)
-    beta_eig = jnp.einsum("kpq,kq,krq,krh->kph", vec, inv, vec, rhs)
+    beta_eig = _p.einsum("kpq,kq,krq,krh->kph", vec, inv, vec, rhs)
     return jnp.where(ok[:, None, None], beta, beta_eig)
 
 
 def _contract_minor(a: Array, b: Array) -> Array:
     """sum_n a[i, n] b[j, n] -> (I, J): a reduction over the long, minor sample axis, with the
     operand of more rows on the left."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+    return _p.dot_general(a, b, (((1,), (1,)), ((), ())))
 
 
 def _small_product(M: Array, A: Array) -> Array:
     """sum_p M[k, g, p] A[p, n] -> (K, G, N) as one (K G, P) @ (P, N) matrix product. (Written as P
     fused broadcast multiply-adds instead, it measured slower on CPU.)"""
     K, G, P = M.shape
-    return (M.reshape(K * G, P) @ A).reshape(K, G, -1)
+    return _p.mm(M.reshape(K * G, P), A).reshape(K, G, -1)
 
 
 def _tiny(dtype) -> Array:
@@ -223,7 +224,7 @@ class ExpertsFamily:
     def expert_mean(self, params, x: Array) -> Array:
         """mu(x; theta_kh) = Phi(x) . beta_kh, shape (N, K, H)."""
         phi = self.design(x)
-        return jnp.einsum("np,khp->nkh", phi, params.coef)
+        return _p.einsum("np,khp->nkh", phi, params.coef)
 
     def head_distribution(self, params, x: Array) -> dist.Distribution:
         """phi(y; x, theta_k): Normal with batch (N, K) and event (H,)."""
@@ -238,7 +239,7 @@ class ExpertsFamily:
     def _head_log_probs_t(self, params, phiT: Array, yT: Array):
         """Head log-densities (K, N) and residuals e = y - mu (K, H, N) in the E-step's layout."""
         K, H, P = params.coef.shape
-        mu = (params.coef.reshape(K * H, P) @ phiT).reshape(K, H, -1)
+        mu = _p.mm(params.coef.reshape(K * H, P), phiT).reshape(K, H, -1)
         e = yT[None, :, :] - mu
         inv = jnp.exp(-params.log_scale)[:, :, None]
         lp = jnp.sum(-0.5 * (e * inv) ** 2 - params.log_scale[:, :, None], axis=1)
@@ -313,12 +314,12 @@ class ExpertsFamily:
     # ------------------------------------------------------------------ EM pieces
     def data_stats(self, x: Array, y: Array, w: Array) -> DataStats:
         n = jnp.sum(w)
-        ybar = w @ y / n
-        y_var = w @ (y - ybar[None, :]) ** 2 / n
-        xbar = w @ x / n
-        x_var = w @ (x - xbar[None, :]) ** 2 / n
+        ybar = _p.mm(w, y) / n
+        y_var = _p.mm(w, (y - ybar[None, :]) ** 2) / n
+        xbar = _p.mm(w, x) / n
+        x_var = _p.mm(w, (x - xbar[None, :]) ** 2) / n
         phi = self.design(x)
-        phi_scale = (w @ phi**2) / n
+        phi_scale = _p.mm(w, phi**2) / n
         phi_scale = jnp.where(phi_scale > 0, phi_scale, jnp.ones_like(phi_scale))
         # constant columns or responses would give a zero floor: fall back to 1
         y_var = jnp.where(y_var > 0, y_var, jnp.ones_like(y_var))
@@ -358,9 +359,9 @@ class ExpertsFamily:
     def suff_stats_t(self, xT, yT, rT, ref, stats: DataStats) -> SuffStats:
         """:meth:`suff_stats` in the E-step's layout: x (D, N), y (H, N), r (K, N)."""
         A, T = self._design_t(xT, stats)
-        ref_c = ref if T is None else jnp.einsum("qp,kqh->kph", T, ref)  # T^T ref
+        ref_c = ref if T is None else _p.einsum("qp,kqh->kph", T, ref)  # T^T ref
         K, H = rT.shape[0], yT.shape[0]
-        mu = (jnp.swapaxes(ref_c, 1, 2).reshape(K * H, -1) @ A).reshape(K, H, -1)
+        mu = _p.mm(jnp.swapaxes(ref_c, 1, 2).reshape(K * H, -1), A).reshape(K, H, -1)
         return self._stats_from_r(xT, A, T, yT[None, :, :] - mu, rT, ref, stats)
 
     def _stats_from_r(self, xT, A, T, e, rT, ref, stats: DataStats) -> SuffStats:
@@ -379,7 +380,7 @@ class ExpertsFamily:
             s_q = _contract_minor(A[iu] * A[ju], rT)  # (P (P + 1) / 2, K)
             s_pp = s_q.T[:, pair]  # (K, P, P), centred design when T is given
         else:  # wide designs: one (K P, N) @ (N, P) product
-            s_pp = ((rT[:, None, :] * A[None]).reshape(K * P, N) @ A.T).reshape(K, P, P)
+            s_pp = _p.mm((rT[:, None, :] * A[None]).reshape(K * P, N), A.T).reshape(K, P, P)
         re = rT[:, None, :] * e  # (K, H, N)
         s_pe = jnp.swapaxes(_contract_minor(A, re.reshape(K * H, N)).reshape(P, K, H), 0, 1)
         s_ee = jnp.sum(re * e, axis=-1)
@@ -392,13 +393,13 @@ class ExpertsFamily:
             xc = xT - stats.x_mean[:, None]
             rx = rT[:, None, :] * xc[None, :, :]  # (K, D, N)
             s_x = jnp.sum(rx, axis=-1)
-            s_xx = (rx.reshape(K * D, N) @ xc.T).reshape(K, D, D)
+            s_xx = _p.mm(rx.reshape(K * D, N), xc.T).reshape(K, D, D)
         else:
             s_x = jnp.zeros((K, 0), rT.dtype)
             s_xx = jnp.zeros((K, 0, 0), rT.dtype)
         if T is not None:
-            s_pp = jnp.einsum("pq,kqr,sr->kps", T, s_pp, T)
-            s_pe = jnp.einsum("pq,kqh->kph", T, s_pe)
+            s_pp = _p.einsum("pq,kqr,sr->kps", T, s_pp, T)
+            s_pe = _p.einsum("pq,kqh->kph", T, s_pe)
         return SuffStats(nk, s_pp, s_pe, s_ee, ref, s_x, s_xx)
 
     @staticmethod
@@ -431,9 +432,9 @@ class ExpertsFamily:
         A, T = self._design_t(xT, stats)
         K, H, P = params.coef.shape
         rows = self._gate_rows(params, stats, T is not None)
-        coef_c = params.coef if T is None else jnp.einsum("khp,pq->khq", params.coef, T)
+        coef_c = params.coef if T is None else _p.einsum("khp,pq->khq", params.coef, T)
         if rows is None:
-            mu = (coef_c.reshape(K * H, P) @ A).reshape(K, H, -1)
+            mu = _p.mm(coef_c.reshape(K * H, P), A).reshape(K, H, -1)
             gate = self.gate_log_probs_t(params, xT)
         else:
             Z, const = rows
@@ -457,7 +458,7 @@ class ExpertsFamily:
     def rebase(ss: SuffStats, new_ref: Array) -> SuffStats:
         """The same statistics with residuals against another reference (exact algebra)."""
         d = new_ref - ss.ref  # (K, P, H)
-        s_ppd = jnp.einsum("kpq,kqh->kph", ss.s_pp, d)
+        s_ppd = _p.einsum("kpq,kqh->kph", ss.s_pp, d)
         s_pe = ss.s_pe - s_ppd
         s_ee = ss.s_ee - 2 * jnp.sum(d * ss.s_pe, axis=1) + jnp.sum(d * s_ppd, axis=1)
         return ss._replace(s_pe=s_pe, s_ee=s_ee, ref=new_ref)
@@ -473,7 +474,7 @@ class ExpertsFamily:
         c = self._ridge(stats)
         gram = ss.s_pp + jnp.diag(c)[None]
         # normal equations for y = e + phi . ref:  (S_pp + diag c) beta = S_pe + S_pp ref
-        rhs = ss.s_pe + jnp.einsum("kpq,kqh->kph", ss.s_pp, ss.ref)
+        rhs = ss.s_pe + _p.einsum("kpq,kqh->kph", ss.s_pp, ss.ref)
         beta = _solve_psd(gram, rhs)  # (K, P, H)
         moved = self.rebase(ss, beta)  # residual sums against the new coefficients
         rss = jnp.maximum(moved.s_ee, 0.0)  # (K, H)
@@ -525,7 +526,7 @@ class ExpertsFamily:
         r = jnp.exp(logp - logsumexp(logp, -1, keepdims=True)) * w[:, None]
         nk = jnp.sum(r, 0)
         resid = y[:, None, :] - self.expert_mean(params, x)
-        rss = jnp.einsum("nk,nkh->kh", r, resid**2)
+        rss = _p.einsum("nk,nkh->kh", r, resid**2)
         few = nk < self.min_component_count
         exact = jnp.any(rss <= self.reg * stats.y_var[None, :], axis=-1)
         return few | exact | self._degenerate_gates(params, x, r, stats)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax import Array
 
+from .. import _precision as _p
 from .._validation import check_int
 from ._experts import DataStats, ExpertsFamily
 
@@ -87,8 +88,8 @@ class GatedExperts(ExpertsFamily):
         """
         K, D = self.n_components, self.n_features
         u, half_logdet = self._whitening(params)
-        shift = jnp.einsum("kij,kj->ki", u, params.gate_mean)  # (K, D)
-        z = (u.reshape(K * D, D) @ xT).reshape(K, D, -1) - shift[:, :, None]
+        shift = _p.einsum("kij,kj->ki", u, params.gate_mean)  # (K, D)
+        z = _p.mm(u.reshape(K * D, D), xT).reshape(K, D, -1) - shift[:, :, None]
         maha = jnp.sum(z * z, axis=1)  # (K, N)
         log_norm = -half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
         return (params.log_weights + log_norm)[:, None] - 0.5 * maha
@@ -103,7 +104,7 @@ class GatedExperts(ExpertsFamily):
             return None
         K, D = self.n_components, self.n_features
         u, half_logdet = self._whitening(params)
-        shift = jnp.einsum("kij,kj->ki", u, params.gate_mean - stats.x_mean[None, :])
+        shift = _p.einsum("kij,kj->ki", u, params.gate_mean - stats.x_mean[None, :])
         rest = jnp.zeros((K, D, self.n_coef - 1 - D), u.dtype)
         Z = jnp.concatenate([-shift[:, :, None], u, rest], axis=2)
         return Z, params.log_weights - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
@@ -166,7 +167,7 @@ class GatedExperts(ExpertsFamily):
                 "gate_corr_chol", dist.LKJCholesky(D, 2.0).expand([K]).to_event(1)
             )
             tril = sd[..., :, None] * corr
-            cov = tril @ jnp.swapaxes(tril, -1, -2)
+            cov = _p.mm(tril, jnp.swapaxes(tril, -1, -2))
         else:
             cov = jax.vmap(jnp.diag)(sd**2)
         return {"gate_mean": mean, "gate_cov": cov}

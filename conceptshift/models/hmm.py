@@ -33,6 +33,7 @@ from jax import Array
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 
+from .. import _precision as _p
 from .._validation import as_float_array, check_float, check_int, float_dtype, is_traced
 
 
@@ -457,7 +458,7 @@ def _propagate(a: Array, trans: Array) -> Array:
     mx = jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
     p = jnp.exp(a - mx)
-    return jnp.log(jnp.einsum("nki,kij->nkj", p, trans)) + mx
+    return jnp.log(_p.einsum("nki,kij->nkj", p, trans)) + mx
 
 
 class HMMMixtureDistribution(dist.Distribution):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax import Array
 
+from .. import _precision as _p
 from .._validation import check_int
 from ._experts import DataStats, ExpertsFamily
 
@@ -53,7 +54,7 @@ class SoftmaxGatedExperts(ExpertsFamily):
 
     def gate_logits_t(self, params, xT: Array) -> Array:
         """b + W x in the E-step's layout, x (D, N) -> (K, N)."""
-        return params.log_weights[:, None] + params.gate_weights @ xT
+        return params.log_weights[:, None] + _p.mm(params.gate_weights, xT)
 
     def gate_log_probs_t(self, params, xT):
         return jax.nn.log_softmax(self.gate_logits_t(params, xT), axis=0)
