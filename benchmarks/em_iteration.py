@@ -163,13 +163,23 @@ def bench_numpy(X, start_params, n_iter, repeats) -> dict:
             "dtype": "float32", "n_iter": n_iter, **t}
 
 
-def loglik_agreement(n, K, D, n_iter, seed=0) -> dict:
+def loglik_agreement(n, K, D, n_iter, seed=0, precision=None) -> dict:
     """Gated family and scikit-learn from the same parameters: mean log-likelihood after n_iter
-    EM iterations (both exact EM on the same model; ours carries the reg = 1e-6 prior)."""
+    EM iterations (both exact EM on the same model; ours carries the reg = 1e-6 prior).
+    ``precision``: run our EM with its matrix products at this ``jax.lax.Precision`` instead of
+    HIGHEST (to show what TF32 would cost on a GPU)."""
+    from conceptshift import _precision
+
     x, y, z = make_data(n, K, D, seed)
     model = GatedExperts(K, n_features=D)
     xj, yj, w, p0 = start(model, x, y, z)
-    ll, params = jax.jit(em_fn(model, n_iter))(xj, yj, w, p0)
+    saved = _precision.HIGHEST
+    try:
+        if precision is not None:
+            _precision.HIGHEST = precision
+        ll, params = jax.jit(em_fn(model, n_iter))(xj, yj, w, p0)
+    finally:
+        _precision.HIGHEST = saved
     X = np.concatenate([x, y], 1).astype(np.float64)
     gm = sklearn_model(*joint_gaussians(p0))
     for _ in range(n_iter):
@@ -180,7 +190,8 @@ def loglik_agreement(n, K, D, n_iter, seed=0) -> dict:
     at_ours = float(sklearn_model(*joint_gaussians(params)).score(X))
     return {"n": n, "K": K, "D": D, "n_iter": n_iter, "ours_mean_loglik": ours,
             "sklearn_mean_loglik": theirs, "sklearn_at_our_params": at_ours,
-            "abs_diff_per_sample": abs(ours - theirs), "dtype_ours": str(x.dtype)}
+            "abs_diff_per_sample": abs(ours - theirs), "dtype_ours": str(x.dtype),
+            "precision": str(precision or "HIGHEST")}
 
 
 def _run_point(n, K, D, *, n_iter, repeats, roof, sklearn=True, numpy=True, seed=0) -> list[dict]:
@@ -211,18 +222,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (used by the test suite)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", default="n,K,D", help="which sweeps to run (comma-separated)")
+    ap.add_argument("--readme", action="store_true",
+                    help="only regenerate benchmarks/README.md from results/em_iteration.json")
     args = ap.parse_args(argv)
+    if args.readme:
+        result = json.loads((h.RESULTS / "em_iteration.json").read_text())
+        write_readme(result, h.HERE / "README.md")
+        return result
     sweeps = set(args.only.split(","))
+    accel = jax.default_backend() != "cpu"
+    name = "em_iteration_gpu" if accel else "em_iteration"
     if args.quick:
         # one sweep point shared by the three sweeps (computed once): the code path, in seconds
         cfg = {"n": [300], "K": [2], "D": [1], "n_fixed": 300, "K_fixed": 2, "D_fixed": 1,
                "n_iter": 3, "repeats": 2, "check": (300, 2, 1, 3)}
+    elif accel:
+        # the references run on the host's CPU, only where they take seconds (n <= 1e6, n sweep)
+        cfg = {"n": [10_000, 100_000, 1_000_000, 10_000_000, 30_000_000, 100_000_000],
+               "K": [2, 4, 8, 16, 32, 64], "D": [1, 2, 4, 8, 16, 32, 64, 128],
+               "n_fixed": 1_000_000, "K_fixed": 4, "D_fixed": 8, "n_iter": 10, "repeats": 5,
+               "check": (1_000_000, 4, 8, 20), "reference_max_n": 1_000_000}
     else:
         cfg = {"n": [1_000, 10_000, 100_000, 1_000_000, 10_000_000], "K": [2, 4, 8, 16, 32, 64],
                "D": [1, 2, 4, 8, 16, 32, 64, 128], "n_fixed": 100_000, "K_fixed": 4, "D_fixed": 8,
                "n_iter": 10, "repeats": 5, "check": (1_000_000, 4, 8, 20)}
     t0 = time.perf_counter()
-    roof = h.roofline(args.quick)
+    roof = h.roofline(args.quick, big=accel)
     print(json.dumps(roof), flush=True)
     rows = []
     kw = {"n_iter": cfg["n_iter"], "repeats": cfg["repeats"], "roof": roof}
@@ -234,28 +259,43 @@ def main(argv=None) -> dict:
             done[key] = _run_point(n, K, D, **kw)
         return done[key]
 
+    ref_max = cfg.get("reference_max_n")
+    refs = {} if ref_max is None else {"numpy": False}
     if "n" in sweeps:
         for n in cfg["n"]:
-            big = n >= 10_000_000
+            big = n >= 10_000_000 and not accel
+            rk = dict(refs, sklearn=ref_max is None or n <= ref_max) if accel else \
+                {"sklearn": True, "numpy": not big}
             rows += [dict(r, sweep="n") for r in run_point(
-                n, cfg["K_fixed"], cfg["D_fixed"], sklearn=True, numpy=not big,
+                n, cfg["K_fixed"], cfg["D_fixed"], **rk,
                 **dict(kw, repeats=3 if big else cfg["repeats"], n_iter=3 if big else cfg["n_iter"]))]
+    no_refs = {"sklearn": False, "numpy": False} if accel else {}
     if "K" in sweeps:
         for K in cfg["K"]:
-            rows += [dict(r, sweep="K") for r in run_point(cfg["n_fixed"], K, cfg["D_fixed"], **kw)]
+            rows += [dict(r, sweep="K") for r in run_point(cfg["n_fixed"], K, cfg["D_fixed"],
+                                                           **no_refs, **kw)]
     if "D" in sweeps:
         for D in cfg["D"]:
-            rows += [dict(r, sweep="D") for r in run_point(cfg["n_fixed"], cfg["K_fixed"], D, **kw)]
+            rows += [dict(r, sweep="D") for r in run_point(cfg["n_fixed"], cfg["K_fixed"], D,
+                                                           **no_refs, **kw)]
     check = loglik_agreement(*cfg["check"])
     print(json.dumps(check), flush=True)
+    checks_default = None
+    if accel and not args.quick:  # what the device's default (TF32) products would give
+        checks_default = loglik_agreement(*cfg["check"], precision=jax.lax.Precision.DEFAULT)
+        print(json.dumps(checks_default), flush=True)
     result = {"benchmark": "em_iteration", "machine": h.machine(), "roofline": roof,
               "config": {**{k: v for k, v in cfg.items() if k != "check"}, "check": list(cfg["check"]),
                          "quick": args.quick, "sweeps": sorted(sweeps)},
               "rows": rows, "sklearn_agreement": check,
+              "sklearn_agreement_default_precision": checks_default,
               "wall_s": time.perf_counter() - t0}
-    h.write("em_iteration", result, args.out)
+    h.write(name, result, args.out)
     if not args.quick and args.out is None:
-        write_readme(result, h.HERE / "README.md")
+        if accel:
+            write_accel_table(result, h.RESULTS / "em_iteration_gpu.md")
+        else:
+            write_readme(result, h.HERE / "README.md")
     return result
 
 
@@ -277,6 +317,38 @@ def _table(rows, key, label):
                    f"| {f(ms(SKLEARN), '.1f')} | {f(ms(NUMPY), '.1f')} | {f(ms(SKLEARN) / g, '.1f', 'x')} "
                    f"| {f(ms(NUMPY) / g, '.1f', 'x')} |")
     return out
+
+
+def write_accel_table(result: dict, path: Path) -> None:
+    """The GPU section of benchmarks/README.md (included by ``write_readme``)."""
+    from conceptshift.io import write_atomic
+
+    m, roof, cfg = result["machine"], result["roofline"], result["config"]
+    chk, tf32 = result["sklearn_agreement"], result.get("sklearn_agreement_default_precision")
+    lines = [
+        f"## EM iteration on a GPU (`em_iteration` on {m['device_kind']})",
+        "",
+        f"Same script and model as above, run with JAX's CUDA backend (jax {m['versions'].get('jax')},"
+        f" float32). Measured in the same run: read bandwidth {roof['read_bandwidth_Bps'] / 1e12:.2f} "
+        f"TB/s, float32 GEMM at full precision {roof['gemm_flops'] / 1e12:.1f} TFLOP/s. scikit-learn",
+        f"ran on the host's CPU ({m['cpu']}, {m['cpu_count']} cores) for n <= "
+        f"{cfg.get('reference_max_n', 0):,} only.",
+        f"Agreement after {chk['n_iter']} iterations from the same start at n = {chk['n']:,}: mean "
+        f"log-likelihood {chk['ours_mean_loglik']:.6f} (ours) vs {chk['sklearn_mean_loglik']:.6f} "
+        "(scikit-learn, float64).",
+    ]
+    if tf32:
+        lines.append(f"With the GPU's default (TF32) matrix products instead: "
+                     f"{tf32['ours_mean_loglik']:.6f} ({tf32['abs_diff_per_sample']:.1e} nats per sample "
+                     "off; see `conceptshift/_precision.py`).")
+    lines.append("")
+    for key, label, fixed in (("n", "n", f"K = {cfg['K_fixed']}, D = {cfg['D_fixed']}"),
+                              ("K", "K", f"n = {cfg['n_fixed']:,}, D = {cfg['D_fixed']}"),
+                              ("D", "D", f"n = {cfg['n_fixed']:,}, K = {cfg['K_fixed']}")):
+        sub = [r for r in result["rows"] if r.get("sweep") == key]
+        if sub:
+            lines += [f"### GPU, against {label} ({fixed})", ""] + _table(sub, key, label) + [""]
+    write_atomic(path, "\n".join(lines))
 
 
 def write_readme(result: dict, path: Path) -> None:

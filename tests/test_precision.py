@@ -45,8 +45,10 @@ def assert_all_highest(fn, *args):
 
 def test_walker_sees_default_precision_products():
     # the check can fail: a plain product is reported
-    closed = jax.make_jaxpr(lambda a: jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (c[0] @ c[0], c[1] + 1),
-                                                         (a, 0)))(jnp.ones((3, 3)))
+    def loop(a):
+        return jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (c[0] @ c[0], c[1] + 1), (a, 0))
+
+    closed = jax.make_jaxpr(loop)(jnp.ones((3, 3)))
     assert dot_precisions(closed.jaxpr) == [None]
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import X64, once, rtol
 
 from conceptshift.inference import fit_em
-from conceptshift.inference.em import make_stats_fn
+from conceptshift.inference.em import block_layout, make_stats_fn
 from conceptshift.inference.online import fit_online_em
 from conceptshift.models import GatedExperts, make_problem, simulate
 
@@ -20,6 +20,22 @@ def _sample(n, family="gated", seed=1):
     prob = make_problem(jax.random.key(0), family=family, n_components=3, n_features=2)
     sim = simulate(jax.random.key(seed), prob, n, 10, 10)
     return prob, np.asarray(sim.source.x), np.asarray(sim.source.y)
+
+
+@once
+def test_block_layout_per_platform():
+    # a CPU gets cache-sized blocks, an accelerator few large ones; blocks always cover n
+    for n, rows in ((10**6, 40), (10**7, 40), (777, 3), (10**7, 10**4)):
+        cpu = block_layout(n, "auto", rows=rows, platform="cpu")
+        gpu = block_layout(n, "auto", rows=rows, platform="gpu")
+        for block, nb in (cpu, gpu):
+            assert block * nb >= n and (block - 8) * nb < n
+        assert cpu[0] <= min(32768, max(512, (1 << 21) // rows)) + 8
+        assert gpu[0] <= max(512, (1 << 27) // rows) + 8
+    assert block_layout(10**6, "auto", rows=40, platform="gpu") == (10**6, 1)
+    assert block_layout(10**6, "auto", rows=40, platform="cpu")[1] == 31
+    assert block_layout(10**6, None, rows=40, platform="cpu") == (10**6, 1)
+    assert block_layout(10**6, 1000, rows=40, platform="gpu") == (1000, 1000)
 
 
 @pytest.mark.parametrize("family", ["regression", "gated"])

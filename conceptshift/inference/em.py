@@ -73,21 +73,28 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
-DEFAULT_BLOCK = 32768
+DEFAULT_BLOCK = "auto"
+CPU_BLOCK = 32768  # rows of one block on a CPU (the "auto" choice there)
+BLOCK_BUDGET = 1 << 21  # CPU: elements of the widest temporary of one block (8 MiB in float32)
+ACCEL_BLOCK_BUDGET = 1 << 27  # GPU/TPU: 512 MiB in float32; few large blocks keep the device busy
 
 
-BLOCK_BUDGET = 1 << 21  # elements of the widest temporary of one block (8 MiB in float32)
-
-
-def block_layout(n: int, block_size: int | None, n_shards: int = 1,
-                 rows: int = 1) -> tuple[int, int]:
+def block_layout(n: int, block_size: int | str | None, n_shards: int = 1,
+                 rows: int = 1, platform: str | None = None) -> tuple[int, int]:
     """(block, number of blocks per shard) covering n rows; n is padded with zero-weight rows.
 
-    ``block_size`` is an upper bound: a block is also kept below ``BLOCK_BUDGET`` elements of a
-    temporary with ``rows`` rows (so that wide models stay in cache), and never below 512 rows."""
+    ``block_size`` is an upper bound: a block is also kept below the platform's budget of elements
+    of a temporary with ``rows`` rows (``BLOCK_BUDGET`` on a CPU, so that wide models stay in
+    cache; ``ACCEL_BLOCK_BUDGET`` on an accelerator, where one sequential block per kernel launch
+    would leave most of the device idle), and never below 512 rows. ``"auto"``: ``CPU_BLOCK`` rows
+    on a CPU, the budget alone elsewhere; None: one block."""
+    platform = platform or jax.default_backend()
+    budget = BLOCK_BUDGET if platform == "cpu" else ACCEL_BLOCK_BUDGET
+    if block_size == "auto":
+        block_size = CPU_BLOCK if platform == "cpu" else budget
     per_shard = -(-n // n_shards)
     if block_size is not None:
-        block_size = max(min(block_size, BLOCK_BUDGET // max(rows, 1)), min(block_size, 512))
+        block_size = max(min(block_size, budget // max(rows, 1)), min(block_size, 512))
     if block_size is None or per_shard <= block_size:
         return per_shard, 1
     nb = -(-per_shard // block_size)
@@ -272,7 +279,7 @@ def fit_em(
     tol: float = 1e-8,
     init: str = "mixed",
     init_params=None,
-    block_size: int | None = DEFAULT_BLOCK,
+    block_size: int | str | None = DEFAULT_BLOCK,
     mesh=None,
 ) -> EMResult:
     """Fits ``model`` to (x, y) by EM with closed-form M-steps; returns the best restart.
@@ -292,7 +299,9 @@ def fit_em(
         subset, restart 0 uses k-means++).
       init_params: start from these parameters instead (one run; ``restarts`` is ignored).
       block_size: at most this many rows per block of the fused E-step (bounded memory; fewer
-        when a block's widest temporary would exceed ``BLOCK_BUDGET`` elements; None: one block).
+        when a block's widest temporary would exceed the platform's budget, see
+        :func:`block_layout`); ``"auto"``: 32768 rows on a CPU, blocks of up to 512 MiB on a GPU
+        or TPU; None: one block.
       mesh: a ``jax.sharding.Mesh`` with an axis named ``"data"``: rows are split across its
         devices, each device reduces its share and the statistics are summed with ``psum``
         (data-parallel EM; the result equals the single-device fit to float tolerance).
@@ -333,7 +342,7 @@ def fit_em(
         )
     if init_params is not None:
         restarts = 1
-    if block_size is not None:
+    if block_size is not None and block_size != "auto":
         block_size = check_int("block_size", block_size, minimum=1)
     if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
         raise ValueError("mesh must be a jax.sharding.Mesh with an axis named 'data'")
