@@ -59,13 +59,14 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--families", default="regression,gated", help="comma-separated")
     args = ap.parse_args(argv)
     if args.quick:
         grid, n, restarts, max_iter, repeats = [2], 200, 2, 5, 2
     else:
         grid, n, restarts, max_iter, repeats = [1, 4, 16, 64], 2000, 8, 100, 3
     rows = []
-    for family in ("regression",) if args.quick else ("regression", "gated"):
+    for family in ("regression",) if args.quick else args.families.split(","):
         for R in grid:
             rows.append(bench(R, n, family, restarts, max_iter, repeats))
             print(json.dumps(rows[-1]), flush=True)

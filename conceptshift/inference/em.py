@@ -159,10 +159,15 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
 def em_loop(step, params0, tol, max_iter: int, dtype):
     """The EM driver every family shares: ``step(params) -> (new params, loglik, objective)`` (the
     log-likelihood and objective at the old parameters) repeated in ``lax.while_loop`` until the
-    objective changes by at most ``tol * |objective|`` or ``max_iter``. A non-finite update keeps the
+    objective changes by at most ``tol * |objective|`` or ``max_iter``. EM never lowers the objective
+    in exact arithmetic, so a fall of at most 8 ulps (8 eps |objective|) also stops it as converged:
+    the iteration is at the resolution of its float type (on a GPU, where sums are not reduced in a
+    fixed order, a float32 objective jitters by an ulp and a ``tol`` below float32's resolution
+    would otherwise never be met). A non-finite update keeps the
     previous parameters and stops the loop; a start that is not finite fails at once.
     Returns (params, n_iter, loglik trace, objective trace, converged-by-tolerance, failed)."""
     nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
+    ulps = 8 * jnp.finfo(dtype).eps
 
     def cond(state):
         _, _, it, _, _, conv, failed = state
@@ -173,7 +178,9 @@ def em_loop(step, params0, tol, max_iter: int, dtype):
         new, ll, obj = step(params)
         ok = _all_finite(new) & jnp.isfinite(obj)
         params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
-        conv = ok & (it > 0) & (jnp.abs(obj - obj_prev) <= tol * jnp.abs(obj))
+        change = obj - obj_prev
+        conv = ok & (it > 0) & ((jnp.abs(change) <= tol * jnp.abs(obj))
+                                | ((change <= 0) & (-change <= ulps * jnp.abs(obj))))
         return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok
 
     init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
