@@ -228,6 +228,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (used by the test suite)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", default="n,K,D", help="which sweeps to run (comma-separated)")
+    for axis in ("n", "K", "D"):
+        ap.add_argument(f"--{axis}", default=None, help=f"comma-separated {axis} values of the {axis} sweep")
     ap.add_argument("--readme", action="store_true",
                     help="only regenerate benchmarks/README.md from results/em_iteration.json")
     args = ap.parse_args(argv)
@@ -252,6 +254,9 @@ def main(argv=None) -> dict:
         cfg = {"n": [1_000, 10_000, 100_000, 1_000_000, 10_000_000], "K": [2, 4, 8, 16, 32, 64],
                "D": [1, 2, 4, 8, 16, 32, 64, 128], "n_fixed": 100_000, "K_fixed": 4, "D_fixed": 8,
                "n_iter": 10, "repeats": 5, "check": (1_000_000, 4, 8, 20)}
+    for axis in ("n", "K", "D"):
+        if getattr(args, axis):
+            cfg[axis] = [int(float(v)) for v in getattr(args, axis).split(",")]
     t0 = time.perf_counter()
     roof = h.roofline(args.quick, big=accel)
     print(json.dumps(roof), flush=True)

@@ -60,11 +60,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--families", default="regression,gated", help="comma-separated")
+    ap.add_argument("--grid", default=None, help="comma-separated numbers of replicates R")
     args = ap.parse_args(argv)
     if args.quick:
         grid, n, restarts, max_iter, repeats = [2], 200, 2, 5, 2
     else:
         grid, n, restarts, max_iter, repeats = [1, 4, 16, 64], 2000, 8, 100, 3
+    if args.grid:
+        grid = [int(v) for v in args.grid.split(",")]
     rows = []
     for family in ("regression",) if args.quick else args.families.split(","):
         for R in grid:
