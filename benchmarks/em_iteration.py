@@ -341,7 +341,11 @@ def write_accel_table(result: dict, path: Path) -> None:
         "",
         f"Same script and model as above, run with JAX's CUDA backend (jax {m['versions'].get('jax')},"
         f" float32). Measured in the same run: read bandwidth {roof['read_bandwidth_Bps'] / 1e12:.2f} "
-        f"TB/s, float32 GEMM at full precision {roof['gemm_flops'] / 1e12:.1f} TFLOP/s. scikit-learn",
+        f"TB/s, float32 GEMM at full precision {roof['gemm_flops'] / 1e12:.1f} TFLOP/s"
+        + ("" if len(result.get("rooflines", [])) < 2 else
+           " (the sweeps ran as " + str(len(result["rooflines"])) + " commands, each measuring its own "
+           "roofline: " + ", ".join(f"{r['read_bandwidth_Bps'] / 1e12:.2f} TB/s" for r in result["rooflines"])
+           + "; each row's multiple uses its own run's)") + ". scikit-learn",
         f"ran on the host's CPU ({m['cpu']}, {m['cpu_count']} cores) for n <= "
         f"{cfg.get('reference_max_n', 0):,} only.",
         f"Agreement after {chk['n_iter']} iterations from the same start at n = {chk['n']:,}: mean "
@@ -359,6 +363,17 @@ def write_accel_table(result: dict, path: Path) -> None:
         sub = [r for r in result["rows"] if r.get("sweep") == key]
         if sub:
             lines += [f"### GPU, against {label} ({fixed})", ""] + _table(sub, key, label) + [""]
+    fams = ("RegressionMixture", "GatedExperts")
+    errors = [r for r in result["rows"] if "error" in r]
+    seen = {(r["family"], *r["sweep_point"]) for r in result["rows"] if r["family"] in fams}
+    missing = sorted({(f, n, K, D) for f in fams for n, K, D in
+                      [(v, cfg["K_fixed"], cfg["D_fixed"]) for v in cfg["n"]]
+                      + [(cfg["n_fixed"], v, cfg["D_fixed"]) for v in cfg["K"]]
+                      + [(cfg["n_fixed"], cfg["K_fixed"], v) for v in cfg["D"]]} - seen)
+    for r in errors:
+        lines.append(f"- {r['family']} at n = {r['n']:,}, K = {r['K']}, D = {r['D']}: {r['error']}.")
+    for f, n, K, D in missing:
+        lines.append(f"- {f} at n = {n:,}, K = {K}, D = {D}: not measured (the command's time limit).")
     write_atomic(path, "\n".join(lines))
 
 
