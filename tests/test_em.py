@@ -434,3 +434,13 @@ def test_bad_arguments(kwargs, exc, name):
     model, key, x, y = (args.pop(k) for k in ("model", "key", "x", "y"))
     with pytest.raises(exc, match=name):
         fit_em(model, key, x, y, **args)
+
+
+def test_tol_zero_runs_every_iteration():
+    # fixed work (benchmarks divide by the count): no stopping rule, not even at a fixed point
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=60)
+    y = np.where(x > 0, 3.0, -3.0) + 0.01 * rng.normal(size=60)
+    fit = fit_em(RegressionMixture(2), jax.random.key(0), x, y, max_iter=40, tol=0.0)
+    assert int(fit.n_iter) == 40 and not bool(fit.converged)
+    assert int(fit_em(RegressionMixture(2), jax.random.key(0), x, y, max_iter=40, tol=1e-6).n_iter) < 40

@@ -110,7 +110,8 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
       restarts: R random initialisations (Dirichlet transitions, emissions around the token
         frequencies) run together under ``vmap``.
       max_iter: iteration cap of each EM loop.
-      tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration.
+      tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration
+        (or falls within float rounding); 0: run all ``max_iter`` iterations.
       init_params: start from these parameters instead (one run; ``restarts`` is ignored).
 
     Returns:

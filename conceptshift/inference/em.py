@@ -163,7 +163,8 @@ def em_loop(step, params0, tol, max_iter: int, dtype):
     in exact arithmetic, so a fall of at most 8 ulps (8 eps |objective|) also stops it as converged:
     the iteration is at the resolution of its float type (on a GPU, where sums are not reduced in a
     fixed order, a float32 objective jitters by an ulp and a ``tol`` below float32's resolution
-    would otherwise never be met). A non-finite update keeps the
+    would otherwise never be met). ``tol <= 0`` runs ``max_iter`` iterations (fixed work, as the
+    benchmarks need). A non-finite update keeps the
     previous parameters and stops the loop; a start that is not finite fails at once.
     Returns (params, n_iter, loglik trace, objective trace, converged-by-tolerance, failed)."""
     nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
@@ -179,8 +180,8 @@ def em_loop(step, params0, tol, max_iter: int, dtype):
         ok = _all_finite(new) & jnp.isfinite(obj)
         params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
         change = obj - obj_prev
-        conv = ok & (it > 0) & ((jnp.abs(change) <= tol * jnp.abs(obj))
-                                | ((change <= 0) & (-change <= ulps * jnp.abs(obj))))
+        conv = ok & (it > 0) & (tol > 0) & ((jnp.abs(change) <= tol * jnp.abs(obj))
+                                            | ((change <= 0) & (-change <= ulps * jnp.abs(obj))))
         return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok
 
     init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
@@ -299,7 +300,8 @@ def fit_em(
       weights: optional non-negative per-sample weights (N,).
       restarts: R, number of initialisations run together under ``vmap``.
       max_iter: iteration cap of each EM loop.
-      tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration.
+      tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration
+        (or falls within float rounding); 0: run all ``max_iter`` iterations.
       init: ``"kmeans++"`` (k-means++ seeding and Lloyd steps on the columns of x and y),
         ``"subset"`` (K regressions through P + 1 random points each, points to the nearest),
         ``"random"`` (Dirichlet responsibilities) or ``"mixed"`` (restarts alternate k-means++ and
