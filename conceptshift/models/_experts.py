@@ -80,6 +80,9 @@ def _solve_psd(gram: Array, rhs: Array) -> Array:
     return jnp.where(ok[:, None, None], beta, beta_eig)
 
 
+GATE_VIA_PAIRS = False
+
+
 def _contract_minor(a: Array, b: Array) -> Array:
     """sum_n a[i, n] b[j, n] -> (I, J): a reduction over the long, minor sample axis, with the
     operand of more rows on the left."""
@@ -441,7 +444,12 @@ class ExpertsFamily:
             G, N = Z.shape[1], A.shape[1]
             mu = _small_product(coef_c, A)  # (K, H, N)
             gate = jnp.broadcast_to(const[:, None], (K, N))
-            if G:
+            if G and GATE_VIA_PAIRS and self.pair_products(K, P):
+                iu, ju = np.triu_indices(P)
+                M = _p.einsum("kgp,kgq->kpq", Z, Z)
+                Q = M[:, iu, ju] * jnp.where(iu == ju, 1.0, 2.0).astype(M.dtype)[None, :]
+                gate = gate - 0.5 * _p.mm(Q, A[iu] * A[ju])
+            elif G:
                 z = _small_product(Z, A)  # (K, G, N)
                 gate = gate - 0.5 * jnp.sum(z * z, axis=1)
         e = yT[None, :, :] - mu
@@ -449,8 +457,13 @@ class ExpertsFamily:
         head = jnp.sum(-0.5 * (e * inv) ** 2, axis=1)
         head_const = -jnp.sum(params.log_scale, 1) - 0.5 * H * jnp.log(2 * jnp.pi)
         logp = gate + head + head_const[:, None]
-        ll = logsumexp(logp, axis=0)
-        r = jnp.exp(logp - ll[None, :]) * wT[None, :]
+        # log-sum-exp and the responsibilities from one set of K exponentials per row
+        top = jax.lax.stop_gradient(jnp.max(logp, axis=0))
+        top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
+        ex = jnp.exp(logp - top[None, :])
+        tot = jnp.sum(ex, axis=0)
+        ll = top + jnp.log(tot)
+        r = ex * (wT / tot)[None, :]
         ref = jnp.swapaxes(params.coef, 1, 2)
         return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, ref, stats)
 
