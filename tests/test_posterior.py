@@ -1,10 +1,12 @@
 """NUTS with relabelling, Algorithm 1's posterior and bootstrap draws, and the ArviZ DataTree:
 relabelling restores permuted draws exactly, chains started in different labellings agree once
-relabelled, the diagnostics equal direct computations, the netCDF round trip is identical.
+relabelled, the diagnostics equal direct computations, the netCDF round trip is identical; the
+compiled sampler matches an exact posterior, reuses its compiled program on new data and is
+reproducible.
 
 One short NUTS run (module fixture) serves the default tests; the full criteria (R-hat < 1.01,
-bulk ESS > 400, 90% HDI coverage of q(x) in [0.85, 0.95] over test points and replicates) are
-``slow``.
+bulk ESS > 400, 90% HDI coverage of q(x) in [0.85, 0.95] over 200 replicates, with its Monte Carlo
+standard error) are ``slow``.
 """
 
 import logging
@@ -352,22 +354,52 @@ def test_bad_arguments():
 # ------------------------------------------------------------------------------ slow: full criteria
 @pytest.mark.slow
 def test_nuts_well_specified_rhat_ess_and_hdi_coverage():
-    """A well-specified problem, 12 replicates: relabelled NUTS (4 chains x 1000 draws) has R-hat <
-    1.01 and bulk ESS > 400 for every parameter, and the 90% HDIs of q̂(x) cover the true q(x) at a
-    rate in [0.85, 0.95] over test points and replicates."""
+    """A well-specified problem (K = 2, the data drawn from the model's family), 200 replicates of
+    n = 300 target points: relabelled NUTS (4 chains x 1000 draws, started at EM's fit) has R-hat <
+    1.01 and bulk ESS > 400 for every parameter in every replicate, and the 90% HDIs of q̂(x) cover
+    the true q(x) at a rate in [0.85, 0.95].
+
+    The test points are fixed and well spread: 9 quantiles (5% to 95%) of the target's x. The HDIs
+    of one replicate are strongly correlated across x (q(x) is linear in x here), so the unit of
+    replication is the data set: the coverage is the mean over replicates of their per-replicate
+    rates and its Monte Carlo standard error is sd(rates) / sqrt(R), which must be small enough
+    (< 0.025) for the [0.85, 0.95] check to be sharp. q(x) = sum_k w_k (a_k + b_k x) does not
+    depend on the labelling, so relabelling cannot move the coverage. The compiled sampler is reused
+    across replicates (same shapes: no recompilation). Runtime about 6-8 minutes on 2 CPU cores.
+
+    n = 300 because the minor component has weight 0.12: at n = 100 (about 12 of its points) its
+    scale's posterior is a funnel in some data sets (divergences, R-hat up to 1.2, bulk ESS down to
+    13), a property of that posterior, not of the sampler (the coverage there was 0.904 +- 0.014)."""
+    import time
+
+    from conceptshift._validation import float_dtype
+
+    R, n, S = 200, 300, 1000
     prob = make_problem(jax.random.key(0), n_components=2, noise=0.5)
-    rates = []
-    for rep in range(12):
-        sim = simulate(jax.random.key(100 + rep), prob, 10, 300, 50)
+    assert prob.spec.family == "regression" and prob.spec.x_scale == 1.0  # x ~ N(0, 1)
+    xg = jnp.asarray(stats.norm.ppf(np.linspace(0.05, 0.95, 9))[:, None], float_dtype())
+    with jax.numpy_rank_promotion("allow"):  # numpyro's mixture sampler broadcasts implicitly
+        yg = prob.model.distribution(prob.params_q, xg).sample(jax.random.key(7))[:, 0]
+    t0 = time.perf_counter()
+    inside, rhats, esss = np.zeros((R, xg.shape[0]), bool), [], []
+    for rep in range(R):
+        sim = simulate(jax.random.key(1000 + rep), prob, 1, n, 1)
         x, y = sim.target.x, sim.target.y
         em = fit_em(M1, jax.random.key(rep), x, y, restarts=4)
-        res = fit_nuts(M1, jax.random.key(200 + rep), x, y, num_chains=4, num_warmup=500,
-                       num_samples=1000, init_params=em.params)
-        dt = posterior_datatree(M1, res.params, sim.test.x, sim.test.y, jax.random.key(rep),
+        res = fit_nuts(M1, jax.random.key(5000 + rep), x, y, num_chains=4, num_warmup=500,
+                       num_samples=S, init_params=em.params)
+        dt = posterior_datatree(M1, res.params, xg, yg, jax.random.key(rep),
                                 sample_stats=res.sample_stats, truth=prob)
         d = diagnose(dt)
-        assert d["max_rhat"] < 1.01 and d["min_ess_bulk"] > 400, (rep, d["max_rhat"], d["min_ess_bulk"])
-        rates.append(d["hdi_coverage"])
-    print(f"90% HDI coverage of q(x) per replicate: {np.round(rates, 3).tolist()}, "
-          f"mean {np.mean(rates):.3f}")
-    assert 0.85 <= np.mean(rates) <= 0.95, rates
+        rhats.append(d["max_rhat"])
+        esss.append(d["min_ess_bulk"])
+        inside[rep] = hdi_coverage(dt, 0.9)[1]
+    rates = inside.mean(1)
+    coverage, se = rates.mean(), rates.std(ddof=1) / np.sqrt(R)
+    print(f"90% HDI coverage of q(x): {coverage:.4f} +- {se:.4f} (MC s.e.) over {R} replicates x "
+          f"{xg.shape[0]} points; per point {np.round(inside.mean(0), 3).tolist()}; "
+          f"max R-hat {max(rhats):.4f}, min bulk ESS {min(esss):.0f}; {time.perf_counter() - t0:.0f} s")
+    bad = [(r, rhats[r], esss[r]) for r in range(R) if not (rhats[r] < 1.01 and esss[r] > 400)]
+    assert not bad, bad
+    assert se < 0.025, se
+    assert 0.85 <= coverage <= 0.95, (coverage, se)
