@@ -345,6 +345,13 @@ def test_bad_arguments():
         fit_nuts(M1, jax.random.key(0), x, y, target_accept=1.5)
     with pytest.raises(ValueError, match="num_chains must be >= 1"):
         fit_nuts(M1, jax.random.key(0), x, y, num_chains=0)
+    with pytest.raises(TypeError, match="init_params must be the family's parameters"):
+        fit_nuts(M1, jax.random.key(0), x, y, init_params={"coef": np.zeros((2, 1, 2))})
+    with pytest.raises(ValueError, match="init_params.coef must have shape"):
+        fit_nuts(M1, jax.random.key(0), x, y, init_params=RegressionMixture(3).init_params(jax.random.key(0)))
+    with pytest.raises(ValueError, match="init_params has 3 chains, expected 4"):
+        p3 = _jitter(M1.init_params(jax.random.key(0)), jax.random.key(1), (3,))
+        fit_nuts(M1, jax.random.key(0), x, y, init_params=p3)
     with pytest.raises(ValueError, match="one head"):
         posterior_datatree(RegressionMixture(2, n_heads=2),
                            RegressionMixture(2, n_heads=2).init_params(jax.random.key(0)), x, y,
