@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 from numpyro.distributions import biject_to
-from numpyro.infer import MCMC, NUTS
+from numpyro.infer.hmc import hmc
+from numpyro.infer.util import initialize_model
 
 from .._validation import check_float, check_int, check_key
 from ..models._experts import ExpertsFamily
 from .matching import _assign
-from .sites import latent_site_names, numpyro_numerics, params_from_draws, sites_from_params
+from .sites import latent_site_names, numpyro_numerics, params_from_sites, sites_from_params
 
 EXTRA_FIELDS = ("diverging", "accept_prob", "num_steps", "energy", "potential_energy",
                 "adapt_state.step_size")
@@ -91,36 +92,113 @@ class MCMCResult:
     num_samples: int
 
 
-_MCMCS: dict = {}
+@dataclass
+class _Runner:
+    """The compiled NUTS program of one configuration (see :func:`_runner`)."""
+
+    init: Any  # jit(keys (C,), x, y, params0 (C, ...) | None) -> HMCState batched over chains
+    run_chunk: Any  # jit(state, x, y, length=L) -> (state, (params (L, C, ...), stats (L, C)))
 
 
-def _mcmc(model, num_chains, num_warmup, num_samples, target_accept, max_tree_depth, progress):
-    key = (model, num_chains, num_warmup, num_samples, target_accept, max_tree_depth, progress)
-    if key not in _MCMCS:
-        kernel = NUTS(model.numpyro_model, target_accept_prob=target_accept,
-                      max_tree_depth=max_tree_depth)
-        _MCMCS[key] = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
-                           num_chains=num_chains, chain_method="vectorized", progress_bar=progress,
-                           jit_model_args=True)
-    return _MCMCS[key]
+_RUNNERS: dict = {}
 
 
-def _unconstrained_inits(model, params, num_chains, dtype, x, y):
-    """Per-chain unconstrained site values from a params pytree, unbatched or (C, ...)."""
-    from numpyro import handlers
+def _runner(model, x, y, num_chains, num_warmup, num_samples, target_accept, max_tree_depth) -> _Runner:
+    """NUTS over ``model.numpyro_model`` built from NumPyro's functional kernel (``hmc(algo="NUTS")``:
+    ``init_kernel`` / ``sample_kernel``), chains vectorized with ``jax.vmap`` and steps under
+    ``lax.scan``. The data are arguments of the compiled functions, so one runner serves every data
+    set of its shapes; it is cached per configuration (family, shapes, dtypes and the NUTS
+    settings), as :mod:`.svi` caches its runners.
 
+    NumPyro's ``init_kernel`` fixes the warm-up schedule (Stan's windows: step size by dual
+    averaging, diagonal mass matrix by Welford) for ``num_warmup`` steps; ``sample_kernel`` adapts
+    while the state's step counter is below it, then samples with the adapted kernel.
+    """
+    config = (model, x.shape, str(x.dtype), y.shape, str(y.dtype), num_chains, num_warmup, num_samples,
+              target_accept, max_tree_depth)
+    if config in _RUNNERS:
+        return _RUNNERS[config]
+    names = latent_site_names(model)
+    found = {}
+
+    def probe(x, y):
+        # traced on abstract data: the potential-energy generator (data -> potential), the
+        # unconstrained -> constrained transforms and the sites' bijections; none holds data
+        with numpyro_numerics():
+            info = initialize_model(jax.random.key(0), model.numpyro_model, dynamic_args=True,
+                                    model_args=(x, y))
+            found["potential_fn_gen"] = info.potential_fn
+            found["postprocess_gen"] = info.postprocess_fn
+            found["bijections"] = {n: biject_to(info.model_trace[n]["fn"].support) for n in names}
+        return info.param_info.potential_energy
+
+    jax.eval_shape(probe, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype))
+    init_kernel, sample_kernel = hmc(potential_fn_gen=found["potential_fn_gen"], algo="NUTS")
+
+    def init(keys, x, y, params0):
+        # as NumPyro's vectorized MCMC: each chain's key gives the kernel's key and the init key
+        split = jax.vmap(jax.random.split)(keys)
+        k_hmc, k_init = split[:, 0], split[:, 1]
+        with numpyro_numerics():
+            if params0 is None:  # NumPyro's default, init_to_uniform: Uniform(-2, 2) unconstrained
+                z0 = initialize_model(k_init, model.numpyro_model, dynamic_args=True,
+                                      model_args=(x, y)).param_info
+            else:
+                sites = jax.vmap(lambda p: sites_from_params(model, p))(params0)
+                z0 = {n: found["bijections"][n].inv(sites[n]) for n in names}
+
+            def one(z, k):
+                return init_kernel(z, num_warmup, step_size=1.0, adapt_step_size=True,
+                                   adapt_mass_matrix=True, dense_mass=[], target_accept_prob=target_accept,
+                                   trajectory_length=None, max_tree_depth=max_tree_depth,
+                                   model_args=(x, y), model_kwargs={}, rng_key=k)
+
+            return jax.vmap(one)(z0, k_hmc)
+
+    def run_chunk(state, x, y, length):
+        constrain = found["postprocess_gen"](x, y)
+
+        def one(s):
+            s = sample_kernel(s, (x, y), {})
+            params = params_from_sites(model, constrain(s.z))
+            stats = (s.diverging, s.accept_prob, s.num_steps, s.energy, s.potential_energy,
+                     s.adapt_state.step_size)
+            return s, (params, stats)
+
+        def step(s, _):
+            with numpyro_numerics():
+                return jax.vmap(one)(s)
+
+        return jax.lax.scan(step, state, None, length=length)
+
+    runner = _Runner(jax.jit(init), jax.jit(run_chunk, static_argnames="length"))
+    _RUNNERS[config] = runner
+    return runner
+
+
+def _chunks(total: int, progress: bool, n_updates: int = 20) -> list[int]:
+    """Scan lengths: one compiled scan over every step, or about ``n_updates`` equal ones (and a
+    remainder) when a progress bar shows."""
+    if not progress:
+        return [total]
+    size = -(-total // min(n_updates, total))
+    return [size] * (total // size) + ([total % size] if total % size else [])
+
+
+def _chain_params(model, params, num_chains, dtype):
+    """A params pytree, unbatched or (C, ...), as (C, ...) arrays of ``dtype``."""
+    if not hasattr(params, "coef") or not hasattr(params, "_replace"):
+        raise TypeError(f"init_params must be the family's parameters, got {type(params).__name__}")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-    batched = params.coef.ndim == 4
-    if not batched:
-        params = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_chains,) + a.shape), params)
+    K, H, P = model.n_components, model.n_heads, model.n_coef
+    if params.coef.shape[-3:] != (K, H, P) or params.coef.ndim not in (3, 4):
+        raise ValueError(f"init_params.coef must have shape {(K, H, P)} or (chains, {K}, {H}, {P}), "
+                         f"got {params.coef.shape}")
+    if params.coef.ndim == 3:
+        return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_chains,) + a.shape), params)
     if params.coef.shape[0] != num_chains:
         raise ValueError(f"init_params has {params.coef.shape[0]} chains, expected {num_chains}")
-    sites = jax.vmap(lambda p: sites_from_params(model, p))(params)
-    one = {k: v[0] for k, v in sites.items()}
-    with numpyro_numerics():
-        trace = handlers.trace(handlers.substitute(handlers.seed(model.numpyro_model, 0),
-                                                   data=one)).get_trace(x, y)
-        return {n: biject_to(trace[n]["fn"].support).inv(sites[n]) for n in latent_site_names(model)}
+    return params
 
 
 def fit_nuts(
@@ -148,8 +226,11 @@ def fit_nuts(
       reference: parameters the draws are relabelled to (default: ``init_params`` when unbatched;
         None and no init: no relabelling).
       target_accept, max_tree_depth: NUTS settings.
+      progress: show a rich progress bar (the steps then run in about 20 compiled chunks).
 
-    A second call with data of the same shapes and the same settings reuses the compiled sampler.
+    Warm-up adapts the step size (dual averaging towards ``target_accept``) and a diagonal mass
+    matrix, as NumPyro's ``NUTS``. The same key gives the same draws. A second call with data of
+    the same shapes and the same settings reuses the compiled sampler (no recompilation).
     """
     if not isinstance(model, ExpertsFamily):
         raise TypeError(f"model must be a conceptshift model family, got {type(model).__name__}")
@@ -162,29 +243,45 @@ def fit_nuts(
     if not target_accept < 1:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
     x, y = model.check_data(x, y)
-    if reference is None and init_params is not None and init_params.coef.ndim == 3:
-        reference = init_params
-    inits = None
+    params0 = None
     if init_params is not None:
-        inits = _unconstrained_inits(model, init_params, num_chains, y.dtype, x, y)
-    mcmc = _mcmc(model, num_chains, num_warmup, num_samples, target_accept, max_tree_depth,
-                 bool(progress))
-    with numpyro_numerics():
-        mcmc.run(key, x, y, init_params=inits, extra_fields=EXTRA_FIELDS)
-        sites = mcmc.get_samples(group_by_chain=True)
-        extra = mcmc.get_extra_fields(group_by_chain=True)
-    raw = params_from_draws(model, sites, 2)
+        params0 = _chain_params(model, init_params, num_chains, y.dtype)
+        if reference is None and init_params.coef.ndim == 3:
+            reference = init_params
+    runner = _runner(model, x, y, num_chains, num_warmup, num_samples, target_accept, max_tree_depth)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = num_warmup + num_samples
+    cols = [TextColumn(f"NUTS ({num_chains} chains)"), BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn()]
+    draws, stats = [], []
+    with Progress(*cols, disable=not progress, transient=False) as bar:
+        task = bar.add_task("nuts", total=total)
+        with numpyro_numerics():
+            state = runner.init(jax.random.split(key, num_chains), x, y, params0)
+            for length in _chunks(total, bool(progress)):
+                state, (p, st) = runner.run_chunk(state, x, y, length=length)
+                draws.append(p)
+                stats.append(st)
+                bar.advance(task, length)
+
+    def chains_first(parts):  # (T, C, ...) chunks -> (C, S, ...) post-warm-up draws
+        a = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        return jnp.swapaxes(a[num_warmup:], 0, 1)
+
+    raw = jax.tree_util.tree_map(lambda *parts: chains_first(parts), *draws)
+    extra = {f: np.asarray(chains_first([st[i] for st in stats])) for i, f in enumerate(EXTRA_FIELDS)}
     if reference is not None:
         reference = jax.tree_util.tree_map(lambda a: jnp.asarray(a, y.dtype), reference)
         params, perms = relabel(raw, reference)
     else:
         params, perms = raw, None
-    stats = {
-        "diverging": np.asarray(extra["diverging"]),
-        "acceptance_rate": np.asarray(extra["accept_prob"]),
-        "n_steps": np.asarray(extra["num_steps"]),
-        "energy": np.asarray(extra["energy"]),
-        "lp": -np.asarray(extra["potential_energy"]),
-        "step_size": np.asarray(extra["adapt_state.step_size"]),
+    sample_stats = {
+        "diverging": extra["diverging"],
+        "acceptance_rate": extra["accept_prob"],
+        "n_steps": extra["num_steps"],
+        "energy": extra["energy"],
+        "lp": -extra["potential_energy"],
+        "step_size": extra["adapt_state.step_size"],
     }
-    return MCMCResult(model, params, raw, perms, reference, stats, num_chains, num_samples)
+    return MCMCResult(model, params, raw, perms, reference, sample_stats, num_chains, num_samples)
