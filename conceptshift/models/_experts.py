@@ -80,9 +80,6 @@ def _solve_psd(gram: Array, rhs: Array) -> Array:
     return jnp.where(ok[:, None, None], beta, beta_eig)
 
 
-GATE_VIA_PAIRS = False
-
-
 def _contract_minor(a: Array, b: Array) -> Array:
     """sum_n a[i, n] b[j, n] -> (I, J): a reduction over the long, minor sample axis, with the
     operand of more rows on the left."""
@@ -444,12 +441,7 @@ class ExpertsFamily:
             G, N = Z.shape[1], A.shape[1]
             mu = _small_product(coef_c, A)  # (K, H, N)
             gate = jnp.broadcast_to(const[:, None], (K, N))
-            if G and GATE_VIA_PAIRS and self.pair_products(K, P):
-                iu, ju = np.triu_indices(P)
-                M = _p.einsum("kgp,kgq->kpq", Z, Z)
-                Q = M[:, iu, ju] * jnp.where(iu == ju, 1.0, 2.0).astype(M.dtype)[None, :]
-                gate = gate - 0.5 * _p.mm(Q, A[iu] * A[ju])
-            elif G:
+            if G:
                 z = _small_product(Z, A)  # (K, G, N)
                 gate = gate - 0.5 * jnp.sum(z * z, axis=1)
         e = yT[None, :, :] - mu
