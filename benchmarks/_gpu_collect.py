@@ -8,7 +8,7 @@ are kept in `results/gpu_runs/`; this script merges them (a point measured twice
 measurement) into `results/em_iteration_gpu.json` and `results/replicates_gpu.json` and writes the
 Markdown tables that `benchmarks/README.md` includes.
 
-Usage: python benchmarks/gpu_collect.py
+Usage: python benchmarks/_gpu_collect.py
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def collect_em(machine: dict, checks: list[dict]) -> dict:
             "rooflines": rooflines, "config": cfg, "rows": rows,
             "sklearn_agreement": by_prec["HIGHEST"],
             "sklearn_agreement_default_precision": by_prec.get("DEFAULT"),
-            "provenance": "merged by benchmarks/gpu_collect.py from results/gpu_runs/em_iteration_run*.jsonl",
+            "provenance": "merged by benchmarks/_gpu_collect.py from "
+                          "results/gpu_runs/em_iteration_run*.jsonl",
             "withdrawn": WITHDRAWN}
 
 
@@ -85,7 +86,7 @@ def collect_replicates(machine: dict) -> dict:
     return {"benchmark": "replicates", "machine": machine,
             "config": {"n": 2000, "restarts": 8, "max_iter": 100, "repeats": 3},
             "rows": [rows[k] for k in sorted(rows, key=lambda k: (k[0] != "regression", k[1]))],
-            "provenance": "merged by benchmarks/gpu_collect.py from results/gpu_runs/replicates_run*"}
+            "provenance": "merged by benchmarks/_gpu_collect.py from results/gpu_runs/replicates_run*"}
 
 
 def replicates_table(res: dict) -> list[str]:
