@@ -67,13 +67,16 @@ def summary(times: list[float], per: float = 1.0) -> dict:
             "iqr_s": float(q[1] - q[0]), "repeats": len(t)}
 
 
-def time_jitted(fn, args: tuple, repeats: int, per: float = 1.0) -> dict:
+def time_jitted(fn, args: tuple, repeats: int, per: float = 1.0, check=None) -> dict:
     """Compile ``jax.jit(fn)`` for ``args``, warm up once, then time ``repeats`` calls.
-    Times are divided by ``per`` (e.g. the number of EM iterations inside one call)."""
+    Times are divided by ``per`` (e.g. the number of EM iterations inside one call); ``check`` is
+    called with the warm-up call's output (e.g. to confirm that ``per`` iterations ran)."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))
+    out = jax.block_until_ready(compiled(*args))
+    if check is not None:
+        check(out)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

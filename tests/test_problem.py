@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rtol
+from conftest import once, rtol
 
 from conceptshift.models import ProblemSpec, make_problem, simulate
 
 
+@once
 @pytest.mark.parametrize("family", ["regression", "gated"])
 def test_shapes_and_shared_components(family):
     prob = make_problem(jax.random.key(0), family=family, n_components=3, n_features=2)
