@@ -23,7 +23,6 @@ $(PY):
 	@py=$$($(find_python)) || exit 1; echo "creating $(VENV) with $$py"; $$py -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 

@@ -20,7 +20,7 @@ from conceptshift.inference.matching import (
 
 
 @once
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None, max_examples=25)
 @given(k=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
 def test_matches_scipy(k, seed):
     cost = np.random.default_rng(seed).normal(size=(k, k))
@@ -31,7 +31,7 @@ def test_matches_scipy(k, seed):
 
 
 @once
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=20)
 @given(k=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
 def test_recovers_known_permutation(k, seed):
     rng = np.random.default_rng(seed)

@@ -251,6 +251,7 @@ class _Compiles(logging.Handler):
             self.lines.append(msg)
 
 
+@once  # a statistical check with wide tolerances and plumbing: the float32 pass
 def test_nuts_reproduces_the_exact_regression_posterior(ols_nuts):
     """The compiled sampler (warm-up adaptation included) on K = 1 matches the closed-form posterior:
     means within ~6 Monte Carlo standard errors (ESS ~ 1000), sds within 10%."""
@@ -272,6 +273,7 @@ def test_nuts_reproduces_the_exact_regression_posterior(ols_nuts):
     assert res.perms is None and res.raw_params is res.params
 
 
+@once  # a statistical check with wide tolerances and plumbing: the float32 pass
 def test_nuts_no_recompile_on_new_data_and_same_key_same_draws(ols_nuts):
     """A second call with new data of the same shape compiles nothing (logged by jax.log_compiles;
     a fresh jit inside the same capture is the positive control); the same key gives identical

@@ -38,6 +38,7 @@ SCHEDULE = optax.cosine_decay_schedule(0.05, 1500, alpha=0.01)
 OPT = optax.adam(SCHEDULE)
 
 
+@once  # the 1e-3 nats criterion at the default (float32) precision, and plumbing
 def test_delta_reaches_em_loglik_and_no_recompile():
     """MLE and MAP by AutoDelta from EM's starting point end within 1e-3 nats per sample of EM's
     log-likelihood; a second fit on new data of the same shape reuses the compiled chunk."""
