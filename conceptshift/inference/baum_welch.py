@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from .._validation import check_float, check_int, check_key, is_traced
 from ..models.hmm import HMMData, HMMMixture, HMMParams
-from .em import em_loop
+from .em import check_em_args, em_loop
 
 
 class HMMEMResult(NamedTuple):
@@ -129,11 +128,7 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
     """
     if not isinstance(model, HMMMixture):
         raise TypeError(f"model must be an HMMMixture, got {type(model).__name__}")
-    key = check_key("key", key)
-    restarts = check_int("restarts", restarts, minimum=1)
-    max_iter = check_int("max_iter", max_iter, minimum=1)
-    if not is_traced(tol):
-        tol = check_float("tol", tol, nonnegative=True)
+    key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     d = model.check_data(x, lengths, y, weights)
     if init_params is not None:
         if not isinstance(init_params, HMMParams):

@@ -227,6 +227,17 @@ def _initial_params(model, key, x, y, w, stats, kind, init: str):
     return model.m_step(x, y, r0 * w[:, None], stats)
 
 
+def check_em_args(key, restarts, max_iter, tol):
+    """The arguments every EM driver (EM, generalized EM, Baum-Welch) shares, validated; ``tol``
+    may be traced (a fit under ``jit``)."""
+    key = check_key("key", key)
+    restarts = check_int("restarts", restarts, minimum=1)
+    max_iter = check_int("max_iter", max_iter, minimum=1)
+    if not is_traced(tol):
+        tol = check_float("tol", tol, nonnegative=True)
+    return key, restarts, max_iter, tol
+
+
 def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, init, block_size,
                  mesh):
     stats = model.data_stats(x, y, w)
@@ -335,11 +346,7 @@ def fit_em(
             f"model must be a conceptshift model family (e.g. RegressionMixture), "
             f"got {type(model).__name__}"
         )
-    key = check_key("key", key)
-    restarts = check_int("restarts", restarts, minimum=1)
-    max_iter = check_int("max_iter", max_iter, minimum=1)
-    if not is_traced(tol):
-        tol = check_float("tol", tol, nonnegative=True)
+    key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     arrays = model.check_data(x, y, weights)

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.special import logsumexp
 
-from .._validation import check_float, check_int, check_key, is_traced
+from .._validation import check_int
 from ..models.softmax_gated import SoftmaxGatedExperts
-from .em import EMResult, _all_finite, em_loop
+from .em import EMResult, _all_finite, check_em_args, em_loop
 from .init import kmeans_pp_responsibilities, subset_responsibilities
 
 
@@ -124,12 +124,8 @@ def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: in
     """
     if not isinstance(model, SoftmaxGatedExperts):
         raise TypeError(f"model must be a SoftmaxGatedExperts, got {type(model).__name__}")
-    key = check_key("key", key)
-    restarts = check_int("restarts", restarts, minimum=1)
-    max_iter = check_int("max_iter", max_iter, minimum=1)
+    key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     inner_steps = check_int("inner_steps", inner_steps, minimum=1)
-    if not is_traced(tol):
-        tol = check_float("tol", tol, nonnegative=True)
     arrays = model.check_data(x, y, weights)
     x, y = arrays[0], arrays[1]
     w = arrays[2] if weights is not None else jnp.ones((x.shape[0],), y.dtype)
