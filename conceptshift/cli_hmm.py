@@ -36,9 +36,10 @@ def cmd_fit_hmm(args, usage_error) -> int:
     if args.components > x.shape[0]:
         raise usage_error(f"--components {args.components} exceeds the {x.shape[0]} sequences")
 
-    import jax
+    from .cli import _setup_precision
 
-    jax.config.update("jax_enable_x64", not args.float32)
+    _setup_precision(args.float32)
+    import jax
     import numpy as np
 
     from .inference.baum_welch import fit_hmm_em

@@ -189,6 +189,7 @@ def test_sampler_matches_density(anchored):
 def test_new_data_same_shape_does_not_recompile_and_empty_state_stays_finite(anchored):
     prob, sim, y, fit = anchored
     size = _fit_jit._cache_size()
+    assert size >= 1  # the fit did go through the cached program
     x2 = np.asarray(sim.source.x).copy()
     x2[:, :] = np.where(x2 == 5, 4, x2)  # token 5 never occurs: its emission count is zero
     fit2 = fit_hmm_em(prob.model, jax.random.key(7), x2, sim.source.lengths, y, restarts=4,

@@ -9,7 +9,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from ..inference.baum_welch import fit_hmm_em
 from ..inference.estimators import EMOptions
 from ..inference.hmm_estimators import (
     HMMPredictor,
@@ -20,6 +19,7 @@ from ..inference.hmm_estimators import (
     refinement_icl_path,
     truth_labels,
 )
+from ..inference.hmm_estimators import _fit as fit_hmm
 from ..inference.matching import _assign
 from ..models.hmm import HMMMixture, HMMParams
 from ..models.hmm_problem import HMMProblem, HMMProblemSpec, _simulate, make_hmm_problem
@@ -68,8 +68,7 @@ def em_options(cfg: dict) -> EMOptions:
 
 
 def _fit(model, key, x, lengths, y, w, opts):
-    return fit_hmm_em(model, key, x, lengths, y, weights=w, restarts=opts.restarts, max_iter=opts.max_iter,
-                      tol=opts.tol).params
+    return fit_hmm(model, key, x, lengths, y, w, opts).params
 
 
 def hmm_replicate(key, n, params_p: HMMParams, params_q: HMMParams, *, model: HMMMixture, n_max: int,

@@ -35,7 +35,7 @@ from jax import Array
 from jax.scipy.special import logsumexp
 
 from .. import _precision as _p
-from ..models.hmm import HMMMixture, HMMParams
+from ..models.hmm import HMMMixture, HMMParams, permute_states
 from .baum_welch import HMMEMResult, fit_hmm_em
 from .estimators import EMOptions
 from .matching import _assign, assignment_margin, greedy_assignment
@@ -95,11 +95,6 @@ def state_alignment(params_ref: HMMParams, params: HMMParams) -> Array:
     return _assign(jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
 
 
-def _aligned(params: HMMParams, perm: Array) -> HMMParams:
-    return params._replace(log_init=params.log_init[:, perm], log_trans=params.log_trans[:, perm][:, :, perm],
-                           log_emit=params.log_emit[perm], log_out=params.log_out[:, perm])
-
-
 def concept_signatures(params: HMMParams, match: str, head: int = 0) -> Array:
     """Per-concept vectors compared across fits, (K, ...): theta_k tau^w_head (``"weak"``) or theta_k."""
     trans = jnp.exp(params.log_trans)
@@ -113,7 +108,7 @@ def concept_cost(params_a: HMMParams, head_a: int, params_b: HMMParams, head_b: 
     """cost[k, j] = |sig_a(k) - sig_b(j)|^2 after aligning b's states to a's, (K, K)."""
     if match not in MATCHES:
         raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
-    b = _aligned(params_b, state_alignment(params_a, params_b))
+    b = permute_states(params_b, state_alignment(params_a, params_b))
     sa, sb = concept_signatures(params_a, match, head_a), concept_signatures(b, match, head_b)
     return jnp.sum((sa[:, None, :] - sb[None, :, :]) ** 2, -1)
 
@@ -267,7 +262,7 @@ def param_errors(true_params: HMMParams, params: HMMParams) -> tuple[Array, Arra
     """(max |tau - taû|, max |theta - thetâ|, max |pi - pî|) after the best permutation of states (by
     emission) and of concepts (by transitions)."""
     st = state_alignment(true_params, params)
-    p = _aligned(params, st)
+    p = permute_states(params, st)
     perm = _assign(concept_cost(true_params, 0, p, 0, "transitions"))
     emit = jnp.max(jnp.abs(jnp.exp(true_params.log_emit) - jnp.exp(p.log_emit)))
     trans = jnp.max(jnp.abs(jnp.exp(true_params.log_trans) - jnp.exp(p.log_trans[perm])))

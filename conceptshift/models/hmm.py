@@ -75,6 +75,14 @@ def _norm(logits: Array, axis: int = -1) -> Array:
     return logits - logsumexp(logits, axis=axis, keepdims=True)
 
 
+def permute_states(params: HMMParams, perm) -> HMMParams:
+    """Relabels hidden states: state s of the result is state perm[s] of ``params``."""
+    perm = jnp.asarray(perm)
+    return params._replace(log_init=params.log_init[:, perm],
+                           log_trans=params.log_trans[:, perm][:, :, perm],
+                           log_emit=params.log_emit[perm], log_out=params.log_out[:, perm])
+
+
 @dataclass(frozen=True)
 class HMMMixture:
     """A mixture of K hidden Markov models over S states and V tokens with H output heads.
@@ -134,10 +142,7 @@ class HMMMixture:
 
     def permute_states(self, params: HMMParams, perm) -> HMMParams:
         """Relabels hidden states: state s of the result is state perm[s] of ``params``."""
-        perm = jnp.asarray(perm)
-        return params._replace(log_init=params.log_init[:, perm],
-                               log_trans=params.log_trans[:, perm][:, :, perm],
-                               log_emit=params.log_emit[perm], log_out=params.log_out[:, perm])
+        return permute_states(params, perm)
 
     def init_params(self, key, dtype=None, *, token_freq: Array | None = None) -> HMMParams:
         """Random parameters: Dirichlet(1) rows; emissions around ``token_freq`` (V,) if given."""
