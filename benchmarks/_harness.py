@@ -85,6 +85,34 @@ def time_jitted(fn, args: tuple, repeats: int, per: float = 1.0, check=None) -> 
     return {"compile_s": compile_s, **summary(times, per)}
 
 
+def time_marginal(make_fn, args: tuple, short: int, long: int, repeats: int, check=None) -> dict:
+    """The cost of one more iteration of an iterative program: ``make_fn(k)`` runs k iterations.
+    Both programs are compiled, warmed up (``check(k, output)`` is called on the warm-up outputs)
+    and timed in alternation; each pair gives (t_long - t_short) / (long - short), so work done
+    once per call (data layout, the final E-step) cancels. ``setup_s`` is the rest of a call:
+    t_short less ``short`` iterations."""
+    fns = {}
+    compile_s = 0.0
+    for k in (short, long):
+        t0 = time.perf_counter()
+        fns[k] = jax.jit(make_fn(k)).lower(*args).compile()
+        compile_s += time.perf_counter() - t0
+        out = jax.block_until_ready(fns[k](*args))
+        if check is not None:
+            check(k, out)
+    per, setup = [], []
+    for _ in range(repeats):
+        t = {}
+        for k in (short, long):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[k](*args))
+            t[k] = time.perf_counter() - t0
+        per.append((t[long] - t[short]) / (long - short))
+        setup.append(t[short] - short * per[-1])
+    return {"compile_s": compile_s, **summary(per), "setup_s": statistics.median(setup),
+            "method": f"marginal: (fit of {long} iterations - fit of {short}) / {long - short}"}
+
+
 def time_python(fn, repeats: int, per: float = 1.0, warmup: bool = True) -> dict:
     if warmup:
         fn()

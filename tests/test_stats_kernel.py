@@ -6,10 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rtol
+import scipy.special
+from conftest import once, rtol
 
+from conceptshift import _kernels
 from conceptshift.models import Basis, GatedExperts, RegressionMixture
 from conceptshift.models._experts import SuffStats
+
+# the compiled CPU kernel (conceptshift/_kernels) and the XLA formulation are both checked
+KERNEL = pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "xla"])
 
 
 @pytest.mark.parametrize("D,degree", [(1, 1), (1, 3), (2, 2), (3, 1), (3, 3)])
@@ -79,11 +84,12 @@ MODELS = {
 }
 
 
+@KERNEL
 @pytest.mark.parametrize("name", list(MODELS))
-def test_fused_estep_equals_closed_form_sums(name):
+def test_fused_estep_equals_closed_form_sums(name, kernel):
     model = MODELS[name]
     rng = np.random.default_rng(7)
-    n, D, H = 700, model.n_features, model.n_heads
+    n, D, H = 2100, model.n_features, model.n_heads  # the kernel's chunks: 1024, 1024 and a tail
     x = 3.0 + rng.normal(size=(n, D))  # off-centre: the kernel centres on xbar
     y = rng.normal(size=(n, H)) + (x[:, :1] if D else 0.0)
     w = rng.uniform(0.5, 1.5, size=n)
@@ -94,7 +100,8 @@ def test_fused_estep_equals_closed_form_sums(name):
         params = params._replace(gate_mean=params.gate_mean + 3.0,
                                  gate_cov=params.gate_cov * jnp.asarray(1.5, dtype))
     stats = model.data_stats(xj, yj, wj)
-    ll, ss = jax.jit(model.estep_stats_t)(params, xj.T, yj.T, wj, stats)
+    with _kernels.use_cpu_kernel(kernel):
+        ll, ss = jax.jit(model.estep_stats_t)(params, xj.T, yj.T, wj, stats)
     ll_ref, ref = _reference(model, params, x, y, w, np.asarray(stats.x_mean, np.float64))
     assert float(ll) == pytest.approx(ll_ref, rel=rtol(1e-5, 1e-11))
     for field, a, b in zip(SuffStats._fields, ss, ref, strict=True):
@@ -123,3 +130,119 @@ def test_fused_estep_equals_component_log_probs_and_suff_stats(name):
     for a, b in itertools.zip_longest(ss, ss2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol(1e-4, 1e-10),
                                    atol=rtol(1e-4, 1e-10))
+
+
+def _estep_inputs(model, n=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    dtype = jnp.zeros(()).dtype
+    x = jnp.asarray(2.0 + rng.normal(size=(n, model.n_features)), dtype)
+    y = jnp.asarray(rng.normal(size=(n, model.n_heads)), dtype)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, size=n), dtype)
+    params = model.init_params(jax.random.key(seed), dtype)
+    return params, x, y, w, model.data_stats(x, y, w)
+
+
+@pytest.mark.parametrize("name,uses", [("regression", True), ("regression-intercept", True),
+                                       ("gated-full", True), ("gated-diag", False),
+                                       ("gated-fn", False)])
+def test_cpu_kernel_dispatch(name, uses):
+    """Where the kernel applies (narrow designs; gate statistics read off a centred design) the CPU
+    lowering calls it; elsewhere, and when it is turned off, the program is XLA operations only."""
+    model = MODELS[name]
+    params, x, y, w, stats = _estep_inputs(model, n=64)
+    for on in (True, False):
+        with _kernels.use_cpu_kernel(on):
+            text = str(jax.make_jaxpr(model.estep_stats_t)(params, x.T, y.T, w, stats))
+        assert ("conceptshift_estep" in text) == (uses and on)
+
+
+@once
+def test_cpu_kernel_is_deterministic_and_vmaps():
+    """Chunks are reduced in a fixed order (bit-identical repeats, whatever the threads do), and
+    under vmap (restarts) each member equals its own call (to rounding: the batched parameter
+    algebra around the kernel rounds differently)."""
+    model = MODELS["gated-full"]
+    params, x, y, w, stats = _estep_inputs(model, n=5000)
+    f = jax.jit(model.estep_stats_t)
+    a, b = f(params, x.T, y.T, w, stats), f(params, x.T, y.T, w, stats)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    batch = jax.tree.map(lambda *v: jnp.stack(v),
+                         *(model.init_params(jax.random.key(i), x.dtype) for i in range(3)))
+    out = jax.jit(jax.vmap(model.estep_stats_t, in_axes=(0, None, None, None, None)))(
+        batch, x.T, y.T, w, stats)
+    for i in range(3):
+        one = f(jax.tree.map(lambda v, i=i: v[i], batch), x.T, y.T, w, stats)
+        for u, v in zip(jax.tree.leaves(one), jax.tree.leaves(out), strict=True):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v)[i], rtol=2e-6,
+                                       atol=2e-6 * max(1.0, float(np.max(np.abs(u)))))
+
+
+def test_cpu_kernel_exp_and_log_over_their_range():
+    """The kernel's own exp and log: per row, two components with log terms 0 and b give
+    ll = log(1 + e^b) and r_1 = sigmoid(b); b covers underflow (-800), the reduction's range and
+    b > 0 (where the maximum moves to the second component)."""
+    dtype = jnp.zeros(()).dtype
+    b = np.concatenate([np.linspace(-800, 60, 4001), [-np.inf, 0.0, 1e-30, -1e-30]])
+    b = b.astype(dtype)
+    one = jnp.ones((1, 1), dtype)
+    zero = jnp.zeros((1, 1), dtype)
+
+    def row(bi):
+        base = jnp.stack([jnp.zeros((), dtype), bi])[:, None]  # (K = 2, M = 1)
+        ll, nk, *_ = _kernels.estep(one, zero, jnp.ones((1,), dtype), jnp.zeros((2, 0, 1), dtype),
+                                    base, jnp.zeros((2, 1, 1), dtype), jnp.zeros((2, 1), dtype))
+        return ll, nk
+
+    _kernels.enabled() or pytest.skip("the CPU kernel is unavailable here")
+    ll, nk = jax.jit(jax.vmap(row))(jnp.asarray(b))
+    b64 = b.astype(np.float64)
+    # ll = max + log(sum): where the sum rounds to 1, ll is off by up to an ulp of 1 (as in XLA)
+    np.testing.assert_allclose(np.asarray(ll, np.float64), np.logaddexp(0.0, b64),
+                               rtol=rtol(3e-7, 4e-16), atol=rtol(1.2e-7, 2.3e-16))
+    np.testing.assert_allclose(np.asarray(nk[:, 1], np.float64), scipy.special.expit(b64),
+                               rtol=rtol(3e-7, 4e-16), atol=rtol(2e-38, 3e-308))
+    np.testing.assert_allclose(np.asarray(nk.sum(1), np.float64), 1.0, rtol=rtol(3e-7, 4e-16))
+
+
+def test_cpu_kernel_non_finite_terms_and_zero_weights():
+    """A component of weight zero (log weight -inf) gets no responsibility, rows of weight zero
+    add nothing, and a row where every component is impossible gives NaN, as in XLA."""
+    model = MODELS["regression"]
+    params, x, y, w, stats = _estep_inputs(model, n=300)
+    params = params._replace(log_weights=params.log_weights.at[1].set(-jnp.inf))
+    w = w.at[:50].set(0.0)
+    out = {}
+    for on in (True, False):
+        with _kernels.use_cpu_kernel(on):
+            out[on] = jax.jit(model.estep_stats_t)(params, x.T, y.T, w, stats)
+    assert np.all(np.isfinite(np.asarray(out[True][0])))
+    assert float(out[True][1].nk[1]) == 0.0
+    for u, v in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False]), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol(2e-5, 1e-11),
+                                   atol=rtol(2e-5, 1e-11) * max(1.0, float(np.max(np.abs(v), initial=0))))
+    dead = params._replace(log_weights=jnp.full_like(params.log_weights, -jnp.inf))
+    for on in (True, False):
+        with _kernels.use_cpu_kernel(on):
+            ll, _ = jax.jit(model.estep_stats_t)(dead, x.T, y.T, w, stats)
+        assert np.isnan(float(ll))
+
+
+@once
+def test_cpu_kernel_build_failure_falls_back_to_xla(monkeypatch):
+    """Without a compiler the fit still runs, on the XLA formulation, after one warning."""
+    monkeypatch.setattr(_kernels, "_state", {})
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(UserWarning, match="compiled CPU E-step is unavailable"):
+        assert not _kernels.enabled()
+    assert not _kernels.enabled()  # decided once per process
+    model = MODELS["regression"]
+    params, x, y, w, stats = _estep_inputs(model, n=64)
+    assert "conceptshift_estep" not in str(jax.make_jaxpr(model.estep_stats_t)(
+        params, x.T, y.T, w, stats))
+
+
+@once
+def test_cpu_kernel_can_be_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("CONCEPTSHIFT_CPU_KERNEL", "0")
+    assert not _kernels.enabled()

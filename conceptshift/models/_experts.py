@@ -374,29 +374,42 @@ class ExpertsFamily:
         P, H = A.shape[0], e.shape[1]
         if self.pair_products(K, P):
             iu, ju = np.triu_indices(P)
-            pair = np.zeros((P, P), dtype=np.int32)
-            pair[iu, ju] = np.arange(iu.size)
-            pair[ju, iu] = np.arange(iu.size)
-            s_q = _contract_minor(A[iu] * A[ju], rT)  # (P (P + 1) / 2, K)
-            s_pp = s_q.T[:, pair]  # (K, P, P), centred design when T is given
+            s_pp = _contract_minor(A[iu] * A[ju], rT)  # (P (P + 1) / 2, K)
         else:  # wide designs: one (K P, N) @ (N, P) product
             s_pp = _p.mm((rT[:, None, :] * A[None]).reshape(K * P, N), A.T).reshape(K, P, P)
         re = rT[:, None, :] * e  # (K, H, N)
-        s_pe = jnp.swapaxes(_contract_minor(A, re.reshape(K * H, N)).reshape(P, K, H), 0, 1)
+        s_pe = _contract_minor(A, re.reshape(K * H, N)).reshape(P, K, H)
         s_ee = jnp.sum(re * e, axis=-1)
         nk = jnp.sum(rT, axis=-1)
-        D = xT.shape[0]
-        if self.uses_gate_stats() and T is not None:
-            # rows 1..D of the centred polynomial design are x - xbar
-            s_x, s_xx = s_pp[:, 0, 1:D + 1], s_pp[:, 1:D + 1, 1:D + 1]
-        elif self.uses_gate_stats():
+        s_x = s_xx = None
+        if self.uses_gate_stats() and T is None:
+            D = xT.shape[0]
             xc = xT - stats.x_mean[:, None]
             rx = rT[:, None, :] * xc[None, :, :]  # (K, D, N)
             s_x = jnp.sum(rx, axis=-1)
             s_xx = _p.mm(rx.reshape(K * D, N), xc.T).reshape(K, D, D)
-        else:
-            s_x = jnp.zeros((K, 0), rT.dtype)
-            s_xx = jnp.zeros((K, 0, 0), rT.dtype)
+        return self._assemble_stats(nk, s_pp, s_pe, s_ee, ref, T, s_x, s_xx)
+
+    def _assemble_stats(self, nk, s_pp, s_pe, s_ee, ref, T, s_x=None, s_xx=None) -> SuffStats:
+        """SuffStats from the sums over samples: nk (K,), s_pp (K, P, P) or its distinct pair
+        products (P (P + 1) / 2, K) in ``numpy.triu_indices`` order, s_pe (P, K, H), s_ee (K, H);
+        in the centred design when T is given (mapped back to the raw design here). The gate's
+        s_x, s_xx are read off s_pp when the design is centred, and passed in otherwise."""
+        K, P = nk.shape[0], s_pe.shape[0]
+        D = self.n_features
+        if s_pp.ndim == 2:
+            iu, ju = np.triu_indices(P)
+            pair = np.zeros((P, P), dtype=np.int32)
+            pair[iu, ju] = np.arange(iu.size)
+            pair[ju, iu] = np.arange(iu.size)
+            s_pp = s_pp.T[:, pair]  # (K, P, P)
+        s_pe = jnp.swapaxes(s_pe, 0, 1)  # (K, P, H)
+        if self.uses_gate_stats() and T is not None:
+            # rows 1..D of the centred polynomial design are x - xbar
+            s_x, s_xx = s_pp[:, 0, 1:D + 1], s_pp[:, 1:D + 1, 1:D + 1]
+        elif not self.uses_gate_stats():
+            s_x = jnp.zeros((K, 0), nk.dtype)
+            s_xx = jnp.zeros((K, 0, 0), nk.dtype)
         if T is not None:
             s_pp = _p.einsum("pq,kqr,sr->kps", T, s_pp, T)
             s_pe = _p.einsum("pq,kqh->kph", T, s_pe)
@@ -427,37 +440,58 @@ class ExpertsFamily:
 
         Two matrix products give every component's whitened gate coordinates and expert means;
         the statistics follow from the responsibilities without another pass over (K, P, N)
-        temporaries. Equals ``component_log_probs_t`` followed by ``suff_stats_t`` (tested).
+        temporaries. Equals ``component_log_probs_t`` followed by ``suff_stats_t`` (tested). On a
+        CPU the same arithmetic runs as one compiled kernel (``conceptshift._kernels``) where it
+        applies; elsewhere, and where it does not, as XLA operations.
         """
+        from .. import _kernels
+
         A, T = self._design_t(xT, stats)
         K, H, P = params.coef.shape
         rows = self._gate_rows(params, stats, T is not None)
         coef_c = params.coef if T is None else _p.einsum("khp,pq->khq", params.coef, T)
-        if rows is None:
-            mu = _p.mm(coef_c.reshape(K * H, P), A).reshape(K, H, -1)
-            gate = self.gate_log_probs_t(params, xT)
-        else:
-            Z, const = rows
-            G, N = Z.shape[1], A.shape[1]
+        head_const = -jnp.sum(params.log_scale, 1) - 0.5 * H * jnp.log(2 * jnp.pi)
+        ref = jnp.swapaxes(params.coef, 1, 2)
+        G = 0 if rows is None else rows[0].shape[1]
+
+        def gate_base():
+            """The gate rows Z (K, G, P) and the additive log terms (K, 1) or (K, N)."""
+            if rows is None:
+                return (jnp.zeros((K, 0, P), A.dtype),
+                        self.gate_log_probs_t(params, xT) + head_const[:, None])
+            return rows[0], (rows[1] + head_const)[:, None]
+
+        def xla():
+            Z, base = gate_base()
             mu = _small_product(coef_c, A)  # (K, H, N)
-            gate = jnp.broadcast_to(const[:, None], (K, N))
+            logp = jnp.broadcast_to(base, (K, A.shape[1]))
             if G:
                 z = _small_product(Z, A)  # (K, G, N)
-                gate = gate - 0.5 * jnp.sum(z * z, axis=1)
-        e = yT[None, :, :] - mu
-        inv = jnp.exp(-params.log_scale)[:, :, None]
-        head = jnp.sum(-0.5 * (e * inv) ** 2, axis=1)
-        head_const = -jnp.sum(params.log_scale, 1) - 0.5 * H * jnp.log(2 * jnp.pi)
-        logp = gate + head + head_const[:, None]
-        # log-sum-exp and the responsibilities from one set of K exponentials per row
-        top = jax.lax.stop_gradient(jnp.max(logp, axis=0))
-        top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
-        ex = jnp.exp(logp - top[None, :])
-        tot = jnp.sum(ex, axis=0)
-        ll = top + jnp.log(tot)
-        r = ex * (wT / tot)[None, :]
-        ref = jnp.swapaxes(params.coef, 1, 2)
-        return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, ref, stats)
+                logp = logp - 0.5 * jnp.sum(z * z, axis=1)
+            e = yT[None, :, :] - mu
+            inv = jnp.exp(-params.log_scale)[:, :, None]
+            logp = logp + jnp.sum(-0.5 * (e * inv) ** 2, axis=1)
+            # log-sum-exp and the responsibilities from one set of K exponentials per row
+            top = jax.lax.stop_gradient(jnp.max(logp, axis=0))
+            top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
+            ex = jnp.exp(logp - top[None, :])
+            tot = jnp.sum(ex, axis=0)
+            ll = top + jnp.log(tot)
+            r = ex * (wT / tot)[None, :]
+            return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, ref, stats)
+
+        fused = (self.pair_products(K, P) and (T is not None or not self.uses_gate_stats())
+                 and _kernels.supports(A.dtype) and _kernels.enabled())
+        if not fused:
+            return xla()
+
+        def cpu():
+            Z, base = gate_base()
+            ll, nk, s_q, s_pe, s_ee = _kernels.estep(A, yT, wT, Z, base, coef_c,
+                                                     jnp.exp(-params.log_scale))
+            return ll, self._assemble_stats(nk, s_q, s_pe, s_ee, ref, T)
+
+        return jax.lax.platform_dependent(cpu=cpu, default=xla)
 
     @staticmethod
     def rebase(ss: SuffStats, new_ref: Array) -> SuffStats:
