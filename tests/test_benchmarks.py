@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,12 @@ def test_em_iteration_quick(tmp_path):
     families = {r["family"] for r in res["rows"]}
     assert families >= {"RegressionMixture", "GatedExperts", "sklearn.GaussianMixture", "numpy EM"}
     assert {r["sweep"] for r in res["rows"]} == {"n", "K", "D"}
-    assert all(r["median_s"] > 0 for r in res["rows"])
-    ours = [r for r in res["rows"] if r["family"] == "GatedExperts"]
-    assert all(r["x_roofline"] > 0 and r["flops"] > 0 for r in ours)
+    # ours: the marginal cost of an iteration (a difference of two timings, so at toy sizes it
+    # may come out at or below zero: only finiteness is checked); the references: plain loops
+    ours = [r for r in res["rows"] if r["family"].startswith(("GatedExperts", "RegressionMixture"))]
+    assert all(math.isfinite(r["median_s"]) and r["method"].startswith("marginal") for r in ours)
+    assert all(r["median_s"] > 0 for r in res["rows"] if r not in ours)
+    assert all(r["flops"] > 0 for r in ours)
     roof = res["roofline"]
     assert roof["read_bandwidth_Bps"] > 0 and roof["gemm_flops"] > 0
     # the gated family and scikit-learn run the same EM from the same start

@@ -149,12 +149,15 @@ def use_cpu_kernel(on: bool):
         jax.clear_caches()
 
 
-def estep(A, Y, W, Z, B, C, S):
-    """The fused E-step on the CPU (see ``estep_cpu.cc`` for the arguments). Returns
-    (ll (), nk (K,), s_q (P (P + 1) / 2, K), s_pe (P, K, H), s_ee (K, H))."""
+def estep(A, Y, W, Z, B, C, S, X0=None):
+    """The fused E-step on the CPU (see ``estep_cpu.cc`` for the arguments; ``X0`` (D,): A is x
+    (D, N) and the design is [1, x - X0]). Returns (ll (), nk (K,), s_q (P (P + 1) / 2, K),
+    s_pe (P, K, H), s_ee (K, H))."""
     dtype = np.dtype(A.dtype)
-    P = A.shape[0]
+    P = A.shape[0] + (0 if X0 is None else 1)
     K, H = C.shape[0], C.shape[1]
+    if X0 is None:
+        X0 = jnp.zeros((0,), dtype)
     out = (
         jax.ShapeDtypeStruct((), dtype),
         jax.ShapeDtypeStruct((K,), dtype),
@@ -163,7 +166,7 @@ def estep(A, Y, W, Z, B, C, S):
         jax.ShapeDtypeStruct((K, H), dtype),
     )
     call = jax.ffi.ffi_call(TARGETS[dtype], out, vmap_method="sequential")
-    return call(*(jnp.asarray(a, dtype) for a in (A, Y, W, Z, B, C, S)))
+    return call(*(jnp.asarray(a, dtype) for a in (A, Y, W, Z, B, C, S, X0)))
 
 
 def supports(dtype) -> bool:

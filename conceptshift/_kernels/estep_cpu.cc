@@ -5,7 +5,9 @@
 // Inputs, samples on the minor axis (the E-step's layout):
 //   A (P, N) design; Y (H, N) responses; W (N,) weights;
 //   Z (K, G, P) gate rows (G may be 0); B (K, M) additive log terms, M = 1 (one per component) or N;
-//   C (K, H, P) coefficients; S (K, H) inverse scales.
+//   C (K, H, P) coefficients; S (K, H) inverse scales;
+//   X0 (0,), or (D,) for a linear design: A is then x (D, N) and the design [1, x - X0] (P = D + 1)
+//   is formed here, so that XLA need not write it out.
 // Per sample n and component k:
 //   logp_k = B_k - |Z_k a_n|^2 / 2 - sum_h (e_kh S_kh)^2 / 2,   e_kh = y_hn - C_kh . a_n,
 //   ll_n = log sum_k exp(logp_k),   r_k = w_n exp(logp_k - ll_n).
@@ -183,6 +185,7 @@ struct Inputs {
   const T* __restrict B;
   const T* __restrict C;
   const T* __restrict S;
+  const T* __restrict X0;  // (D,) the shift of a linear design, or null (A is the design)
 };
 
 constexpr int64_t kChunk = 1024;  // rows per task and per working-precision partial sum
@@ -198,6 +201,8 @@ void chunk_stats(const Dims& d, const Inputs<T>& in, int64_t i0, int64_t i1, dou
   constexpr int L = NV * W;  // samples per tile
   const int64_t N = d.N, P = d.P, H = d.H, K = d.K, G = d.G, Q = d.Q;
   const int64_t S = d.size();
+  const bool linear = in.X0 != nullptr;
+  const int64_t PA = linear ? P - 1 : P;  // rows of the input A
   std::vector<V> acc_v(S * NV, V{});
   std::vector<V> scratch((P + H + 3 * K + K * H + 1) * NV);
   std::vector<T> pad((P + H + 1 + (d.M == 1 ? 0 : K)) * L);
@@ -222,7 +227,7 @@ void chunk_stats(const Dims& d, const Inputs<T>& in, int64_t i0, int64_t i1, dou
     int64_t stride = N;
     if (nl < L) {
       std::fill(pad.begin(), pad.end(), T(0));
-      for (int64_t p = 0; p < P; ++p) std::copy_n(in.A + p * N + t0, nl, pad.data() + p * L);
+      for (int64_t p = 0; p < PA; ++p) std::copy_n(in.A + p * N + t0, nl, pad.data() + p * L);
       for (int64_t h = 0; h < H; ++h) std::copy_n(in.Y + h * N + t0, nl, pad.data() + (P + h) * L);
       std::copy_n(in.W + t0, nl, pad.data() + (P + H) * L);
       if (d.M != 1)
@@ -234,8 +239,14 @@ void chunk_stats(const Dims& d, const Inputs<T>& in, int64_t i0, int64_t i1, dou
       pb = pad.data() + (P + H + 1) * L;
       stride = L;
     }
-    for (int64_t p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) a[p * NV + v] = load(pa + p * stride + v * W);
+    if (linear) {  // the design [1, x - x0] from x
+      for (int v = 0; v < NV; ++v) a[v] = splat<T>(T(1));
+      for (int64_t p = 1; p < P; ++p)
+        for (int v = 0; v < NV; ++v) a[p * NV + v] = load(pa + (p - 1) * stride + v * W) - in.X0[p - 1];
+    } else {
+      for (int64_t p = 0; p < P; ++p)
+        for (int v = 0; v < NV; ++v) a[p * NV + v] = load(pa + p * stride + v * W);
+    }
     for (int64_t h = 0; h < H; ++h)
       for (int v = 0; v < NV; ++v) y[h * NV + v] = load(py + h * stride + v * W);
     for (int v = 0; v < NV; ++v) w[v] = load(pw + v * W);
@@ -345,6 +356,7 @@ struct Job {
 template <ffi::DataType DT>
 ffi::Error estep_impl(ffi::ThreadPool pool, ffi::Buffer<DT> A, ffi::Buffer<DT> Y, ffi::Buffer<DT> W,
                       ffi::Buffer<DT> Z, ffi::Buffer<DT> B, ffi::Buffer<DT> C, ffi::Buffer<DT> S,
+                      ffi::Buffer<DT> X0,
                       ffi::ResultBuffer<DT> ll, ffi::ResultBuffer<DT> nk, ffi::ResultBuffer<DT> sq,
                       ffi::ResultBuffer<DT> spe, ffi::ResultBuffer<DT> see) {
   using T = ffi::NativeType<DT>;
@@ -352,7 +364,11 @@ ffi::Error estep_impl(ffi::ThreadPool pool, ffi::Buffer<DT> A, ffi::Buffer<DT> Y
   if (ad.size() != 2 || yd.size() != 2 || zd.size() != 3 || bd.size() != 2)
     return ffi::Error::InvalidArgument("estep: wrong input ranks");
   Dims d;
-  d.P = ad[0];
+  // a non-empty X0 (D,): A is x (D, N) and the design is [1, x - X0], P = D + 1
+  const bool linear = X0.element_count() > 0;
+  if (linear && X0.element_count() != ad[0])
+    return ffi::Error::InvalidArgument("estep: the shift X0 must have one entry per row of x");
+  d.P = ad[0] + (linear ? 1 : 0);
   d.N = ad[1];
   d.H = yd[0];
   d.K = zd[0];
@@ -369,7 +385,8 @@ ffi::Error estep_impl(ffi::ThreadPool pool, ffi::Buffer<DT> A, ffi::Buffer<DT> Y
   auto job = std::make_shared<Job<T>>();
   job->d = d;
   job->in = {A.typed_data(), Y.typed_data(), W.typed_data(), Z.typed_data(),
-             B.typed_data(), C.typed_data(), S.typed_data()};
+             B.typed_data(), C.typed_data(), S.typed_data(),
+             linear ? X0.typed_data() : nullptr};
   job->n_chunks = std::max<int64_t>(1, (d.N + kChunk - 1) / kChunk);
   job->partial.assign(job->n_chunks * d.size(), 0.0);
   if (d.N == 0) job->n_chunks = 0;
@@ -402,6 +419,7 @@ template <ffi::DataType DT>
 constexpr auto binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<DT>>()
       .template Arg<ffi::Buffer<DT>>()
       .template Arg<ffi::Buffer<DT>>()
       .template Arg<ffi::Buffer<DT>>()

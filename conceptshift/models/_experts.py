@@ -487,8 +487,11 @@ class ExpertsFamily:
 
         def cpu():
             Z, base = gate_base()
-            ll, nk, s_q, s_pe, s_ee = _kernels.estep(A, yT, wT, Z, base, coef_c,
-                                                     jnp.exp(-params.log_scale))
+            # a linear design [1, x - xbar] is formed inside the kernel from x
+            linear = T is not None and self.basis.degree == 1
+            ll, nk, s_q, s_pe, s_ee = _kernels.estep(
+                xT if linear else A, yT, wT, Z, base, coef_c, jnp.exp(-params.log_scale),
+                stats.x_mean if linear else None)
             return ll, self._assemble_stats(nk, s_q, s_pe, s_ee, ref, T)
 
         return jax.lax.platform_dependent(cpu=cpu, default=xla)
