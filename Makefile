@@ -24,6 +24,10 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
+	@# the compiled CPU E-step (conceptshift/_kernels), built once per machine; without a C++
+	@# compiler the XLA formulation runs instead
+	@$(PY) -c "from conceptshift import _kernels; print('CPU kernel:', _kernels.build())" \
+	  || echo "CPU kernel not built: the XLA formulation will run"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -132,8 +132,10 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
     wb = _pad_blocks(w, total, shape)
 
     def local(params, xb, yb, wb):
+        plan = model.estep_plan(params, stats)  # once per iteration, not once per block
+
         def one(xs, ys, ws):
-            return model.estep_stats_t(params, xs, ys, ws, stats)
+            return model.estep_stats_t(params, xs, ys, ws, stats, plan)
 
         if xb.shape[0] == 1:
             return one(xb[0], yb[0], wb[0])

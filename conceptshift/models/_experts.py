@@ -63,6 +63,17 @@ class SuffStats(NamedTuple):
     s_xx: Array  # (K, D, D) sum_n r_nk (x_n - xbar)(x_n - xbar)^T
 
 
+class EStepPlan(NamedTuple):
+    """The parameter-only inputs of the fused E-step (``ExpertsFamily.estep_plan``)."""
+
+    Z: Array | None  # (K, G, P) gate rows on the (centred) design, or None: gate evaluated per block
+    const: Array  # (K,) log pi_k + gate normaliser (with rows) and the heads' normaliser
+    coef_c: Array  # (K, H, P) coefficients on the (centred) design
+    inv_scale: Array  # (K, H) 1 / s_kh
+    ref: Array  # (K, P, H) the reference coefficients of the residual statistics
+    T: Array | None  # (P, P) centred -> raw design (``Basis.shift_matrix``), or None
+
+
 def _solve_psd(gram: Array, rhs: Array) -> Array:
     """Solves gram beta = rhs for a batch of symmetric positive semi-definite matrices (K, P, P).
 
@@ -434,9 +445,25 @@ class ExpertsFamily:
         ``gate_log_probs_t``."""
         return None
 
-    def estep_stats_t(self, params, xT, yT, wT, stats: DataStats):
+    def estep_plan(self, params, stats: DataStats) -> EStepPlan:
+        """What the fused E-step needs from the parameters alone, computed once per iteration and
+        shared by every block (the gate's Cholesky factors above all)."""
+        K, H, P = params.coef.shape
+        T = self.basis.shift_matrix(stats.x_mean) if self.basis.shiftable else None
+        rows = self._gate_rows(params, stats, T is not None)
+        coef_c = params.coef if T is None else _p.einsum("khp,pq->khq", params.coef, T)
+        head_const = -jnp.sum(params.log_scale, 1) - 0.5 * H * jnp.log(2 * jnp.pi)
+        if rows is None:
+            Z, const = None, head_const
+        else:
+            Z, const = rows[0], rows[1] + head_const
+        return EStepPlan(Z, const, coef_c, jnp.exp(-params.log_scale), jnp.swapaxes(params.coef, 1, 2),
+                         T)
+
+    def estep_stats_t(self, params, xT, yT, wT, stats: DataStats, plan: EStepPlan | None = None):
         """One fused E-step on a block in the E-step's layout: x (D, N), y (H, N), w (N,) ->
         (sum_n w_n log p_n, SuffStats) with residuals against the current coefficients.
+        ``plan``: ``estep_plan(params, stats)``, when the caller computes it once for many blocks.
 
         Two matrix products give every component's whitened gate coordinates and expert means;
         the statistics follow from the responsibilities without another pass over (K, P, N)
@@ -446,31 +473,28 @@ class ExpertsFamily:
         """
         from .. import _kernels
 
-        A, T = self._design_t(xT, stats)
-        K, H, P = params.coef.shape
-        rows = self._gate_rows(params, stats, T is not None)
-        coef_c = params.coef if T is None else _p.einsum("khp,pq->khq", params.coef, T)
-        head_const = -jnp.sum(params.log_scale, 1) - 0.5 * H * jnp.log(2 * jnp.pi)
-        ref = jnp.swapaxes(params.coef, 1, 2)
-        G = 0 if rows is None else rows[0].shape[1]
+        plan = self.estep_plan(params, stats) if plan is None else plan
+        T = plan.T
+        A = self.basis.transposed(xT if T is None else xT - stats.x_mean[:, None])
+        K, H, P = plan.coef_c.shape
+        G = 0 if plan.Z is None else plan.Z.shape[1]
 
         def gate_base():
             """The gate rows Z (K, G, P) and the additive log terms (K, 1) or (K, N)."""
-            if rows is None:
+            if plan.Z is None:
                 return (jnp.zeros((K, 0, P), A.dtype),
-                        self.gate_log_probs_t(params, xT) + head_const[:, None])
-            return rows[0], (rows[1] + head_const)[:, None]
+                        self.gate_log_probs_t(params, xT) + plan.const[:, None])
+            return plan.Z, plan.const[:, None]
 
         def xla():
             Z, base = gate_base()
-            mu = _small_product(coef_c, A)  # (K, H, N)
+            mu = _small_product(plan.coef_c, A)  # (K, H, N)
             logp = jnp.broadcast_to(base, (K, A.shape[1]))
             if G:
                 z = _small_product(Z, A)  # (K, G, N)
                 logp = logp - 0.5 * jnp.sum(z * z, axis=1)
             e = yT[None, :, :] - mu
-            inv = jnp.exp(-params.log_scale)[:, :, None]
-            logp = logp + jnp.sum(-0.5 * (e * inv) ** 2, axis=1)
+            logp = logp + jnp.sum(-0.5 * (e * plan.inv_scale[:, :, None]) ** 2, axis=1)
             # log-sum-exp and the responsibilities from one set of K exponentials per row
             top = jax.lax.stop_gradient(jnp.max(logp, axis=0))
             top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
@@ -478,7 +502,7 @@ class ExpertsFamily:
             tot = jnp.sum(ex, axis=0)
             ll = top + jnp.log(tot)
             r = ex * (wT / tot)[None, :]
-            return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, ref, stats)
+            return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, plan.ref, stats)
 
         fused = (self.pair_products(K, P) and (T is not None or not self.uses_gate_stats())
                  and _kernels.supports(A.dtype) and _kernels.enabled())
@@ -490,9 +514,9 @@ class ExpertsFamily:
             # a linear design [1, x - xbar] is formed inside the kernel from x
             linear = T is not None and self.basis.degree == 1
             ll, nk, s_q, s_pe, s_ee = _kernels.estep(
-                xT if linear else A, yT, wT, Z, base, coef_c, jnp.exp(-params.log_scale),
+                xT if linear else A, yT, wT, Z, base, plan.coef_c, plan.inv_scale,
                 stats.x_mean if linear else None)
-            return ll, self._assemble_stats(nk, s_q, s_pe, s_ee, ref, T)
+            return ll, self._assemble_stats(nk, s_q, s_pe, s_ee, plan.ref, T)
 
         return jax.lax.platform_dependent(cpu=cpu, default=xla)
 
