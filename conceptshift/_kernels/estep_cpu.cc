@@ -190,35 +190,90 @@ struct Inputs {
 
 constexpr int64_t kChunk = 1024;  // rows per task and per working-precision partial sum
 
+// J rows of M (J, P) times a tile of NV vectors of samples (the tile's design a (P, NV)):
+// out[j][v] = sum_p M[j, p] a[p][v]. The J x NV accumulators are independent chains in registers.
+template <typename T, int J, int NV>
+inline void rows_times_tile(const T* __restrict M, int64_t P, const Vec<T>* __restrict a,
+                            Vec<T>* __restrict out) {
+  using V = Vec<T>;
+  V acc[J][NV];
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = M[j * P] * a[v];
+  for (int64_t p = 1; p < P; ++p)
+    for (int j = 0; j < J; ++j) {
+      const T m = M[j * P + p];
+      for (int v = 0; v < NV; ++v) acc[j][v] += m * a[p * NV + v];
+    }
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) out[j * NV + v] = acc[j][v];
+}
+
+template <typename T, int NV>
+inline void rows_times_tile_all(const T* M, int64_t R, int64_t P, const Vec<T>* a, Vec<T>* out) {
+  int64_t j = 0;
+  for (; j + 2 <= R; j += 2) rows_times_tile<T, 2, NV>(M + j * P, P, a, out + j * NV);
+  if (j < R) rows_times_tile<T, 1, NV>(M + j * P, P, a, out + j * NV);
+}
+
+// sum_v x[v] y[v] over the NV vectors of a tile, as two interleaved chains (half the latency of
+// one chain of NV dependent multiply-adds).
+template <typename T, int NV>
+inline Vec<T> dot_tile(const Vec<T>* __restrict x, const Vec<T>* __restrict y) {
+  Vec<T> s0 = x[0] * y[0];
+  Vec<T> s1 = x[1] * y[1];
+  for (int v = 2; v + 1 < NV; v += 2) {
+    s0 += x[v] * y[v];
+    s1 += x[v + 1] * y[v + 1];
+  }
+  if constexpr (NV % 2 == 1) s0 += x[NV - 1] * y[NV - 1];
+  return s0 + s1;
+}
+
+template <typename T>
+inline double hsum(Vec<T> v) {
+  double s = 0.0;
+  for (int l = 0; l < kLanes<T>; ++l) s += static_cast<double>(v[l]);
+  return s;
+}
+
 // One chunk of rows [i0, i1) -> out (Dims::size() doubles), laid out as ll, nk, SQ, SPE, SEE.
-// A tile is NV vectors of samples; every per-tile quantity is an array of NV vectors.
+// A tile is NV vectors of samples. Per tile: the gate and expert rows of every component as one
+// small product with the design (register-blocked), the log-sum-exp and responsibilities, then
+// every statistic added into one vector accumulator per entry: each accumulator takes NV
+// multiply-adds per load and store, so the updates are not bound by stores.
 template <typename T>
 void chunk_stats(const Dims& d, const Inputs<T>& in, int64_t i0, int64_t i1, double* out) {
   using V = Vec<T>;
   using VI = IVec<T>;
-  constexpr int NV = 2;
+  constexpr int NV = 4;
   constexpr int W = kLanes<T>;
   constexpr int L = NV * W;  // samples per tile
   const int64_t N = d.N, P = d.P, H = d.H, K = d.K, G = d.G, Q = d.Q;
   const int64_t S = d.size();
   const bool linear = in.X0 != nullptr;
   const int64_t PA = linear ? P - 1 : P;  // rows of the input A
-  std::vector<V> acc_v(S * NV, V{});
-  std::vector<V> scratch((P + H + 3 * K + K * H + 1) * NV);
-  std::vector<T> pad((P + H + 1 + (d.M == 1 ? 0 : K)) * L);
-  V* __restrict acc = acc_v.data();
-  V* __restrict a = scratch.data();  // (P, NV)
+  const int64_t R = K * G + K * H;        // gate rows, then expert rows
+  thread_local std::vector<V> work;
+  work.assign(S + (P + H + R + 3 * K + K * H + 1) * NV, V{});
+  thread_local std::vector<T> pad, M;
+  pad.assign((PA + H + 1 + (d.M == 1 ? 0 : K)) * L, T(0));
+  M.resize(R * P);
+  std::copy_n(in.Z, K * G * P, M.data());
+  std::copy_n(in.C, K * H * P, M.data() + K * G * P);
+  V* __restrict acc = work.data();   // (S): one accumulator per output entry
+  V* __restrict a = acc + S;         // (P, NV)
   V* __restrict y = a + P * NV;      // (H, NV)
-  V* __restrict logp = y + H * NV;   // (K, NV)
+  V* __restrict rows = y + H * NV;   // (R, NV)
+  V* __restrict logp = rows + R * NV;  // (K, NV)
   V* __restrict r = logp + K * NV;   // (K, NV)
   V* __restrict ex = r + K * NV;     // (K, NV)
-  V* __restrict e = ex + K * NV;     // (K, H, NV)
-  V* __restrict w = e + K * H * NV;  // (NV)
+  V* __restrict re = ex + K * NV;    // (K H, NV)
+  V* __restrict w = re + K * H * NV;  // (NV)
   V* __restrict acc_ll = acc;
-  V* __restrict acc_nk = acc + NV;
-  V* __restrict acc_q = acc_nk + K * NV;
-  V* __restrict acc_pe = acc_q + Q * K * NV;
-  V* __restrict acc_ee = acc_pe + P * K * H * NV;
+  V* __restrict acc_nk = acc + 1;
+  V* __restrict acc_q = acc_nk + K;
+  V* __restrict acc_pe = acc_q + Q * K;
+  V* __restrict acc_ee = acc_pe + P * K * H;
 
   for (int64_t t0 = i0; t0 < i1; t0 += L) {
     const int64_t nl = std::min<int64_t>(L, i1 - t0);
@@ -228,15 +283,15 @@ void chunk_stats(const Dims& d, const Inputs<T>& in, int64_t i0, int64_t i1, dou
     if (nl < L) {
       std::fill(pad.begin(), pad.end(), T(0));
       for (int64_t p = 0; p < PA; ++p) std::copy_n(in.A + p * N + t0, nl, pad.data() + p * L);
-      for (int64_t h = 0; h < H; ++h) std::copy_n(in.Y + h * N + t0, nl, pad.data() + (P + h) * L);
-      std::copy_n(in.W + t0, nl, pad.data() + (P + H) * L);
+      for (int64_t h = 0; h < H; ++h) std::copy_n(in.Y + h * N + t0, nl, pad.data() + (PA + h) * L);
+      std::copy_n(in.W + t0, nl, pad.data() + (PA + H) * L);
       if (d.M != 1)
         for (int64_t k = 0; k < K; ++k)
-          std::copy_n(in.B + k * N + t0, nl, pad.data() + (P + H + 1 + k) * L);
+          std::copy_n(in.B + k * N + t0, nl, pad.data() + (PA + H + 1 + k) * L);
       pa = pad.data();
-      py = pad.data() + P * L;
-      pw = pad.data() + (P + H) * L;
-      pb = pad.data() + (P + H + 1) * L;
+      py = pad.data() + PA * L;
+      pw = pad.data() + (PA + H) * L;
+      pb = pad.data() + (PA + H + 1) * L;
       stride = L;
     }
     if (linear) {  // the design [1, x - x0] from x
@@ -251,34 +306,30 @@ void chunk_stats(const Dims& d, const Inputs<T>& in, int64_t i0, int64_t i1, dou
       for (int v = 0; v < NV; ++v) y[h * NV + v] = load(py + h * stride + v * W);
     for (int v = 0; v < NV; ++v) w[v] = load(pw + v * W);
 
+    // gate rows z = Z_k a and expert means C_kh a, for every component at once
+    rows_times_tile_all<T, NV>(M.data(), R, P, a, rows);
     for (int64_t k = 0; k < K; ++k) {
       V lp[NV];
       for (int v = 0; v < NV; ++v)
         lp[v] = d.M == 1 ? splat<T>(in.B[k]) : load(pb + k * stride + v * W);
-      for (int64_t g = 0; g < G; ++g) {
-        const T* __restrict zr = in.Z + (k * G + g) * P;
-        V z[NV];
-        for (int v = 0; v < NV; ++v) z[v] = zr[0] * a[v];
-        for (int64_t p = 1; p < P; ++p)
-          for (int v = 0; v < NV; ++v) z[v] += zr[p] * a[p * NV + v];
-        for (int v = 0; v < NV; ++v) lp[v] -= T(0.5) * z[v] * z[v];
-      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int v = 0; v < NV; ++v) {
+          const V z = rows[(k * G + g) * NV + v];
+          lp[v] -= T(0.5) * z * z;
+        }
       for (int64_t h = 0; h < H; ++h) {
-        const T* __restrict cr = in.C + (k * H + h) * P;
-        V mu[NV];
-        for (int v = 0; v < NV; ++v) mu[v] = cr[0] * a[v];
-        for (int64_t p = 1; p < P; ++p)
-          for (int v = 0; v < NV; ++v) mu[v] += cr[p] * a[p * NV + v];
         const T s = in.S[k * H + h];
         for (int v = 0; v < NV; ++v) {
-          const V ek = y[h * NV + v] - mu[v];
-          e[(k * H + h) * NV + v] = ek;
+          // the residual e = y - mu replaces mu in place
+          V& ek = rows[(K * G + k * H + h) * NV + v];
+          ek = y[h * NV + v] - ek;
           const V u = ek * s;
           lp[v] -= T(0.5) * u * u;
         }
       }
       for (int v = 0; v < NV; ++v) logp[k * NV + v] = lp[v];
     }
+    const V* __restrict e = rows + K * G * NV;  // (K H, NV) residuals
     // log-sum-exp and responsibilities from one set of exponentials
     for (int v = 0; v < NV; ++v) {
       V top = logp[v];
@@ -295,42 +346,42 @@ void chunk_stats(const Dims& d, const Inputs<T>& in, int64_t i0, int64_t i1, dou
         tot += ex[k * NV + v];
       }
       const V ll = top + log_pos<T>(tot);
-      // padding lanes have zero weight; keep them out even where ll is not finite
+      // rows of weight zero (padding lanes among them) contribute nothing, even where ll is
+      // not finite
       const V scale = w[v] == T(0) ? V{} : w[v] / tot;
-      acc_ll[v] += w[v] == T(0) ? V{} : w[v] * ll;
-      for (int64_t k = 0; k < K; ++k) {
-        r[k * NV + v] = ex[k * NV + v] * scale;
-        acc_nk[k * NV + v] += r[k * NV + v];
-      }
+      acc_ll[0] += w[v] == T(0) ? V{} : w[v] * ll;
+      for (int64_t k = 0; k < K; ++k) r[k * NV + v] = ex[k * NV + v] * scale;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      V s = acc_nk[k];
+      for (int v = 0; v < NV; ++v) s += r[k * NV + v];
+      acc_nk[k] = s;
     }
     // sum_n r_k a_p a_q (p <= q): one column product per pair, shared by all components
     V* __restrict dst = acc_q;
     for (int64_t p = 0; p < P; ++p) {
-      for (int64_t q = p; q < P; ++q) {
+      for (int64_t q = p; q < P; ++q, dst += K) {
         V pq[NV];
         for (int v = 0; v < NV; ++v) pq[v] = a[p * NV + v] * a[q * NV + v];
-        for (int64_t k = 0; k < K; ++k, dst += NV)
-          for (int v = 0; v < NV; ++v) dst[v] += r[k * NV + v] * pq[v];
+        for (int64_t k = 0; k < K; ++k) dst[k] += dot_tile<T, NV>(r + k * NV, pq);
       }
     }
     // residual statistics: sum a_p r_k e_kh and sum r_k e_kh^2
     for (int64_t kh = 0; kh < K * H; ++kh) {
       const int64_t k = kh / H;
-      V re[NV];
+      V s = acc_ee[kh];
       for (int v = 0; v < NV; ++v) {
-        re[v] = r[k * NV + v] * e[kh * NV + v];
-        acc_ee[kh * NV + v] += re[v] * e[kh * NV + v];
+        re[kh * NV + v] = r[k * NV + v] * e[kh * NV + v];
+        s += re[kh * NV + v] * e[kh * NV + v];
       }
-      for (int64_t p = 0; p < P; ++p)
-        for (int v = 0; v < NV; ++v) acc_pe[(p * K * H + kh) * NV + v] += a[p * NV + v] * re[v];
+      acc_ee[kh] = s;
     }
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t kh = 0; kh < K * H; ++kh) {
+        acc_pe[p * K * H + kh] += dot_tile<T, NV>(a + p * NV, re + kh * NV);
+      }
   }
-  for (int64_t s = 0; s < S; ++s) {
-    double sum = 0.0;
-    for (int v = 0; v < NV; ++v)
-      for (int l = 0; l < W; ++l) sum += static_cast<double>(acc[s * NV + v][l]);
-    out[s] = sum;
-  }
+  for (int64_t i = 0; i < S; ++i) out[i] = hsum<T>(acc[i]);
 }
 
 template <typename T>

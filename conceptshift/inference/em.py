@@ -123,6 +123,9 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
     the statistics are summed with ``psum``."""
     n = x.shape[0]
     n_shards = 1 if mesh is None else mesh.shape["data"]
+    if (block_size == "auto" and jax.default_backend() == "cpu"
+            and model.streams_rows_on_cpu(x.dtype)):
+        block_size = None  # the compiled CPU kernel streams the rows itself: one call per shard
     block, nb = block_layout(n, block_size, n_shards, model.block_rows())
     total = n_shards * nb * block
     shape = (n_shards * nb, block)

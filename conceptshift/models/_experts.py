@@ -445,6 +445,25 @@ class ExpertsFamily:
         ``gate_log_probs_t``."""
         return None
 
+    def _linear_design(self) -> bool:
+        """Whether the centred design is [1, x - xbar] (the CPU kernel then forms it itself)."""
+        return self.basis.shiftable and self.basis.degree == 1
+
+    def cpu_kernel_applies(self, dtype) -> bool:
+        """Whether the fused E-step's CPU lowering is the compiled kernel (``conceptshift._kernels``):
+        narrow designs (S_pp from pair products), gate statistics read off a centred polynomial
+        design, float32 or float64, and the kernel enabled and built. Decided at trace time."""
+        from .. import _kernels
+
+        K, P = self.n_components, self.n_coef
+        return (self.pair_products(K, P) and (self.basis.shiftable or not self.uses_gate_stats())
+                and _kernels.supports(dtype) and _kernels.enabled())
+
+    def streams_rows_on_cpu(self, dtype) -> bool:
+        """Whether the CPU E-step needs no temporary that grows with the rows (the kernel with a
+        linear design): then it runs on all rows in one call, with no blocks."""
+        return self._linear_design() and self.cpu_kernel_applies(dtype)
+
     def estep_plan(self, params, stats: DataStats) -> EStepPlan:
         """What the fused E-step needs from the parameters alone, computed once per iteration and
         shared by every block (the gate's Cholesky factors above all)."""
@@ -475,18 +494,21 @@ class ExpertsFamily:
 
         plan = self.estep_plan(params, stats) if plan is None else plan
         T = plan.T
-        A = self.basis.transposed(xT if T is None else xT - stats.x_mean[:, None])
         K, H, P = plan.coef_c.shape
         G = 0 if plan.Z is None else plan.Z.shape[1]
+
+        def design():
+            return self.basis.transposed(xT if T is None else xT - stats.x_mean[:, None])
 
         def gate_base():
             """The gate rows Z (K, G, P) and the additive log terms (K, 1) or (K, N)."""
             if plan.Z is None:
-                return (jnp.zeros((K, 0, P), A.dtype),
+                return (jnp.zeros((K, 0, P), xT.dtype),
                         self.gate_log_probs_t(params, xT) + plan.const[:, None])
             return plan.Z, plan.const[:, None]
 
         def xla():
+            A = design()
             Z, base = gate_base()
             mu = _small_product(plan.coef_c, A)  # (K, H, N)
             logp = jnp.broadcast_to(base, (K, A.shape[1]))
@@ -504,17 +526,15 @@ class ExpertsFamily:
             r = ex * (wT / tot)[None, :]
             return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, plan.ref, stats)
 
-        fused = (self.pair_products(K, P) and (T is not None or not self.uses_gate_stats())
-                 and _kernels.supports(A.dtype) and _kernels.enabled())
-        if not fused:
+        if not self.cpu_kernel_applies(xT.dtype):
             return xla()
 
         def cpu():
             Z, base = gate_base()
             # a linear design [1, x - xbar] is formed inside the kernel from x
-            linear = T is not None and self.basis.degree == 1
+            linear = self._linear_design()
             ll, nk, s_q, s_pe, s_ee = _kernels.estep(
-                xT if linear else A, yT, wT, Z, base, plan.coef_c, plan.inv_scale,
+                xT if linear else design(), yT, wT, Z, base, plan.coef_c, plan.inv_scale,
                 stats.x_mean if linear else None)
             return ll, self._assemble_stats(nk, s_q, s_pe, s_ee, plan.ref, T)
 
