@@ -45,7 +45,9 @@ def kernel_flops(model, n: int) -> float:
     K, P, H = model.n_components, model.n_coef, model.n_heads
     G = model.n_features if isinstance(model, GatedExperts) else 0
     per = 2 * K * (G + H) * P + 2 * K * G + 3 * K * H + 6 * K
-    if model.pair_products(K, P):
+    # the compiled CPU kernel always forms S_pp from the column products
+    kernel = jax.default_backend() == "cpu" and model.cpu_kernel_applies(np.float32)
+    if model.pair_products(K, P) or kernel:
         per += P * (P + 1) // 2 + K * P * (P + 1)
     else:
         per += K * P + 2 * K * P * P

@@ -143,12 +143,13 @@ def _estep_inputs(model, n=1500, seed=0):
 
 
 @pytest.mark.parametrize("name,uses", [("regression", True), ("regression-intercept", True),
-                                       ("gated-full", True), ("gated-diag", False),
-                                       ("gated-fn", False)])
+                                       ("gated-full", True), ("gated-diag", True),
+                                       ("gated-fn", False), ("wide", False)])
 def test_cpu_kernel_dispatch(name, uses):
-    """Where the kernel applies (narrow designs; gate statistics read off a centred design) the CPU
-    lowering calls it; elsewhere, and when it is turned off, the program is XLA operations only."""
-    model = MODELS[name]
+    """Where the kernel applies (statistics within its accumulators; gate statistics read off a
+    centred design) the CPU lowering calls it; elsewhere (a user basis for a gated family, P = 129
+    columns), and when it is turned off, the program is XLA operations only."""
+    model = MODELS[name] if name != "wide" else RegressionMixture(4, n_features=128)
     params, x, y, w, stats = _estep_inputs(model, n=64)
     for on in (True, False):
         with _kernels.use_cpu_kernel(on):

@@ -63,6 +63,9 @@ class SuffStats(NamedTuple):
     s_xx: Array  # (K, D, D) sum_n r_nk (x_n - xbar)(x_n - xbar)^T
 
 
+KERNEL_MAX_ACCUMULATORS = 1 << 14
+
+
 class EStepPlan(NamedTuple):
     """The parameter-only inputs of the fused E-step (``ExpertsFamily.estep_plan``)."""
 
@@ -451,12 +454,15 @@ class ExpertsFamily:
 
     def cpu_kernel_applies(self, dtype) -> bool:
         """Whether the fused E-step's CPU lowering is the compiled kernel (``conceptshift._kernels``):
-        narrow designs (S_pp from pair products), gate statistics read off a centred polynomial
-        design, float32 or float64, and the kernel enabled and built. Decided at trace time."""
+        statistics that fit its accumulators, gate statistics read off a centred polynomial design,
+        float32 or float64, and the kernel enabled and built. Decided at trace time."""
         from .. import _kernels
 
-        K, P = self.n_components, self.n_coef
-        return (self.pair_products(K, P) and (self.basis.shiftable or not self.uses_gate_stats())
+        K, P, H = self.n_components, self.n_coef, self.n_heads
+        # the kernel keeps one accumulator per statistic: at most 2^14 of them (512 KiB in float32,
+        # within L2); wider problems run as XLA products
+        fits = P * (P + 1) // 2 * K + P * K * H <= KERNEL_MAX_ACCUMULATORS
+        return (fits and (self.basis.shiftable or not self.uses_gate_stats())
                 and _kernels.supports(dtype) and _kernels.enabled())
 
     def streams_rows_on_cpu(self, dtype) -> bool:
