@@ -115,7 +115,10 @@ def test_npreg_matches_ml_optimum_and_flexmix(data_dir):
     ml_coef, ml_sigma, _, ml_ll = _em_numpy(x, y, *start, "ml")
     np.testing.assert_allclose(ml_sigma, NPREG_ML_SIGMA, atol=1e-4)
     np.testing.assert_allclose(ml_ll, NPREG_ML_LOGLIK, atol=1e-6)
-    np.testing.assert_allclose(coef, ml_coef, rtol=1e-3, atol=1e-4)
+    # In float32 EM stops once the objective moves by at most 8 ulps (5e-4 nats at -642.5), and
+    # the coefficients along the likelihood's flat directions are then known to a few 1e-4
+    # (measured: 4.4e-4 from the ML values at the stop, 2.0e-4 after 300 iterations).
+    np.testing.assert_allclose(coef, ml_coef, rtol=1e-3, atol=rtol(1e-3, 1e-4))
 
     # --- flexmix's sigma^2 = ML sigma^2 * N / (N - p), with N = 200 rows (every row enters each
     # component's weighted fit) and p = 3 coefficients; NOT the per-component RSS_k / (n_k - p).
