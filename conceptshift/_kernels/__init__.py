@@ -136,17 +136,20 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def use_cpu_kernel(on: bool):
+def use_cpu_kernel(on: bool, clear_caches: bool = True):
     """Within the block, fits trace the compiled CPU kernel (``True``) or the XLA formulation
     (``False``). Compiled functions are traced once per shape, so JAX's caches are cleared on entry
-    and exit (for comparisons in tests and benchmarks)."""
+    and exit (for comparisons in tests and benchmarks); ``clear_caches=False`` when the caller
+    traces afresh anyway (``jax.make_jaxpr``, a new ``jax.jit`` wrapper)."""
     _enabled_override.append(bool(on))
-    jax.clear_caches()
+    if clear_caches:
+        jax.clear_caches()
     try:
         yield
     finally:
         _enabled_override.pop()
-        jax.clear_caches()
+        if clear_caches:
+            jax.clear_caches()
 
 
 def estep(A, Y, W, Z, B, C, S, X0=None):
