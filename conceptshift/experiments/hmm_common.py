@@ -133,7 +133,7 @@ def _states_recovered(truth: HMMParams, fit: HMMParams):
     a, b = jnp.exp(truth.log_emit), jnp.exp(fit.log_emit)
     cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
     perm = _assign(cost)
-    return jnp.all(jnp.argmin(cost, axis=1) == perm)
+    return jnp.all(jnp.argmin(cost, axis=1).astype(perm.dtype) == perm)  # int64 argmin under x64
 
 
 _COMPILED: dict = {}
