@@ -365,10 +365,15 @@ class ExpertsFamily:
         design columns summed over many rows keep their accuracy in float32; T (P, P) maps the
         centred statistics to the raw ones exactly (``Basis.shift_matrix``). Other maps: (phi, None).
         """
-        if self.basis.shiftable:
-            return (self.basis.transposed(xT - stats.x_mean[:, None]),
-                    self.basis.shift_matrix(stats.x_mean))
-        return self.basis.transposed(xT), None
+        return self._design_only_t(xT, stats), self._shift_t(stats)
+
+    def _design_only_t(self, xT: Array, stats: DataStats) -> Array:
+        """The design (P, N) of :meth:`_design_t`, centred for polynomial bases."""
+        return self.basis.transposed(xT - stats.x_mean[:, None] if self.basis.shiftable else xT)
+
+    def _shift_t(self, stats: DataStats) -> Array | None:
+        """T of :meth:`_design_t` (None when the design is not centred)."""
+        return self.basis.shift_matrix(stats.x_mean) if self.basis.shiftable else None
 
     def suff_stats_t(self, xT, yT, rT, ref, stats: DataStats) -> SuffStats:
         """:meth:`suff_stats` in the E-step's layout: x (D, N), y (H, N), r (K, N)."""
@@ -459,8 +464,8 @@ class ExpertsFamily:
         from .. import _kernels
 
         K, P, H = self.n_components, self.n_coef, self.n_heads
-        # the kernel keeps one accumulator per statistic: at most 2^14 of them (512 KiB in float32,
-        # within L2); wider problems run as XLA products
+        # the kernel keeps one 32-byte vector accumulator per statistic: at most 2^14 of them
+        # (512 KiB, within L2); wider problems run as XLA products
         fits = P * (P + 1) // 2 * K + P * K * H <= KERNEL_MAX_ACCUMULATORS
         return (fits and (self.basis.shiftable or not self.uses_gate_stats())
                 and _kernels.supports(dtype) and _kernels.enabled())
@@ -474,7 +479,7 @@ class ExpertsFamily:
         """What the fused E-step needs from the parameters alone, computed once per iteration and
         shared by every block (the gate's Cholesky factors above all)."""
         K, H, P = params.coef.shape
-        T = self.basis.shift_matrix(stats.x_mean) if self.basis.shiftable else None
+        T = self._shift_t(stats)
         rows = self._gate_rows(params, stats, T is not None)
         coef_c = params.coef if T is None else _p.einsum("khp,pq->khq", params.coef, T)
         head_const = -jnp.sum(params.log_scale, 1) - 0.5 * H * jnp.log(2 * jnp.pi)
@@ -503,9 +508,6 @@ class ExpertsFamily:
         K, H, P = plan.coef_c.shape
         G = 0 if plan.Z is None else plan.Z.shape[1]
 
-        def design():
-            return self.basis.transposed(xT if T is None else xT - stats.x_mean[:, None])
-
         def gate_base():
             """The gate rows Z (K, G, P) and the additive log terms (K, 1) or (K, N)."""
             if plan.Z is None:
@@ -514,7 +516,7 @@ class ExpertsFamily:
             return plan.Z, plan.const[:, None]
 
         def xla():
-            A = design()
+            A = self._design_only_t(xT, stats)
             Z, base = gate_base()
             mu = _small_product(plan.coef_c, A)  # (K, H, N)
             logp = jnp.broadcast_to(base, (K, A.shape[1]))
@@ -539,9 +541,9 @@ class ExpertsFamily:
             Z, base = gate_base()
             # a linear design [1, x - xbar] is formed inside the kernel from x
             linear = self._linear_design()
-            ll, nk, s_q, s_pe, s_ee = _kernels.estep(
-                xT if linear else design(), yT, wT, Z, base, plan.coef_c, plan.inv_scale,
-                stats.x_mean if linear else None)
+            A = xT if linear else self._design_only_t(xT, stats)
+            ll, nk, s_q, s_pe, s_ee = _kernels.estep(A, yT, wT, Z, base, plan.coef_c, plan.inv_scale,
+                                                     stats.x_mean if linear else None)
             return ll, self._assemble_stats(nk, s_q, s_pe, s_ee, plan.ref, T)
 
         return jax.lax.platform_dependent(cpu=cpu, default=xla)
