@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+
+MAX_TOKENS = 2**20  # largest vocabulary: token ids are 0 .. MAX_TOKENS - 1
+_TOKEN = re.compile(r"-?[0-9]+")
 
 
 def read_sequences(path) -> tuple[np.ndarray, np.ndarray]:
@@ -14,12 +18,13 @@ def read_sequences(path) -> tuple[np.ndarray, np.ndarray]:
       - ``.npy``: an integer array (N, T); entries equal to -1 at the end of a row are padding (a
         row's length is the position of its first -1; no token may follow a -1).
       - anything else: a text file with one sequence per line, tokens as whitespace-separated
-        non-negative integers; lines may have different lengths; blank lines and lines starting with
-        ``#`` are skipped.
+        non-negative integers (plain ASCII digits); lines may have different lengths; blank lines and
+        lines starting with ``#`` are skipped. UTF-8, a byte-order mark is accepted.
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: a token is not a non-negative integer, an empty sequence, or no sequences.
+      ValueError: naming the file and line (or row): a token that is not an integer in
+        0 .. MAX_TOKENS - 1, an empty sequence, or no sequences.
     """
     path = Path(path)
     if not path.is_file():
@@ -27,16 +32,22 @@ def read_sequences(path) -> tuple[np.ndarray, np.ndarray]:
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except ValueError as err:
+        except (ValueError, OSError, EOFError) as err:
             raise ValueError(f"{path.name}: not a numeric .npy array ({err})") from None
+        if not isinstance(arr, np.ndarray):
+            raise ValueError(f"{path.name}: not a .npy array")
         if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
             raise ValueError(f"{path.name}: expected an integer array of shape (N, T), got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
             if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(
-                    arr == np.round(arr)):
+                    arr == np.round(arr)) and np.all(np.abs(arr) < MAX_TOKENS):
                 arr = arr.astype(np.int64)
             else:
                 raise ValueError(f"{path.name}: tokens must be integers, got dtype {arr.dtype}")
+        if (arr >= MAX_TOKENS).any():
+            i, t = np.argwhere(arr >= MAX_TOKENS)[0]
+            raise ValueError(f"{path.name}: row {i}, position {t}: token {arr[i, t]} is above the "
+                             f"largest supported token {MAX_TOKENS - 1}")
         arr = arr.astype(np.int64)
         if (arr < -1).any():
             i, t = np.argwhere(arr < -1)[0]
@@ -52,21 +63,27 @@ def read_sequences(path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{path.name}: row {int(np.argmax(lengths == 0))} is empty")
         return np.where(after, 0, arr), lengths.astype(np.int64)
     rows: list[list[int]] = []
-    with path.open() as fh:
-        for line_no, line in enumerate(fh, start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            row = []
-            for tok in text.replace(",", " ").split():
-                try:
+    with path.open(encoding="utf-8-sig") as fh:
+        line_no = 0
+        try:
+            for line_no, line in enumerate(fh, start=1):
+                text = line.strip()
+                if not text or text.startswith("#"):
+                    continue
+                row = []
+                for tok in text.replace(",", " ").split():
+                    if not _TOKEN.fullmatch(tok):
+                        raise ValueError(f"{path.name} line {line_no}: {tok!r} is not an integer token")
                     v = int(tok)
-                except ValueError:
-                    raise ValueError(f"{path.name} line {line_no}: {tok!r} is not an integer token") from None
-                if v < 0:
-                    raise ValueError(f"{path.name} line {line_no}: {v} is negative (tokens are >= 0)")
-                row.append(v)
-            rows.append(row)
+                    if v < 0:
+                        raise ValueError(f"{path.name} line {line_no}: {v} is negative (tokens are >= 0)")
+                    if v >= MAX_TOKENS:
+                        raise ValueError(f"{path.name} line {line_no}: token {v} is above the largest "
+                                         f"supported token {MAX_TOKENS - 1}")
+                    row.append(v)
+                rows.append(row)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path.name} near line {line_no + 1}: not UTF-8 text ({err.reason})") from None
     if not rows:
         raise ValueError(f"{path} has no sequences")
     lengths = np.array([len(r) for r in rows], np.int64)
