@@ -1,15 +1,41 @@
 """The ``conceptshift`` command: parses, validates, calls the library; no science here.
 
-Bad input is one line on stderr and exit code 2, never a traceback.
+Bad input is one line on stderr and exit code 2, never a traceback; a fit that is not finite in the
+working precision is one line and exit code 1. Every check of the arguments and the data runs
+before any fitting (and before JAX's precision is set).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
+import signal
 import sys
 from pathlib import Path
+
+from .io import (
+    check_out_dir,
+    dumps_strict,
+    non_finite_keys,
+    parse_integer,
+    parse_number,
+    read_csv_columns,
+    write_json_atomic,
+)
+
+MAX_INT = 2**31 - 1  # every integer option (iteration counts, sizes) fits int32
+MAX_SEED = 2**32 - 1  # JAX keeps 32 bits of a seed without x64: larger seeds would collide
+MAX_DEGREE = 10
+FAMILY_FLAGS = {  # option -> (attribute, the families it applies to); None when not given
+    "--y": ("y", ("regression", "gated")),
+    "--x": ("x", ("regression", "gated")),
+    "--degree": ("degree", ("regression", "gated")),
+    "--shared-scale": ("shared_scale", ("regression", "gated")),
+    "--covariance": ("covariance", ("gated",)),
+    "--states": ("states", ("hmm",)),
+    "--tokens": ("tokens", ("hmm",)),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,12 +48,22 @@ class UsageError(ValueError):
     """A problem with what the user asked for (reported as one line, exit 2)."""
 
 
-def _positive_int(text: str) -> int:
+class FitError(RuntimeError):
+    """A fit whose result is not finite in the working precision (reported as one line, exit 1)."""
+
+
+def _int(text: str) -> int:
     try:
-        v = int(text)
+        return parse_integer(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    return v
+
+
+def _float(text: str) -> float:
+    try:
+        return parse_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a finite number: {err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,22 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a mixture to a CSV file (or token sequences: --family hmm) by EM")
     f.add_argument("data", help="CSV file with a header row (hmm: token sequences, text or .npy)")
     f.add_argument("--family", choices=["regression", "gated", "hmm"], default="regression")
-    f.add_argument("--components", "-k", type=_positive_int, required=True, help="K")
+    f.add_argument("--components", "-k", type=_int, required=True, help="K")
     f.add_argument("--y", help="response column (required unless --family hmm)")
-    f.add_argument("--x", nargs="*", default=[], help="covariate column(s); none: intercept only")
-    f.add_argument("--degree", type=_positive_int, default=1, help="polynomial degree in x")
-    f.add_argument("--covariance", choices=["full", "diag"], default="full",
-                   help="gate covariance (gated family)")
-    f.add_argument("--shared-scale", action="store_true", help="one sigma for all components")
-    f.add_argument("--restarts", type=_positive_int, default=10)
-    f.add_argument("--max-iter", type=_positive_int, default=1000)
-    f.add_argument("--tol", type=float, default=1e-10, help="relative tolerance on the objective")
-    f.add_argument("--seed", type=_positive_int, default=0)
+    f.add_argument("--x", nargs="*", help="covariate column(s); none: intercept only")
+    f.add_argument("--degree", type=_int,
+                   help=f"polynomial degree in x, 1..{MAX_DEGREE} (default 1); the design must have "
+                        "fewer columns than the data have rows")
+    f.add_argument("--covariance", choices=["full", "diag"],
+                   help="gate covariance (gated family; default full)")
+    f.add_argument("--shared-scale", action="store_true", default=None,
+                   help="one sigma for all components")
+    f.add_argument("--restarts", type=_int, default=10)
+    f.add_argument("--max-iter", type=_int, default=1000)
+    f.add_argument("--tol", type=_float, default=1e-10, help="relative tolerance on the objective")
+    f.add_argument("--seed", type=_int, default=0, help=f"0..{MAX_SEED}")
     f.add_argument("--json", action="store_true", help="print one JSON object")
-    f.add_argument("--out", type=Path, help="folder to write fit.json into (atomically)")
+    f.add_argument("--out", type=Path, help="folder to write fit.json into (atomically; checked "
+                   "before fitting)")
     f.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
-    f.add_argument("--states", type=_positive_int, help="hidden states S (--family hmm)")
-    f.add_argument("--tokens", type=_positive_int, help="vocabulary size V (--family hmm; default: max + 1)")
+    f.add_argument("--states", type=_int, help="hidden states S (--family hmm)")
+    f.add_argument("--tokens", type=_int, help="vocabulary size V (--family hmm; default: max + 1)")
 
     e = sub.add_parser("experiment", help="run one of the paper's experiments (a resumable sweep)")
     e.add_argument("name", help="experiment name (see `conceptshift experiment list`)")
@@ -66,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("diagnose", help="summary and figures of a saved posterior run (netCDF)")
     g.add_argument("path", type=Path, help="a folder of .nc DataTrees (e.g. from `experiment "
                    "posterior`) or one .nc file")
-    g.add_argument("--hdi-prob", type=float, default=0.9)
+    g.add_argument("--hdi-prob", type=_float, default=0.9)
     g.add_argument("--no-figures", action="store_true")
 
     d = sub.add_parser("demo", help="the consistency experiment at a size that runs in minutes")
@@ -81,41 +121,88 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_precision(float32: bool) -> None:
+def setup_precision(float32: bool) -> None:
+    """Sets JAX's working precision (float64 unless ``float32``); call after every input check."""
     import jax
 
     jax.config.update("jax_enable_x64", not float32)
 
 
-def cmd_fit(args) -> int:
-    from rich.console import Console
+def check_range(flag: str, value, lo, hi=None) -> None:
+    """Raises UsageError unless lo <= value (<= hi), naming the bound that is crossed."""
+    if value < lo:
+        raise UsageError(f"{flag} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise UsageError(f"{flag} must be <= {hi}, got {value}")
 
+
+def check_fit_args(args) -> None:
+    """The checks every family shares: options of another family, counts, seed, tolerance."""
+    for flag, (attr, families) in FAMILY_FLAGS.items():
+        if getattr(args, attr) is not None and args.family not in families:
+            raise UsageError(f"{flag} does not apply to --family {args.family} (it belongs to "
+                             f"--family {' and '.join(families)})")
+    check_range("--components", args.components, 1, MAX_INT)
+    check_range("--restarts", args.restarts, 1, MAX_INT)
+    check_range("--max-iter", args.max_iter, 1, MAX_INT)
+    check_range("--seed", args.seed, 0, MAX_SEED)
+    check_range("--tol", args.tol, 0)
+    if args.out is not None:
+        check_out_dir(args.out)
+
+
+def check_finite_fit(summary: dict, keys, float32: bool) -> None:
+    """Raises FitError when a reported number of the fit (``keys`` of ``summary``) is not finite."""
+    bad = non_finite_keys({k: summary[k] for k in keys if k in summary})
+    if bad:
+        where = "overflowed float32" if float32 else "is not finite in float64"
+        raise FitError(f"the fit {where} ({', '.join(bad)} not finite); rescale the data"
+                       + (" or drop --float32" if float32 else ""))
+
+
+def cmd_fit(args) -> int:
+    check_fit_args(args)
     if args.family == "hmm":
         from .cli_hmm import cmd_fit_hmm
 
-        return cmd_fit_hmm(args, UsageError)
+        return cmd_fit_hmm(args)
+    from rich.console import Console
+
     if args.y is None:
         raise UsageError(f"--y is required for --family {args.family}")
-    if args.components < 1:
-        raise UsageError(f"--components must be >= 1, got {args.components}")
-    if args.restarts < 1:
-        raise UsageError(f"--restarts must be >= 1, got {args.restarts}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.degree < 1:
-        raise UsageError(f"--degree must be >= 1, got {args.degree}")
-    if not args.tol >= 0:
-        raise UsageError(f"--tol must be >= 0, got {args.tol}")
-    if args.family == "gated" and not args.x:
+    xs = list(args.x or [])
+    if args.y in xs:
+        raise UsageError(f"--x {args.y!r} is also the response --y")
+    dup = sorted({c for c in xs if xs.count(c) > 1})
+    if dup:
+        raise UsageError(f"--x names {dup[0]!r} twice")
+    if args.family == "gated" and not xs:
         raise UsageError("--family gated needs at least one --x column to gate on")
-    from .io import read_csv_columns, write_json_atomic
-
-    cols = read_csv_columns(args.data, [args.y, *args.x])
+    if args.degree is not None and not xs:
+        raise UsageError("--degree needs at least one --x column (without --x the fit is "
+                         "intercept only)")
+    degree = 1 if args.degree is None else args.degree
+    check_range("--degree", degree, 1, MAX_DEGREE)
+    cols = read_csv_columns(args.data, [args.y, *xs])
     n = len(cols[args.y])
     if args.components > n:
         raise UsageError(f"--components {args.components} exceeds the {n} data rows")
+    D = len(xs)
+    P = math.comb(D + degree, degree) if D else 1
+    if P >= n:
+        raise UsageError(f"--degree {degree} with {D} --x column(s) gives {P} design columns; the "
+                         f"{n} data rows need fewer")
+    if args.float32:
+        import numpy as np
 
-    _setup_precision(args.float32)
+        limit = float(np.finfo(np.float32).max)
+        for c, v in cols.items():
+            big = float(np.max(np.abs(v)))
+            if big > limit:
+                raise UsageError(f"column {c!r} holds {big:.3g}, beyond float32's range ({limit:.3g});"
+                                 f" rescale the data or drop --float32")
+
+    setup_precision(args.float32)
     import jax
     import numpy as np
 
@@ -123,13 +210,12 @@ def cmd_fit(args) -> int:
     from .inference import fit_em
     from .models import GatedExperts, RegressionMixture
 
-    D = len(args.x)
-    kw = dict(n_features=D, degree=args.degree if D else 0, shared_scale=args.shared_scale)
+    kw = dict(n_features=D, degree=degree if D else 0, shared_scale=bool(args.shared_scale))
     if args.family == "gated":
-        model = GatedExperts(args.components, covariance=args.covariance, **kw)
+        model = GatedExperts(args.components, covariance=args.covariance or "full", **kw)
     else:
         model = RegressionMixture(args.components, **kw)
-    x = np.stack([cols[c] for c in args.x], axis=1) if D else None
+    x = np.stack([cols[c] for c in xs], axis=1) if D else None
     y = cols[args.y]
     console = Console(stderr=True)
     with console.status(f"fitting K={args.components} by EM, {args.restarts} restarts...",
@@ -137,17 +223,19 @@ def cmd_fit(args) -> int:
         result = fit_em(model, jax.random.key(args.seed), x, y, restarts=args.restarts,
                         max_iter=args.max_iter, tol=args.tol)
         summary = fit_summary(model, result, x, y, response_names=[args.y])
-    summary.update(data=str(args.data), y=args.y, x=list(args.x), degree=args.degree,
-                   seed=args.seed, restarts=args.restarts)
+    check_finite_fit(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov"),
+                     args.float32)
+    summary.update(data=str(args.data), y=args.y, x=xs, degree=degree, seed=args.seed,
+                   restarts=args.restarts)
     if args.out is not None:
         write_json_atomic(args.out / "fit.json", summary)
     if args.json:
-        print(json.dumps(summary))
+        print(dumps_strict(summary))
     else:
         out = Console()
-        title = (f"{args.family} mixture of {args.y} on {', '.join(args.x) or 'intercept'}"
+        title = (f"{args.family} mixture of {args.y} on {', '.join(xs) or 'intercept'}"
                  f" (K = {args.components})")
-        out.print(render_fit(summary, x_names=args.x, title=title))
+        out.print(render_fit(summary, x_names=xs, title=title))
         if args.out is not None:
             out.print(f"written: {args.out / 'fit.json'}")
     return 0
@@ -177,7 +265,8 @@ def _run_experiment(name, config, overrides, out, progress, *, float64=False, in
     mod = EXPERIMENTS[name]
     cfg = load_config(mod.DEFAULTS, config, overrides)
     mod.validate(cfg)
-    _setup_precision(not float64)
+    check_out_dir(out)
+    setup_precision(not float64)
     import time
 
     from rich.console import Console
@@ -255,11 +344,12 @@ def cmd_diagnose(args) -> int:
         raise FileNotFoundError(f"no such file or folder: {path}")
     from rich.console import Console
 
-    from .diagnostics.posterior import render_diagnosis
+    from .diagnostics.posterior import load_posterior, render_diagnosis
 
+    trees = [(f, load_posterior(f)) for f in files]  # every file is read (and checked) first
     console = Console()
-    for f in files:
-        for item in render_diagnosis(f, prob=args.hdi_prob, figures=not args.no_figures):
+    for f, dt in trees:
+        for item in render_diagnosis(f, prob=args.hdi_prob, figures=not args.no_figures, dt=dt):
             console.print(item)
     return 0
 
@@ -272,21 +362,33 @@ class _null:
         return False
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds: temporary files are removed on the way out
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"fit": cmd_fit, "demo": cmd_demo, "experiment": cmd_experiment,
                 "bench": cmd_bench, "diagnose": cmd_diagnose}
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
+    except (ValueError, TypeError, OSError, FitError) as err:
         if os.environ.get("CONCEPTSHIFT_DEBUG"):
             raise
-        sys.stderr.write(f"conceptshift {args.command}: error: {err}\n")
-        return 2
+        message = " ".join(str(err).split()) or type(err).__name__
+        sys.stderr.write(f"conceptshift {args.command}: error: {message}\n")
+        return 1 if isinstance(err, FitError) else 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

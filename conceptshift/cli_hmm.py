@@ -4,46 +4,36 @@ Baum-Welch EM. Parses and validates; the science is in conceptshift.models.hmm a
 
 from __future__ import annotations
 
-import json
 import sys
 
 
-def cmd_fit_hmm(args, usage_error) -> int:
+def cmd_fit_hmm(args) -> int:
+    """Runs after :func:`conceptshift.cli.check_fit_args` (the checks every family shares)."""
     from rich.console import Console
 
-    if args.components < 1:
-        raise usage_error(f"--components must be >= 1, got {args.components}")
-    if args.states is None:
-        raise usage_error("--family hmm needs --states S (number of hidden states)")
-    if args.states < 1:
-        raise usage_error(f"--states must be >= 1, got {args.states}")
-    if args.restarts < 1:
-        raise usage_error(f"--restarts must be >= 1, got {args.restarts}")
-    if args.seed < 0:
-        raise usage_error(f"--seed must be >= 0, got {args.seed}")
-    if not args.tol >= 0:
-        raise usage_error(f"--tol must be >= 0, got {args.tol}")
-    if args.y is not None or args.x:
-        raise usage_error("--y and --x do not apply to --family hmm (the file holds token sequences)")
-    from .io_hmm import read_sequences
+    from .cli import MAX_INT, UsageError, check_finite_fit, check_range, setup_precision
+    from .io import dumps_strict, write_json_atomic
+    from .io_hmm import MAX_TOKENS, read_sequences
 
+    if args.states is None:
+        raise UsageError("--family hmm needs --states S (number of hidden states)")
+    check_range("--states", args.states, 1, MAX_INT)
+    if args.tokens is not None:
+        check_range("--tokens", args.tokens, 2, MAX_TOKENS)
     x, lengths = read_sequences(args.data)
     seen = int(x.max()) + 1
     V = args.tokens if args.tokens is not None else max(seen, 2)
-    if args.tokens is not None and (args.tokens < 2 or seen > args.tokens):
-        raise usage_error(f"--tokens {args.tokens}: the data hold token {seen - 1}; need --tokens >= "
-                          f"{max(seen, 2)}")
+    if seen > V:
+        raise UsageError(f"--tokens {args.tokens}: the data hold token {seen - 1}; need --tokens >= "
+                         f"{max(seen, 2)}")
     if args.components > x.shape[0]:
-        raise usage_error(f"--components {args.components} exceeds the {x.shape[0]} sequences")
+        raise UsageError(f"--components {args.components} exceeds the {x.shape[0]} sequences")
 
-    from .cli import _setup_precision
-
-    _setup_precision(args.float32)
+    setup_precision(args.float32)
     import jax
     import numpy as np
 
     from .inference.baum_welch import fit_hmm_em
-    from .io import write_json_atomic
     from .models.hmm import HMMMixture
 
     model = HMMMixture(args.components, args.states, V)
@@ -63,10 +53,11 @@ def cmd_fit_hmm(args, usage_error) -> int:
         "emit": lst(p.log_emit), "restart_loglik": np.asarray(fit.restart_loglik, np.float64).tolist(),
         "seed": args.seed, "restarts": args.restarts,
     }
+    check_finite_fit(summary, ("loglik", "bic", "weights", "init", "trans", "emit"), args.float32)
     if args.out is not None:
         write_json_atomic(args.out / "fit.json", summary)
     if args.json:
-        print(json.dumps(summary))
+        print(dumps_strict(summary))
         return 0
     from rich.table import Table
 

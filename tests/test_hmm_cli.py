@@ -81,7 +81,7 @@ def test_fit_hmm_json_contract(seq_files, tmp_path):
     ("\n\n", [], "no sequences"),
     ("0 1 5\n1 2\n", ["--tokens", "4"], "need --tokens >= 6"),
     ("0 1\n", ["--components", "3"], "exceeds the 1 sequences"),
-    ("0 1\n", ["--y", "a"], "do not apply"),
+    ("0 1\n", ["--y", "a"], "--y does not apply to --family hmm"),
 ])
 def test_fit_hmm_bad_input_is_one_line_exit_2(tmp_path, capsys, content, extra, message):
     """In process: every check runs before JAX's precision is switched."""

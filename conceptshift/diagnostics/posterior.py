@@ -150,15 +150,48 @@ def write_datatree(dt, path) -> None:
 
 
 def read_datatree(path):
-    """Reads a DataTree written by :func:`write_datatree` fully into memory."""
+    """Reads a DataTree written by :func:`write_datatree` fully into memory.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: naming the file, when it is not a readable netCDF file (truncated, another format).
+    """
     import xarray as xr
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    with xr.open_datatree(path, engine="h5netcdf") as dt:
-        dt = dt.load()
+    try:
+        with xr.open_datatree(path, engine="h5netcdf") as dt:
+            dt = dt.load()
+    except Exception as err:  # h5py, h5netcdf and xarray raise many kinds for a damaged file
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(f"{path}: not a readable netCDF DataTree ({reason})") from None
     dt.name = dt.attrs.pop("datatree_name", None) or None
+    return dt
+
+
+# group -> variables that diagnose() and plot_posterior() read
+REQUIRED = {"posterior": ("weights", "scale", "q_mean"), "log_likelihood": ("y",),
+            "posterior_predictive": ("y",), "observed_data": ("y",), "constant_data": ("x",)}
+
+
+def load_posterior(path):
+    """:func:`read_datatree`, checked to hold the groups and variables of :func:`posterior_datatree`.
+
+    Raises:
+      ValueError: naming the file and what it lacks.
+    """
+    dt = read_datatree(path)
+    for group, names in REQUIRED.items():
+        if group not in dt.children:
+            raise ValueError(f"{path} is not a conceptshift posterior DataTree (no {group} group)")
+        missing = [v for v in names if v not in dt[group].data_vars]
+        if missing:
+            raise ValueError(f"{path} is not a conceptshift posterior DataTree ({group} lacks "
+                             f"{', '.join(missing)})")
+    if "truth" in dt.children and not {"q_mean", "log_lik"} <= set(dt["truth"].data_vars):
+        raise ValueError(f"{path}: its truth group lacks q_mean or log_lik")
     return dt
 
 
@@ -302,16 +335,15 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
     return paths
 
 
-def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True) -> list:
+def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True, dt=None) -> list:
     """Rich renderables for one saved DataTree: the diagnostics, the parameter summary and the
-    figures written beside it (``{stem}_band.png``, ``{stem}_ppc.png``, ``{stem}_rank.png``)."""
+    figures written beside it (``{stem}_band.png``, ``{stem}_ppc.png``, ``{stem}_rank.png``).
+    ``dt``: the tree already read by :func:`load_posterior` (else it is read from ``path``)."""
     from rich.table import Table
 
     path = Path(path)
-    dt = read_datatree(path)
-    if "posterior" not in dt.children or "log_likelihood" not in dt.children:
-        raise ValueError(f"{path} is not a conceptshift posterior DataTree (no posterior or "
-                         f"log_likelihood group)")
+    if dt is None:
+        dt = load_posterior(path)
     d = diagnose(dt, prob=prob)
     head = Table(title=f"{path.name}: {dt.attrs.get('method', '')}", title_justify="left")
     head.add_column("diagnostic")
