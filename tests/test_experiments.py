@@ -53,6 +53,112 @@ def test_sweep_resumes_and_refuses_other_config(tmp_path):
         Sweep(tmp_path, {"a": 2}, "toy")
 
 
+def _toy(calls):
+    def fn(cell):
+        calls.append(cell)
+        return {"value": cell * 10, "sq": [cell * cell, 1.0]}
+
+    return fn
+
+
+def test_sweep_recomputes_damaged_cells_naming_them(tmp_path, capsys):
+    cells = [(f"c{i}", i) for i in range(5)]
+    calls = []
+    Sweep(tmp_path, {"a": 1}, "toy").run(cells, _toy(calls), progress=False)
+    d = tmp_path / "cells"
+    (d / "c0.json").write_text((d / "c0.json").read_text()[:20])  # truncated by a crash or a copy
+    (d / "c1.json").write_text("{}")
+    (d / "c2.json").write_text((d / "c2.json").read_text().replace('"value"', '"valve"'))
+    (d / "c3.json").write_text("[1, 2]")
+    calls.clear()
+    sweep = Sweep(tmp_path, {"a": 1}, "toy")
+    res = sweep.run(cells, _toy(calls), progress=False)
+    err = capsys.readouterr().err
+    assert calls == [0, 1, 2, 3] and sweep.reused == ["c4"]
+    for name in ("c0", "c1", "c2", "c3"):
+        assert f"damaged cell {d / name}.json" in err
+    assert res == {f"c{i}": {"value": i * 10, "sq": [i * i, 1.0]} for i in range(5)}
+
+
+def test_sweep_precision_is_part_of_the_folder(tmp_path, monkeypatch):
+    from conceptshift.experiments import runner
+
+    Sweep(tmp_path, {"a": 1}, "toy").run([("c0", 0)], _toy([]), progress=False)
+    now = "float64" if X64 else "float32"
+    other = "float32" if X64 else "float64"
+    assert json.loads((tmp_path / "sweep.json").read_text())["precision"] == now
+    monkeypatch.setattr(runner, "precision", lambda: other)
+    with pytest.raises(ValueError, match=f"holds a {now} sweep and this run computes in {other}"):
+        Sweep(tmp_path, {"a": 1}, "toy")
+
+
+def test_sweep_refused_before_any_cell_leaves_no_marker(tmp_path):
+    def refuse(cell):
+        raise ValueError("restarts must be >= 1")
+
+    with pytest.raises(ValueError):
+        Sweep(tmp_path, {"restarts": 0}, "toy").run([("c0", 0)], refuse, progress=False)
+    assert not (tmp_path / "sweep.json").exists()
+    Sweep(tmp_path, {"restarts": 1}, "toy").run([("c0", 0)], _toy([]), progress=False)  # corrected
+    (tmp_path / "cells").rename(tmp_path / "old")
+    (tmp_path / "cells").write_text("")
+    with pytest.raises(ValueError, match="cells is a file"):
+        Sweep(tmp_path, {"restarts": 1}, "toy")
+    (tmp_path / "cells").unlink()
+    (tmp_path / "sweep.json").write_text('{"hash": ')
+    with pytest.raises(ValueError, match="sweep.json is damaged"):
+        Sweep(tmp_path, {"restarts": 1}, "toy")
+
+
+def test_sweep_writes_strict_json(tmp_path):
+    def fn(cell):
+        return {"value": float("nan"), "ok": [1.0, float("inf")]}
+
+    def strict(path):
+        return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+
+    sweep = Sweep(tmp_path, {"a": 1}, "toy")
+    res = sweep.run([("c0", 0)], fn, progress=False)
+    assert np.isnan(res["c0"]["value"]) and np.isnan(res["c0"]["ok"][1])  # NaN in memory
+    cell = strict(tmp_path / "cells" / "c0.json")
+    assert cell["value"] is None and cell["non_finite"] == ["value", "ok"]
+    again = Sweep(tmp_path, {"a": 1}, "toy").run([("c0", 0)], fn, progress=False)
+    assert again["c0"]["ok"][0] == 1.0 and np.isnan(again["c0"]["ok"][1])
+    sweep.finish({"summary": res["c0"]["value"]}, lambda r, p: p.write_text("png"), "f.png")
+    assert strict(tmp_path / "results.json")["non_finite"] == ["summary"]
+
+
+def test_knobs_checked_by_type_and_range(tmp_path):
+    toml = tmp_path / "c.toml"
+    for text, message in [("restarts = 1.5", "restarts must be an integer"),
+                          ("lam = nan", "lam must be a finite number"),
+                          ("n_grid = 250", "n_grid must be a non-empty list"),
+                          ("n_grid = [250, 0]", r"n_grid\[1\] must be >= 1"),
+                          ("family = 3", "family must be a str")]:
+        toml.write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_config(consistency.DEFAULTS, toml)
+    for item, message in [("lam=-1", "lam must be >= 0"), ("restarts=0", "restarts must be >= 1"),
+                          ("n_grid=250,1_000", "expected int"), ("tol=nan", "expected finite float")]:
+        with pytest.raises(ValueError, match=message):
+            load_config(consistency.DEFAULTS, None, [item])
+    with pytest.raises(ValueError, match="replicates must be >= 2"):
+        consistency.validate({**consistency.DEFAULTS, "replicates": 1})
+
+
+def test_savefig_leaves_no_temporary_file(tmp_path):
+    from conceptshift.experiments.common import savefig
+
+    class Killed:
+        def savefig(self, path, **kw):
+            open(path, "wb").write(b"half a png")
+            raise SystemExit(143)  # what the CLI's SIGTERM handler raises
+
+    with pytest.raises(SystemExit):
+        savefig(Killed(), tmp_path / "f.png")
+    assert list(tmp_path.iterdir()) == []
+
+
 SMALL_RB = ["n_x=41", "n_quad=60", "mc_draws=60000"]
 
 

@@ -20,7 +20,7 @@ from .hmm_common import (
     hmm_problem_from,
     validate_hmm_knobs,
 )
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "anchors"
 SETTINGS = ("on", "partial", "off")
@@ -37,6 +37,7 @@ METRICS = (("source_fit", "emit_error"), ("source_fit", "trans_error"), ("source
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     validate_hmm_knobs(cfg)
 
 

@@ -198,16 +198,17 @@ def pyplot():
 
 
 def savefig(fig, path) -> None:
-    """Saves a figure atomically (temporary file, then rename)."""
+    """Saves a figure atomically: a temporary file in the same folder (removed whatever happens,
+    also on SIGTERM through the CLI's handler), then a rename."""
     import os
     import tempfile
     from pathlib import Path
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.close(fd)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

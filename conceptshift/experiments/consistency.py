@@ -20,7 +20,7 @@ from .common import (
     summarise,
     to_lists,
 )
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "consistency"
 DEFAULTS = {
@@ -36,6 +36,7 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     grid = cfg["n_grid"]
     if not grid or any(int(n) < 2 * cfg["n_components"] for n in grid):
         raise ValueError(f"n_grid must be non-empty with every n >= 2 * n_components, got {grid}")

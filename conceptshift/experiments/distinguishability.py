@@ -23,7 +23,7 @@ from .common import (
     savefig,
     to_lists,
 )
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "distinguishability"
 DEFAULTS = {
@@ -40,6 +40,7 @@ METRICS = ("matching_accuracy", "matching_margin", "reg_error", "excess_nll", "g
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     if not cfg["delta_grid"]:
         raise ValueError("delta_grid must not be empty")
     if not cfg["n_grid"] or any(int(n) < 2 * cfg["n_components"] for n in cfg["n_grid"]):

@@ -22,7 +22,7 @@ from .hmm_common import (
     hmm_problem_from,
     validate_hmm_knobs,
 )
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "icl"
 DEFAULTS = {
@@ -40,6 +40,7 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     validate_hmm_knobs(cfg)
     if not cfg["m_grid"] or any(int(m) < 0 for m in cfg["m_grid"]):
         raise ValueError(f"m_grid must be non-empty with every M >= 0, got {cfg['m_grid']}")

@@ -21,7 +21,7 @@ from .common import (
     savefig,
     to_lists,
 )
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "misspecified"
 DEFAULTS = {
@@ -36,6 +36,7 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     if not cfg["k_grid"] or any(int(k) < 1 for k in cfg["k_grid"]):
         raise ValueError(f"k_grid must hold integers >= 1, got {cfg['k_grid']}")
     if not cfg["n_grid"] or any(int(n) < 2 * max(cfg["k_grid"]) for n in cfg["n_grid"]):

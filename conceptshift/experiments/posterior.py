@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .common import PROBLEM_KNOBS, problem_from, pyplot, savefig
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "posterior"
 DEFAULTS = {
@@ -40,6 +40,7 @@ SHORT = {"em_bootstrap": "EM boot", "svi_fullrank": "SVI", "nuts": "NUTS"}
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     if int(cfg["n"]) < 4 * int(cfg["n_components"]):
         raise ValueError(f"n must be >= 4 * n_components, got n={cfg['n']}")
     for k in ("n_test", "svi_steps", "num_warmup", "num_samples", "n_boot", "restarts"):

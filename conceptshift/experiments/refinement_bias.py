@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _precision as _p
 from .common import PROBLEM_KNOBS, problem_from, pyplot, savefig
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "refinement-bias"
 DEFAULTS = {
@@ -39,6 +39,7 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     if cfg["n_features"] != 1:
         raise ValueError(
             f"refinement-bias plots against a scalar x: n_features must be 1, got {cfg['n_features']}"

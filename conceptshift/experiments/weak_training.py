@@ -32,7 +32,7 @@ from .common import (
     savefig,
     to_lists,
 )
-from .runner import Sweep, versions
+from .runner import Sweep, check_knobs, versions
 
 NAME = "weak-training"
 DEFAULTS = {
@@ -47,6 +47,7 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
+    check_knobs(cfg, DEFAULTS)
     if cfg["family"] != "regression":
         raise ValueError("weak-training needs family = 'regression' (p(x) = q(x), f* in the model class)")
     if not cfg["lam_grid"] or any(float(v) <= 0 for v in cfg["lam_grid"]):
