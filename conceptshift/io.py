@@ -61,6 +61,8 @@ def read_csv_columns(path, columns: list[str]) -> dict[str, np.ndarray]:
         non-numeric or non-finite cell, text that is not UTF-8, no data rows.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     name = path.name

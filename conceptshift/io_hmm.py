@@ -27,6 +27,8 @@ def read_sequences(path) -> tuple[np.ndarray, np.ndarray]:
         0 .. MAX_TOKENS - 1, an empty sequence, or no sequences.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".npy":

@@ -44,6 +44,9 @@ def files(tmp_path):
     (tmp_path / "field.csv").write_text("a,b\n1,2\n" + "1" * 10_000_000 + ",3\n")
     (tmp_path / "latin1.csv").write_bytes("a,b\n1,2\n3,4\xe9\n".encode("latin-1"))
     np.save(tmp_path / "big.npy", np.array([[0, 1, 2**63 + 5]], np.uint64))
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "swept").mkdir()
+    (tmp_path / "swept" / "cells").write_text("")
     return tmp_path
 
 
@@ -103,6 +106,10 @@ CASES = [  # (argv, words the one-line message must hold)
     (["experiment", "consistency", "--set", f"seed={2**64}", "--out", "{run}"], ["seed must be <="]),
     (["experiment", "consistency", "--set", "tol=inf", "--out", "{run}"], ["tol=inf", "finite"]),
     (["experiment", "consistency", "--out", "{afile}"], ["--out", "afile is a file"]),
+    (["experiment", "consistency", "--set", "n_grid=10,20", "--set", "replicates=2", "--out", "{swept}"],
+     ["swept/cells is a file"]),
+    (["fit", "{adir}", "-k", "1", "--y", "a"], ["adir is a folder"]),
+    (["fit", "{adir}", "--family", "hmm", "-k", "1", "--states", "2"], ["adir is a folder"]),
 ]
 
 

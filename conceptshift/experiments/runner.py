@@ -210,8 +210,8 @@ class Sweep:
         if old.get("precision", new["precision"]) != new["precision"]:  # absent: an older folder
             raise ValueError(
                 f"{self.out} holds a {old['precision']} sweep and this run computes in "
-                f"{new['precision']}; resume it in {old['precision']} (experiments: --float64 for "
-                f"float64) or use a new --out folder"
+                f"{new['precision']}; resume it {'with' if old['precision'] == 'float64' else 'without'}"
+                f" --float64, or use a new --out folder"
             )
 
     def _claim(self) -> None:
