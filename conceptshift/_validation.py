@@ -23,10 +23,22 @@ def _count_non_finite(a):
     return jnp.sum(~jnp.isfinite(a))
 
 
-def as_float_array(name: str, value, *, ndim: int | tuple[int, ...], allow_nan: bool = False):
-    """Converts ``value`` to a floating JAX array of the default dtype, checking rank and finiteness.
+def _range_error(name: str, big: float, dtype) -> ValueError:
+    return ValueError(
+        f"{name} has values up to {big:.3g} in magnitude, beyond the range of {np.dtype(dtype).name} "
+        f"(max {float(np.finfo(dtype).max):.3g}); rescale {name}"
+        + (" or enable float64 (JAX_ENABLE_X64=1)" if np.dtype(dtype) != np.float64 else "")
+    )
 
-    Under tracing (jit/vmap) only the static facts (rank, dtype kind) are checked.
+
+def as_float_array(name: str, value, *, ndim: int | tuple[int, ...], allow_nan: bool = False,
+                   host: bool = False):
+    """Converts ``value`` to a floating JAX array of the default dtype, checking rank and finiteness
+    in that dtype (a float64 value beyond float32's range is refused, not turned into inf).
+
+    Under tracing (jit/vmap) only the static facts (rank, dtype kind) are checked. ``host=True``:
+    array-likes that are not JAX arrays come back as float64 numpy arrays (still checked against
+    the working precision's range), so that the caller can standardise them before rounding.
     """
     ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if value is None:
@@ -61,6 +73,12 @@ def as_float_array(name: str, value, *, ndim: int | tuple[int, ...], allow_nan: 
         if not allow_nan and arr.size and not np.all(np.isfinite(arr)):
             bad = int(np.sum(~np.isfinite(arr)))
             raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf)")
+        if not allow_nan and arr.size:
+            big = float(np.max(np.abs(arr)))
+            if big > float(np.finfo(float_dtype()).max):
+                raise _range_error(name, big, float_dtype())
+        if host:
+            return np.asarray(arr, dtype=np.float64)
         return jnp.asarray(arr, dtype=float_dtype())
     if value.ndim not in ndims:
         raise ValueError(f"{name} must have ndim in {ndims}, got shape {value.shape}")

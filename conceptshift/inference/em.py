@@ -15,8 +15,8 @@ import numpy as np
 from jax import Array
 from jax.scipy.special import logsumexp
 
-from .._validation import check_float, check_int, check_key, is_traced
-from ..models._experts import ExpertsFamily
+from .._validation import check_float, check_int, check_key, float_dtype, is_traced
+from ..models._experts import ExpertsFamily, Standardiser
 from .init import kmeans_pp_responsibilities, random_responsibilities, subset_responsibilities
 
 INITS = ("mixed", "kmeans++", "subset", "random")
@@ -29,6 +29,13 @@ class EMResult(NamedTuple):
     for :class:`RegressionMixture`, log p(x, y) for :class:`GatedExperts`. ``objective`` adds the
     weak prior's log-density; EM never decreases it. The traces hold one value per iteration (the
     value before that iteration's M-step) and NaN past ``n_iter``; :meth:`trace` trims them.
+
+    EM runs on the standardised data (``standardiser``, see
+    :class:`conceptshift.models.Standardiser`); ``params`` are mapped back to the raw data, and the
+    log-likelihoods are the standardised ones plus the map's log-Jacobian (exact, and accurate in
+    float32 wherever the data sit). ``restarts_at_best`` counts the clean restarts whose
+    log-likelihood is within ``1e-6 (|loglik| + N)`` nats of the best (float32: 64 ulps of that):
+    one of several means the best optimum was found once only, and more restarts are advised.
     """
 
     params: Any
@@ -44,6 +51,8 @@ class EMResult(NamedTuple):
     restart_loglik: Array  # (R,)
     restart_converged: Array  # (R,)
     restart_degenerate: Array  # (R,)
+    restarts_at_best: Array  # () int32: clean restarts that reached the best log-likelihood
+    standardiser: Standardiser  # the affine map EM's coordinates are in
 
     def trace(self) -> np.ndarray:
         """The log-likelihood trace of the kept restart, trimmed to ``n_iter`` values."""
@@ -240,6 +249,95 @@ def _initial_params(model, key, x, y, w, stats, kind, init: str):
     return model.m_step(x, y, r0 * w[:, None], stats)
 
 
+def standardise(model, x, y, w):
+    """(z, u, w, std): the data in the standard coordinates EM works in (:class:`Standardiser`), as
+    arrays of the working precision. Float64 numpy inputs (``check_data(..., host=True)``) are
+    standardised before they are rounded, so that data far from the origin keep their digits in
+    float32; JAX arrays (device-resident, sharded or traced) are standardised where they are."""
+    if all(isinstance(a, np.ndarray) for a in (x, y, w)):
+        std = model.standardiser(x, y, w, xp=np)
+        z = (x - std.x_loc[None, :]) / std.x_scale[None, :]
+        u = (y - std.y_loc[None, :]) / std.y_scale[None, :]
+        dtype = float_dtype()
+        return (jnp.asarray(z, dtype), jnp.asarray(u, dtype), jnp.asarray(w, dtype),
+                Standardiser(*(jnp.asarray(a, dtype) for a in std)))
+    std = model.standardiser(x, y, w)
+    return ((x - std.x_loc[None, :]) / std.x_scale[None, :],
+            (y - std.y_loc[None, :]) / std.y_scale[None, :], w, std)
+
+
+def restarts_at_best(loglik: Array, clean: Array, best: Array, n: Array) -> Array:
+    """How many clean restarts reached the best log-likelihood (to 1e-6 (|best| + n) nats, or 64
+    ulps of it in float32)."""
+    dtype = loglik.dtype
+    rel = jnp.maximum(jnp.asarray(1e-6, dtype), 64 * jnp.finfo(dtype).eps)
+    top = loglik[best]
+    near = clean & (jnp.abs(loglik - top) <= rel * (jnp.abs(top) + n))
+    return jnp.maximum(jnp.sum(near), 1).astype(jnp.int32)
+
+
+def to_raw(model, res: EMResult, std: Standardiser, w: Array) -> EMResult:
+    """An :class:`EMResult` on standardised data mapped back to the raw data (exact: parameters
+    by ``params_from_standard``, log-likelihoods plus the log-Jacobian of the map)."""
+    n = jnp.sum(w)
+    # one value, computed once: XLA may otherwise fuse it into each use with different rounding
+    jac = jax.lax.optimization_barrier(n * model.log_jacobian(std))
+    restart_loglik = res.restart_loglik + jac
+    loglik = restart_loglik[res.best_restart]  # the same rounding as the restart's entry
+    return res._replace(
+        params=model.params_from_standard(res.params, std),
+        loglik=loglik, objective=res.objective + jac,
+        loglik_trace=res.loglik_trace + jac, objective_trace=res.objective_trace + jac,
+        bic=-2.0 * loglik + model.n_params * jnp.log(n),
+        restart_loglik=restart_loglik, standardiser=std)
+
+
+def check_init_params(model, init_params):
+    """``init_params`` of the family's parameter type, with the family's shapes and finite values
+    (checked before anything is compiled); returns it or raises."""
+    ref = jax.eval_shape(lambda k: model.init_params(k), jax.random.key(0))
+    if type(init_params) is not type(ref):
+        raise TypeError(f"init_params must be a {type(ref).__name__} (the family's parameters), "
+                        f"got {type(init_params).__name__}")
+    for name, want, have in zip(ref._fields, ref, init_params, strict=True):
+        shape = tuple(getattr(have, "shape", np.shape(have)))
+        if shape != tuple(want.shape):
+            raise ValueError(f"init_params.{name} must have shape {tuple(want.shape)}, got {shape}")
+        if not is_traced(have) and not bool(np.all(np.isfinite(np.asarray(have, np.float64)))):
+            raise ValueError(f"init_params.{name} has non-finite values")
+    return init_params
+
+
+def check_finite_fit(result: EMResult, dtype) -> EMResult:
+    """Raises when a fit's parameters, mapped back to the raw data, are not finite in the working
+    precision (data whose scale the raw parametrisation cannot hold); passes traced results."""
+    leaves = jax.tree_util.tree_leaves(result.params)
+    if any(is_traced(a) for a in leaves):
+        return result
+    bad = [name for name, a in zip(result.params._fields, result.params, strict=True)
+           if not bool(np.all(np.isfinite(np.asarray(a))))]
+    if bad:
+        raise ValueError(
+            f"the fitted {', '.join(bad)} overflow {np.dtype(dtype).name} when mapped back to the "
+            f"data's scale (x or y spans too wide a range for this parametrisation); rescale x or y"
+            + (" or enable float64 (JAX_ENABLE_X64=1)" if np.dtype(dtype) != np.float64 else ""))
+    return result
+
+
+def check_fit_data(model, x, y, weights):
+    """(x, y, w) for an EM driver: validated by the family (float64 numpy where no input is a JAX
+    array, for :func:`standardise`), unit weights by default, at least K rows."""
+    arrays = model.check_data(x, y, weights, host=True)
+    x, y = arrays[0], arrays[1]
+    if weights is not None:
+        w = arrays[2]
+    else:
+        w = np.ones((x.shape[0],)) if isinstance(y, np.ndarray) else jnp.ones((x.shape[0],), y.dtype)
+    if x.shape[0] < model.n_components:
+        raise ValueError(f"x has {x.shape[0]} rows, fewer than n_components={model.n_components}")
+    return x, y, w
+
+
 def check_em_args(key, restarts, max_iter, tol):
     """The arguments every EM driver (EM, generalized EM, Baum-Welch) shares, validated; ``tol``
     may be traced (a fit under ``jit``)."""
@@ -251,12 +349,14 @@ def check_em_args(key, restarts, max_iter, tol):
     return key, restarts, max_iter, tol
 
 
-def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, init, block_size,
-                 mesh):
+def _fit_em_impl(model, key, x, y, w, std, tol, init_params, *, restarts, max_iter, init,
+                 block_size, mesh):
+    """EM on standardised data (x, y) = (z, u); the result is mapped back through ``std``."""
     stats = model.data_stats(x, y, w)
     tol = jnp.asarray(tol, y.dtype)
     if init_params is not None:
-        params0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, y.dtype)[None], init_params)
+        init_params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, y.dtype), init_params)
+        params0 = jax.tree_util.tree_map(lambda a: a[None], model.params_to_standard(init_params, std))
     else:
         keys = jax.random.split(key, restarts)
         kinds = jnp.arange(restarts) % 2
@@ -277,7 +377,7 @@ def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, i
     pick = jax.tree_util.tree_map(lambda a: a[best], runs)
     n = jnp.sum(w)
     bic = -2.0 * pick.loglik + model.n_params * jnp.log(n)
-    return EMResult(
+    res = EMResult(
         params=pick.params,
         loglik=pick.loglik,
         objective=pick.objective,
@@ -291,7 +391,10 @@ def _fit_em_impl(model, key, x, y, w, tol, init_params, *, restarts, max_iter, i
         restart_loglik=runs.loglik,
         restart_converged=runs.converged,
         restart_degenerate=degenerate,
+        restarts_at_best=restarts_at_best(runs.loglik, ~degenerate & finite, best, n),
+        standardiser=std,
     )
+    return to_raw(model, res, std, w)
 
 
 _fit_em_jit = jax.jit(
@@ -306,7 +409,7 @@ def fit_em(
     y,
     *,
     weights=None,
-    restarts: int = 1,
+    restarts: int = 8,
     max_iter: int = 500,
     tol: float = 1e-8,
     init: str = "mixed",
@@ -322,7 +425,9 @@ def fit_em(
       x: covariates (N, D), or (N,) when D == 1, or None when D == 0.
       y: responses (N, H), or (N,) when the model has one head.
       weights: optional non-negative per-sample weights (N,).
-      restarts: R, number of initialisations run together under ``vmap``.
+      restarts: R, number of initialisations run together under ``vmap`` (default 8: a mixture's
+        likelihood has several optima, and one start often misses the best;
+        ``restarts_at_best`` in the result says how many found it).
       max_iter: iteration cap of each EM loop.
       tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration
         (or falls within float rounding); 0: run all ``max_iter`` iterations.
@@ -330,7 +435,8 @@ def fit_em(
         ``"subset"`` (K regressions through P + 1 random points each, points to the nearest),
         ``"random"`` (Dirichlet responsibilities) or ``"mixed"`` (restarts alternate k-means++ and
         subset, restart 0 uses k-means++).
-      init_params: start from these parameters instead (one run; ``restarts`` is ignored).
+      init_params: start from these parameters instead (one run; ``restarts`` is ignored): the
+        family's parameter type with its shapes and finite values.
       block_size: at most this many rows per block of the fused E-step (bounded memory; fewer
         when a block's widest temporary would exceed the platform's budget, see
         :func:`block_layout`); ``"auto"``: 32768 rows on a CPU, blocks of up to 512 MiB on a GPU
@@ -343,6 +449,14 @@ def fit_em(
       :class:`EMResult` of the restart with the highest log-likelihood among those that are not
       degenerate (a component on fewer than ``model.min_component_count`` effective points, or
       fitting its points exactly). ``degenerate`` is True only when no restart was clean.
+
+    The fit is equivariant: EM runs on standardised data (:class:`EMResult`), so shifting or
+    scaling a covariate or a response maps the fitted parameters and leaves the log-likelihood
+    unchanged (moved by -N log|s| when y, or x for gated families, is scaled by s).
+
+    Raises:
+      ValueError: bad data (shape, NaN, values beyond the working precision's range), or a fit whose
+        parameters overflow the working precision on the data's scale.
 
     Example:
       >>> import jax, numpy as np
@@ -362,20 +476,17 @@ def fit_em(
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    arrays = model.check_data(x, y, weights)
-    x, y = arrays[0], arrays[1]
-    w = arrays[2] if weights is not None else jnp.ones((x.shape[0],), y.dtype)
-    if x.shape[0] < model.n_components:
-        raise ValueError(
-            f"x has {x.shape[0]} rows, fewer than n_components={model.n_components}"
-        )
+    x, y, w = check_fit_data(model, x, y, weights)
     if init_params is not None:
+        init_params = check_init_params(model, init_params)
         restarts = 1
     if block_size is not None and block_size != "auto":
         block_size = check_int("block_size", block_size, minimum=1)
     if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
         raise ValueError("mesh must be a jax.sharding.Mesh with an axis named 'data'")
-    return _fit_em_jit(
-        model, key, x, y, w, tol, init_params, restarts=restarts, max_iter=max_iter, init=init,
+    z, u, w, std = standardise(model, x, y, w)
+    result = _fit_em_jit(
+        model, key, z, u, w, std, tol, init_params, restarts=restarts, max_iter=max_iter, init=init,
         block_size=block_size, mesh=mesh,
     )
+    return check_finite_fit(result, u.dtype)

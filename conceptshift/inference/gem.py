@@ -20,7 +20,17 @@ from jax.scipy.special import logsumexp
 
 from .._validation import check_int
 from ..models.softmax_gated import SoftmaxGatedExperts
-from .em import EMResult, _all_finite, check_em_args, em_loop
+from .em import (
+    EMResult,
+    _all_finite,
+    check_em_args,
+    check_finite_fit,
+    check_fit_data,
+    em_loop,
+    restarts_at_best,
+    standardise,
+    to_raw,
+)
 from .init import kmeans_pp_responsibilities, subset_responsibilities
 
 
@@ -88,7 +98,8 @@ def _initial(model, key, x, y, w, stats, kind, inner_steps):
 
 
 @partial(jax.jit, static_argnames=("model", "restarts", "max_iter", "inner_steps"))
-def _fit_gem_jit(model, key, x, y, w, tol, *, restarts, max_iter, inner_steps):
+def _fit_gem_jit(model, key, x, y, w, std, tol, *, restarts, max_iter, inner_steps):
+    """Generalized EM on standardised data (x, y) = (z, u), mapped back through ``std``."""
     stats = model.data_stats(x, y, w)
     keys = jax.random.split(key, restarts)
     p0 = jax.vmap(lambda k, u: _initial(model, k, x, y, w, stats, u, inner_steps))(
@@ -100,13 +111,16 @@ def _fit_gem_jit(model, key, x, y, w, tol, *, restarts, max_iter, inner_steps):
     fallback = jnp.where(jnp.isfinite(obj), ll, -jnp.inf)
     best = jnp.where(jnp.any(jnp.isfinite(score)), jnp.argmax(score), jnp.argmax(fallback))
     pick = lambda a: a[best]  # noqa: E731
-    bic = -2.0 * ll[best] + model.n_params * jnp.log(jnp.sum(w))
-    return EMResult(jax.tree_util.tree_map(pick, params), ll[best], obj[best], ll_tr[best],
-                    obj_tr[best], n_iter[best], conv[best], bic, degenerate[best],
-                    best.astype(jnp.int32), ll, conv, degenerate)
+    n = jnp.sum(w)
+    bic = -2.0 * ll[best] + model.n_params * jnp.log(n)
+    at_best = restarts_at_best(ll, ~degenerate & jnp.isfinite(obj), best, n)
+    res = EMResult(jax.tree_util.tree_map(pick, params), ll[best], obj[best], ll_tr[best],
+                   obj_tr[best], n_iter[best], conv[best], bic, degenerate[best],
+                   best.astype(jnp.int32), ll, conv, degenerate, at_best, std)
+    return to_raw(model, res, std, w)
 
 
-def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: int = 1,
+def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: int = 8,
             max_iter: int = 500, tol: float = 1e-8, inner_steps: int = 10) -> EMResult:
     """Fits a :class:`SoftmaxGatedExperts` by generalized EM (module docs); returns an
     :class:`EMResult` like :func:`fit_em` (restarts alternate k-means++ and random-subset starts;
@@ -126,10 +140,8 @@ def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: in
         raise TypeError(f"model must be a SoftmaxGatedExperts, got {type(model).__name__}")
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     inner_steps = check_int("inner_steps", inner_steps, minimum=1)
-    arrays = model.check_data(x, y, weights)
-    x, y = arrays[0], arrays[1]
-    w = arrays[2] if weights is not None else jnp.ones((x.shape[0],), y.dtype)
-    if x.shape[0] < model.n_components:
-        raise ValueError(f"x has {x.shape[0]} rows, fewer than n_components={model.n_components}")
-    return _fit_gem_jit(model, key, x, y, w, jnp.asarray(tol, y.dtype), restarts=restarts,
-                        max_iter=max_iter, inner_steps=inner_steps)
+    x, y, w = check_fit_data(model, x, y, weights)
+    z, u, w, std = standardise(model, x, y, w)
+    result = _fit_gem_jit(model, key, z, u, w, std, jnp.asarray(tol, u.dtype), restarts=restarts,
+                          max_iter=max_iter, inner_steps=inner_steps)
+    return check_finite_fit(result, u.dtype)

@@ -63,6 +63,40 @@ class SuffStats(NamedTuple):
     s_xx: Array  # (K, D, D) sum_n r_nk (x_n - xbar)(x_n - xbar)^T
 
 
+class Standardiser(NamedTuple):
+    """The affine map to the coordinates EM works in: z = (x - x_loc) / x_scale for each covariate,
+    u = (y - y_loc) / y_scale for each head (weighted means and standard deviations of the data).
+
+    EM, its prior, initialisation, tolerances and degeneracy tests all run on (z, u), and the fit is
+    mapped back exactly (``ExpertsFamily.params_from_standard``): an affine map of a covariate or
+    of a response maps the fit, whatever the data's location and scale. Covariates are left as they
+    are (loc 0, scale 1) where the design is not closed under affine maps (a user ``basis_fn``).
+    """
+
+    x_loc: Array  # (D,)
+    x_scale: Array  # (D,)
+    y_loc: Array  # (H,)
+    y_scale: Array  # (H,)
+
+
+def loc_scale(a, w, xp=jnp):
+    """Weighted mean and standard deviation of each column of a (N, C) with weights w (N,), without
+    overflow for any finite values (sums are taken of pre-scaled values); a constant column gets
+    scale 1. ``xp``: ``numpy`` (host, float64) or ``jax.numpy`` (traced or device data)."""
+    mm = _p.mm if xp is jnp else xp.matmul
+    live = (w > 0)[:, None]
+    n = xp.sum(w)
+    zero = xp.zeros_like(a)
+    big = xp.max(xp.where(live, xp.abs(a), zero), axis=0)
+    big = xp.where(big > 0, big, xp.ones_like(big))
+    loc = big * (mm(w, a / big[None, :]) / n)
+    dev = xp.where(live, a - loc[None, :], zero)
+    m = xp.max(xp.abs(dev), axis=0)
+    m = xp.where(m > 0, m, xp.ones_like(m))
+    sd = m * xp.sqrt(mm(w, (dev / m[None, :]) ** 2) / n)
+    return loc, xp.where(sd > 0, sd, xp.ones_like(sd))
+
+
 KERNEL_MAX_ACCUMULATORS = 1 << 14
 
 
@@ -168,19 +202,23 @@ class ExpertsFamily:
         return max(self.n_coef, self.n_features + 1) + 1
 
     # ------------------------------------------------------------------ input handling
-    def check_data(self, x, y=None, weights=None, *, n_name: str = "x"):
+    def check_data(self, x, y=None, weights=None, *, n_name: str = "x", host: bool = False):
         """Validates and converts (x, y, weights) to arrays of shapes (N, D), (N, H), (N,).
 
         ``x`` may be (N,) when D == 1 and None or (N, 0) when D == 0; ``y`` may be (N,) when H == 1.
+        Values must be finite and within the working precision's range. ``host=True``: when no
+        input is a JAX array, they come back as float64 numpy arrays (EM standardises them before
+        rounding to the working precision); otherwise all are JAX arrays of the working dtype.
         """
+        conv = lambda name, v, ndim: as_float_array(name, v, ndim=ndim, host=host)  # noqa: E731
         if x is None:
             if self.n_features != 0:
                 raise TypeError(f"x must be an array of shape (N, {self.n_features}), got None")
             if y is None:
                 raise TypeError("y is required when x is None")
-            y_arr = as_float_array("y", y, ndim=(1, 2))
-            x = jnp.zeros((y_arr.shape[0], 0), dtype=y_arr.dtype)
-        x = as_float_array(n_name, x, ndim=(1, 2))
+            y_arr = conv("y", y, (1, 2))
+            x = np.zeros((y_arr.shape[0], 0), dtype=y_arr.dtype)
+        x = conv(n_name, x, (1, 2))
         if x.ndim == 1:
             if self.n_features != 1:
                 raise ValueError(
@@ -197,7 +235,7 @@ class ExpertsFamily:
             raise ValueError(f"{n_name} must have at least one row, got shape {x.shape}")
         out = [x]
         if y is not None:
-            y = as_float_array("y", y, ndim=(1, 2))
+            y = conv("y", y, (1, 2))
             if y.ndim == 1:
                 if self.n_heads != 1:
                     raise ValueError(
@@ -207,16 +245,19 @@ class ExpertsFamily:
                 y = y[:, None]
             if y.shape != (n, self.n_heads):
                 raise ValueError(f"y must have shape ({n}, {self.n_heads}), got {y.shape}")
-            out.append(y.astype(x.dtype))
+            out.append(y)
         if weights is not None:
-            weights = as_float_array("weights", weights, ndim=1)
+            weights = conv("weights", weights, 1)
             if weights.shape != (n,):
                 raise ValueError(f"weights must have shape ({n},), got {weights.shape}")
             if not isinstance(weights, jax.core.Tracer):
                 if bool(jnp.any(weights < 0)) or not bool(jnp.sum(weights) > 0):
                     raise ValueError("weights must be >= 0 with a positive sum")
-            out.append(weights.astype(x.dtype))
-        return tuple(out)
+            out.append(weights)
+        if all(isinstance(a, np.ndarray) for a in out):
+            return tuple(out)
+        dtype = next((a.dtype for a in out if not isinstance(a, np.ndarray)), x.dtype)
+        return tuple(jnp.asarray(a, dtype) for a in out)
 
     def design(self, x: Array) -> Array:
         """Design matrix Phi (N, P) of x (N, D)."""
@@ -324,6 +365,68 @@ class ExpertsFamily:
         """Reorders the components: component j of the result is component ``perm[j]`` of params."""
         perm = jnp.asarray(perm)
         return jax.tree_util.tree_map(lambda a: a[perm], params)
+
+    # ------------------------------------------------------------------ standard coordinates
+    @property
+    def models_x(self) -> bool:
+        """Whether the likelihood includes the covariates' density (log p(x, y) rather than
+        log p(y | x)): then a map of x moves it by its log-Jacobian too."""
+        return False
+
+    @property
+    def standardises_x(self) -> bool:
+        """Whether EM standardises the covariates (see :class:`Standardiser`)."""
+        return self.basis.affine_closed
+
+    def standardiser(self, x: Array, y: Array, w: Array, xp=jnp) -> Standardiser:
+        """The :class:`Standardiser` of (x (N, D), y (N, H)) under weights w (N,)."""
+        y_loc, y_scale = loc_scale(y, w, xp)
+        if self.standardises_x and x.shape[1]:
+            x_loc, x_scale = loc_scale(x, w, xp)
+        else:
+            x_loc, x_scale = xp.zeros(x.shape[1], y.dtype), xp.ones(x.shape[1], y.dtype)
+        return Standardiser(x_loc, x_scale, y_loc, y_scale)
+
+    def log_jacobian(self, std: Standardiser) -> Array:
+        """log |d(z, u) / d(x, y)| per row: the raw log-likelihood of a row is its standardised one
+        plus this."""
+        out = -jnp.sum(jnp.log(std.y_scale))
+        return out - jnp.sum(jnp.log(std.x_scale)) if self.models_x else out
+
+    def _coef_map(self, std: Standardiser) -> Array:
+        """M (P, P) with Phi(z) = M Phi(x) (the identity when x is not standardised)."""
+        if self.standardises_x:
+            return self.basis.affine_matrix(std.x_loc, std.x_scale)
+        return jnp.eye(self.n_coef, dtype=std.y_loc.dtype)
+
+    def _coef_map_inverse(self, std: Standardiser) -> Array:
+        """M^-1: Phi(x) = M^-1 Phi(z), x = x_loc + x_scale z."""
+        if self.standardises_x:
+            return self.basis.affine_matrix(-std.x_loc / std.x_scale, 1.0 / std.x_scale)
+        return jnp.eye(self.n_coef, dtype=std.y_loc.dtype)
+
+    def params_from_standard(self, params, std: Standardiser):
+        """Parameters on the raw data from parameters fitted to the standardised data: the same
+        densities, exactly (raw log-density = standardised log-density + ``log_jacobian``)."""
+        e0 = jnp.zeros((self.n_coef,), params.coef.dtype).at[0].set(1.0)
+        coef = std.y_scale[None, :, None] * _p.einsum("pq,khp->khq", self._coef_map(std), params.coef)
+        coef = coef + std.y_loc[None, :, None] * e0[None, None, :]
+        out = params._replace(coef=coef, log_scale=params.log_scale + jnp.log(std.y_scale)[None, :])
+        return self._gate_from_standard(out, std)
+
+    def params_to_standard(self, params, std: Standardiser):
+        """The inverse of :meth:`params_from_standard`."""
+        e0 = jnp.zeros((self.n_coef,), params.coef.dtype).at[0].set(1.0)
+        c = (params.coef - std.y_loc[None, :, None] * e0[None, None, :]) / std.y_scale[None, :, None]
+        coef = _p.einsum("pq,khp->khq", self._coef_map_inverse(std), c)
+        out = params._replace(coef=coef, log_scale=params.log_scale - jnp.log(std.y_scale)[None, :])
+        return self._gate_to_standard(out, std)
+
+    def _gate_from_standard(self, params, std: Standardiser):
+        return params
+
+    def _gate_to_standard(self, params, std: Standardiser):
+        return params
 
     # ------------------------------------------------------------------ EM pieces
     def data_stats(self, x: Array, y: Array, w: Array) -> DataStats:

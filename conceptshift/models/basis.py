@@ -91,12 +91,36 @@ class Basis:
                     term = jnp.asarray(1.0, c.dtype)
                     for d in range(D):
                         if ci[d] > cj[d]:
-                            term = term * comb(ci[d], cj[d]) * c[d] ** (ci[d] - cj[d])
+                            term = term * float(comb(ci[d], cj[d])) * c[d] ** (ci[d] - cj[d])
                     row.append(term)
                 else:
                     row.append(jnp.zeros((), c.dtype))
             rows.append(jnp.stack(row))
         return jnp.stack(rows).reshape(P, P)
+
+    @property
+    def affine_closed(self) -> bool:
+        """Whether an affine map of each covariate maps the design onto itself (by an invertible
+        linear map of its columns): true for polynomial bases (and the intercept-only design), false
+        for a user map."""
+        return self.fn is None
+
+    def affine_matrix(self, loc: Array, scale: Array) -> Array:
+        """M (P, P) with phi((x - loc) / scale) = M phi(x) for every x, for an affine-closed basis:
+        the binomial expansion about ``loc`` followed by the monomials' scale factors. Coefficients
+        b on the standardised design are c = M^T b on the raw one."""
+        if not self.affine_closed:
+            raise ValueError("affine_matrix needs a polynomial basis (no basis_fn)")
+        if not self.shiftable:  # intercept only
+            return jnp.ones((1, 1), loc.dtype)
+        inv = 1.0 / scale
+        factors = [jnp.ones((), loc.dtype)]
+        for mono in self.monomials:
+            f = inv[mono[0]]
+            for i in mono[1:]:
+                f = f * inv[i]
+            factors.append(f)
+        return jnp.stack(factors)[:, None] * self.shift_matrix(-loc)
 
     def transposed(self, xT: Array) -> Array:
         """The design matrix transposed, (P, N), from ``xT`` (D, N): the E-step's layout, in which

@@ -97,6 +97,20 @@ class GatedExperts(ExpertsFamily):
     def uses_gate_stats(self) -> bool:
         return True
 
+    @property
+    def models_x(self) -> bool:
+        return True
+
+    def _gate_from_standard(self, params, std):
+        s = std.x_scale
+        return params._replace(gate_mean=std.x_loc[None, :] + s[None, :] * params.gate_mean,
+                               gate_cov=params.gate_cov * (s[:, None] * s[None, :])[None])
+
+    def _gate_to_standard(self, params, std):
+        s = std.x_scale
+        return params._replace(gate_mean=(params.gate_mean - std.x_loc[None, :]) / s[None, :],
+                               gate_cov=params.gate_cov / (s[:, None] * s[None, :])[None])
+
     def _gate_rows(self, params, stats: DataStats, centred: bool):
         """z = L_k^-1 (x - m_k) = [-L_k^-1 (m_k - xbar), L_k^-1] [1, x - xbar]: rows 0..D of the
         centred design (see ``ExpertsFamily._gate_rows``)."""

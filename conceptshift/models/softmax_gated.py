@@ -62,6 +62,17 @@ class SoftmaxGatedExperts(ExpertsFamily):
     def marginal_x_log_prob(self, params, x):
         return jnp.zeros((x.shape[0],), dtype=params.coef.dtype)
 
+    def _gate_from_standard(self, params, std):
+        # b + W z = b + (W / s) (x - loc): slopes W / s, offsets b - (W / s) loc
+        w = params.gate_weights / std.x_scale[None, :]
+        b = params.log_weights - _p.mm(w, std.x_loc)
+        return params._replace(log_weights=jax.nn.log_softmax(b), gate_weights=w)
+
+    def _gate_to_standard(self, params, std):
+        b = params.log_weights + _p.mm(params.gate_weights, std.x_loc)
+        return params._replace(log_weights=jax.nn.log_softmax(b),
+                               gate_weights=params.gate_weights * std.x_scale[None, :])
+
     def gate_ridge(self, stats: DataStats) -> Array:
         """(D,) ridge on each gate slope column: reg times the covariate's variance."""
         return self.reg * stats.x_var
