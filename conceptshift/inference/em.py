@@ -186,30 +186,43 @@ def em_loop(step, params0, tol, max_iter: int, dtype):
     the iteration is at the resolution of its float type (on a GPU, where sums are not reduced in a
     fixed order, a float32 objective jitters by an ulp and a ``tol`` below float32's resolution
     would otherwise never be met). ``tol <= 0`` runs ``max_iter`` iterations (fixed work, as the
-    benchmarks need). A non-finite update keeps the
-    previous parameters and stops the loop; a start that is not finite fails at once.
+    benchmarks need).
+
+    Safeguards: a larger fall means the update was below the working precision's resolution (a
+    component collapsing onto a few points, say): the loop goes back to the previous, better
+    parameters and stops there, not converged, so the objective trace never falls by more than
+    8 ulps. A non-finite update keeps the previous parameters and stops the loop; a start that is
+    not finite fails at once.
     Returns (params, n_iter, loglik trace, objective trace, converged-by-tolerance, failed)."""
     nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
     ulps = 8 * jnp.finfo(dtype).eps
 
     def cond(state):
-        _, _, it, _, _, conv, failed = state
-        return (it < max_iter) & ~conv & ~failed
+        it, conv, bad, fell = state[3], state[6], state[7], state[8]
+        return (it < max_iter) & ~conv & ~bad & ~fell
 
     def body(state):
-        params, obj_prev, it, ll_tr, obj_tr, _, _ = state
+        params, prev, obj_prev, it, ll_tr, obj_tr, _, _, _ = state
         new, ll, obj = step(params)
-        ok = _all_finite(new) & jnp.isfinite(obj)
-        params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, params)
+        fell = (it > 0) & (obj_prev - obj > ulps * jnp.abs(obj_prev))  # params worse than prev
+        bad = ~(_all_finite(new) & jnp.isfinite(obj))
         change = obj - obj_prev
-        conv = ok & (it > 0) & (tol > 0) & ((jnp.abs(change) <= tol * jnp.abs(obj))
-                                            | ((change <= 0) & (-change <= ulps * jnp.abs(obj))))
-        return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, ~ok
+        conv = ~bad & ~fell & (it > 0) & (tol > 0) & (
+            (jnp.abs(change) <= tol * jnp.abs(obj))
+            | ((change <= 0) & (-change <= ulps * jnp.abs(obj))))
+        pick = lambda c, a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(c, u, v), a, b)  # noqa: E731
+        # on a fall, back to the previous parameters, whose values end the trace; a non-finite
+        # update keeps the current ones
+        out = pick(fell, prev, pick(bad, params, new))
+        return (out, params, jnp.where(fell, obj_prev, obj), jnp.where(fell, it, it + 1),
+                jnp.where(fell, ll_tr, ll_tr.at[it].set(ll)),
+                jnp.where(fell, obj_tr, obj_tr.at[it].set(obj)), conv, bad, fell)
 
-    init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
-            jnp.asarray(False), ~_all_finite(params0))
-    params, _, n_iter, ll_tr, obj_tr, conv, failed = jax.lax.while_loop(cond, body, init)
-    return params, n_iter, ll_tr, obj_tr, conv, failed
+    false = jnp.asarray(False)
+    init = (params0, params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace,
+            nan_trace, false, ~_all_finite(params0), false)
+    params, _, _, n_iter, ll_tr, obj_tr, conv, bad, _ = jax.lax.while_loop(cond, body, init)
+    return params, n_iter, ll_tr, obj_tr, conv, bad
 
 
 def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DEFAULT_BLOCK,
@@ -322,6 +335,14 @@ def check_finite_fit(result: EMResult, dtype) -> EMResult:
             f"data's scale (x or y spans too wide a range for this parametrisation); rescale x or y"
             + (" or enable float64 (JAX_ENABLE_X64=1)" if np.dtype(dtype) != np.float64 else ""))
     return result
+
+
+def initial_params(model, key, x, y, w, init: str = "kmeans++"):
+    """EM's starting parameters for (x, y, w) (an M-step from ``init``'s responsibilities, found on
+    the standardised data like every EM start), on the raw data's scale. Traceable."""
+    z, u, w, std = standardise(model, x, y, w)
+    params = _initial_params(model, key, z, u, w, model.data_stats(z, u, w), jnp.asarray(0), init)
+    return model.params_from_standard(params, std)
 
 
 def check_fit_data(model, x, y, weights):

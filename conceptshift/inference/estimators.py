@@ -27,11 +27,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
+from .._validation import is_traced
 from ..models._experts import ExpertsFamily
 from ..models.regression import RegressionMixture
-from .em import EMResult, fit_em
+from .em import EMResult, fit_em, standardise
 from .matching import _assign, assignment_margin, greedy_assignment
 from .predictor import Predictor, strong_predictor, with_proportions
 
@@ -121,17 +123,40 @@ def weak_training(model: ExpertsFamily, source: Data, target: Data, lam) -> Pred
     """Prop. 3.1's estimator: argmin sum_Q' (f(x) - y')^2 + lam sum_P (f(x) - y)^2 over
     f(x) = sum_k pi_k Phi(x) . beta_k. That f is linear in Phi(x), so the minimiser is weighted
     least squares on Phi; the predictive density is N(f(x), weighted mean squared residual)."""
+    _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
     ls = RegressionMixture(1, model.n_features, degree=model.degree, basis_fn=model.basis_fn,
                            reg=model.reg)
-    y2 = y[:, None]
-    params = ls.m_step(x, y2, w[:, None], ls.data_stats(x, y2, w))
-    return Predictor(ls, params)
+    # solved on standardised data like every fit, so that it does not depend on where they sit
+    z, u, w, std = standardise(ls, x, y[:, None], w)
+    params = ls.m_step(z, u, w[:, None], ls.data_stats(z, u, w))
+    return Predictor(ls, ls.params_from_standard(params, std))
+
+
+def _check_weak_training(model, source: Data, target: Data, lam) -> None:
+    """The weak-training estimators' inputs: a family, Data with the labels they read, and a
+    finite lam >= 0 (checked where it is concrete)."""
+    if not isinstance(model, ExpertsFamily):
+        raise TypeError(f"model must be a conceptshift model family, got {type(model).__name__}")
+    for name, data, label in (("source", source, "y"), ("target", target, "y_weak")):
+        if not isinstance(data, Data):
+            raise TypeError(f"{name} must be a Data (see as_data), got {type(data).__name__}")
+        if getattr(data, label) is None:
+            raise ValueError(f"{name}.{label} is required by weak training, got None")
+        if data.x.ndim != 2 or data.x.shape[1] != model.n_features:
+            raise ValueError(f"{name}.x must have shape (N, {model.n_features}), got {data.x.shape}")
+    if not is_traced(lam):
+        value = np.asarray(lam)
+        if value.shape != () or not np.issubdtype(value.dtype, np.number):
+            raise TypeError(f"lam must be a real number, got {lam!r}")
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"lam must be finite and >= 0, got {float(value)}")
 
 
 def weak_training_ll(key, model: ExpertsFamily, source: Data, target: Data, lam,
                      opts: EMOptions = EMOptions()) -> Predictor:
     """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
+    _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
     fit = _fit(model.with_heads(1), key, x, y, w, opts)
     return Predictor(model.with_heads(1), fit.params)

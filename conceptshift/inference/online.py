@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._validation import check_float, check_int, check_key, float_dtype
-from ..models._experts import ExpertsFamily
+from ..models._experts import ExpertsFamily, Standardiser
 from .em import fit_em, make_stats_fn
 
 
@@ -45,19 +45,29 @@ def _scale(ss, factor):
     return jax.tree_util.tree_map(lambda a: a * factor, ss._replace(ref=None))._replace(ref=ss.ref)
 
 
-def _chunk(model, a_x, a_y, start, chunk_size, dtype):
+def _chunk_host(model, a_x, a_y, start, chunk_size):
+    """Rows start.. of the data as float64 arrays (chunk_size, D), (chunk_size, H) and weights,
+    padded with zero-weight rows."""
     n = a_y.shape[0]
     stop = min(start + chunk_size, n)
-    xs = np.zeros((chunk_size, model.n_features), dtype)
-    ys = np.zeros((chunk_size, model.n_heads), dtype)
-    ws = np.zeros((chunk_size,), dtype)
+    xs = np.zeros((chunk_size, model.n_features))
+    ys = np.zeros((chunk_size, model.n_heads))
+    ws = np.zeros((chunk_size,))
     if model.n_features:
         xs[: stop - start] = np.asarray(a_x[start:stop]).reshape(stop - start, model.n_features)
     ys[: stop - start] = np.asarray(a_y[start:stop]).reshape(stop - start, model.n_heads)
     ws[: stop - start] = 1.0
     if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
         raise ValueError(f"rows {start}..{stop - 1} hold non-finite values (NaN or inf)")
-    return jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(ws)
+    return xs, ys, ws
+
+
+def _chunk(model, a_x, a_y, start, chunk_size, dtype, std):
+    """A chunk in the standard coordinates of ``std`` (fixed for the whole run), in ``dtype``."""
+    xs, ys, ws = _chunk_host(model, a_x, a_y, start, chunk_size)
+    xs = (xs - np.asarray(std.x_loc)[None, :]) / np.asarray(std.x_scale)[None, :]
+    ys = (ys - np.asarray(std.y_loc)[None, :]) / np.asarray(std.y_scale)[None, :]
+    return jnp.asarray(xs, dtype), jnp.asarray(ys, dtype), jnp.asarray(ws, dtype)
 
 
 def fit_online_em(
@@ -102,8 +112,11 @@ def fit_online_em(
         raise ValueError(f"x must have {n} rows like y, got {None if a_x is None else a_x.shape}")
     dtype = np.dtype(float_dtype())
 
-    # initialise on the first chunk by batch EM; its data constants fix the prior's scale
-    x0, y0, w0 = _chunk(model, a_x, a_y, 0, chunk_size, dtype)
+    # the first chunk fixes the standard coordinates the run works in (any fixed affine map keeps
+    # the fit equivariant) and, by batch EM, the start and the prior's scale
+    hx, hy, hw = _chunk_host(model, a_x, a_y, 0, chunk_size)
+    std = Standardiser(*(np.asarray(a, np.float64) for a in model.standardiser(hx, hy, hw, xp=np)))
+    x0, y0, w0 = _chunk(model, a_x, a_y, 0, chunk_size, dtype, std)
     first = fit_em(model, key, x0, y0, weights=w0, restarts=init_restarts)
     params = first.params
     stats = model.data_stats(x0, y0, w0)._replace(n=jnp.asarray(float(n), dtype))
@@ -135,7 +148,7 @@ def fit_online_em(
         task = bar.add_task("online EM", total=epochs * len(starts))
         for _ in range(epochs):
             for start in starts:
-                xs, ys, ws = _chunk(model, a_x, a_y, start, chunk_size, dtype)
+                xs, ys, ws = _chunk(model, a_x, a_y, start, chunk_size, dtype, std)
                 ll, new = chunk_stats(params, xs, ys, ws)
                 gamma = jnp.asarray((t + 2.0) ** -kappa, dtype)
                 running, params = update(running, params, new, gamma)
@@ -144,7 +157,10 @@ def fit_online_em(
                 bar.advance(task)
     total_ll = 0.0
     for start in starts:
-        xs, ys, ws = _chunk(model, a_x, a_y, start, chunk_size, dtype)
+        xs, ys, ws = _chunk(model, a_x, a_y, start, chunk_size, dtype, std)
         ll, _ = chunk_stats(params, xs, ys, ws)
         total_ll += float(ll) * float(jnp.sum(ws))
-    return OnlineEMResult(params, total_ll, np.asarray(trace), t, n)
+    std_w = Standardiser(*(jnp.asarray(a, dtype) for a in std))
+    log_jac = float(model.log_jacobian(std_w))  # per row: back to the raw data's log-likelihood
+    params = model.params_from_standard(params, std_w)
+    return OnlineEMResult(params, total_ll + n * log_jac, np.asarray(trace) + log_jac, t, n)

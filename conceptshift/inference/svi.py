@@ -194,10 +194,9 @@ def initial_params(model: ExpertsFamily, key, x, y, *, init: str = "kmeans++"):
 
 
 def _init_impl(model, key, x, y, w, init):
-    from .em import _initial_params
+    from .em import initial_params as em_initial_params
 
-    stats = model.data_stats(x, y, w)
-    return _initial_params(model, key, x, y, w, stats, jnp.asarray(0), init)
+    return em_initial_params(model, key, x, y, w, init)
 
 
 _init_jit = jax.jit(_init_impl, static_argnames=("model", "init"))
