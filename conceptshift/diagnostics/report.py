@@ -14,7 +14,8 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
 
     Keys: ``loglik``, ``bic``, ``weights`` (K), ``coef`` (K x P, intercept first; K x H x P for several
     heads), ``scale`` (K; K x H), ``converged``, ``n_iter``, ``degenerate``, ``size`` (hard-assigned
-    counts), ``coef_names``, and for gated families ``gate_mean`` (K x D) and ``gate_cov`` (K x D x D).
+    counts), ``coef_names``, ``restarts`` and ``restarts_at_best`` (how many reached the best
+    log-likelihood), and for gated families ``gate_mean`` (K x D) and ``gate_cov`` (K x D x D).
     """
     params = jax.device_get(result.params)
     x, y = model.check_data(x, y)
@@ -40,6 +41,8 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
         "n_iter": int(result.n_iter),
         "degenerate": bool(result.degenerate),
         "restart_loglik": np.asarray(result.restart_loglik).tolist(),
+        "restarts": int(np.asarray(result.restart_loglik).shape[0]),
+        "restarts_at_best": int(result.restarts_at_best),
         "dtype": str(np.asarray(result.loglik).dtype),
     }
     if response_names is not None:
@@ -91,6 +94,10 @@ def render_fit(summary: dict, *, x_names=None, title: str | None = None):
         f"{status} after {summary['n_iter']} EM iterations   n = {summary['n']}"
     )
     parts = [table, foot]
+    if "restarts_at_best" in summary:
+        at, of = summary["restarts_at_best"], summary["restarts"]
+        parts.append(Text(f"best optimum reached by {at} of {of} restarts"
+                          + ("  (only once: more restarts advised)" if at == 1 and of > 1 else "")))
     if summary["degenerate"]:
         parts.append(Text("warning: every restart ended on a degenerate (spurious) solution",
                           style="bold red"))
