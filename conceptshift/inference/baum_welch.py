@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from .._validation import is_traced
 from ..models.hmm import HMMData, HMMMixture, HMMParams
-from .em import check_em_args, em_loop
+from .em import check_em_args, em_loop, restarts_at_best
 
 
 class HMMEMResult(NamedTuple):
@@ -45,6 +46,7 @@ class HMMEMResult(NamedTuple):
     best_restart: Array  # () int32
     restart_loglik: Array  # (R,)
     restart_converged: Array  # (R,)
+    restarts_at_best: Array  # () int32: restarts that reached the best log-likelihood
 
     def trace(self) -> np.ndarray:
         """The log-likelihood trace of the kept restart, trimmed to ``n_iter`` values."""
@@ -86,15 +88,17 @@ def _fit_impl(model: HMMMixture, key, d: HMMData, tol, init_params, *, restarts:
     params, ll, obj, ll_tr, obj_tr, n_iter, conv = runs
     best = jnp.argmax(jnp.where(jnp.isfinite(obj), ll, -jnp.inf))
     pick = jax.tree_util.tree_map(lambda a: a[best], runs)
-    bic = -2.0 * pick[1] + model.n_params * jnp.log(jnp.sum(d.w))
+    n = jnp.sum(d.w)
+    bic = -2.0 * pick[1] + model.n_params * jnp.log(n)
     return HMMEMResult(pick[0], pick[1], pick[2], pick[3], pick[4], pick[5], pick[6], bic,
-                       best.astype(jnp.int32), ll, conv)
+                       best.astype(jnp.int32), ll, conv,
+                       restarts_at_best(ll, jnp.isfinite(obj), best, n))
 
 
 _fit_jit = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter"))
 
 
-def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None, restarts: int = 1,
+def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None, restarts: int = 8,
                max_iter: int = 200, tol: float = 1e-8, init_params: HMMParams | None = None
                ) -> HMMEMResult:
     """Fits a mixture of HMMs to token sequences by Baum-Welch EM; returns the best restart.
@@ -107,7 +111,8 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
       y: output tokens (N, H) (or (N,) for one head), -1 where missing; None: all missing.
       weights: optional non-negative per-sequence weights (N,).
       restarts: R random initialisations (Dirichlet transitions, emissions around the token
-        frequencies) run together under ``vmap``.
+        frequencies) run together under ``vmap``; ``restarts_at_best`` in the result counts those
+        that reached the best log-likelihood.
       max_iter: iteration cap of each EM loop.
       tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration
         (or falls within float rounding); 0: run all ``max_iter`` iterations.
@@ -138,5 +143,7 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
         for name, a, shape in zip(HMMParams._fields, init_params, want, strict=True):
             if tuple(jnp.shape(a)) != shape:
                 raise ValueError(f"init_params.{name} must have shape {shape}, got {jnp.shape(a)}")
+            if not is_traced(a) and not bool(np.all(np.isfinite(np.asarray(a, np.float64)))):
+                raise ValueError(f"init_params.{name} has non-finite values")
         restarts = 1
     return _fit_jit(model, key, d, tol, init_params, restarts=restarts, max_iter=max_iter)
