@@ -56,6 +56,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/replicates.py
 	$(PY) benchmarks/hmm.py
 	$(PY) benchmarks/svi.py
+	$(PY) benchmarks/monotone.py
+	$(PY) benchmarks/restarts.py
 	$(PY) benchmarks/em_iteration.py  # last: it regenerates benchmarks/README.md from all results
 
 clean:

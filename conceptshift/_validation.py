@@ -9,6 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class UnrepresentableFitError(ValueError):
+    """A fit whose parameters overflow the working precision on the data's own scale."""
+
+
+class PrecisionWarning(UserWarning):
+    """Fitted parameters that keep only part of their precision on the data's own scale."""
+
+
 def is_traced(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 

@@ -160,6 +160,29 @@ def check_finite_fit(summary: dict, keys, float32: bool) -> None:
                        + (" or drop --float32" if float32 else ""))
 
 
+def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
+    """``fit(model, key, x, y, **kw)`` with the library's precision verdicts in the CLI's terms: a
+    fit that overflows on the data's scale is a FitError (exit 1), a fit whose parameters keep it
+    only roughly there is one warning line on stderr."""
+    import warnings
+
+    from ._validation import PrecisionWarning, UnrepresentableFitError
+
+    advice = "rescale the data" + (" or drop --float32" if float32 else "")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrecisionWarning)
+        try:
+            result = fit(model, key, x, y, **kw)
+        except UnrepresentableFitError as err:
+            raise FitError(str(err).split("; rescale")[0] + f"; {advice}") from None
+    for w in caught:
+        if issubclass(w.category, PrecisionWarning):
+            sys.stderr.write("warning: " + str(w.message).split(". Centre")[0] + f"; {advice}\n")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result
+
+
 def cmd_fit(args) -> int:
     check_fit_args(args)
     if args.family == "hmm":
@@ -220,8 +243,9 @@ def cmd_fit(args) -> int:
     console = Console(stderr=True)
     with console.status(f"fitting K={args.components} by EM, {args.restarts} restarts...",
                         spinner="dots") if sys.stderr.isatty() and not args.json else _null():
-        result = fit_em(model, jax.random.key(args.seed), x, y, restarts=args.restarts,
-                        max_iter=args.max_iter, tol=args.tol)
+        result = _fit_reporting_precision(fit_em, model, jax.random.key(args.seed), x, y,
+                                          args.float32, restarts=args.restarts,
+                                          max_iter=args.max_iter, tol=args.tol)
         summary = fit_summary(model, result, x, y, response_names=[args.y])
     check_finite_fit(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov"),
                      args.float32)

@@ -102,3 +102,22 @@ def test_svi_quick(tmp_path):
     row = res["rows"][0]
     assert row["svi_run_s_median"] > 0 and row["em_run_s_median"] > 0
     assert abs(row["svi_final_gap_per_obs"]) < 1e-3 and row["svi_steps_to_1e-3"] is not None
+
+
+@float32_only
+def test_restarts_quick(tmp_path):
+    out = tmp_path / "restarts.json"
+    res = _load("restarts").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+    assert all(r["one_restart_s"] > 0 and r["eight_restarts_s"] > 0 for r in res["rows"])
+
+
+@pytest.mark.slow
+@float32_only
+def test_monotone_quick(tmp_path):
+    out = tmp_path / "monotone.json"
+    res = _load("monotone").main(["--quick", "--out", str(out)])
+    for name in ("float32", "float64"):
+        summary = res[name]["summary"]
+        assert summary["problems"] == 8 and len(res[name]["rows"]) == 8
+        assert summary["fell"] == summary["fell_degenerate"]  # only degenerate restarts may jitter

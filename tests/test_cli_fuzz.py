@@ -208,14 +208,26 @@ def test_huge_values_fit_in_float64_or_are_refused(files):
             "--max-iter", "30", "--json", "--out", str(files / "o")]
     proc = subprocess.run([sys.executable, "-m", "conceptshift.cli", *argv], capture_output=True,
                           text=True, timeout=300)
-    if proc.returncode == 0:
-        res = _strict(proc.stdout)
-        assert np.isfinite(res["loglik"]) and "non_finite" not in res
-        assert _strict((files / "o" / "fit.json").read_text()) == res
-    else:
-        assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1, proc.stderr
-        assert not (files / "o" / "fit.json").exists()
+    assert proc.returncode == 0, proc.stderr  # float64 (the CLI's default) fits them
+    res = _strict(proc.stdout)
+    assert np.isfinite(res["loglik"]) and "non_finite" not in res
+    assert _strict((files / "o" / "fit.json").read_text()) == res
     assert "nan" not in proc.stdout.lower() and "Traceback" not in proc.stderr
+
+
+def test_fit_that_overflows_on_the_data_scale_is_exit_1(files, capsys):
+    """Gate covariances of x ~ 1e200 are ~1e400, beyond float64: the library refuses the fit
+    (UnrepresentableFitError) and the CLI says so in one line, exit 1, no fit.json."""
+    big = files / "bigx.csv"
+    rng = np.random.default_rng(1)
+    big.write_text("x,y\n" + "".join(f"{1e200 * v:.17g},{w:.17g}\n" for v, w in rng.normal(size=(30, 2))))
+    argv = ["fit", str(big), "-k", "2", "--y", "y", "--x", "x", "--family", "gated", "--restarts",
+            "2", "--max-iter", "30", "--out", str(files / "o2")]
+    proc = subprocess.run([sys.executable, "-m", "conceptshift.cli", *argv], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "gate_cov overflow float64" in proc.stderr and "rescale the data" in proc.stderr
+    assert not (files / "o2" / "fit.json").exists()
 
 
 def test_strict_json_helpers():

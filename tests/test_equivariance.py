@@ -4,6 +4,7 @@ covariate or of a response maps the fit exactly (the log-likelihood unchanged, o
 objective never falls by more than float resolution, far from the origin included."""
 
 import csv
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from conftest import X64, rtol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conceptshift._validation import PrecisionWarning
 from conceptshift.inference import fit_em, fit_gem
 from conceptshift.models import GatedExperts, RegressionMixture
 from conceptshift.models.softmax_gated import SoftmaxGatedExperts
@@ -58,11 +60,20 @@ def test_npreg_fit_is_equivariant_under_affine_maps(data_dir, name):
     base = _fit(model, x, y)
     assert bool(base.converged) and not bool(base.degenerate)
     for sx, ax, sy, ay in MAPS:
-        fit = _fit(model, ax + sx * x, ay + sy * y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PrecisionWarning)
+            fit = _fit(model, ax + sx * x, ay + sy * y)
         want = float(base.loglik) + _jacobian(model, len(y), sx, sy)
         np.testing.assert_allclose(float(fit.loglik), want, rtol=LL_TOL, atol=1e-6 * len(y),
                                    err_msg=f"x -> {ax} + {sx} x, y -> {ay} + {sy} y")
         assert np.isfinite(float(fit.bic)) and bool(fit.converged)
+        # the raw parameters cannot hold a fit at x ~ 1e8 in float32, nor a quadratic's there in
+        # float64 (nor, in float32, a quadratic at x + 2000 or 5 + 1e-8 y): said, not silent
+        warned = any(issubclass(w.category, PrecisionWarning) for w in caught)
+        if abs(ax) >= 1e8:  # x ~ 1e8: float32 loses the fit; float64 loses a quadratic's
+            assert warned == (not X64 or model.degree >= 2), (sx, ax, sy, ay)
+        elif X64:
+            assert not warned, (sx, ax, sy, ay)
 
 
 def test_npreg_reference_optimum_wherever_x_sits(data_dir):
@@ -116,7 +127,9 @@ def test_equivariance_property(log_sx, tx, log_sy, ty, flip):
     ax, ay = abs(sx) * tx, sy * ty
     for model in (RegressionMixture(2), GatedExperts(2), SoftmaxGatedExperts(2)):
         base = _fit(model, x, y)
-        fit = _fit(model, ax + sx * x, ay + sy * y)
+        with warnings.catch_warnings():  # float32 raw parameters far out: a PrecisionWarning
+            warnings.simplefilter("ignore", PrecisionWarning)
+            fit = _fit(model, ax + sx * x, ay + sy * y)
         want = float(base.loglik) + _jacobian(model, len(y), sx, sy)
         np.testing.assert_allclose(float(fit.loglik), want, rtol=LL_TOL, atol=2e-6 * len(y),
                                    err_msg=type(model).__name__)
@@ -172,13 +185,21 @@ def objective_falls(fit) -> float:
 
 
 def test_objective_never_falls_beyond_float_resolution():
-    """Seeded problems, a quarter far from the origin: no fall beyond 8 ulps, in float32 and float64
-    (before standardisation, 41 of 320 such float32 fits fell, most by over 1e6 ulps)."""
-    worst = {}
+    """Seeded problems, a quarter far from the origin: no clean fit's objective falls by more than
+    8 ulps, and each converges, in float32 and float64 (before standardisation, 41 of 320 such
+    float32 fits fell, most by over 1e6 ulps). A restart that collapses a component onto a few
+    points (flagged degenerate) sits below float32's resolution and may jitter."""
+    worst, unconverged = {}, []
     for seed in range(24):
         model, x, y = monotone_problem(seed)
-        fit = fit_em(model, jax.random.key(seed), x, y, restarts=1, max_iter=200)
-        worst[seed] = objective_falls(fit)
+        fit = fit_em(model, jax.random.key(seed), x, y, restarts=1, max_iter=1000)
         assert np.isfinite(float(fit.loglik))
+        if bool(fit.degenerate):
+            continue
+        worst[seed] = objective_falls(fit)
+        if not bool(fit.converged):
+            unconverged.append(seed)
+    assert len(worst) >= 20
     bad = {s: f"{v:.0f} ulps" for s, v in worst.items() if v > 8}
     assert not bad, f"objective fell: {bad}"
+    assert not unconverged, f"not converged in 1000 iterations: {unconverged}"

@@ -64,7 +64,8 @@ def _run(model: HMMMixture, d: HMMData, params0: HMMParams, tol, max_iter: int):
         new, ll = hmm_em_step(model, params, d)
         return new, ll, ll + model.log_prior(params)
 
-    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, d.w.dtype)
+    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, d.w.dtype,
+                                                          jnp.sum(d.w))
     ll = jnp.sum(d.w * jax.scipy.special.logsumexp(model._component_log_probs(params, d), axis=-1))
     obj = ll + model.log_prior(params)
     return params, ll, obj, ll_tr, obj_tr, n_iter, conv & ~failed & jnp.isfinite(obj)
@@ -114,7 +115,7 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
         frequencies) run together under ``vmap``; ``restarts_at_best`` in the result counts those
         that reached the best log-likelihood.
       max_iter: iteration cap of each EM loop.
-      tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration
+      tol: stop when the objective changes by at most ``tol * (|objective| + N)`` in one iteration
         (or falls within float rounding); 0: run all ``max_iter`` iterations.
       init_params: start from these parameters instead (one run; ``restarts`` is ignored).
 

@@ -7,6 +7,7 @@ arguments of the compiled function, so a second fit with new data of the same sh
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +16,15 @@ import numpy as np
 from jax import Array
 from jax.scipy.special import logsumexp
 
-from .._validation import check_float, check_int, check_key, float_dtype, is_traced
+from .._validation import (
+    PrecisionWarning,
+    UnrepresentableFitError,
+    check_float,
+    check_int,
+    check_key,
+    float_dtype,
+    is_traced,
+)
 from ..models._experts import ExpertsFamily, Standardiser
 from .init import kmeans_pp_responsibilities, random_responsibilities, subset_responsibilities
 
@@ -178,50 +187,44 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
     return lambda params: smap(params, xb, yb, wb)
 
 
-def em_loop(step, params0, tol, max_iter: int, dtype):
+def em_loop(step, params0, tol, max_iter: int, dtype, n):
     """The EM driver every family shares: ``step(params) -> (new params, loglik, objective)`` (the
     log-likelihood and objective at the old parameters) repeated in ``lax.while_loop`` until the
-    objective changes by at most ``tol * |objective|`` or ``max_iter``. EM never lowers the objective
-    in exact arithmetic, so a fall of at most 8 ulps (8 eps |objective|) also stops it as converged:
-    the iteration is at the resolution of its float type (on a GPU, where sums are not reduced in a
-    fixed order, a float32 objective jitters by an ulp and a ``tol`` below float32's resolution
-    would otherwise never be met). ``tol <= 0`` runs ``max_iter`` iterations (fixed work, as the
-    benchmarks need).
+    objective changes by at most ``tol * (|objective| + n)`` or ``max_iter`` (``n``: the sum of the
+    row weights, so that the tolerance is per row even where the objective is near zero, as on
+    standardised data). EM never lowers the objective in exact arithmetic, so a fall of at most
+    8 ulps of (|objective| + n) also stops it as converged: the iteration is at the resolution of
+    its float type (a sum of n terms rounds by about n ulps of a term; on a GPU, whose sums have no
+    fixed order, a float32 objective jitters even between identical calls). ``tol <= 0`` runs
+    ``max_iter`` iterations (fixed work, as the benchmarks need).
 
-    Safeguards: a larger fall means the update was below the working precision's resolution (a
-    component collapsing onto a few points, say): the loop goes back to the previous, better
-    parameters and stops there, not converged, so the objective trace never falls by more than
-    8 ulps. A non-finite update keeps the previous parameters and stops the loop; a start that is
-    not finite fails at once.
+    A non-finite update keeps the previous parameters and stops the loop; a start that is not
+    finite fails at once. (A fall beyond float resolution is not a stop: on ill-conditioned float32
+    problems, high-degree designs above all, the M-step's solve can dip the objective for an
+    iteration and EM then climbs on to the optimum; stopping there would end far below it.)
     Returns (params, n_iter, loglik trace, objective trace, converged-by-tolerance, failed)."""
     nan_trace = jnp.full((max_iter,), jnp.nan, dtype)
     ulps = 8 * jnp.finfo(dtype).eps
+    n = jnp.asarray(n, dtype)
 
     def cond(state):
-        it, conv, bad, fell = state[3], state[6], state[7], state[8]
-        return (it < max_iter) & ~conv & ~bad & ~fell
+        _, _, it, _, _, conv, bad = state
+        return (it < max_iter) & ~conv & ~bad
 
     def body(state):
-        params, prev, obj_prev, it, ll_tr, obj_tr, _, _, _ = state
+        params, obj_prev, it, ll_tr, obj_tr, _, _ = state
         new, ll, obj = step(params)
-        fell = (it > 0) & (obj_prev - obj > ulps * jnp.abs(obj_prev))  # params worse than prev
+        scale = jnp.abs(obj) + n
         bad = ~(_all_finite(new) & jnp.isfinite(obj))
         change = obj - obj_prev
-        conv = ~bad & ~fell & (it > 0) & (tol > 0) & (
-            (jnp.abs(change) <= tol * jnp.abs(obj))
-            | ((change <= 0) & (-change <= ulps * jnp.abs(obj))))
-        pick = lambda c, a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(c, u, v), a, b)  # noqa: E731
-        # on a fall, back to the previous parameters, whose values end the trace; a non-finite
-        # update keeps the current ones
-        out = pick(fell, prev, pick(bad, params, new))
-        return (out, params, jnp.where(fell, obj_prev, obj), jnp.where(fell, it, it + 1),
-                jnp.where(fell, ll_tr, ll_tr.at[it].set(ll)),
-                jnp.where(fell, obj_tr, obj_tr.at[it].set(obj)), conv, bad, fell)
+        conv = ~bad & (it > 0) & (tol > 0) & (
+            (jnp.abs(change) <= tol * scale) | ((change <= 0) & (-change <= ulps * scale)))
+        params = jax.tree_util.tree_map(lambda a, b: jnp.where(bad, b, a), new, params)
+        return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, bad
 
-    false = jnp.asarray(False)
-    init = (params0, params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace,
-            nan_trace, false, ~_all_finite(params0), false)
-    params, _, _, n_iter, ll_tr, obj_tr, conv, bad, _ = jax.lax.while_loop(cond, body, init)
+    init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
+            jnp.asarray(False), ~_all_finite(params0))
+    params, _, n_iter, ll_tr, obj_tr, conv, bad = jax.lax.while_loop(cond, body, init)
     return params, n_iter, ll_tr, obj_tr, conv, bad
 
 
@@ -233,7 +236,8 @@ def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DE
         ll, ss = stats_fn(params)
         return model.m_step_from_stats(ss, stats), ll, ll + model.log_prior(params, stats)
 
-    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, y.dtype)
+    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, y.dtype,
+                                                          jnp.sum(w))
     ll, _ = stats_fn(params)
     obj = ll + model.log_prior(params, stats)
     ll = jnp.where(failed & (n_iter == 0), -jnp.inf, ll)
@@ -289,20 +293,27 @@ def restarts_at_best(loglik: Array, clean: Array, best: Array, n: Array) -> Arra
     return jnp.maximum(jnp.sum(near), 1).astype(jnp.int32)
 
 
-def to_raw(model, res: EMResult, std: Standardiser, w: Array) -> EMResult:
+def to_raw(model, res: EMResult, std: Standardiser, w: Array) -> tuple[EMResult, Array]:
     """An :class:`EMResult` on standardised data mapped back to the raw data (exact: parameters
-    by ``params_from_standard``, log-likelihoods plus the log-Jacobian of the map)."""
+    by ``params_from_standard``, log-likelihoods plus the log-Jacobian of the map), and the
+    round-trip error of the parameters (largest |p' - p| / (1 + |p|) over the standardised
+    parameters p and p' = params_to_standard(params_from_standard(p))): how much of the fit the
+    raw parameters keep in the working precision."""
     n = jnp.sum(w)
     # one value, computed once: XLA may otherwise fuse it into each use with different rounding
     jac = jax.lax.optimization_barrier(n * model.log_jacobian(std))
     restart_loglik = res.restart_loglik + jac
     loglik = restart_loglik[res.best_restart]  # the same rounding as the restart's entry
+    raw = model.params_from_standard(res.params, std)
+    back = model.params_to_standard(raw, std)
+    err = jnp.max(jnp.stack([jnp.max(jnp.abs(b - a) / (1 + jnp.abs(a))) for a, b in zip(
+        jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(back), strict=True)]))
     return res._replace(
-        params=model.params_from_standard(res.params, std),
+        params=raw,
         loglik=loglik, objective=res.objective + jac,
         loglik_trace=res.loglik_trace + jac, objective_trace=res.objective_trace + jac,
         bic=-2.0 * loglik + model.n_params * jnp.log(n),
-        restart_loglik=restart_loglik, standardiser=std)
+        restart_loglik=restart_loglik, standardiser=std), err
 
 
 def check_init_params(model, init_params):
@@ -321,19 +332,34 @@ def check_init_params(model, init_params):
     return init_params
 
 
-def check_finite_fit(result: EMResult, dtype) -> EMResult:
-    """Raises when a fit's parameters, mapped back to the raw data, are not finite in the working
-    precision (data whose scale the raw parametrisation cannot hold); passes traced results."""
+MAP_TOLERANCE = 1e-3  # round-trip error of the map to the data's scale beyond which fit_em warns
+
+
+def check_finite_fit(result: EMResult, map_error, dtype) -> EMResult:
+    """Raises :class:`UnrepresentableFitError` when a fit's parameters, mapped back to the raw data,
+    are not finite in the working precision, and warns (:class:`PrecisionWarning`) when they keep
+    the fit only to a round-trip error above ``MAP_TOLERANCE`` (e.g. float32 coefficients of a
+    quadratic in x ~ 1e4, or a slope that underflows); passes traced results."""
     leaves = jax.tree_util.tree_leaves(result.params)
-    if any(is_traced(a) for a in leaves):
+    if any(is_traced(a) for a in leaves) or is_traced(map_error):
         return result
-    bad = [name for name, a in zip(result.params._fields, result.params, strict=True)
+    name = np.dtype(dtype).name
+    advice = "" if name == "float64" else " or enable float64 (JAX_ENABLE_X64=1)"
+    bad = [field for field, a in zip(result.params._fields, result.params, strict=True)
            if not bool(np.all(np.isfinite(np.asarray(a))))]
     if bad:
-        raise ValueError(
-            f"the fitted {', '.join(bad)} overflow {np.dtype(dtype).name} when mapped back to the "
-            f"data's scale (x or y spans too wide a range for this parametrisation); rescale x or y"
-            + (" or enable float64 (JAX_ENABLE_X64=1)" if np.dtype(dtype) != np.float64 else ""))
+        raise UnrepresentableFitError(
+            f"the fitted {', '.join(bad)} overflow {name} when mapped back to the data's scale "
+            f"(x or y spans too wide a range for this parametrisation); rescale x or y{advice}")
+    err = float(map_error)
+    if not err <= MAP_TOLERANCE:
+        how = (f"keep the fit only roughly on the data's own scale in {name} (round-trip error "
+               f"{err:.2g} in standardised units)" if np.isfinite(err) else
+               f"under- or overflow on the data's own scale in {name}")
+        warnings.warn(
+            f"the fitted parameters {how}: evaluated on the raw data they give another density; "
+            f"the reported log-likelihood is the exact fit's. Centre or rescale x and y{advice}",
+            PrecisionWarning, stacklevel=3)
     return result
 
 
@@ -415,7 +441,7 @@ def _fit_em_impl(model, key, x, y, w, std, tol, init_params, *, restarts, max_it
         restarts_at_best=restarts_at_best(runs.loglik, ~degenerate & finite, best, n),
         standardiser=std,
     )
-    return to_raw(model, res, std, w)
+    return to_raw(model, res, std, w)  # (result, round-trip error)
 
 
 _fit_em_jit = jax.jit(
@@ -450,7 +476,7 @@ def fit_em(
         likelihood has several optima, and one start often misses the best;
         ``restarts_at_best`` in the result says how many found it).
       max_iter: iteration cap of each EM loop.
-      tol: stop when the objective changes by at most ``tol * |objective|`` in one iteration
+      tol: stop when the objective changes by at most ``tol * (|objective| + N)`` in one iteration
         (or falls within float rounding); 0: run all ``max_iter`` iterations.
       init: ``"kmeans++"`` (k-means++ seeding and Lloyd steps on the columns of x and y),
         ``"subset"`` (K regressions through P + 1 random points each, points to the nearest),
@@ -476,8 +502,10 @@ def fit_em(
     unchanged (moved by -N log|s| when y, or x for gated families, is scaled by s).
 
     Raises:
-      ValueError: bad data (shape, NaN, values beyond the working precision's range), or a fit whose
-        parameters overflow the working precision on the data's scale.
+      ValueError: bad data (shape, NaN, values beyond the working precision's range);
+        ``UnrepresentableFitError`` (a ValueError) for a fit whose parameters overflow the working
+        precision on the data's scale. A ``PrecisionWarning`` says when they keep the fit only
+        roughly there (float32 and data far from the origin at degree 2, say).
 
     Example:
       >>> import jax, numpy as np
@@ -506,8 +534,8 @@ def fit_em(
     if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
         raise ValueError("mesh must be a jax.sharding.Mesh with an axis named 'data'")
     z, u, w, std = standardise(model, x, y, w)
-    result = _fit_em_jit(
+    result, map_error = _fit_em_jit(
         model, key, z, u, w, std, tol, init_params, restarts=restarts, max_iter=max_iter, init=init,
         block_size=block_size, mesh=mesh,
     )
-    return check_finite_fit(result, u.dtype)
+    return check_finite_fit(result, map_error, u.dtype)

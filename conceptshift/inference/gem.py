@@ -78,7 +78,8 @@ def _run_gem(model, x, y, w, stats, params0, tol, max_iter, inner_steps):
                              inner_steps)
         return new, ll, ll + model.log_prior(params, stats)
 
-    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, y.dtype)
+    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, y.dtype,
+                                                          jnp.sum(w))
     obj, ll = _objective(model, params, x, y, w, stats)
     return params, ll, obj, ll_tr, obj_tr, n_iter, conv & ~failed & jnp.isfinite(obj)
 
@@ -142,6 +143,6 @@ def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: in
     inner_steps = check_int("inner_steps", inner_steps, minimum=1)
     x, y, w = check_fit_data(model, x, y, weights)
     z, u, w, std = standardise(model, x, y, w)
-    result = _fit_gem_jit(model, key, z, u, w, std, jnp.asarray(tol, u.dtype), restarts=restarts,
-                          max_iter=max_iter, inner_steps=inner_steps)
-    return check_finite_fit(result, u.dtype)
+    result, map_error = _fit_gem_jit(model, key, z, u, w, std, jnp.asarray(tol, u.dtype),
+                                     restarts=restarts, max_iter=max_iter, inner_steps=inner_steps)
+    return check_finite_fit(result, map_error, u.dtype)

@@ -114,18 +114,26 @@ class EStepPlan(NamedTuple):
 def _solve_psd(gram: Array, rhs: Array) -> Array:
     """Solves gram beta = rhs for a batch of symmetric positive semi-definite matrices (K, P, P).
 
-    Cholesky where it succeeds; where the ridge is below the working precision (a component on a
-    rank-deficient design, e.g. tied x in float32) the eigenvalues are clipped at P eps times the
-    largest instead, which gives the minimum-norm solution on the resolved subspace.
+    Cholesky of the Jacobi-scaled system where it succeeds; where the ridge is below the working
+    precision (a component on a rank-deficient design, e.g. tied x in float32) its eigenvalues are
+    clipped at P eps times the largest instead (the minimum-norm solution on the resolved subspace).
     """
+    # Jacobi scaling first: the solve then does not depend on the columns' scales (the powers of a
+    # high-degree design differ by orders of magnitude, which float32's Cholesky would not survive)
+    d = jnp.sqrt(jnp.maximum(jnp.diagonal(gram, axis1=1, axis2=2), jnp.finfo(gram.dtype).tiny))
+    inv_d = 1.0 / d  # (K, P)
+    gram = gram * inv_d[:, :, None] * inv_d[:, None, :]
+    rhs = rhs * inv_d[:, :, None]
     chol = jnp.linalg.cholesky(gram)
     beta = jax.scipy.linalg.cho_solve((chol, True), rhs)
+    for _ in range(2):  # iterative refinement: the factorisation's error shrinks by cond * eps
+        beta = beta + jax.scipy.linalg.cho_solve((chol, True), rhs - _p.mm(gram, beta))
     ok = jnp.all(jnp.isfinite(beta), axis=(1, 2))
     lam, vec = jnp.linalg.eigh(gram)
     floor = gram.shape[-1] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(lam), -1, keepdims=True)
     inv = jnp.where(lam > floor, 1.0 / jnp.where(lam > floor, lam, 1.0), 0.0)
     beta_eig = _p.einsum("kpq,kq,krq,krh->kph", vec, inv, vec, rhs)
-    return jnp.where(ok[:, None, None], beta, beta_eig)
+    return jnp.where(ok[:, None, None], beta, beta_eig) * inv_d[:, :, None]
 
 
 def _contract_minor(a: Array, b: Array) -> Array:

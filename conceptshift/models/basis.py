@@ -113,6 +113,8 @@ class Basis:
             raise ValueError("affine_matrix needs a polynomial basis (no basis_fn)")
         if not self.shiftable:  # intercept only
             return jnp.ones((1, 1), loc.dtype)
+        # phi((x - loc) / scale) = T(-loc / scale) phi(x / scale) = T(-loc / scale) diag(scale^-a)
+        # phi(x): formed from the ratios, so that no factor overflows unless the entry itself does
         inv = 1.0 / scale
         factors = [jnp.ones((), loc.dtype)]
         for mono in self.monomials:
@@ -120,7 +122,7 @@ class Basis:
             for i in mono[1:]:
                 f = f * inv[i]
             factors.append(f)
-        return jnp.stack(factors)[:, None] * self.shift_matrix(-loc)
+        return self.shift_matrix(-loc * inv) * jnp.stack(factors)[None, :]
 
     def transposed(self, xT: Array) -> Array:
         """The design matrix transposed, (P, N), from ``xT`` (D, N): the E-step's layout, in which
