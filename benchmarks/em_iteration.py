@@ -78,7 +78,9 @@ def start(model, x, y, z):
 def em_fn(model, n_iter: int, with_iterations: bool = False):
     """A fit of exactly ``n_iter`` EM iterations (tol = 0 disables the stopping rule)."""
     def run(x, y, w, p):
-        out = _run_em(model, x, y, w, model.data_stats(x, y, w), p, jnp.asarray(0.0, x.dtype), n_iter)
+        backend = model.estep_backend(x.dtype, jax.default_backend())  # as fit_em decides it
+        out = _run_em(model, x, y, w, model.data_stats(x, y, w), p, jnp.asarray(0.0, x.dtype), n_iter,
+                      backend=backend)
         return (out.loglik, out.params, out.n_iter) if with_iterations else (out.loglik, out.params)
     return run
 

@@ -195,10 +195,11 @@ def test_new_data_of_same_shape_does_not_recompile():
     assert size >= 1
 
 
-def _assert_same_fit(a, b, tol):
+def _assert_same_fit(a, b, tol, ptol=None):
     np.testing.assert_allclose(float(a.loglik), float(b.loglik), rtol=tol)
+    ptol = 1e3 * tol if ptol is None else ptol
     for u, v in zip(a.params, b.params, strict=True):
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e3 * tol, atol=1e3 * tol)
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=ptol, atol=ptol)
 
 
 @once
@@ -222,9 +223,14 @@ def test_fit_em_under_jit_and_vmap_over_keys_and_datasets():
     assert batched.restart_loglik.shape == (B, FIT["restarts"])
     assert batched.loglik_trace.shape == (B, FIT["max_iter"])
     for b in range(B):
-        one = fit_em(REG3, keys[b], data[b][0], data[b][1], **FIT)
+        # the same device arrays (numpy inputs would be standardised in float64 first: the same
+        # fit to rounding, which a flat direction of the likelihood can amplify)
+        one = fit_em(REG3, keys[b], xs[b], ys[b], **FIT)
+        # the log-likelihood to float resolution; the parameters to 1e-2 in float32: on the XLA
+        # E-step, batched products round differently from single ones, and EM stops (at float
+        # resolution) ~1e-3 apart along a flat direction of the likelihood
         _assert_same_fit(jax.tree_util.tree_map(lambda a, b=b: a[b], batched), one,
-                         rtol(1e-6, 1e-12))
+                         rtol(1e-6, 1e-12), ptol=rtol(1e-2, 1e-9))
     # three different data sets: three different fits
     assert len({float(v) for v in batched.loglik}) == B
 

@@ -252,3 +252,49 @@ def test_cpu_kernel_build_failure_falls_back_to_xla(monkeypatch):
 def test_cpu_kernel_can_be_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("CONCEPTSHIFT_CPU_KERNEL", "0")
     assert not _kernels.enabled()
+
+
+@once
+def test_backend_is_chosen_once_per_fit_and_keys_the_program(monkeypatch):
+    """The E-step backend is a static argument of the compiled fit: switching it compiles a new
+    program (no stale cache); a GPU/TPU program never builds or loads the kernel; asking for the
+    kernel where it cannot run is a clear error before compiling."""
+    from conceptshift.inference import fit_em
+    from conceptshift.inference.em import _fit_em_jit
+
+    _kernels.enabled() or pytest.skip("the CPU kernel is unavailable here")
+    model = MODELS["regression"]
+    params, x, y, w, stats = _estep_inputs(model, n=64)
+    fits = {}
+    for estep in ("kernel", "xla"):
+        size = _fit_em_jit._cache_size()
+        fits[estep] = fit_em(model, jax.random.key(0), x, y, restarts=2, max_iter=50, estep=estep)
+        assert _fit_em_jit._cache_size() == size + 1  # its own program
+    np.testing.assert_allclose(float(fits["kernel"].loglik), float(fits["xla"].loglik),
+                               rtol=rtol(1e-5, 1e-11))
+    with pytest.raises(ValueError, match="estep='kernel' needs a CPU program"):
+        fit_em(MODELS["gated-fn"], jax.random.key(0), x, y, estep="kernel")
+    with pytest.raises(ValueError, match="estep must be one of"):
+        fit_em(model, jax.random.key(0), x, y, estep="fast")
+
+    def no_build():
+        raise AssertionError("the kernel was built or loaded for a GPU program")
+
+    monkeypatch.setattr(_kernels, "_load", no_build)
+    for platform in ("gpu", "tpu"):
+        assert model.estep_backend(x.dtype, platform) == "xla"
+
+
+@once
+def test_gradient_through_the_kernel_is_a_clear_error():
+    _kernels.enabled() or pytest.skip("the CPU kernel is unavailable here")
+    model = MODELS["regression"]
+    params, x, y, w, stats = _estep_inputs(model, n=64)
+
+    def ll(p, backend):
+        return model.estep_stats_t(p, x.T, y.T, w, stats, backend=backend)[0]
+
+    with pytest.raises(TypeError, match="compiled CPU E-step .* has no derivative"):
+        jax.grad(ll)(params, "kernel")
+    g = jax.grad(ll)(params, "xla")
+    assert np.all(np.isfinite(np.asarray(g.coef)))

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -156,6 +157,8 @@ def estep(A, Y, W, Z, B, C, S, X0=None):
     """The fused E-step on the CPU (see ``estep_cpu.cc`` for the arguments; ``X0`` (D,): A is x
     (D, N) and the design is [1, x - X0]). Returns (ll (), nk (K,), s_q (P (P + 1) / 2, K),
     s_pe (P, K, H), s_ee (K, H))."""
+    if not _load():
+        raise KernelBuildError(f"the compiled CPU E-step is unavailable ({_state.get('error')})")
     dtype = np.dtype(A.dtype)
     P = A.shape[0] + (0 if X0 is None else 1)
     K, H = C.shape[0], C.shape[1]
@@ -169,7 +172,27 @@ def estep(A, Y, W, Z, B, C, S, X0=None):
         jax.ShapeDtypeStruct((K, H), dtype),
     )
     call = jax.ffi.ffi_call(TARGETS[dtype], out, vmap_method="sequential")
-    return call(*(jnp.asarray(a, dtype) for a in (A, Y, W, Z, B, C, S, X0)))
+    return _no_derivative(call, *(jnp.asarray(a, dtype) for a in (A, Y, W, Z, B, C, S, X0)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _no_derivative(call, *args):
+    """``call(*args)`` with a derivative rule that says, by name, that there is none (instead of
+    JAX's missing-rule error from inside the FFI call)."""
+    return call(*args)
+
+
+def _no_derivative_fwd(call, *args):
+    return call(*args), None
+
+
+def _no_derivative_bwd(call, res, g):
+    raise TypeError("the compiled CPU E-step (conceptshift._kernels) has no derivative: "
+                    "differentiate through a fit with estep='xla' (fit_em) or "
+                    "CONCEPTSHIFT_CPU_KERNEL=0")
+
+
+_no_derivative.defvjp(_no_derivative_fwd, _no_derivative_bwd)
 
 
 def supports(dtype) -> bool:

@@ -134,15 +134,15 @@ def _blocks_t(a: Array, n_total: int, n_blocks: int) -> Array:
     return jnp.swapaxes(aT.reshape(a.shape[1], n_blocks, n_total // n_blocks), 0, 1)
 
 
-def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None):
+def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None, backend="xla"):
     """The fused E-step: ``params -> (weighted loglik, SuffStats)`` with residuals against the
     current coefficients. Rows are processed in blocks under ``lax.scan`` (bounded temporaries,
     blocked float32 sums); with a ``mesh`` (one axis named "data") each device reduces its rows and
-    the statistics are summed with ``psum``."""
+    the statistics are summed with ``psum``. ``backend``: the E-step's backend
+    (``model.estep_backend``), ``"kernel"`` or ``"xla"``."""
     n = x.shape[0]
     n_shards = 1 if mesh is None else mesh.shape["data"]
-    if (block_size == "auto" and jax.default_backend() == "cpu"
-            and model.streams_rows_on_cpu(x.dtype)):
+    if block_size == "auto" and model.streams_rows(backend):
         block_size = None  # the compiled CPU kernel streams the rows itself: one call per shard
     block, nb = block_layout(n, block_size, n_shards, model.block_rows())
     total = n_shards * nb * block
@@ -156,7 +156,7 @@ def make_stats_fn(model, x, y, w, stats, *, block_size=DEFAULT_BLOCK, mesh=None)
         plan = model.estep_plan(params, stats)  # once per iteration, not once per block
 
         def one(xs, ys, ws):
-            return model.estep_stats_t(params, xs, ys, ws, stats, plan)
+            return model.estep_stats_t(params, xs, ys, ws, stats, plan, backend)
 
         if xb.shape[0] == 1:
             return one(xb[0], yb[0], wb[0])
@@ -229,8 +229,9 @@ def em_loop(step, params0, tol, max_iter: int, dtype, n):
 
 
 def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DEFAULT_BLOCK,
-            mesh=None) -> _Run:
-    stats_fn = make_stats_fn(model, x, y, w, stats, block_size=block_size, mesh=mesh)
+            mesh=None, backend="xla") -> _Run:
+    stats_fn = make_stats_fn(model, x, y, w, stats, block_size=block_size, mesh=mesh,
+                             backend=backend)
 
     def step(params):
         ll, ss = stats_fn(params)
@@ -397,7 +398,7 @@ def check_em_args(key, restarts, max_iter, tol):
 
 
 def _fit_em_impl(model, key, x, y, w, std, tol, init_params, *, restarts, max_iter, init,
-                 block_size, mesh):
+                 block_size, mesh, backend):
     """EM on standardised data (x, y) = (z, u); the result is mapped back through ``std``."""
     stats = model.data_stats(x, y, w)
     tol = jnp.asarray(tol, y.dtype)
@@ -412,7 +413,8 @@ def _fit_em_impl(model, key, x, y, w, std, tol, init_params, *, restarts, max_it
         )(keys, kinds)
 
     runs = jax.vmap(
-        lambda p: _run_em(model, x, y, w, stats, p, tol, max_iter, block_size=block_size, mesh=mesh)
+        lambda p: _run_em(model, x, y, w, stats, p, tol, max_iter, block_size=block_size,
+                          mesh=mesh, backend=backend)
     )(params0)
     degenerate = jax.vmap(
         lambda p: jnp.any(model.degenerate_components(p, x, y, w, stats))
@@ -445,8 +447,35 @@ def _fit_em_impl(model, key, x, y, w, std, tol, init_params, *, restarts, max_it
 
 
 _fit_em_jit = jax.jit(
-    _fit_em_impl, static_argnames=("model", "restarts", "max_iter", "init", "block_size", "mesh")
+    _fit_em_impl,
+    static_argnames=("model", "restarts", "max_iter", "init", "block_size", "mesh", "backend"),
 )
+
+ESTEP_BACKENDS = ("auto", "kernel", "xla")
+
+
+def platform_of(x, mesh=None) -> str:
+    """The platform a fit of ``x`` runs on: the mesh's devices, else the devices ``x`` lives on
+    (a concrete JAX array), else JAX's default backend."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    if isinstance(x, jax.Array) and not is_traced(x):
+        return next(iter(x.devices())).platform
+    return jax.default_backend()
+
+
+def resolve_backend(model, estep: str, dtype, platform: str) -> str:
+    """The E-step backend of one fit (static: part of the compiled program's key). ``"auto"``:
+    the compiled kernel where it applies on a CPU, XLA elsewhere (nothing is built for GPU/TPU)."""
+    if estep not in ESTEP_BACKENDS:
+        raise ValueError(f"estep must be one of {ESTEP_BACKENDS}, got {estep!r}")
+    if estep == "xla":
+        return "xla"
+    chosen = model.estep_backend(dtype, platform)
+    if estep == "kernel" and chosen != "kernel":
+        raise ValueError(f"estep='kernel' needs a CPU program of a family the kernel fits, with the "
+                         f"kernel built (platform {platform!r}, {type(model).__name__})")
+    return chosen
 
 
 def fit_em(
@@ -463,6 +492,7 @@ def fit_em(
     init_params=None,
     block_size: int | str | None = DEFAULT_BLOCK,
     mesh=None,
+    estep: str = "auto",
 ) -> EMResult:
     """Fits ``model`` to (x, y) by EM with closed-form M-steps; returns the best restart.
 
@@ -491,6 +521,8 @@ def fit_em(
       mesh: a ``jax.sharding.Mesh`` with an axis named ``"data"``: rows are split across its
         devices, each device reduces its share and the statistics are summed with ``psum``
         (data-parallel EM; the result equals the single-device fit to float tolerance).
+      estep: the E-step's backend, decided once per fit: ``"auto"`` (the compiled CPU kernel
+        where it applies and the program runs on a CPU, XLA otherwise), ``"kernel"`` or ``"xla"``.
 
     Returns:
       :class:`EMResult` of the restart with the highest log-likelihood among those that are not
@@ -534,8 +566,9 @@ def fit_em(
     if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
         raise ValueError("mesh must be a jax.sharding.Mesh with an axis named 'data'")
     z, u, w, std = standardise(model, x, y, w)
+    backend = resolve_backend(model, estep, u.dtype, platform_of(z, mesh))
     result, map_error = _fit_em_jit(
         model, key, z, u, w, std, tol, init_params, restarts=restarts, max_iter=max_iter, init=init,
-        block_size=block_size, mesh=mesh,
+        block_size=block_size, mesh=mesh, backend=backend,
     )
     return check_finite_fit(result, map_error, u.dtype)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._validation import check_float, check_int, check_key, float_dtype
 from ..models._experts import ExpertsFamily, Standardiser
-from .em import fit_em, make_stats_fn
+from .em import fit_em, make_stats_fn, platform_of
 
 
 class OnlineEMResult(NamedTuple):
@@ -121,9 +121,11 @@ def fit_online_em(
     params = first.params
     stats = model.data_stats(x0, y0, w0)._replace(n=jnp.asarray(float(n), dtype))
 
+    backend = model.estep_backend(x0.dtype, platform_of(x0))  # once for the run
+
     @jax.jit
     def chunk_stats(params, xs, ys, ws):
-        ll, ss = make_stats_fn(model, xs, ys, ws, stats)(params)
+        ll, ss = make_stats_fn(model, xs, ys, ws, stats, backend=backend)(params)
         wsum = jnp.sum(ws)
         return ll / wsum, _scale(ss, 1.0 / wsum)
 

@@ -568,23 +568,38 @@ class ExpertsFamily:
         """Whether the centred design is [1, x - xbar] (the CPU kernel then forms it itself)."""
         return self.basis.shiftable and self.basis.degree == 1
 
-    def cpu_kernel_applies(self, dtype) -> bool:
-        """Whether the fused E-step's CPU lowering is the compiled kernel (``conceptshift._kernels``):
-        statistics that fit its accumulators, gate statistics read off a centred polynomial design,
-        float32 or float64, and the kernel enabled and built. Decided at trace time."""
+    def kernel_fits(self, dtype) -> bool:
+        """Whether the compiled CPU kernel (``conceptshift._kernels``) can run this family's fused
+        E-step: statistics that fit its accumulators, gate statistics read off a centred polynomial
+        design, float32 or float64. Structural only: nothing is built or read from the
+        environment."""
         from .. import _kernels
 
         K, P, H = self.n_components, self.n_coef, self.n_heads
         # the kernel keeps one 32-byte vector accumulator per statistic: at most 2^14 of them
         # (512 KiB, within L2); wider problems run as XLA products
         fits = P * (P + 1) // 2 * K + P * K * H <= KERNEL_MAX_ACCUMULATORS
-        return (fits and (self.basis.shiftable or not self.uses_gate_stats())
-                and _kernels.supports(dtype) and _kernels.enabled())
+        return fits and (self.basis.shiftable or not self.uses_gate_stats()) and _kernels.supports(dtype)
 
-    def streams_rows_on_cpu(self, dtype) -> bool:
-        """Whether the CPU E-step needs no temporary that grows with the rows (the kernel with a
+    def estep_backend(self, dtype, platform: str) -> str:
+        """The E-step's backend for a program that runs on ``platform``: ``"kernel"`` (the compiled
+        CPU kernel: a CPU program, a family it fits, the kernel enabled and built) or ``"xla"``.
+        Fits decide it once, before tracing, and pass it as a static argument: it is part of the
+        compiled program's key, and the kernel is never built for a GPU or TPU program."""
+        from .. import _kernels
+
+        if platform != "cpu" or not self.kernel_fits(dtype):
+            return "xla"
+        return "kernel" if _kernels.enabled() else "xla"
+
+    def cpu_kernel_applies(self, dtype) -> bool:
+        """Whether a CPU program of this family would run the compiled kernel (builds it if needed)."""
+        return self.estep_backend(dtype, "cpu") == "kernel"
+
+    def streams_rows(self, backend: str) -> bool:
+        """Whether the E-step needs no temporary that grows with the rows (the kernel with a
         linear design): then it runs on all rows in one call, with no blocks."""
-        return self._linear_design() and self.cpu_kernel_applies(dtype)
+        return backend == "kernel" and self._linear_design()
 
     def estep_plan(self, params, stats: DataStats) -> EStepPlan:
         """What the fused E-step needs from the parameters alone, computed once per iteration and
@@ -601,16 +616,19 @@ class ExpertsFamily:
         return EStepPlan(Z, const, coef_c, jnp.exp(-params.log_scale), jnp.swapaxes(params.coef, 1, 2),
                          T)
 
-    def estep_stats_t(self, params, xT, yT, wT, stats: DataStats, plan: EStepPlan | None = None):
+    def estep_stats_t(self, params, xT, yT, wT, stats: DataStats, plan: EStepPlan | None = None,
+                      backend: str | None = None):
         """One fused E-step on a block in the E-step's layout: x (D, N), y (H, N), w (N,) ->
         (sum_n w_n log p_n, SuffStats) with residuals against the current coefficients.
         ``plan``: ``estep_plan(params, stats)``, when the caller computes it once for many blocks.
+        ``backend``: ``"kernel"`` or ``"xla"`` (:meth:`estep_backend`); None: this family's
+        backend on JAX's default platform.
 
         Two matrix products give every component's whitened gate coordinates and expert means;
         the statistics follow from the responsibilities without another pass over (K, P, N)
-        temporaries. Equals ``component_log_probs_t`` followed by ``suff_stats_t`` (tested). On a
-        CPU the same arithmetic runs as one compiled kernel (``conceptshift._kernels``) where it
-        applies; elsewhere, and where it does not, as XLA operations.
+        temporaries. Equals ``component_log_probs_t`` followed by ``suff_stats_t`` (tested). With
+        the ``"kernel"`` backend the same arithmetic runs as one compiled CPU kernel
+        (``conceptshift._kernels``); with ``"xla"`` as XLA operations.
         """
         from .. import _kernels
 
@@ -645,8 +663,12 @@ class ExpertsFamily:
             r = ex * (wT / tot)[None, :]
             return jnp.sum(wT * ll), self._stats_from_r(xT, A, T, e, r, plan.ref, stats)
 
-        if not self.cpu_kernel_applies(xT.dtype):
+        if backend is None:
+            backend = self.estep_backend(xT.dtype, jax.default_backend())
+        if backend == "xla":
             return xla()
+        if backend != "kernel":
+            raise ValueError(f"backend must be 'kernel' or 'xla', got {backend!r}")
 
         def cpu():
             Z, base = gate_base()
@@ -657,7 +679,7 @@ class ExpertsFamily:
                                                      stats.x_mean if linear else None)
             return ll, self._assemble_stats(nk, s_q, s_pe, s_ee, plan.ref, T)
 
-        return jax.lax.platform_dependent(cpu=cpu, default=xla)
+        return cpu()
 
     @staticmethod
     def rebase(ss: SuffStats, new_ref: Array) -> SuffStats:
