@@ -22,7 +22,7 @@ import _harness as h  # noqa: E402
 import em_iteration as em  # noqa: E402
 import hmm as hmm_bench  # noqa: E402
 
-from conceptshift.io import write_atomic, write_json_atomic  # noqa: E402
+from conceptshift.files import write_atomic, write_json_atomic  # noqa: E402
 
 RUNS = h.RESULTS / "gpu_runs"
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conceptshift.io import write_json_atomic
+from conceptshift.files import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -366,7 +366,7 @@ def _table(rows, key, label):
 
 def write_accel_table(result: dict, path: Path) -> None:
     """The GPU section of benchmarks/README.md (included by ``write_readme``)."""
-    from conceptshift.io import write_atomic
+    from conceptshift.files import write_atomic
 
     m, roof, cfg = result["machine"], result["roofline"], result["config"]
     chk, tf32 = result["sklearn_agreement"], result.get("sklearn_agreement_default_precision")
@@ -417,7 +417,7 @@ def write_accel_table(result: dict, path: Path) -> None:
 
 def write_readme(result: dict, path: Path) -> None:
     """benchmarks/README.md: every benchmark's table, regenerated from the JSON in results/."""
-    from conceptshift.io import write_atomic
+    from conceptshift.files import write_atomic
 
     m, roof, cfg = result["machine"], result["roofline"], result["config"]
     chk = result["sklearn_agreement"]

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conceptshift.files import write_json_atomic
 from conceptshift.inference.baum_welch import hmm_em_step
-from conceptshift.io import write_json_atomic
 from conceptshift.models.hmm import HMMMixture
 
 HERE = Path(__file__).resolve().parent
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
 
 def write_table(result: dict, path: Path) -> None:
     """The HMM section of benchmarks/README.md (included by em_iteration.py's generator)."""
-    from conceptshift.io import write_atomic
+    from conceptshift.files import write_atomic
 
     lines = [
         "## Mixture of HMMs against hmmlearn and dynamax (`hmm`)",

@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         for r in rows:
             lines.append(f"| {r['family']} | {r['R']} | {r['vmap']['median_s']:.3f} | "
                          f"{r['loop']['median_s']:.3f} | {r['speedup']:.1f}x |")
-        from conceptshift.io import write_atomic
+        from conceptshift.files import write_atomic
         write_atomic(h.RESULTS / "replicates.md", "\n".join(lines) + "\n")
     return result
 

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from conceptshift.files import write_json_atomic
 from conceptshift.inference import fit_em
 from conceptshift.inference.svi import fit_svi, initial_params
-from conceptshift.io import write_json_atomic
 from conceptshift.models import GatedExperts, RegressionMixture, make_problem, simulate
 
 HERE = Path(__file__).resolve().parent
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
 
 def write_table(res: dict, path: Path) -> None:
     """The SVI section of benchmarks/README.md (included by em_iteration.py's generator)."""
-    from conceptshift.io import write_atomic
+    from conceptshift.files import write_atomic
 
     lines = [
         "## SVI (AutoDelta MLE) against EM (`svi`)",

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .io import (
+from .files import (
     check_out_dir,
     dumps_strict,
     non_finite_keys,

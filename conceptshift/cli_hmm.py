@@ -12,8 +12,8 @@ def cmd_fit_hmm(args) -> int:
     from rich.console import Console
 
     from .cli import MAX_INT, UsageError, check_finite_fit, check_range, setup_precision
-    from .io import dumps_strict, write_json_atomic
-    from .io_hmm import MAX_TOKENS, read_sequences
+    from .files import dumps_strict, write_json_atomic
+    from .token_files import MAX_TOKENS, read_sequences
 
     if args.states is None:
         raise UsageError("--family hmm needs --states S (number of hidden states)")

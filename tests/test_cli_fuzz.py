@@ -231,7 +231,7 @@ def test_fit_that_overflows_on_the_data_scale_is_exit_1(files, capsys):
 
 
 def test_strict_json_helpers():
-    from conceptshift.io import dumps_strict, loads_strict, to_strict_json
+    from conceptshift.files import dumps_strict, loads_strict, to_strict_json
 
     obj = {"a": np.float32("nan"), "b": [1.0, float("inf")], "c": {"d": np.array([2.0, -np.inf])},
            "e": (np.int64(3), np.bool_(True), None)}

@@ -10,7 +10,7 @@ import pytest
 from conftest import X64
 
 from conceptshift.cli import main
-from conceptshift.io_hmm import read_sequences
+from conceptshift.token_files import read_sequences
 
 # the CLI chooses its own precision (float64 unless --float32): the float64 pass would repeat it
 pytestmark = pytest.mark.skipif(X64, reason="the CLI sets its own precision; run once")

@@ -177,7 +177,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
         figs = plot_posterior(read_datatree(out / "nuts.nc"), out, prob=prob, prefix="nuts_")
         results["figures"] += figs
-        from ..io import write_json_atomic
+        from ..files import write_json_atomic
 
         write_json_atomic(out / "results.json", results)
     return results

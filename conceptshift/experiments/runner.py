@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..io import (
+from ..files import (
     NON_FINITE_KEY,
     check_out_dir,
     dumps_strict,

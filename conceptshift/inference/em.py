@@ -26,7 +26,7 @@ from .._validation import (
     is_traced,
 )
 from ..models._experts import ExpertsFamily, Standardiser
-from .init import kmeans_pp_responsibilities, random_responsibilities, subset_responsibilities
+from .starts import kmeans_pp_responsibilities, random_responsibilities, subset_responsibilities
 
 INITS = ("mixed", "kmeans++", "subset", "random")
 

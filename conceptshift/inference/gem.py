@@ -31,7 +31,7 @@ from .em import (
     standardise,
     to_raw,
 )
-from .init import kmeans_pp_responsibilities, subset_responsibilities
+from .starts import kmeans_pp_responsibilities, subset_responsibilities
 
 
 def gate_m_step(model: SoftmaxGatedExperts, params, x, r, stats, inner_steps: int):
