@@ -30,7 +30,8 @@ def parse_number(text: str) -> float:
     """A finite float from plain ASCII decimal or scientific notation.
 
     Raises:
-      ValueError: with a short reason ("is not a number", "is not finite", "overflows float64").
+      ValueError: with a short reason ("is not a number", "is not finite", "overflows float64",
+        "underflows float64").
     """
     text = text.strip()
     if _NON_FINITE.fullmatch(text):
@@ -40,6 +41,8 @@ def parse_number(text: str) -> float:
     v = float(text)
     if not math.isfinite(v):
         raise ValueError(f"{text!r} overflows float64")
+    if v == 0.0 and any(c in "123456789" for c in text.split("e")[0].split("E")[0]):
+        raise ValueError(f"{text!r} underflows float64 (it would be read as 0)")
     return v
 
 

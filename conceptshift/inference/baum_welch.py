@@ -128,7 +128,7 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
       >>> m = HMMMixture(2, 2, 4)
       >>> truth = m.init_params(jax.random.key(0))
       >>> x, lengths, _, _ = m.sample(jax.random.key(1), truth, n=200, length=10)
-      >>> fit = fit_hmm_em(m, jax.random.key(2), x, lengths, restarts=4)
+      >>> fit = fit_hmm_em(m, jax.random.key(2), x, lengths, restarts=4, max_iter=1000)
       >>> bool(fit.converged)
       True
     """
