@@ -497,7 +497,9 @@ def fit_em(
     """Fits ``model`` to (x, y) by EM with closed-form M-steps; returns the best restart.
 
     Args:
-      model: a family instance, e.g. ``RegressionMixture(n_components=2)``.
+      model: a family instance, e.g. ``RegressionMixture(n_components=2)``; a family whose M-step
+        iterates (``SoftmaxGatedExperts``) is fitted by generalized EM (:func:`fit_gem`), with the
+        same result type.
       key: a ``jax.random`` key; the same key gives the same fit.
       x: covariates (N, D), or (N,) when D == 1, or None when D == 0.
       y: responses (N, H), or (N,) when the model has one head.
@@ -557,6 +559,18 @@ def fit_em(
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if model.m_step_iterates:  # generalized EM: the same result type, fewer options for now
+        unsupported = {"init": init != "mixed", "init_params": init_params is not None,
+                       "block_size": block_size != DEFAULT_BLOCK, "mesh": mesh is not None,
+                       "estep": estep == "kernel"}
+        bad = [name for name, given in unsupported.items() if given]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} not supported for {type(model).__name__}, whose "
+                             f"M-step iterates (generalized EM)")
+        from .gem import fit_gem
+
+        return fit_gem(model, key, x, y, weights=weights, restarts=restarts, max_iter=max_iter,
+                       tol=tol)
     x, y, w = check_fit_data(model, x, y, weights)
     if init_params is not None:
         init_params = check_init_params(model, init_params)

@@ -1,18 +1,25 @@
 """Model families, each a NumPyro generative model defined once, and ground-truth problems."""
 
-from ._experts import DataStats, ExpertsFamily
+from ._experts import DataStats, ExpertsFamily, Standardiser
 from .basis import Basis
 from .gated import GatedExperts, GatedParams
 from .hmm import HMMMixture, HMMParams
 from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
+from .registry import FAMILIES, family, family_class, family_names, register_family
 from .regression import RegressionMixture, RegressionParams
 from .softmax_gated import SoftmaxGatedExperts, SoftmaxGatedParams
 
 __all__ = [
+    "FAMILIES",
+    "family",
+    "family_class",
+    "family_names",
+    "register_family",
     "Basis",
     "DataStats",
     "ExpertsFamily",
+    "Standardiser",
     "GatedExperts",
     "GatedParams",
     "Problem",

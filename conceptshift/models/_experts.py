@@ -374,6 +374,12 @@ class ExpertsFamily:
         perm = jnp.asarray(perm)
         return jax.tree_util.tree_map(lambda a: a[perm], params)
 
+    @property
+    def m_step_iterates(self) -> bool:
+        """Whether the M-step has no closed form and iterates (generalized EM: the softmax gate's
+        inner optax loop); ``fit_em`` runs such families by generalized EM."""
+        return False
+
     # ------------------------------------------------------------------ standard coordinates
     @property
     def models_x(self) -> bool:

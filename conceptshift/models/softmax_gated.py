@@ -52,6 +52,10 @@ class SoftmaxGatedExperts(ExpertsFamily):
     def n_gate_params(self) -> int:
         return self.n_components * self.n_features
 
+    @property
+    def m_step_iterates(self) -> bool:
+        return True
+
     def gate_logits_t(self, params, xT: Array) -> Array:
         """b + W x in the E-step's layout, x (D, N) -> (K, N)."""
         return params.log_weights[:, None] + _p.mm(params.gate_weights, xT)

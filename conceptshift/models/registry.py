@@ -1,0 +1,54 @@
+"""The model families by name: one line registers a family, and generic code (the CLI, the
+experiments, the contract tests) finds it here instead of importing concrete classes.
+
+Example:
+  >>> from conceptshift.models.registry import family, family_names
+  >>> family("regression", n_components=2).n_components
+  2
+  >>> "gated" in family_names()
+  True
+"""
+
+from __future__ import annotations
+
+from .gated import GatedExperts
+from .hmm import HMMMixture
+from .regression import RegressionMixture
+from .softmax_gated import SoftmaxGatedExperts
+
+FAMILIES: dict[str, type] = {}
+
+
+def register_family(name: str, cls: type) -> type:
+    """Registers ``cls`` (a frozen dataclass of hyperparameters) under ``name``; returns it."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a family name must be an identifier, got {name!r}")
+    if not isinstance(cls, type):
+        raise TypeError(f"cls must be a class, got {type(cls).__name__}")
+    if name in FAMILIES and FAMILIES[name] is not cls:
+        raise ValueError(f"a family named {name!r} is already registered ({FAMILIES[name].__name__})")
+    FAMILIES[name] = cls
+    return cls
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(FAMILIES)
+
+
+def family_class(name: str) -> type:
+    """The class registered under ``name``; a ValueError lists the known names."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def family(name: str, **hyperparameters):
+    """An instance of the family registered under ``name``."""
+    return family_class(name)(**hyperparameters)
+
+
+register_family("regression", RegressionMixture)
+register_family("gated", GatedExperts)
+register_family("softmax", SoftmaxGatedExperts)
+register_family("hmm", HMMMixture)
