@@ -26,17 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 
-def problem(seed: int):
+def problem(seed: int, n: int | None = None, far_every: int = 8):
+    """Seeded problem ``seed``: (family, x, y); n rows (None: 200 or 2000, drawn), every
+    ``far_every``-th one far from the origin. (``tests/test_equivariance.py`` uses it too.)"""
     from conceptshift.models import GatedExperts, RegressionMixture
 
     rng = np.random.default_rng(seed)
     K, gated, deg = int(rng.integers(2, 4)), bool(rng.integers(0, 2)), int(rng.integers(1, 3))
-    n = int(rng.choice([200, 2000]))
+    drawn = int(rng.choice([200, 2000]))
+    n = drawn if n is None else n
     z = rng.integers(0, K, n)
     x = (rng.normal(0, 2, K)[z] + rng.normal(size=n)) if gated else rng.uniform(-2, 2, n)
     b, s = rng.normal(0, 2, (K, deg + 1)), rng.uniform(0.2, 1.0, K)
     y = sum(b[z, j] * x**j for j in range(deg + 1)) + s[z] * rng.normal(size=n)
-    if seed % 8 == 0:
+    if seed % far_every == 0:
         x, y = x + 1e4, y + float(rng.choice([0.0, 1e4]))
     return (GatedExperts if gated else RegressionMixture)(K, degree=deg), x, y
 

@@ -4,7 +4,9 @@ covariate or of a response maps the fit exactly (the log-likelihood unchanged, o
 objective never falls by more than float resolution, far from the origin included."""
 
 import csv
+import importlib.util
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from conceptshift.models import GatedExperts, RegressionMixture
 from conceptshift.models.softmax_gated import SoftmaxGatedExperts
 
 DTYPE = jnp.zeros((), dtype=float).dtype
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # the fitted log-likelihood in float32 is the standardised one plus N log-Jacobian terms: its
 # rounding is a few ulps of the larger of the two
 LL_TOL = rtol(2e-6, 1e-9)
@@ -162,18 +165,12 @@ def test_standard_coordinates_round_trip_and_densities():
 
 # ---------------------------------------------------------------- monotone wherever the data sit
 def monotone_problem(seed: int):
-    """A seeded problem: K in {2, 3}, regression or gated, degree 1 or 2; every fourth one moved
-    far from the origin (x + 1e4, and y + 1e4 for some)."""
-    rng = np.random.default_rng(seed)
-    K, gated, deg = int(rng.integers(2, 4)), bool(rng.integers(0, 2)), int(rng.integers(1, 3))
-    n = 300
-    z = rng.integers(0, K, n)
-    x = (rng.normal(0, 2, K)[z] + rng.normal(size=n)) if gated else rng.uniform(-2, 2, n)
-    b, s = rng.normal(0, 2, (K, deg + 1)), rng.uniform(0.2, 1.0, K)
-    y = sum(b[z, j] * x**j for j in range(deg + 1)) + s[z] * rng.normal(size=n)
-    if seed % 4 == 0:
-        x, y = x + 1e4, y + float(rng.choice([0.0, 1e4]))
-    return (GatedExperts if gated else RegressionMixture)(K, degree=deg), x, y
+    """The monotonicity benchmark's seeded problems (``benchmarks/monotone.py``), 300 rows, every
+    fourth one far from the origin (x + 1e4, and y + 1e4 for some)."""
+    spec = importlib.util.spec_from_file_location("monotone", BENCH / "monotone.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.problem(seed, n=300, far_every=4)
 
 
 def objective_falls(fit) -> float:
