@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from ..inference.em import EMResult, e_step
-from ..models import ExpertsFamily, GatedExperts
+from ..models import ExpertsFamily, family_name
 
 
 def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=None) -> dict:
@@ -26,7 +26,7 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
     if model.n_heads == 1:
         coef, scale = coef[:, 0, :], scale[:, 0]
     out = {
-        "family": "gated" if isinstance(model, GatedExperts) else "regression",
+        "family": family_name(model),
         "components": model.n_components,
         "n": int(x.shape[0]),
         "loglik": float(result.loglik),
@@ -47,9 +47,8 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
     }
     if response_names is not None:
         out["responses"] = list(response_names)
-    if isinstance(model, GatedExperts):
-        out["gate_mean"] = np.asarray(params.gate_mean).tolist()
-        out["gate_cov"] = np.asarray(params.gate_cov).tolist()
+    for name in model.gate_fields():  # gate_mean, gate_cov (gated); gate_weights (softmax)
+        out[name] = np.asarray(getattr(params, name)).tolist()
     return out
 
 

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from .._validation import check_int, check_key
 from ..models._experts import ExpertsFamily
-from ..models.gated import GatedExperts
 from .em import fit_em
 from .estimators import identify
 from .mcmc import relabel_one
@@ -44,10 +43,11 @@ def _ident(model, s, t):
 
 
 def _resample(model, key, params, x):
-    """New data from a fit: x redrawn from the gate mixture for gated families, kept otherwise."""
+    """New data from a fit: x redrawn from the model's p(x) for families that model x (their
+    ``x_distribution``), kept otherwise."""
     kx, ky = jax.random.split(key)
     with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        if isinstance(model, GatedExperts):
+        if model.models_x:
             x = model.x_distribution(params).sample(kx, (x.shape[0],))
         y = model.sample_conditional(ky, params, x)
     return x, y

@@ -6,7 +6,7 @@ from .gated import GatedExperts, GatedParams
 from .hmm import HMMMixture, HMMParams
 from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
-from .registry import FAMILIES, family, family_class, family_names, register_family
+from .registry import FAMILIES, family, family_class, family_name, family_names, register_family
 from .regression import RegressionMixture, RegressionParams
 from .softmax_gated import SoftmaxGatedExperts, SoftmaxGatedParams
 
@@ -14,6 +14,7 @@ __all__ = [
     "FAMILIES",
     "family",
     "family_class",
+    "family_name",
     "family_names",
     "register_family",
     "Basis",

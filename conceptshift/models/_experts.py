@@ -79,6 +79,18 @@ class Standardiser(NamedTuple):
     y_scale: Array  # (H,)
 
 
+def numpyro_numerics():
+    """A context in which numpyro's own distribution code runs under any user setting: it relies on
+    implicit rank broadcasting and int/float promotion, which ``jax_numpy_rank_promotion="raise"``
+    and ``jax_numpy_dtype_promotion="strict"`` forbid."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.numpy_rank_promotion("allow"))
+    stack.enter_context(jax.numpy_dtype_promotion("standard"))
+    return stack
+
+
 def loc_scale(a, w, xp=jnp):
     """Weighted mean and standard deviation of each column of a (N, C) with weights w (N,), without
     overflow for any finite values (sums are taken of pre-scaled values); a constant column gets
@@ -766,6 +778,42 @@ class ExpertsFamily:
 
     def _degenerate_gates(self, params, x, r, stats):
         return jnp.zeros((self.n_components,), dtype=bool)
+
+    # ------------------------------------------------------------------ posterior sites
+    def gate_fields(self) -> tuple[str, ...]:
+        """The parameter fields of the gate beyond ``log_weights`` (none for constant gates)."""
+        return ()
+
+    def site_names(self) -> tuple[str, ...]:
+        """The latent sites of :meth:`numpyro_model` in the order they are sampled."""
+        return ("weights", "coef", "scale") + self._gate_site_names()
+
+    def to_sites(self, params) -> dict[str, Array]:
+        """The latent site values (constrained space) that give ``params`` (weights renormalised;
+        a shared scale read from component 0): what SVI, NUTS and relabelling work on."""
+        w = jnp.exp(params.log_weights - logsumexp(params.log_weights))
+        scale = jnp.exp(params.log_scale)
+        if self.shared_scale:
+            scale = scale[:1]
+        return {"weights": w, "coef": params.coef, "scale": scale, **self._gate_to_sites(params)}
+
+    def from_sites(self, sites: dict):
+        """The parameter pytree from one set of latent site values (no leading draw axes;
+        ``jax.vmap`` it over draws)."""
+        K, H = self.n_components, self.n_heads
+        coef = sites["coef"]
+        scale = jnp.broadcast_to(sites["scale"], (K, H))
+        return self._params_from_sites(jnp.log(sites["weights"]), coef, jnp.log(scale),
+                                       self._gate_from_sites(sites, coef.dtype))
+
+    def _gate_site_names(self) -> tuple[str, ...]:
+        return ()
+
+    def _gate_to_sites(self, params) -> dict:
+        return {}
+
+    def _gate_from_sites(self, sites: dict, dtype) -> dict:
+        return {}
 
     # ------------------------------------------------------------------ NumPyro model
     def numpyro_model(self, x: Array, y: Array | None = None):

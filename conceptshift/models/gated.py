@@ -17,7 +17,7 @@ from jax import Array
 
 from .. import _precision as _p
 from .._validation import check_int
-from ._experts import DataStats, ExpertsFamily
+from ._experts import DataStats, ExpertsFamily, numpyro_numerics
 
 
 class GatedParams(NamedTuple):
@@ -185,6 +185,29 @@ class GatedExperts(ExpertsFamily):
         else:
             cov = jax.vmap(jnp.diag)(sd**2)
         return {"gate_mean": mean, "gate_cov": cov}
+
+    def gate_fields(self):
+        return ("gate_mean", "gate_cov")
+
+    def _gate_site_names(self):
+        full = self.covariance == "full" and self.n_features > 1
+        return ("gate_mean", "gate_sd") + (("gate_corr_chol",) if full else ())
+
+    def _gate_to_sites(self, params):
+        cov = params.gate_cov
+        sd = jnp.sqrt(jnp.diagonal(cov, axis1=-2, axis2=-1))
+        out = {"gate_mean": params.gate_mean, "gate_sd": sd}
+        if "gate_corr_chol" in self._gate_site_names():
+            out["gate_corr_chol"] = jnp.linalg.cholesky(cov / (sd[..., :, None] * sd[..., None, :]))
+        return out
+
+    def _gate_from_sites(self, sites, dtype):
+        # the covariance rebuilt by the model's own site code: one definition of it
+        from numpyro import handlers
+
+        dummy = jnp.zeros((0, self.n_features), dtype)
+        with numpyro_numerics(), handlers.seed(rng_seed=0), handlers.substitute(data=sites):
+            return self._gate_sites(dummy)
 
     def _observe_x(self, params, x):
         import numpyro

@@ -43,6 +43,14 @@ def family_class(name: str) -> type:
         raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
+def family_name(model) -> str:
+    """The name a family instance is registered under."""
+    for name, cls in FAMILIES.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is not a registered family")
+
+
 def family(name: str, **hyperparameters):
     """An instance of the family registered under ``name``."""
     return family_class(name)(**hyperparameters)

@@ -115,5 +115,17 @@ class SoftmaxGatedExperts(ExpertsFamily):
         w = numpyro.sample("gate_weights", dist.Normal(jnp.zeros((K, D), x.dtype), 5.0).to_event(2))
         return {"gate_weights": w}
 
+    def gate_fields(self):
+        return ("gate_weights",)
+
+    def _gate_site_names(self):
+        return ("gate_weights",)
+
+    def _gate_to_sites(self, params):
+        return {"gate_weights": params.gate_weights}
+
+    def _gate_from_sites(self, sites, dtype):
+        return {"gate_weights": sites["gate_weights"]}
+
     def _params_from_sites(self, log_weights, coef, log_scale, gate_sites):
         return SoftmaxGatedParams(log_weights, coef, log_scale, gate_sites["gate_weights"])
