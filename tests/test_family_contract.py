@@ -101,3 +101,27 @@ def test_fit_em_monotone_jit_vmap_and_no_recompile(name):
     batch = jax.tree.map(lambda *a: jnp.stack(a), params, model.permute(params, jnp.asarray([1, 0])))
     ll = jax.jit(jax.vmap(lambda p: jnp.sum(model.log_likelihood(p, x, y))))(batch)
     np.testing.assert_allclose(np.asarray(ll), _total(model, params, x, y), rtol=rtol(1e-5, 1e-12))
+
+
+def _data_for_any(name):
+    """Data any registered family can be fitted to with fit_em's one call: (model, x, y)."""
+    if name not in NOT_YET:
+        model, _, x, y = _setup(name)
+        return model, x, y
+    # sequences: integer tokens with -1 as trailing padding, and output tokens
+    model = family(name, n_components=2, n_states=2, n_tokens=4, n_heads=1)
+    x, lengths, y, _ = model.sample(jax.random.key(1), model.init_params(jax.random.key(0)),
+                                    n=80, length=6)
+    x = np.where(np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None], np.asarray(x), -1)
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_fit_em_fits_every_registered_family_with_one_call(name):
+    """One call, one result type, for every family (the HMM included)."""
+    model, x, y = _data_for_any(name)
+    fit = fit_em(model, jax.random.key(3), x, y, restarts=2, max_iter=200)
+    assert isinstance(fit, EMResult)
+    assert np.isfinite(float(fit.loglik)) and np.isfinite(float(fit.bic))
+    assert fit.restart_loglik.shape == (2,) and 1 <= int(fit.restarts_at_best) <= 2
+    assert len(fit.trace()) == int(fit.n_iter)

@@ -15,8 +15,6 @@ and the reported ``objective`` never decreases.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,33 +22,13 @@ from jax import Array
 
 from .._validation import is_traced
 from ..models.hmm import HMMData, HMMMixture, HMMParams
-from .em import check_em_args, em_loop, restarts_at_best
+from .em import EMResult, check_em_args, em_loop, restarts_at_best
 
-
-class HMMEMResult(NamedTuple):
-    """Outcome of :func:`fit_hmm_em` (a pytree: it can be returned from ``jit`` and ``vmap``).
-
-    ``loglik`` is sum_n w_n log p(x_n, y_n) at ``params``; ``objective`` adds the Dirichlet prior's
-    log-density and never decreases along EM. Traces hold the value before each iteration's M-step and
-    NaN past ``n_iter``; :meth:`trace` trims them.
-    """
-
-    params: HMMParams
-    loglik: Array  # ()
-    objective: Array  # ()
-    loglik_trace: Array  # (max_iter,)
-    objective_trace: Array  # (max_iter,)
-    n_iter: Array  # () int32
-    converged: Array  # () bool
-    bic: Array  # ()
-    best_restart: Array  # () int32
-    restart_loglik: Array  # (R,)
-    restart_converged: Array  # (R,)
-    restarts_at_best: Array  # () int32: restarts that reached the best log-likelihood
-
-    def trace(self) -> np.ndarray:
-        """The log-likelihood trace of the kept restart, trimmed to ``n_iter`` values."""
-        return np.asarray(self.loglik_trace)[: int(self.n_iter)]
+HMMEMResult = EMResult
+"""The result of :func:`fit_hmm_em`: :class:`conceptshift.inference.em.EMResult`, the one result type
+of every family's EM (``loglik`` is sum_n w_n log p(x_n, y_n); ``objective`` adds the Dirichlet
+prior; no standardisation: ``standardiser`` is None; a mixture of HMMs has no spurious
+unbounded optimum, so ``degenerate`` is False)."""
 
 
 def hmm_em_step(model: HMMMixture, params: HMMParams, d: HMMData) -> tuple[HMMParams, Array]:
@@ -91,9 +69,10 @@ def _fit_impl(model: HMMMixture, key, d: HMMData, tol, init_params, *, restarts:
     pick = jax.tree_util.tree_map(lambda a: a[best], runs)
     n = jnp.sum(d.w)
     bic = -2.0 * pick[1] + model.n_params * jnp.log(n)
-    return HMMEMResult(pick[0], pick[1], pick[2], pick[3], pick[4], pick[5], pick[6], bic,
-                       best.astype(jnp.int32), ll, conv,
-                       restarts_at_best(ll, jnp.isfinite(obj), best, n))
+    no = jnp.zeros(ll.shape, bool)
+    return EMResult(pick[0], pick[1], pick[2], pick[3], pick[4], pick[5], pick[6], bic,
+                    jnp.asarray(False), best.astype(jnp.int32), ll, conv, no,
+                    restarts_at_best(ll, jnp.isfinite(obj), best, n), None)
 
 
 _fit_jit = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter"))

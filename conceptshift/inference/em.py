@@ -452,6 +452,30 @@ _fit_em_jit = jax.jit(
 )
 
 ESTEP_BACKENDS = ("auto", "kernel", "xla")
+EM_KINDS = {"closed_form": "EM with closed-form M-steps",
+            "generalized": "generalized EM: its M-step iterates",
+            "baum_welch": "Baum-Welch EM on token sequences"}
+
+
+def padded_tokens(x):
+    """(tokens, lengths) from integer tokens (N, T) with -1 as trailing padding (the sequence
+    families' ``x``); padding anywhere but at the end of a row is refused."""
+    if is_traced(x):
+        present = x >= 0
+        return jnp.where(present, x, 0), jnp.sum(present, axis=1).astype(jnp.int32)
+    arr = np.asarray(x)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer)
+                             or (np.issubdtype(arr.dtype, np.floating)
+                                 and np.all(arr == np.round(arr)))):
+        raise ValueError(f"x must be integer tokens of shape (N, T) with -1 as trailing padding, "
+                         f"got {arr.dtype} {arr.shape}")
+    present = arr >= 0
+    lengths = present.sum(axis=1)
+    trailing = np.arange(arr.shape[1])[None, :] < lengths[:, None]
+    if np.any(present != trailing):
+        i = int(np.argwhere(np.any(present != trailing, axis=1))[0, 0])
+        raise ValueError(f"x row {i} has a token after padding (-1): padding must be trailing")
+    return np.where(present, arr, 0).astype(np.int64), lengths.astype(np.int32)
 
 
 def platform_of(x, mesh=None) -> str:
@@ -497,9 +521,11 @@ def fit_em(
     """Fits ``model`` to (x, y) by EM with closed-form M-steps; returns the best restart.
 
     Args:
-      model: a family instance, e.g. ``RegressionMixture(n_components=2)``; a family whose M-step
-        iterates (``SoftmaxGatedExperts``) is fitted by generalized EM (:func:`fit_gem`), with the
-        same result type.
+      model: a family instance, e.g. ``RegressionMixture(n_components=2)``. Every family has the
+        same call and result type: one whose M-step iterates (``SoftmaxGatedExperts``) is fitted
+        by generalized EM (:func:`fit_gem`), a mixture of HMMs by Baum-Welch
+        (:func:`fit_hmm_em`), with x the integer tokens (N, T), -1 as trailing padding, and y the
+        output tokens (N, H) or None.
       key: a ``jax.random`` key; the same key gives the same fit.
       x: covariates (N, D), or (N,) when D == 1, or None when D == 0.
       y: responses (N, H), or (N,) when the model has one head.
@@ -551,7 +577,8 @@ def fit_em(
       >>> bool(fit.converged)
       True
     """
-    if not isinstance(model, ExpertsFamily):
+    kind = getattr(model, "em_kind", None)
+    if kind not in EM_KINDS:
         raise TypeError(
             f"model must be a conceptshift model family (e.g. RegressionMixture), "
             f"got {type(model).__name__}"
@@ -559,18 +586,25 @@ def fit_em(
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if model.m_step_iterates:  # generalized EM: the same result type, fewer options for now
-        unsupported = {"init": init != "mixed", "init_params": init_params is not None,
+    if kind != "closed_form":  # the same result type, fewer options for now
+        unsupported = {"init": init != "mixed", "init_params": (init_params is not None
+                                                                and kind == "generalized"),
                        "block_size": block_size != DEFAULT_BLOCK, "mesh": mesh is not None,
                        "estep": estep == "kernel"}
         bad = [name for name, given in unsupported.items() if given]
         if bad:
-            raise ValueError(f"{', '.join(bad)} not supported for {type(model).__name__}, whose "
-                             f"M-step iterates (generalized EM)")
-        from .gem import fit_gem
+            raise ValueError(f"{', '.join(bad)} not supported for {type(model).__name__} "
+                             f"({EM_KINDS[kind]})")
+        if kind == "generalized":
+            from .gem import fit_gem
 
-        return fit_gem(model, key, x, y, weights=weights, restarts=restarts, max_iter=max_iter,
-                       tol=tol)
+            return fit_gem(model, key, x, y, weights=weights, restarts=restarts,
+                           max_iter=max_iter, tol=tol)
+        from .baum_welch import fit_hmm_em
+
+        tokens, lengths = padded_tokens(x)
+        return fit_hmm_em(model, key, tokens, lengths, y, weights=weights, restarts=restarts,
+                          max_iter=max_iter, tol=tol, init_params=init_params)
     x, y, w = check_fit_data(model, x, y, weights)
     if init_params is not None:
         init_params = check_init_params(model, init_params)

@@ -387,10 +387,11 @@ class ExpertsFamily:
         return jax.tree_util.tree_map(lambda a: a[perm], params)
 
     @property
-    def m_step_iterates(self) -> bool:
-        """Whether the M-step has no closed form and iterates (generalized EM: the softmax gate's
-        inner optax loop); ``fit_em`` runs such families by generalized EM."""
-        return False
+    def em_kind(self) -> str:
+        """How ``fit_em`` fits this family: ``"closed_form"`` (the fused E-step and closed-form
+        M-steps), ``"generalized"`` (an M-step that iterates: the softmax gate's inner optax loop)
+        or ``"baum_welch"`` (sequences: forward-backward statistics)."""
+        return "closed_form"
 
     # ------------------------------------------------------------------ standard coordinates
     @property

@@ -122,6 +122,11 @@ class HMMMixture:
 
     # ------------------------------------------------------------------ bookkeeping
     @property
+    def em_kind(self) -> str:
+        """``fit_em`` fits this family by Baum-Welch (see ``ExpertsFamily.em_kind``)."""
+        return "baum_welch"
+
+    @property
     def n_params(self) -> int:
         """Free parameters (for BIC)."""
         K, S, V, H = self.n_components, self.n_states, self.n_tokens, self.n_heads

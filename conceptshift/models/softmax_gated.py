@@ -53,8 +53,8 @@ class SoftmaxGatedExperts(ExpertsFamily):
         return self.n_components * self.n_features
 
     @property
-    def m_step_iterates(self) -> bool:
-        return True
+    def em_kind(self) -> str:
+        return "generalized"
 
     def gate_logits_t(self, params, xT: Array) -> Array:
         """b + W x in the E-step's layout, x (D, N) -> (K, N)."""
