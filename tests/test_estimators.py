@@ -98,3 +98,19 @@ def test_predictor_pytree_and_density():
 
 def test_em_options_hashable():
     assert hash(EMOptions()) == hash(EMOptions())
+
+
+def test_identification_returns_the_fits_it_made():
+    """Algorithm 1 run end to end hands back both EM fits (log-likelihood, convergence,
+    degeneracy, restarts at the best optimum), not only the matching."""
+    from conceptshift.inference import EMResult
+    from conceptshift.inference.estimators import EMOptions, identification
+
+    prob = make_problem(jax.random.key(3), n_components=2, delta=1.0)
+    _, src, tgt = _data(prob, 300)
+    ident = identification(jax.random.key(0), prob.strong_model, src, tgt,
+                           EMOptions(restarts=2, max_iter=100))
+    for fit, heads in ((ident.source_fit, 2), (ident.target_fit, 1)):
+        assert isinstance(fit, EMResult) and fit.params.coef.shape[1] == heads
+        assert np.isfinite(float(fit.loglik)) and 1 <= int(fit.restarts_at_best) <= 2
+    assert identify(prob.params_p, prob.params_q, prob.strong_model).source_fit is None

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from ..inference.estimators import head_vectors
-from ..inference.matching import _assign
+from ..inference.matching import assign_traced
 from ..inference.predictor import Predictor
 from ..models.problem import Problem
 
@@ -35,7 +35,7 @@ def param_error(pred: Predictor, problem: Problem) -> tuple[Array, Array]:
     true = problem.heads("q", "strong")
     est = pred.params
     cost = jnp.sum((true.coef[:, None, 0, :] - est.coef[None, :, 0, :]) ** 2, -1)  # (K_true, K_est)
-    perm = _assign(cost)
+    perm = assign_traced(cost)
     coef_err = jnp.sum(cost[jnp.arange(cost.shape[0]), perm])
     w_err = jnp.sum(jnp.abs(jnp.exp(est.log_weights[perm]) - jnp.exp(true.log_weights)))
     return coef_err, w_err
@@ -47,7 +47,7 @@ def truth_labels(problem: Problem, params, head: int, domain: str, true_head: in
     true = problem.params_p if domain == "p" else problem.params_q
     a, t = head_vectors(params, head), head_vectors(true, true_head)
     cost = jnp.sum((a[:, None, :] - t[None, :, :]) ** 2, -1)
-    return _assign(cost)
+    return assign_traced(cost)
 
 
 def matching_accuracy(assignment: Array, source_truth: Array, target_truth: Array) -> Array:

@@ -57,22 +57,23 @@ def em_options(cfg: dict) -> EMOptions:
 
 def _identification_only(key, model, src, tgt, gold, opts):
     """The fits Algorithm 1 needs (and the oracle), without the other baselines."""
-    from ..inference.estimators import Estimates, _fit, identify, oracle
+    from ..inference.estimators import Estimates, fit_em_with, identify, oracle
     from ..inference.predictor import Predictor
 
     keys = jax.random.split(key, 4)
     m1, m2 = model.with_heads(1), model.with_heads(2)
-    s2f = _fit(m2, keys[0], src.x, jnp.stack([src.y, src.y_weak], axis=1), src.w, opts)
-    s1f = _fit(m1, keys[1], src.x, src.y, src.w, opts)
-    t1f = _fit(m1, keys[2], tgt.x, tgt.y_weak, tgt.w, opts)
+    s2f = fit_em_with(m2, keys[0], src.x, jnp.stack([src.y, src.y_weak], axis=1), src.w, opts)
+    s1f = fit_em_with(m1, keys[1], src.x, src.y, src.w, opts)
+    t1f = fit_em_with(m1, keys[2], tgt.x, tgt.y_weak, tgt.w, opts)
     preds = {
         "weak_only": Predictor(m1, t1f.params),
         "identification": None,
         "identification_noweak": None,
         "oracle": oracle(keys[3], m1, gold, opts),
     }
-    ident = identify(s2f.params, t1f.params, m1, weak_source=True)
-    ident_nw = identify(s1f.params, t1f.params, m1, weak_source=False)
+    ident = identify(s2f.params, t1f.params, m1, weak_source=True, source_fit=s2f, target_fit=t1f)
+    ident_nw = identify(s1f.params, t1f.params, m1, weak_source=False, source_fit=s1f,
+                        target_fit=t1f)
     preds["identification"] = ident.predictor
     preds["identification_noweak"] = ident_nw.predictor
     bic = {"source_bic": s2f.bic, "target_bic": t1f.bic}

@@ -19,10 +19,10 @@ from ..inference.hmm_estimators import (
     refinement_icl_path,
     truth_labels,
 )
-from ..inference.hmm_estimators import _fit as fit_hmm
-from ..inference.matching import _assign
+from ..inference.hmm_estimators import fit_hmm_with as fit_hmm
+from ..inference.matching import assign_traced
 from ..models.hmm import HMMMixture, HMMParams
-from ..models.hmm_problem import HMMProblem, HMMProblemSpec, _simulate, make_hmm_problem
+from ..models.hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_from_params
 
 HMM_PROBLEM_KNOBS = {
     "n_components": 3,
@@ -79,8 +79,8 @@ def hmm_replicate(key, n, params_p: HMMParams, params_q: HMMParams, *, model: HM
     Records past n get weight 0 (one compiled program serves every n and every problem of the same
     shapes: the problem's parameters are traced arguments)."""
     ksim, kest = jax.random.split(key)
-    sim = _simulate(ksim, model, params_p, params_q, n_source=n_max, n_target=n_max, n_test=n_test, T=T,
-                    lo=lo)
+    sim = simulate_from_params(ksim, model, params_p, params_q, n_source=n_max, n_target=n_max,
+                               n_test=n_test, T=T, lo=lo)
     dtype = params_p.log_weights.dtype
     w = (jnp.arange(n_max) < n).astype(dtype)
     s, t = sim.source, sim.target
@@ -132,7 +132,7 @@ def _states_recovered(truth: HMMParams, fit: HMMParams):
     the optimal state alignment: the states are recovered without ambiguity."""
     a, b = jnp.exp(truth.log_emit), jnp.exp(fit.log_emit)
     cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
-    perm = _assign(cost)
+    perm = assign_traced(cost)
     return jnp.all(jnp.argmin(cost, axis=1).astype(perm.dtype) == perm)  # int64 argmin under x64
 
 

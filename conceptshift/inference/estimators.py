@@ -34,7 +34,7 @@ from .._validation import is_traced
 from ..models._experts import ExpertsFamily
 from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise
-from .matching import _assign, assignment_margin, greedy_assignment
+from .matching import assign_traced, assignment_margin, greedy_assignment
 from .predictor import Predictor, strong_predictor, with_proportions
 
 ESTIMATORS = (
@@ -74,7 +74,8 @@ def as_data(sample, w=None) -> Data:
     return Data(sample.x, sample.y, sample.y_weak, w)
 
 
-def _fit(model, key, x, y, w, opts: EMOptions) -> EMResult:
+def fit_em_with(model, key, x, y, w, opts: EMOptions) -> EMResult:
+    """``fit_em`` with the estimators' options (restarts, iterations, tolerance) and weights w."""
     return fit_em(model, key, x, y, weights=w, restarts=opts.restarts, max_iter=opts.max_iter,
                   tol=opts.tol)
 
@@ -98,12 +99,12 @@ def gate_cost(params_a, params_b) -> Array:
 
 # ---------------------------------------------------------------------------------- baselines
 def source_only(key, model: ExpertsFamily, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
-    fit = _fit(model.with_heads(1), key, source.x, source.y, source.w, opts)
+    fit = fit_em_with(model.with_heads(1), key, source.x, source.y, source.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
 def weak_only(key, model: ExpertsFamily, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
-    fit = _fit(model.with_heads(1), key, target.x, target.y_weak, target.w, opts)
+    fit = fit_em_with(model.with_heads(1), key, target.x, target.y_weak, target.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
@@ -158,7 +159,7 @@ def weak_training_ll(key, model: ExpertsFamily, source: Data, target: Data, lam,
     """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
     _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
-    fit = _fit(model.with_heads(1), key, x, y, w, opts)
+    fit = fit_em_with(model.with_heads(1), key, x, y, w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
@@ -204,16 +205,22 @@ def refinement_icl_labels(key, model2, params2, target: Data, n_demos: int) -> A
 
 # ---------------------------------------------------------------------------------- Algorithm 1
 class Identification(NamedTuple):
+    """Algorithm 1's outcome: q̂ as a predictor, the matching, and the two fits it was made from
+    (``None`` when :func:`identify` was given parameters only)."""
+
     predictor: Predictor
     assignment: Array  # (K,) a(k): target component matched to source component k
     margin: Array  # () second-best minus best total matching cost
     greedy: Array  # (K,) the paper's argmin rule
     greedy_bijection: Array  # () whether the greedy rule gave a permutation
     cost: Array  # (K, K)
+    source_fit: EMResult | None = None  # the fit of D_P (loglik, converged, degenerate, ...)
+    target_fit: EMResult | None = None  # the fit of D_Q'
 
 
 def identify(source_params, target_params, model: ExpertsFamily, *, weak_source: bool = True,
-             gate_weight: float = 0.0) -> Identification:
+             gate_weight: float = 0.0, source_fit: EMResult | None = None,
+             target_fit: EMResult | None = None) -> Identification:
     """Steps 3-4 of Algorithm 1 from a source fit and a weak-target fit.
 
     Args:
@@ -222,16 +229,18 @@ def identify(source_params, target_params, model: ExpertsFamily, *, weak_source:
       model: the single-head family.
       weak_source: match thetâ^wp to thetâ^wq; otherwise the strong heads thetâ to thetâ^wq.
       gate_weight: add this times the squared distance between gate means to the cost.
+      source_fit, target_fit: the fits the parameters came from, carried into the result.
     """
     cost = head_cost(source_params, 1 if weak_source else 0, target_params, 0)
     if gate_weight:
         cost = cost + gate_weight * gate_cost(source_params, target_params)
-    a = _assign(cost)
+    a = assign_traced(cost)
     greedy, bij = greedy_assignment(cost)
     n_heads = source_params.coef.shape[1]
     strong = strong_predictor(model.with_heads(n_heads), source_params, 0)
     pred = with_proportions(strong, target_params.log_weights[a])
-    return Identification(pred, a, assignment_margin(cost), greedy, bij, cost)
+    return Identification(pred, a, assignment_margin(cost), greedy, bij, cost, source_fit,
+                          target_fit)
 
 
 def identification(key, model: ExpertsFamily, source: Data, target: Data,
@@ -240,11 +249,12 @@ def identification(key, model: ExpertsFamily, source: Data, target: Data,
     ks, kt = jax.random.split(key)
     if weak_source:
         y = jnp.stack([source.y, source.y_weak], axis=1)
-        sfit = _fit(model.with_heads(2), ks, source.x, y, source.w, opts)
+        sfit = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts)
     else:
-        sfit = _fit(model.with_heads(1), ks, source.x, source.y, source.w, opts)
-    tfit = _fit(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts)
-    return identify(sfit.params, tfit.params, model, weak_source=weak_source)
+        sfit = fit_em_with(model.with_heads(1), ks, source.x, source.y, source.w, opts)
+    tfit = fit_em_with(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts)
+    return identify(sfit.params, tfit.params, model, weak_source=weak_source, source_fit=sfit,
+                    target_fit=tfit)
 
 
 # ---------------------------------------------------------------------------------- all at once
@@ -263,11 +273,12 @@ def estimate_all(key, model: ExpertsFamily, source: Data, target: Data, gold: Da
     keys = jax.random.split(key, 9)
     m1, m2 = model.with_heads(1), model.with_heads(2)
     y2 = jnp.stack([source.y, source.y_weak], axis=1)
-    s2 = _fit(m2, keys[0], source.x, y2, source.w, opts).params
-    s1 = _fit(m1, keys[1], source.x, source.y, source.w, opts).params
-    t1 = _fit(m1, keys[2], target.x, target.y_weak, target.w, opts).params
-    ident = identify(s2, t1, m1, weak_source=True)
-    ident_nw = identify(s1, t1, m1, weak_source=False)
+    s2f = fit_em_with(m2, keys[0], source.x, y2, source.w, opts)
+    s1f = fit_em_with(m1, keys[1], source.x, source.y, source.w, opts)
+    t1f = fit_em_with(m1, keys[2], target.x, target.y_weak, target.w, opts)
+    s2, s1, t1 = s2f.params, s1f.params, t1f.params
+    ident = identify(s2, t1, m1, weak_source=True, source_fit=s2f, target_fit=t1f)
+    ident_nw = identify(s1, t1, m1, weak_source=False, source_fit=s1f, target_fit=t1f)
     y_ref = refinement_labels(keys[3], m2, s2, target)
     y_icl = refinement_icl_labels(keys[4], m2, s2, target, n_demos)
     preds = {
@@ -275,8 +286,8 @@ def estimate_all(key, model: ExpertsFamily, source: Data, target: Data, gold: Da
         "weak_only": Predictor(m1, t1),
         "weak_training": weak_training(m1, source, target, lam),
         "weak_training_ll": weak_training_ll(keys[5], m1, source, target, lam, opts),
-        "refinement": Predictor(m1, _fit(m1, keys[6], target.x, y_ref, target.w, opts).params),
-        "refinement_icl": Predictor(m1, _fit(m1, keys[7], target.x, y_icl, target.w, opts).params),
+        "refinement": Predictor(m1, fit_em_with(m1, keys[6], target.x, y_ref, target.w, opts).params),
+        "refinement_icl": Predictor(m1, fit_em_with(m1, keys[7], target.x, y_icl, target.w, opts).params),
         "identification": ident.predictor,
         "identification_noweak": ident_nw.predictor,
         "oracle": oracle(keys[8], m1, gold, opts),

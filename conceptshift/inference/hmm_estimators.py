@@ -38,7 +38,7 @@ from .. import _precision as _p
 from ..models.hmm import HMMMixture, HMMParams, permute_states
 from .baum_welch import HMMEMResult, fit_hmm_em
 from .estimators import EMOptions
-from .matching import _assign, assignment_margin, greedy_assignment
+from .matching import assign_traced, assignment_margin, greedy_assignment
 
 MATCHES = ("weak", "transitions")
 DEFAULT_OPTS = EMOptions()
@@ -82,7 +82,8 @@ class HMMPredictor:
         return f"HMMPredictor({self.model!r})"
 
 
-def _fit(model: HMMMixture, key, x, lengths, y, w, opts: EMOptions) -> HMMEMResult:
+def fit_hmm_with(model: HMMMixture, key, x, lengths, y, w, opts: EMOptions) -> HMMEMResult:
+    """``fit_hmm_em`` with the estimators' options and weights w."""
     return fit_hmm_em(model, key, x, lengths, y, weights=w, restarts=opts.restarts,
                       max_iter=opts.max_iter, tol=opts.tol)
 
@@ -92,7 +93,7 @@ def state_alignment(params_ref: HMMParams, params: HMMParams) -> Array:
     """perm (S,): state s of ``params_ref`` is state perm[s] of ``params`` (optimal matching of the
     emission rows tau(. | s) in squared distance)."""
     a, b = jnp.exp(params_ref.log_emit), jnp.exp(params.log_emit)
-    return _assign(jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
+    return assign_traced(jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
 
 
 def concept_signatures(params: HMMParams, match: str, head: int = 0) -> Array:
@@ -131,7 +132,7 @@ def identify_hmm(source_params: HMMParams, target_params: HMMParams, model: HMMM
     The estimate keeps the source's concepts and strong head and takes pî^q_{a(k)} as proportions.
     """
     cost = concept_cost(source_params, 1, target_params, 0, match)
-    a = _assign(cost)
+    a = assign_traced(cost)
     greedy, bij = greedy_assignment(cost)
     m1 = model.with_heads(1)
     strong = m1.select_heads(source_params, (0,))
@@ -142,12 +143,13 @@ def identify_hmm(source_params: HMMParams, target_params: HMMParams, model: HMMM
 # ---------------------------------------------------------------------------------- estimators
 def source_only(key, model: HMMMixture, source: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
     m1 = model.with_heads(1)
-    return HMMPredictor(m1, _fit(m1, key, source.x, source.lengths, source.y, source.w, opts).params)
+    return HMMPredictor(m1, fit_hmm_with(m1, key, source.x, source.lengths, source.y, source.w, opts).params)
 
 
 def weak_only(key, model: HMMMixture, target: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
     m1 = model.with_heads(1)
-    return HMMPredictor(m1, _fit(m1, key, target.x, target.lengths, target.y_weak, target.w, opts).params)
+    fit = fit_hmm_with(m1, key, target.x, target.lengths, target.y_weak, target.w, opts)
+    return HMMPredictor(m1, fit.params)
 
 
 def oracle(key, model: HMMMixture, gold: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
@@ -163,7 +165,7 @@ def weak_training(key, model: HMMMixture, source: SeqData, target: SeqData, lam,
     lengths = jnp.concatenate([target.lengths, source.lengths], 0)
     y = jnp.concatenate([target.y_weak, source.y], 0)
     w = jnp.concatenate([target.w, jnp.asarray(lam, source.w.dtype) * source.w], 0)
-    return HMMPredictor(m1, _fit(m1, key, x, lengths, y, w, opts).params)
+    return HMMPredictor(m1, fit_hmm_with(m1, key, x, lengths, y, w, opts).params)
 
 
 class ICLRefinement(NamedTuple):
@@ -231,9 +233,9 @@ def identification(key, model: HMMMixture, source: SeqData, target: SeqData,
                    opts: EMOptions = DEFAULT_OPTS, *, match: str = "weak") -> HMMIdentification:
     """Algorithm 1: MLE on D_P (heads y, y'), MLE on D_Q' (head y'), matching, pi^q onto P's fit."""
     ks, kt = jax.random.split(key)
-    sfit = _fit(model.with_heads(2), ks, source.x, source.lengths,
+    sfit = fit_hmm_with(model.with_heads(2), ks, source.x, source.lengths,
                 jnp.stack([source.y, source.y_weak], 1), source.w, opts)
-    tfit = _fit(model.with_heads(1), kt, target.x, target.lengths, target.y_weak, target.w, opts)
+    tfit = fit_hmm_with(model.with_heads(1), kt, target.x, target.lengths, target.y_weak, target.w, opts)
     return identify_hmm(sfit.params, tfit.params, model, match=match)
 
 
@@ -255,7 +257,7 @@ def excess_log_loss(log_q: Array, log_q_hat: Array, y: Array) -> Array:
 def truth_labels(true_params: HMMParams, params: HMMParams) -> Array:
     """For each fitted concept, the true concept it estimates (K,): optimal matching of transitions
     after aligning states through the emission."""
-    return _assign(concept_cost(params, 0, true_params, 0, "transitions"))
+    return assign_traced(concept_cost(params, 0, true_params, 0, "transitions"))
 
 
 def param_errors(true_params: HMMParams, params: HMMParams) -> tuple[Array, Array, Array]:
@@ -263,7 +265,7 @@ def param_errors(true_params: HMMParams, params: HMMParams) -> tuple[Array, Arra
     emission) and of concepts (by transitions)."""
     st = state_alignment(true_params, params)
     p = permute_states(params, st)
-    perm = _assign(concept_cost(true_params, 0, p, 0, "transitions"))
+    perm = assign_traced(concept_cost(true_params, 0, p, 0, "transitions"))
     emit = jnp.max(jnp.abs(jnp.exp(true_params.log_emit) - jnp.exp(p.log_emit)))
     trans = jnp.max(jnp.abs(jnp.exp(true_params.log_trans) - jnp.exp(p.log_trans[perm])))
     w = jnp.max(jnp.abs(jnp.exp(true_params.log_weights) - jnp.exp(p.log_weights[perm])))

@@ -20,7 +20,9 @@ def _check_cost(cost) -> Array:
     return cost
 
 
-def _assign(cost: Array) -> Array:
+def assign_traced(cost: Array) -> Array:
+    """:func:`optimal_assignment` without its input checks, for use under ``jit``/``vmap``: a
+    non-finite cost gives -1 everywhere instead of an error."""
     rows, cols = hungarian_algorithm(cost)
     # optax returns pairs in column order on square inputs: put them in row order
     perm = jnp.zeros(cost.shape[0], jnp.int32).at[rows].set(cols.astype(jnp.int32))
@@ -41,7 +43,7 @@ def optimal_assignment(cost) -> Array:
       >>> optimal_assignment([[5.0, 1.0], [1.0, 5.0]]).tolist()
       [1, 0]
     """
-    return _assign(_check_cost(cost))
+    return assign_traced(_check_cost(cost))
 
 
 def greedy_assignment(cost) -> tuple[Array, Array]:
@@ -66,13 +68,13 @@ def assignment_margin(cost) -> Array:
     K = cost.shape[0]
     if K == 1:
         return jnp.asarray(jnp.inf, cost.dtype)
-    perm = _assign(cost)
+    perm = assign_traced(cost)
     best = jnp.sum(cost[jnp.arange(K), perm])
     big = (jnp.max(jnp.abs(cost)) + 1.0) * (K + 1)
 
     def without(k):
         c = cost.at[k, perm[k]].set(big)
-        p = _assign(c)
+        p = assign_traced(c)
         return jnp.sum(c[jnp.arange(K), p])
 
     return jnp.min(jax.vmap(without)(jnp.arange(K))) - best

@@ -23,7 +23,7 @@ from numpyro.infer.util import initialize_model
 
 from .._validation import check_float, check_int, check_key
 from ..models._experts import ExpertsFamily
-from .matching import _assign
+from .matching import assign_traced
 from .sites import latent_site_names, numpyro_numerics, params_from_sites, sites_from_params
 
 EXTRA_FIELDS = ("diverging", "accept_prob", "num_steps", "energy", "potential_energy",
@@ -47,7 +47,7 @@ def relabel_one(params, reference):
     one closest to the reference's component k under the optimal assignment."""
     a, b = component_vectors(reference), component_vectors(params)
     cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
-    perm = _assign(cost)
+    perm = assign_traced(cost)
     return jax.tree_util.tree_map(lambda v: v[perm], params), perm
 
 

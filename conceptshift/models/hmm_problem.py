@@ -202,7 +202,8 @@ def _draw(key, model: HMMMixture, params: HMMParams, n: int, T: int, lo: int) ->
 
 
 @partial(jax.jit, static_argnames=("model", "n_source", "n_target", "n_test", "T", "lo"))
-def _simulate(key, model, params_p, params_q, *, n_source, n_target, n_test, T, lo):
+def simulate_from_params(key, model, params_p, params_q, *, n_source, n_target, n_test, T, lo):
+    """:func:`simulate_hmm` from explicit source and target parameters (traceable; no checks)."""
     k1, k2, k3 = jax.random.split(key, 3)
     return HMMSimulation(_draw(k1, model, params_p, n_source, T, lo),
                          _draw(k2, model, params_q, n_target, T, lo),
@@ -218,5 +219,5 @@ def simulate_hmm(key, problem: HMMProblem, n_source: int, n_target: int, n_test:
         check_int(name, v, minimum=1)
     spec = problem.spec
     lo = spec.min_length if spec.min_length is not None else spec.length
-    return _simulate(key, problem.model, problem.params_p, problem.params_q, n_source=n_source,
+    return simulate_from_params(key, problem.model, problem.params_p, problem.params_q, n_source=n_source,
                      n_target=n_target, n_test=n_test, T=spec.length, lo=lo)
