@@ -228,6 +228,27 @@ def test_numpyro_model_observes_the_same_density(tiny):
                                m.log_likelihood(p, x, lengths, y), rtol=rtol(1e-5, 1e-12))
 
 
+@pytest.mark.slow
+@once
+def test_numpyro_nuts_and_svi_run_on_the_numpyro_model(tiny):
+    """NumPyro's own NUTS and SVI run on the family's NumPyro model (the suite's fit_svi and
+    fit_nuts take the Gaussian families for now): finite draws of every site, a falling ELBO."""
+    import optax
+    from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    m, p, x, lengths, y = tiny
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        mc = MCMC(NUTS(m.numpyro_model), num_warmup=30, num_samples=30, progress_bar=False)
+        mc.run(jax.random.key(2), x, lengths, y)
+        draws = mc.get_samples()
+        svi = SVI(m.numpyro_model, AutoNormal(m.numpyro_model), optax.adam(0.05), Trace_ELBO())
+        losses = svi.run(jax.random.key(3), 150, x, lengths, y, progress_bar=False).losses
+    assert set(draws) == {"weights", "init", "trans", "emit", "out"}
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in draws.values())
+    assert float(jnp.mean(losses[-20:])) < float(jnp.mean(losses[:20]))
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(x=np.array([[0, 3]])), r"x\[0, 1\] = 3 is not a token"),
     (dict(x=np.array([0, 1])), "x must have shape"),
