@@ -12,10 +12,11 @@ import pytest
 from conftest import X64
 
 from conceptshift._validation import PrecisionWarning, UnrepresentableFitError
-from conceptshift.inference import fit_em, fit_gem
+from conceptshift.inference import fit_em, fit_gem, fit_hmm_em
 from conceptshift.inference.em import _fit_em_jit
 from conceptshift.inference.estimators import as_data, weak_training, weak_training_ll
-from conceptshift.models import Basis, GatedExperts, RegressionMixture, RegressionParams
+from conceptshift.inference.svi import fit_svi
+from conceptshift.models import Basis, GatedExperts, HMMMixture, RegressionMixture, RegressionParams
 from conceptshift.models.softmax_gated import SoftmaxGatedExperts
 
 DTYPE = jnp.zeros((), dtype=float).dtype
@@ -23,6 +24,7 @@ RNG = np.random.default_rng(0)
 X = RNG.uniform(-2, 2, 40)
 Y = np.where(np.arange(40) % 2 == 0, 1 + X, -1 - X) + 0.2 * RNG.normal(size=40)
 REG = RegressionMixture(2)
+HMM = HMMMixture(2, 2, 4)
 KEY = jax.random.key(0)
 GOOD = RegressionParams(jnp.log(jnp.full((2,), 0.5, DTYPE)), jnp.zeros((2, 1, 2), DTYPE),
                         jnp.zeros((2, 1), DTYPE))
@@ -80,7 +82,15 @@ CASES = [
     ("init-params-inf", lambda: fit_em(REG, KEY, X, Y, init_params=GOOD._replace(
         log_weights=jnp.asarray([0.0, -jnp.inf], DTYPE))), ValueError, r"^init_params.log_weights"),
     ("model-type", lambda: fit_em("regression", KEY, X, Y), TypeError, r"^model must be"),
-    ("gem-model", lambda: fit_gem(REG, KEY, X, Y), TypeError, r"^model must be a SoftmaxGatedExperts"),
+    ("gem-model", lambda: fit_gem(REG, KEY, X, Y), TypeError,
+     r"^model must be a family fitted by generalized EM for fit_gem; RegressionMixture is fitted by "
+     r"closed_form EM \(use fit_em"),
+    ("hmm-model", lambda: fit_hmm_em(REG, KEY, X[:, None].astype(int), None), TypeError,
+     r"^model must be a family fitted by baum_welch EM for fit_hmm_em"),
+    ("svi-hmm", lambda: fit_svi(HMM, KEY, X, Y), TypeError,
+     r"^model must provide to_sites, from_sites for fit_svi; HMMMixture does not yet"),
+    ("unregistered", lambda: fit_em(object(), KEY, X, Y), TypeError,
+     r"^model must be an instance of a registered family \(regression, gated, softmax, hmm"),
     ("gem-nan", lambda: fit_gem(SoftmaxGatedExperts(2), KEY, _nan_at(X), Y), ValueError, r"^x has 1"),
     ("components-0", lambda: RegressionMixture(0), ValueError, r"^n_components must be >= 1"),
     ("reg-nan", lambda: RegressionMixture(2, reg=float("nan")), ValueError, r"^reg must be finite"),

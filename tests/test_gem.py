@@ -117,7 +117,7 @@ def test_objective_never_decreases_and_recovery():
 
 def test_bad_arguments():
     x, y = simulate(0, 20)
-    with pytest.raises(TypeError, match="SoftmaxGatedExperts"):
+    with pytest.raises(TypeError, match="fitted by generalized EM for fit_gem"):
         fit_gem(RegressionMixture(2), jax.random.key(0), x, y)
     with pytest.raises(ValueError, match="inner_steps must be >= 1"):
         fit_gem(M, jax.random.key(0), x, y, inner_steps=0)

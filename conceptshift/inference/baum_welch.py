@@ -22,6 +22,7 @@ from jax import Array
 
 from .._validation import is_traced
 from ..models.hmm import HMMData, HMMMixture, HMMParams
+from ..models.registry import check_family
 from .em import EMResult, check_em_args, em_loop, restarts_at_best
 
 HMMEMResult = EMResult
@@ -111,8 +112,7 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
       >>> bool(fit.converged)
       True
     """
-    if not isinstance(model, HMMMixture):
-        raise TypeError(f"model must be an HMMMixture, got {type(model).__name__}")
+    check_family(model, "fit_hmm_em", em_kinds=("baum_welch",))
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     d = model.check_data(x, lengths, y, weights)
     if init_params is not None:

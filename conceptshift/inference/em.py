@@ -26,6 +26,7 @@ from .._validation import (
     is_traced,
 )
 from ..models._experts import ExpertsFamily, Standardiser
+from ..models.registry import check_family
 from .starts import kmeans_pp_responsibilities, random_responsibilities, subset_responsibilities
 
 INITS = ("mixed", "kmeans++", "subset", "random")
@@ -577,12 +578,7 @@ def fit_em(
       >>> bool(fit.converged)
       True
     """
-    kind = getattr(model, "em_kind", None)
-    if kind not in EM_KINDS:
-        raise TypeError(
-            f"model must be a conceptshift model family (e.g. RegressionMixture), "
-            f"got {type(model).__name__}"
-        )
+    kind = check_family(model, "fit_em", em_kinds=tuple(EM_KINDS)).em_kind
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")

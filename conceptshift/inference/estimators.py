@@ -32,6 +32,7 @@ from jax import Array
 
 from .._validation import is_traced
 from ..models._experts import ExpertsFamily
+from ..models.registry import check_family
 from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise
 from .matching import assign_traced, assignment_margin, greedy_assignment
@@ -137,8 +138,7 @@ def weak_training(model: ExpertsFamily, source: Data, target: Data, lam) -> Pred
 def _check_weak_training(model, source: Data, target: Data, lam) -> None:
     """The weak-training estimators' inputs: a family, Data with the labels they read, and a
     finite lam >= 0 (checked where it is concrete)."""
-    if not isinstance(model, ExpertsFamily):
-        raise TypeError(f"model must be a conceptshift model family, got {type(model).__name__}")
+    check_family(model, "weak training", em_kinds=("closed_form", "generalized"))
     for name, data, label in (("source", source, "y"), ("target", target, "y_weak")):
         if not isinstance(data, Data):
             raise TypeError(f"{name} must be a Data (see as_data), got {type(data).__name__}")

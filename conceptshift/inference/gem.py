@@ -19,6 +19,7 @@ import optax
 from jax.scipy.special import logsumexp
 
 from .._validation import check_int
+from ..models.registry import check_family
 from ..models.softmax_gated import SoftmaxGatedExperts
 from .em import (
     EMResult,
@@ -137,8 +138,7 @@ def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: in
       >>> bool(fit.converged)
       True
     """
-    if not isinstance(model, SoftmaxGatedExperts):
-        raise TypeError(f"model must be a SoftmaxGatedExperts, got {type(model).__name__}")
+    check_family(model, "fit_gem", em_kinds=("generalized",))
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     inner_steps = check_int("inner_steps", inner_steps, minimum=1)
     x, y, w = check_fit_data(model, x, y, weights)

@@ -23,6 +23,7 @@ from numpyro.infer.util import initialize_model
 
 from .._validation import check_float, check_int, check_key
 from ..models._experts import ExpertsFamily
+from ..models.registry import check_family
 from .matching import assign_traced
 from .sites import latent_site_names, numpyro_numerics, params_from_sites, sites_from_params
 
@@ -232,8 +233,7 @@ def fit_nuts(
     matrix, as NumPyro's ``NUTS``. The same key gives the same draws. A second call with data of
     the same shapes and the same settings reuses the compiled sampler (no recompilation).
     """
-    if not isinstance(model, ExpertsFamily):
-        raise TypeError(f"model must be a conceptshift model family, got {type(model).__name__}")
+    check_family(model, "fit_nuts", needs=("to_sites", "from_sites"))
     key = check_key("key", key)
     num_chains = check_int("num_chains", num_chains, minimum=1)
     num_warmup = check_int("num_warmup", num_warmup, minimum=1)

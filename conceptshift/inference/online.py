@@ -21,6 +21,7 @@ import numpy as np
 
 from .._validation import check_float, check_int, check_key, float_dtype
 from ..models._experts import ExpertsFamily, Standardiser
+from ..models.registry import check_family
 from .em import fit_em, make_stats_fn, platform_of
 
 
@@ -95,8 +96,7 @@ def fit_online_em(
       init_restarts: restarts of the batch EM fit of the first chunk that initialises the run.
       progress: show a progress bar over chunks.
     """
-    if not isinstance(model, ExpertsFamily):
-        raise TypeError(f"model must be a conceptshift model family, got {type(model).__name__}")
+    check_family(model, "fit_online_em", em_kinds=("closed_form",))
     key = check_key("key", key)
     chunk_size = check_int("chunk_size", chunk_size, minimum=max(2, model.n_components))
     epochs = check_int("epochs", epochs, minimum=1)

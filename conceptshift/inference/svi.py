@@ -32,6 +32,7 @@ from numpyro.primitives import Messenger
 from .. import _precision as _p
 from .._validation import check_int, check_key
 from ..models._experts import ExpertsFamily
+from ..models.registry import check_family
 from .sites import (
     latent_site_names,
     numpyro_numerics,
@@ -257,8 +258,7 @@ def fit_svi(
       >>> res.loss_trace.shape
       (500,)
     """
-    if not isinstance(model, ExpertsFamily):
-        raise TypeError(f"model must be a conceptshift model family, got {type(model).__name__}")
+    check_family(model, "fit_svi", needs=("to_sites", "from_sites"))
     if guide not in GUIDES:
         raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
     key = check_key("key", key)

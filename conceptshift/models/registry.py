@@ -51,6 +51,28 @@ def family_name(model) -> str:
     raise ValueError(f"{type(model).__name__} is not a registered family")
 
 
+def check_family(model, caller: str, *, em_kinds: tuple[str, ...] | None = None,
+                 needs: tuple[str, ...] = ()):
+    """Refuses, before anything is traced, a ``model`` that is not an instance of a registered
+    family, one whose ``em_kind`` is not among ``em_kinds``, or one without the protocol methods
+    ``needs``: generic code asks what a family can do, never which class it is. Returns ``model``.
+
+    Raises:
+      TypeError: naming the argument, the caller and what was expected.
+    """
+    if not isinstance(model, tuple(FAMILIES.values())):
+        raise TypeError(f"model must be an instance of a registered family ({', '.join(FAMILIES)}; "
+                        f"see conceptshift.models.registry), got {type(model).__name__}")
+    name = type(model).__name__
+    if em_kinds is not None and model.em_kind not in em_kinds:
+        raise TypeError(f"model must be a family fitted by {' or '.join(em_kinds)} EM for {caller}; "
+                        f"{name} is fitted by {model.em_kind} EM (use fit_em, which fits every family)")
+    missing = [m for m in needs if not callable(getattr(model, m, None))]
+    if missing:
+        raise TypeError(f"model must provide {', '.join(missing)} for {caller}; {name} does not yet")
+    return model
+
+
 def family(name: str, **hyperparameters):
     """An instance of the family registered under ``name``."""
     return family_class(name)(**hyperparameters)
