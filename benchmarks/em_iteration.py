@@ -43,7 +43,7 @@ def kernel_flops(model, n: int) -> float:
     gate and expert rows (2 K (G + H) P), squared residuals, responsibilities, the design's column
     products and their reduction against r, and the residual statistics."""
     K, P, H = model.n_components, model.n_coef, model.n_heads
-    G = model.n_features if isinstance(model, GatedExperts) else 0
+    G = model.n_features if model.models_x else 0  # Gaussian gates: D whitened rows
     per = 2 * K * (G + H) * P + 2 * K * G + 3 * K * H + 6 * K
     # the compiled CPU kernel always forms S_pp from the column products
     kernel = jax.default_backend() == "cpu" and model.cpu_kernel_applies(np.float32)

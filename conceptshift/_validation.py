@@ -10,11 +10,21 @@ import numpy as np
 
 
 class UnrepresentableFitError(ValueError):
-    """A fit whose parameters overflow the working precision on the data's own scale."""
+    """A fit whose parameters overflow the working precision on the data's own scale. ``problem``
+    is what happened, without the advice (callers such as the CLI give their own)."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
 
 
 class PrecisionWarning(UserWarning):
-    """Fitted parameters that keep only part of their precision on the data's own scale."""
+    """Fitted parameters that keep only part of their precision on the data's own scale;
+    ``problem`` as in :class:`UnrepresentableFitError`."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(f"{problem}. {advice}")
+        self.problem = problem
 
 
 def is_traced(value) -> bool:

@@ -14,17 +14,23 @@ import signal
 import sys
 from pathlib import Path
 
+from .cli_checks import (
+    MAX_INT,
+    FitError,
+    UsageError,
+    check_range,
+    check_summary_finite,
+    setup_precision,
+)
 from .files import (
     check_out_dir,
     dumps_strict,
-    non_finite_keys,
     parse_integer,
     parse_number,
     read_csv_columns,
     write_json_atomic,
 )
 
-MAX_INT = 2**31 - 1  # every integer option (iteration counts, sizes) fits int32
 MAX_SEED = 2**32 - 1  # JAX keeps 32 bits of a seed without x64: larger seeds would collide
 MAX_DEGREE = 10
 FAMILY_FLAGS = {  # option -> (attribute, the families it applies to); None when not given
@@ -42,14 +48,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for (reported as one line, exit 2)."""
-
-
-class FitError(RuntimeError):
-    """A fit whose result is not finite in the working precision (reported as one line, exit 1)."""
 
 
 def _int(text: str) -> int:
@@ -121,21 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_precision(float32: bool) -> None:
-    """Sets JAX's working precision (float64 unless ``float32``); call after every input check."""
-    import jax
-
-    jax.config.update("jax_enable_x64", not float32)
-
-
-def check_range(flag: str, value, lo, hi=None) -> None:
-    """Raises UsageError unless lo <= value (<= hi), naming the bound that is crossed."""
-    if value < lo:
-        raise UsageError(f"{flag} must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise UsageError(f"{flag} must be <= {hi}, got {value}")
-
-
 def check_fit_args(args) -> None:
     """The checks every family shares: options of another family, counts, seed, tolerance."""
     for flag, (attr, families) in FAMILY_FLAGS.items():
@@ -149,15 +132,6 @@ def check_fit_args(args) -> None:
     check_range("--tol", args.tol, 0)
     if args.out is not None:
         check_out_dir(args.out)
-
-
-def check_finite_fit(summary: dict, keys, float32: bool) -> None:
-    """Raises FitError when a reported number of the fit (``keys`` of ``summary``) is not finite."""
-    bad = non_finite_keys({k: summary[k] for k in keys if k in summary})
-    if bad:
-        where = "overflowed float32" if float32 else "is not finite in float64"
-        raise FitError(f"the fit {where} ({', '.join(bad)} not finite); rescale the data"
-                       + (" or drop --float32" if float32 else ""))
 
 
 def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
@@ -174,10 +148,10 @@ def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
         try:
             result = fit(model, key, x, y, **kw)
         except UnrepresentableFitError as err:
-            raise FitError(str(err).split("; rescale")[0] + f"; {advice}") from None
+            raise FitError(f"{err.problem}; {advice}") from None
     for w in caught:
         if issubclass(w.category, PrecisionWarning):
-            sys.stderr.write("warning: " + str(w.message).split(". Centre")[0] + f"; {advice}\n")
+            sys.stderr.write(f"warning: {w.message.problem}; {advice}\n")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return result
@@ -247,7 +221,7 @@ def cmd_fit(args) -> int:
                                           args.float32, restarts=args.restarts,
                                           max_iter=args.max_iter, tol=args.tol)
         summary = fit_summary(model, result, x, y, response_names=[args.y])
-    check_finite_fit(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov"),
+    check_summary_finite(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov"),
                      args.float32)
     summary.update(data=str(args.data), y=args.y, x=xs, degree=degree, seed=args.seed,
                    restarts=args.restarts)

@@ -11,7 +11,7 @@ def cmd_fit_hmm(args) -> int:
     """Runs after :func:`conceptshift.cli.check_fit_args` (the checks every family shares)."""
     from rich.console import Console
 
-    from .cli import MAX_INT, UsageError, check_finite_fit, check_range, setup_precision
+    from .cli_checks import MAX_INT, UsageError, check_range, check_summary_finite, setup_precision
     from .files import dumps_strict, write_json_atomic
     from .token_files import MAX_TOKENS, read_sequences
 
@@ -53,7 +53,7 @@ def cmd_fit_hmm(args) -> int:
         "emit": lst(p.log_emit), "restart_loglik": np.asarray(fit.restart_loglik, np.float64).tolist(),
         "seed": args.seed, "restarts": args.restarts,
     }
-    check_finite_fit(summary, ("loglik", "bic", "weights", "init", "trans", "emit"), args.float32)
+    check_summary_finite(summary, ("loglik", "bic", "weights", "init", "trans", "emit"), args.float32)
     if args.out is not None:
         write_json_atomic(args.out / "fit.json", summary)
     if args.json:

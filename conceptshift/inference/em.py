@@ -346,22 +346,21 @@ def check_finite_fit(result: EMResult, map_error, dtype) -> EMResult:
     if any(is_traced(a) for a in leaves) or is_traced(map_error):
         return result
     name = np.dtype(dtype).name
-    advice = "" if name == "float64" else " or enable float64 (JAX_ENABLE_X64=1)"
+    advice = "rescale x or y" + ("" if name == "float64" else " or enable float64 (JAX_ENABLE_X64=1)")
     bad = [field for field, a in zip(result.params._fields, result.params, strict=True)
            if not bool(np.all(np.isfinite(np.asarray(a))))]
     if bad:
         raise UnrepresentableFitError(
             f"the fitted {', '.join(bad)} overflow {name} when mapped back to the data's scale "
-            f"(x or y spans too wide a range for this parametrisation); rescale x or y{advice}")
+            f"(x or y spans too wide a range for this parametrisation)", advice)
     err = float(map_error)
     if not err <= MAP_TOLERANCE:
         how = (f"keep the fit only roughly on the data's own scale in {name} (round-trip error "
                f"{err:.2g} in standardised units)" if np.isfinite(err) else
                f"under- or overflow on the data's own scale in {name}")
-        warnings.warn(
+        warnings.warn(PrecisionWarning(
             f"the fitted parameters {how}: evaluated on the raw data they give another density; "
-            f"the reported log-likelihood is the exact fit's. Centre or rescale x and y{advice}",
-            PrecisionWarning, stacklevel=3)
+            f"the reported log-likelihood is the exact fit's", advice), stacklevel=3)
     return result
 
 
@@ -460,23 +459,21 @@ EM_KINDS = {"closed_form": "EM with closed-form M-steps",
 
 def padded_tokens(x):
     """(tokens, lengths) from integer tokens (N, T) with -1 as trailing padding (the sequence
-    families' ``x``); padding anywhere but at the end of a row is refused."""
+    families' ``x``); padding anywhere but at the end of a row is refused. The family's
+    ``check_data`` validates the tokens themselves."""
     if is_traced(x):
         present = x >= 0
         return jnp.where(present, x, 0), jnp.sum(present, axis=1).astype(jnp.int32)
     arr = np.asarray(x)
-    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer)
-                             or (np.issubdtype(arr.dtype, np.floating)
-                                 and np.all(arr == np.round(arr)))):
-        raise ValueError(f"x must be integer tokens of shape (N, T) with -1 as trailing padding, "
-                         f"got {arr.dtype} {arr.shape}")
+    if arr.ndim != 2:
+        return x, None  # check_data names the expected shape
     present = arr >= 0
     lengths = present.sum(axis=1)
     trailing = np.arange(arr.shape[1])[None, :] < lengths[:, None]
     if np.any(present != trailing):
         i = int(np.argwhere(np.any(present != trailing, axis=1))[0, 0])
         raise ValueError(f"x row {i} has a token after padding (-1): padding must be trailing")
-    return np.where(present, arr, 0).astype(np.int64), lengths.astype(np.int32)
+    return arr, lengths.astype(np.int32)
 
 
 def platform_of(x, mesh=None) -> str:
@@ -519,7 +516,8 @@ def fit_em(
     mesh=None,
     estep: str = "auto",
 ) -> EMResult:
-    """Fits ``model`` to (x, y) by EM with closed-form M-steps; returns the best restart.
+    """Fits ``model`` to (x, y) by EM (closed-form M-steps, generalized EM or Baum-Welch, as the
+    family's ``em_kind`` says); returns the best restart.
 
     Args:
       model: a family instance, e.g. ``RegressionMixture(n_components=2)``. Every family has the

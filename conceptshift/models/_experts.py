@@ -1,12 +1,14 @@
-"""What both regression families share: the response heads phi(y; x, theta_k), their closed-form
-M-step, the weak conjugate prior that keeps every M-step finite, and the NumPyro conditional mixture.
+"""What the Gaussian-expert families share: the response heads phi(y; x, theta_k), their closed-form
+M-step, the weak conjugate prior that keeps every M-step finite, the maps to and from the
+standardised coordinates EM works in (:class:`Standardiser`), and the NumPyro conditional mixture.
 
 Dimension names: N samples, K components, D covariates, P design columns (intercept first),
 H response heads (y, and y' where a weak label is modelled).
 
-The prior (strength ``reg``, default 1e-6) is what keeps empty or collapsing components finite. With
-nu = reg, v_h the sample variance of head h and c_p = reg * (Phi^T Phi)_pp / N per design column
-(floored at 100 eps of the Gram's diagonal, so that float32 resolves it):
+The prior (strength ``reg``, default 1e-6) is what keeps empty or collapsing components finite. It
+is defined on the standardised data (EM fits there), so it does not depend on where the data sit.
+With nu = reg, v_h the sample variance of head h and c_p = reg * (Phi^T Phi)_pp / N per design
+column:
 
   log pi ~ Dirichlet(1 + nu)        ->  pi_k = (N_k + nu) / (N + K nu)
   beta_khp | s2 ~ N(0, s2 / c_p)    ->  ridge solve (Phi^T W_k Phi + diag c) beta = Phi^T W_k y_h
@@ -14,9 +16,9 @@ nu = reg, v_h the sample variance of head h and c_p = reg * (Phi^T Phi)_pp / N p
                                     ->  s2_kh = (RSS_kh + sum_p c_p beta_khp^2 + nu v_h) / (N_k + nu)
 
 Each M-step maximises the penalised log-likelihood exactly, so EM's objective (log-likelihood plus
-log prior, reported as ``objective``) never decreases; the prior moves the log-likelihood itself by
-O(reg), far below any tolerance a fit is judged by. A component that fits its points exactly has
-RSS ~ 0 and lands on the floor s2 = nu v_h / (N_k + nu) instead of zero.
+log prior, reported as ``objective``) never decreases in exact arithmetic; the prior moves the
+log-likelihood itself by O(reg) relative to the data's own spread. A component that fits its points
+exactly has RSS ~ 0 and lands on the floor s2 = nu v_h / (N_k + nu) instead of zero.
 """
 
 from __future__ import annotations
