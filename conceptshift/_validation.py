@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+MAX_INT = 2**31 - 1  # counts and sizes given by users fit int32
+MAX_SEED = 2**32 - 1  # JAX keeps 32 bits of a seed without x64: larger seeds would collide
+
 
 class UnrepresentableFitError(ValueError):
     """A fit whose parameters overflow the working precision on the data's own scale. ``problem``

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .cli_checks import (
     MAX_INT,
+    MAX_SEED,
     FitError,
     UsageError,
     check_range,
@@ -31,7 +32,6 @@ from .files import (
     write_json_atomic,
 )
 
-MAX_SEED = 2**32 - 1  # JAX keeps 32 bits of a seed without x64: larger seeds would collide
 MAX_DEGREE = 10
 FAMILY_FLAGS = {  # option -> (attribute, the families it applies to); None when not given
     "--y": ("y", ("regression", "gated")),

@@ -3,9 +3,11 @@ options and results, and the precision switch. No science here."""
 
 from __future__ import annotations
 
+from ._validation import MAX_INT, MAX_SEED
 from .files import non_finite_keys
 
-MAX_INT = 2**31 - 1  # every integer option (iteration counts, sizes) fits int32
+__all__ = ["MAX_INT", "MAX_SEED", "UsageError", "FitError", "setup_precision", "check_range",
+           "check_summary_finite"]
 
 
 class UsageError(ValueError):

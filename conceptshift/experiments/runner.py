@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .._validation import MAX_INT, MAX_SEED
 from ..files import (
     NON_FINITE_KEY,
     check_out_dir,
@@ -26,7 +27,7 @@ from ..files import (
 # lower (and upper) bounds of knobs that several experiments share; an experiment's validate()
 # adds the checks that involve several knobs. Lists are checked element by element.
 KNOB_BOUNDS = {
-    "seed": (0, 2**32 - 1), "n_components": (1, None), "n_features": (1, None), "degree": (1, 10),
+    "seed": (0, MAX_SEED), "n_components": (1, None), "n_features": (1, None), "degree": (1, 10),
     "replicates": (2, None), "n_test": (1, None), "restarts": (1, None), "max_iter": (1, None),
     "tol": (0, None), "lam": (0, None), "n_demos": (0, None), "n_grid": (1, None), "k_grid": (1, None),
     "m_grid": (0, None), "n_draws": (1, None), "n": (1, None), "n_x": (2, None), "n_quad": (8, None),
@@ -37,7 +38,6 @@ KNOB_BOUNDS = {
     "weak_bias": (0, None), "weak_shift": (0, None), "gate_separation": (0, None),
     "anchor_mass": (0, 1), "hdi_prob": (0, 1), "lam_grid": (0, None),
 }
-MAX_INT = 2**31 - 1
 
 
 def _parse_value(name: str, text: str, default):
