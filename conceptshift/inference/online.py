@@ -63,12 +63,15 @@ def _chunk_host(model, a_x, a_y, start, chunk_size):
     return xs, ys, ws
 
 
-def _chunk(model, a_x, a_y, start, chunk_size, dtype, std):
-    """A chunk in the standard coordinates of ``std`` (fixed for the whole run), in ``dtype``."""
-    xs, ys, ws = _chunk_host(model, a_x, a_y, start, chunk_size)
-    xs = (xs - np.asarray(std.x_loc)[None, :]) / np.asarray(std.x_scale)[None, :]
-    ys = (ys - np.asarray(std.y_loc)[None, :]) / np.asarray(std.y_scale)[None, :]
+def _standardised(xs, ys, ws, std: Standardiser, dtype):
+    """Host rows in the standard coordinates of ``std`` (fixed for the whole run), in ``dtype``."""
+    xs = (xs - std.x_loc[None, :]) / std.x_scale[None, :]
+    ys = (ys - std.y_loc[None, :]) / std.y_scale[None, :]
     return jnp.asarray(xs, dtype), jnp.asarray(ys, dtype), jnp.asarray(ws, dtype)
+
+
+def _chunk(model, a_x, a_y, start, chunk_size, dtype, std):
+    return _standardised(*_chunk_host(model, a_x, a_y, start, chunk_size), std, dtype)
 
 
 def fit_online_em(
@@ -115,8 +118,8 @@ def fit_online_em(
     # the first chunk fixes the standard coordinates the run works in (any fixed affine map keeps
     # the fit equivariant) and, by batch EM, the start and the prior's scale
     hx, hy, hw = _chunk_host(model, a_x, a_y, 0, chunk_size)
-    std = Standardiser(*(np.asarray(a, np.float64) for a in model.standardiser(hx, hy, hw, xp=np)))
-    x0, y0, w0 = _chunk(model, a_x, a_y, 0, chunk_size, dtype, std)
+    std = model.standardiser(hx, hy, hw, xp=np)  # float64, on the host
+    x0, y0, w0 = _standardised(hx, hy, hw, std, dtype)
     first = fit_em(model, key, x0, y0, weights=w0, restarts=init_restarts)
     params = first.params
     stats = model.data_stats(x0, y0, w0)._replace(n=jnp.asarray(float(n), dtype))
