@@ -1,12 +1,13 @@
 """Assembles the GPU results from the logs of runs made in pieces on a lent GPU machine.
 
-A lent machine runs one command for at most 10 minutes, so the GPU sweeps ran as several commands
-(`python benchmarks/em_iteration.py --out ...`, then `--only K,D`, then `--only D --D 32,64,128`;
-`python benchmarks/replicates.py --out ...`, then `--families gated [--grid 64]`), each printing
-one JSON line per measurement; a command stopped at the limit leaves its finished lines. The logs
-are kept in `results/gpu_runs/`; this script merges them (a point measured twice keeps its last
-measurement) into `results/em_iteration_gpu.json` and `results/replicates_gpu.json` and writes the
-Markdown tables that `benchmarks/README.md` includes.
+A lent machine runs one command for at most 10 minutes, so the GPU sweeps run as several processes
+(`bash benchmarks/gpu_sweep.sh OUT`, each sweep under its own time limit; then the points it cut,
+`em_iteration.py --only K --K 64`, `--only D --D 64,128` and `replicates.py --families gated --grid
+16,64`), each printing one JSON line per measurement; a process stopped at its limit leaves its
+finished lines. The logs are kept in `results/gpu_runs/` (`em_iteration_n.json` is the n sweep's
+whole result: the machine and the agreement checks); this script merges them (a point measured twice
+keeps its last measurement) into `results/em_iteration_gpu.json` and `results/replicates_gpu.json`
+and writes the Markdown tables that `benchmarks/README.md` includes.
 
 Usage: python benchmarks/_gpu_collect.py
 """
@@ -39,6 +40,7 @@ def json_lines(path: Path) -> list[dict]:
 
 
 def collect_em(machine: dict, checks: list[dict]) -> dict:
+    """``checks``: the agreement checks (one per matrix-product precision)."""
     runs = sorted(RUNS.glob("em_iteration_run*.jsonl"))
     rooflines, points = [], {}
     for i, path in enumerate(runs):
@@ -64,36 +66,29 @@ def collect_em(machine: dict, checks: list[dict]) -> dict:
             "sklearn_agreement": by_prec["HIGHEST"],
             "sklearn_agreement_default_precision": by_prec.get("DEFAULT"),
             "provenance": "merged by benchmarks/_gpu_collect.py from "
-                          "results/gpu_runs/em_iteration_run*.jsonl",
-            "withdrawn": WITHDRAWN}
-
-
-# the rows stay in the JSON and the logs, but are not shown as figures
-WITHDRAWN = ("The GPU runs timed fits of 10 EM iterations with tol = 0, which at the time still "
-             "stopped once the objective stopped changing (the gated family after about 3), and divided "
-             "each fit's time by 10; the per-iteration figures are therefore too low by an unknown "
-             "factor. tol = 0 now runs every iteration and the script checks the count, but the "
-             "session's GPU time was spent before a rerun: rerun `python benchmarks/em_iteration.py` "
-             "on a GPU. The agreement checks above do not depend on the iteration count.")
+                          "results/gpu_runs/em_iteration_run*.jsonl"}
 
 
 def collect_replicates(machine: dict) -> dict:
     rows = {}
-    for path in sorted(RUNS.glob("replicates_run*")):
-        recs = json_lines(path) if path.suffix == ".jsonl" else json.loads(path.read_text())["rows"]
-        for r in recs:
+    for path in sorted(RUNS.glob("replicates_run*.jsonl")):
+        for r in json_lines(path):
             rows[(r["family"], r["R"])] = r
     return {"benchmark": "replicates", "machine": machine,
-            "config": {"n": 2000, "restarts": 8, "max_iter": 100, "repeats": 3},
+            "config": {"grid": [1, 4, 16, 64], "n": 2000, "restarts": 8, "max_iter": 100, "repeats": 3},
             "rows": [rows[k] for k in sorted(rows, key=lambda k: (k[0] != "regression", k[1]))],
             "provenance": "merged by benchmarks/_gpu_collect.py from results/gpu_runs/replicates_run*"}
 
 
+# hmm_gpu.json predates recording the device kind; that session's other runs name an H100
+HMM_DEVICE = "NVIDIA H100 80GB HBM3"
+
+
 def replicates_table(res: dict) -> list[str]:
+    cfg = res["config"]
     lines = [f"### GPU: replicates, vmap against a Python loop ({res['machine']['device_kind']})", "",
-             "These fits (tol = 0) could still stop early when the objective stopped changing (see above):",
-             "under vmap every replicate iterates until the slowest one stops, while the loop stops each",
-             "fit on its own, so the loop may have done less work and the ratio understates vmap's gain.", "",
+             f"n = {cfg['n']} rows per replicate, {cfg['restarts']} restarts, {cfg['max_iter']} EM "
+             "iterations each (tol = 0, same work both ways).", "",
              "| family | R | vmap (s) | loop (s) | loop / vmap |", "|---|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['family']} | {r['R']} | {r['vmap']['median_s']:.3f} | "
@@ -102,8 +97,9 @@ def replicates_table(res: dict) -> list[str]:
 
 
 def main() -> None:
-    machine = json.loads((RUNS / "replicates_run3.json").read_text())["machine"]  # the same machine kind
-    checks = json.loads((RUNS / "agreement.json").read_text())
+    n_sweep = json.loads((RUNS / "em_iteration_n.json").read_text())
+    machine = n_sweep["machine"]  # every run of the set was on the same machine
+    checks = [n_sweep["sklearn_agreement"], n_sweep["sklearn_agreement_default_precision"]]
     res = collect_em(machine, checks)
     write_json_atomic(h.RESULTS / "em_iteration_gpu.json", res)
     em.write_accel_table(res, h.RESULTS / "em_iteration_gpu.md")
@@ -113,7 +109,8 @@ def main() -> None:
     hmm_bench.write_table(hmm, h.RESULTS / "hmm_gpu.md")
     text = (h.RESULTS / "hmm_gpu.md").read_text().replace(
         "## Mixture of HMMs against hmmlearn and dynamax (`hmm`)",
-        f"### GPU: mixture of HMMs ({machine['device_kind']}; hmmlearn on the host CPU)")
+        f"### GPU: mixture of HMMs ({hmm['machine'].get('device_kind', HMM_DEVICE)}, an earlier session; "
+        "hmmlearn on the host CPU)")
     write_atomic(h.RESULTS / "em_iteration_gpu.md",
                  (h.RESULTS / "em_iteration_gpu.md").read_text().rstrip() + "\n\n"
                  + "\n".join(replicates_table(rep)) + "\n\n" + text)
