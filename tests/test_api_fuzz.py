@@ -86,9 +86,8 @@ CASES = [
      r"^model must be a family fitted by generalized EM for fit_gem; RegressionMixture is fitted by "
      r"closed_form EM \(use fit_em"),
     ("hmm-model", lambda: fit_hmm_em(REG, KEY, X[:, None].astype(int), None), TypeError,
-     r"^model must be a family fitted by baum_welch EM for fit_hmm_em"),
-    ("svi-hmm", lambda: fit_svi(HMM, KEY, X, Y), TypeError,
-     r"^model must provide to_sites, from_sites for fit_svi; HMMMixture does not yet"),
+     r"^model must provide start_params, expected_stats for fit_hmm_em"),
+    ("svi-hmm-floats", lambda: fit_svi(HMM, KEY, X, Y), TypeError, r"^x must hold integer tokens"),
     ("unregistered", lambda: fit_em(object(), KEY, X, Y), TypeError,
      r"^model must be an instance of a registered family \(regression, gated, softmax, hmm"),
     ("gem-nan", lambda: fit_gem(SoftmaxGatedExperts(2), KEY, _nan_at(X), Y), ValueError, r"^x has 1"),

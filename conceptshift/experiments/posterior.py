@@ -135,8 +135,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             k1, k2 = jax.random.split(kd)
             from ..inference.mcmc import relabel
 
-            sdraw, _ = relabel(sr.sample_params(k1, S), sfit.params, n_batch=1)
-            tdraw, _ = relabel(tr.sample_params(k2, S), tfit.params, n_batch=1)
+            sdraw, _ = relabel(m2, sr.sample_params(k1, S), sfit.params, n_batch=1)
+            tdraw, _ = relabel(m1, tr.sample_params(k2, S), tfit.params, n_batch=1)
             q, _ = identification_draws(m1, sdraw, tdraw, n_batch=1)
             draws = jax.tree_util.tree_map(lambda a: a[None], q)
             n = int(cfg["n"])

@@ -1,4 +1,6 @@
-"""Baum-Welch EM for a mixture of hidden Markov models, compiled end to end.
+"""Baum-Welch EM for a mixture of hidden Markov models: :func:`fit_hmm_em` takes tokens with their
+lengths (the family's own convention) and runs the protocol's generic EM driver
+(:mod:`conceptshift.inference.stats_em`), as ``fit_em`` does on padded tokens.
 
 One call of :func:`fit_hmm_em` is one compiled program: restarts run side by side under ``vmap``, each a
 ``lax.while_loop`` of E-steps (forward-backward per sequence and concept, all sequences and concepts at
@@ -15,15 +17,13 @@ and the reported ``objective`` never decreases.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 
-from .._validation import is_traced
 from ..models.hmm import HMMData, HMMMixture, HMMParams
 from ..models.registry import check_family
-from .em import EMResult, check_em_args, em_loop, restarts_at_best
+from . import stats_em
+from .em import EMResult
 
 HMMEMResult = EMResult
 """The result of :func:`fit_hmm_em`: :class:`conceptshift.inference.em.EMResult`, the one result type
@@ -31,52 +31,14 @@ of every family's EM (``loglik`` is sum_n w_n log p(x_n, y_n); ``objective`` add
 prior; no standardisation: ``standardiser`` is None; a mixture of HMMs has no spurious
 unbounded optimum, so ``degenerate`` is False)."""
 
+_fit_jit = stats_em._fit_jit  # the compiled program (the generic driver's)
+
 
 def hmm_em_step(model: HMMMixture, params: HMMParams, d: HMMData) -> tuple[HMMParams, Array]:
-    """One Baum-Welch iteration: (new parameters, weighted log-likelihood at the old ones)."""
+    """One Baum-Welch iteration on :class:`HMMData`: (new parameters, weighted log-likelihood at
+    the old ones)."""
     ll, stats = model.expected_stats(params, d)
     return model.m_step_from_stats(stats), ll
-
-
-def _run(model: HMMMixture, d: HMMData, params0: HMMParams, tol, max_iter: int):
-    def step(params):
-        new, ll = hmm_em_step(model, params, d)
-        return new, ll, ll + model.log_prior(params)
-
-    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, d.w.dtype,
-                                                          jnp.sum(d.w))
-    ll = jnp.sum(d.w * jax.scipy.special.logsumexp(model._component_log_probs(params, d), axis=-1))
-    obj = ll + model.log_prior(params)
-    return params, ll, obj, ll_tr, obj_tr, n_iter, conv & ~failed & jnp.isfinite(obj)
-
-
-def _token_freq(model: HMMMixture, d: HMMData) -> Array:
-    mask = (jnp.arange(d.x.shape[1], dtype=jnp.int32)[None, :] < d.lengths[:, None]).astype(d.w.dtype)
-    counts = jnp.zeros((model.n_tokens,), d.w.dtype).at[d.x].add(mask * d.w[:, None])
-    return counts / jnp.sum(counts)
-
-
-def _fit_impl(model: HMMMixture, key, d: HMMData, tol, init_params, *, restarts: int, max_iter: int):
-    tol = jnp.asarray(tol, d.w.dtype)
-    if init_params is not None:
-        params0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, d.w.dtype)[None], init_params)
-    else:
-        freq = _token_freq(model, d)
-        params0 = jax.vmap(lambda k: model.init_params(k, d.w.dtype, token_freq=freq))(
-            jax.random.split(key, restarts))
-    runs = jax.vmap(lambda p: _run(model, d, p, tol, max_iter))(params0)
-    params, ll, obj, ll_tr, obj_tr, n_iter, conv = runs
-    best = jnp.argmax(jnp.where(jnp.isfinite(obj), ll, -jnp.inf))
-    pick = jax.tree_util.tree_map(lambda a: a[best], runs)
-    n = jnp.sum(d.w)
-    bic = -2.0 * pick[1] + model.n_params * jnp.log(n)
-    no = jnp.zeros(ll.shape, bool)
-    return EMResult(pick[0], pick[1], pick[2], pick[3], pick[4], pick[5], pick[6], bic,
-                    jnp.asarray(False), best.astype(jnp.int32), ll, conv, no,
-                    restarts_at_best(ll, jnp.isfinite(obj), best, n), None)
-
-
-_fit_jit = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter"))
 
 
 def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None, restarts: int = 8,
@@ -112,18 +74,9 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
       >>> bool(fit.converged)
       True
     """
-    check_family(model, "fit_hmm_em", em_kinds=("baum_welch",))
-    key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
+    check_family(model, "fit_hmm_em", needs=stats_em.NEEDS)
     d = model.check_data(x, lengths, y, weights)
-    if init_params is not None:
-        if not isinstance(init_params, HMMParams):
-            raise TypeError(f"init_params must be HMMParams, got {type(init_params).__name__}")
-        K, S, V, H = model.n_components, model.n_states, model.n_tokens, model.n_heads
-        want = ((K,), (K, S), (K, S, S), (S, V), (H, S, V))
-        for name, a, shape in zip(HMMParams._fields, init_params, want, strict=True):
-            if tuple(jnp.shape(a)) != shape:
-                raise ValueError(f"init_params.{name} must have shape {shape}, got {jnp.shape(a)}")
-            if not is_traced(a) and not bool(np.all(np.isfinite(np.asarray(a, np.float64)))):
-                raise ValueError(f"init_params.{name} has non-finite values")
-        restarts = 1
-    return _fit_jit(model, key, d, tol, init_params, restarts=restarts, max_iter=max_iter)
+    present = jnp.arange(d.x.shape[1], dtype=jnp.int32)[None, :] < d.lengths[:, None]
+    return stats_em.fit_stats_em(model, key, jnp.where(present, d.x, -1), d.y,
+                                 weights=None if weights is None else d.w, restarts=restarts,
+                                 max_iter=max_iter, tol=tol, init_params=init_params)

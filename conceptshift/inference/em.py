@@ -372,6 +372,19 @@ def initial_params(model, key, x, y, w, init: str = "kmeans++"):
     return model.params_from_standard(params, std)
 
 
+def start_params(model, key, batch, init: str = "kmeans++"):
+    """EM's start for a :class:`~conceptshift.models.batch.Batch`, for every family: the family's
+    own (``model.start_params``) where it has one, else :func:`initial_params`. Traceable."""
+    own = getattr(model, "start_params", None)
+    if callable(own):
+        return own(key, batch)
+    if model.em_kind == "generalized":  # the gate's M-step iterates: generalized EM's start
+        from .gem import initial_params as gem_initial_params
+
+        return gem_initial_params(model, key, batch.x, batch.y, batch.w, init)
+    return initial_params(model, key, batch.x, batch.y, batch.w, init)
+
+
 def check_fit_data(model, x, y, weights):
     """(x, y, w) for an EM driver: validated by the family (float64 numpy where no input is a JAX
     array, for :func:`standardise`), unit weights by default, at least K rows."""
@@ -454,26 +467,7 @@ _fit_em_jit = jax.jit(
 ESTEP_BACKENDS = ("auto", "kernel", "xla")
 EM_KINDS = {"closed_form": "EM with closed-form M-steps",
             "generalized": "generalized EM: its M-step iterates",
-            "baum_welch": "Baum-Welch EM on token sequences"}
-
-
-def padded_tokens(x):
-    """(tokens, lengths) from integer tokens (N, T) with -1 as trailing padding (the sequence
-    families' ``x``); padding anywhere but at the end of a row is refused. The family's
-    ``check_data`` validates the tokens themselves."""
-    if is_traced(x):
-        present = x >= 0
-        return jnp.where(present, x, 0), jnp.sum(present, axis=1).astype(jnp.int32)
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        return x, None  # check_data names the expected shape
-    present = arr >= 0
-    lengths = present.sum(axis=1)
-    trailing = np.arange(arr.shape[1])[None, :] < lengths[:, None]
-    if np.any(present != trailing):
-        i = int(np.argwhere(np.any(present != trailing, axis=1))[0, 0])
-        raise ValueError(f"x row {i} has a token after padding (-1): padding must be trailing")
-    return arr, lengths.astype(np.int32)
+            "expected_stats": "EM on the family's expected statistics (stats_em)"}
 
 
 def platform_of(x, mesh=None) -> str:
@@ -594,11 +588,10 @@ def fit_em(
 
             return fit_gem(model, key, x, y, weights=weights, restarts=restarts,
                            max_iter=max_iter, tol=tol)
-        from .baum_welch import fit_hmm_em
+        from .stats_em import fit_stats_em
 
-        tokens, lengths = padded_tokens(x)
-        return fit_hmm_em(model, key, tokens, lengths, y, weights=weights, restarts=restarts,
-                          max_iter=max_iter, tol=tol, init_params=init_params)
+        return fit_stats_em(model, key, x, y, weights=weights, restarts=restarts, max_iter=max_iter,
+                            tol=tol, init_params=init_params)
     x, y, w = check_fit_data(model, x, y, weights)
     if init_params is not None:
         init_params = check_init_params(model, init_params)

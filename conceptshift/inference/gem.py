@@ -99,6 +99,15 @@ def _initial(model, key, x, y, w, stats, kind, inner_steps):
     return p
 
 
+def initial_params(model, key, x, y, w, init: str = "kmeans++", inner_steps: int = 10):
+    """Generalized EM's start for (x, y, w) (experts and gate fitted to ``init``'s
+    responsibilities on the standardised data), on the raw data's scale. Traceable."""
+    z, u, w, std = standardise(model, x, y, w)
+    kind = jnp.asarray(0 if init == "kmeans++" else 1)  # k-means++, else a random-subset start
+    p = _initial(model, key, z, u, w, model.data_stats(z, u, w), kind, inner_steps)
+    return model.params_from_standard(p, std)
+
+
 @partial(jax.jit, static_argnames=("model", "restarts", "max_iter", "inner_steps"))
 def _fit_gem_jit(model, key, x, y, w, std, tol, *, restarts, max_iter, inner_steps):
     """Generalized EM on standardised data (x, y) = (z, u), mapped back through ``std``."""

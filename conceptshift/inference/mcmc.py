@@ -22,7 +22,6 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.util import initialize_model
 
 from .._validation import check_float, check_int, check_key
-from ..models._experts import ExpertsFamily
 from ..models.registry import check_family
 from .matching import assign_traced
 from .sites import latent_site_names, numpyro_numerics, params_from_sites, sites_from_params
@@ -31,44 +30,38 @@ EXTRA_FIELDS = ("diverging", "accept_prob", "num_steps", "energy", "potential_en
                 "adapt_state.step_size")
 
 
-def component_vectors(params) -> Array:
-    """One row per component, (K, F): coefficients of every head, log-scales, log-weight and the
-    gate's mean (Gaussian gates) or slopes (softmax gates): what draws are aligned on."""
-    K = params.coef.shape[0]
-    parts = [params.coef.reshape(K, -1), params.log_scale.reshape(K, -1), params.log_weights[:, None]]
-    if hasattr(params, "gate_mean"):
-        parts.append(params.gate_mean)
-    if hasattr(params, "gate_weights"):
-        parts.append(params.gate_weights)
-    return jnp.concatenate(parts, axis=1)
-
-
-def relabel_one(params, reference):
+def relabel_one(model, params, reference):
     """(aligned params, perm): component k of the result is component perm[k] of ``params``, the
-    one closest to the reference's component k under the optimal assignment."""
-    a, b = component_vectors(reference), component_vectors(params)
+    one closest to the reference's component k (squared distance between the family's
+    ``relabel_vectors``) under the optimal assignment."""
+    a, b = model.relabel_vectors(reference), model.relabel_vectors(params)
     cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
     perm = assign_traced(cost)
-    return jax.tree_util.tree_map(lambda v: v[perm], params), perm
+    return model.permute(params, perm), perm
 
 
-@jax.jit
-def _relabel_flat(flat, reference):
-    return jax.vmap(relabel_one, in_axes=(0, None))(flat, reference)
+def _relabel_flat_impl(model, flat, reference):
+    return jax.vmap(lambda p: relabel_one(model, p, reference))(flat)
 
 
-def relabel(params, reference, *, n_batch: int = 2):
-    """Aligns draws with ``n_batch`` leading axes (2 for (chain, draw)) to ``reference``.
+_relabel_flat = jax.jit(_relabel_flat_impl, static_argnums=0)
+
+
+def relabel(model, params, reference, *, n_batch: int = 2):
+    """Aligns draws of ``model``'s parameters with ``n_batch`` leading axes (2 for (chain, draw))
+    to ``reference``; works for every registered family (through ``relabel_vectors`` and
+    ``permute``).
 
     Returns:
       (aligned params, perms of shape batch + (K,)). Relabelling an already aligned set of draws
       returns it unchanged; a draw whose components were permuted comes back exactly.
     """
+    check_family(model, "relabel", needs=("relabel_vectors", "permute"))
     n_batch = check_int("n_batch", n_batch, minimum=0)
     leaves = jax.tree_util.tree_leaves(params)
     batch = leaves[0].shape[:n_batch]
     flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[n_batch:]), params)
-    out, perm = _relabel_flat(flat, reference)
+    out, perm = _relabel_flat(model, flat, reference)
     unflat = lambda a: a.reshape(batch + a.shape[1:])  # noqa: E731
     return jax.tree_util.tree_map(unflat, out), unflat(perm)
 
@@ -83,7 +76,7 @@ class MCMCResult:
     expects (``diverging``, ``acceptance_rate``, ``n_steps``, ``energy``, ``lp``, ``step_size``).
     """
 
-    model: ExpertsFamily
+    model: Any
     params: Any
     raw_params: Any
     perms: Array | None
@@ -97,15 +90,16 @@ class MCMCResult:
 class _Runner:
     """The compiled NUTS program of one configuration (see :func:`_runner`)."""
 
-    init: Any  # jit(keys (C,), x, y, params0 (C, ...) | None) -> HMCState batched over chains
-    run_chunk: Any  # jit(state, x, y, length=L) -> (state, (params (L, C, ...), stats (L, C)))
+    init: Any  # jit(keys (C,), batch, params0 (C, ...) | None) -> HMCState batched over chains
+    run_chunk: Any  # jit(state, batch, length=L) -> (state, (params (L, C, ...), stats (L, C)))
 
 
 _RUNNERS: dict = {}
 
 
-def _runner(model, x, y, num_chains, num_warmup, num_samples, target_accept, max_tree_depth) -> _Runner:
-    """NUTS over ``model.numpyro_model`` built from NumPyro's functional kernel (``hmc(algo="NUTS")``:
+def _runner(model, batch, num_chains, num_warmup, num_samples, target_accept, max_tree_depth) -> _Runner:
+    """NUTS over the family's NumPyro model of a batch (``model.batch_model``) built from NumPyro's
+    functional kernel (``hmc(algo="NUTS")``:
     ``init_kernel`` / ``sample_kernel``), chains vectorized with ``jax.vmap`` and steps under
     ``lax.scan``. The data are arguments of the compiled functions, so one runner serves every data
     set of its shapes; it is cached per configuration (family, shapes, dtypes and the NUTS
@@ -115,35 +109,35 @@ def _runner(model, x, y, num_chains, num_warmup, num_samples, target_accept, max
     averaging, diagonal mass matrix by Welford) for ``num_warmup`` steps; ``sample_kernel`` adapts
     while the state's step counter is below it, then samples with the adapted kernel.
     """
-    config = (model, x.shape, str(x.dtype), y.shape, str(y.dtype), num_chains, num_warmup, num_samples,
-              target_accept, max_tree_depth)
+    shapes = tuple((a.shape, str(a.dtype)) for a in batch)
+    config = (model, shapes, num_chains, num_warmup, num_samples, target_accept, max_tree_depth)
     if config in _RUNNERS:
         return _RUNNERS[config]
     names = latent_site_names(model)
     found = {}
 
-    def probe(x, y):
+    def probe(batch):
         # traced on abstract data: the potential-energy generator (data -> potential), the
         # unconstrained -> constrained transforms and the sites' bijections; none holds data
         with numpyro_numerics():
-            info = initialize_model(jax.random.key(0), model.numpyro_model, dynamic_args=True,
-                                    model_args=(x, y))
+            info = initialize_model(jax.random.key(0), model.batch_model, dynamic_args=True,
+                                    model_args=(batch,))
             found["potential_fn_gen"] = info.potential_fn
             found["postprocess_gen"] = info.postprocess_fn
             found["bijections"] = {n: biject_to(info.model_trace[n]["fn"].support) for n in names}
         return info.param_info.potential_energy
 
-    jax.eval_shape(probe, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype))
+    jax.eval_shape(probe, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch))
     init_kernel, sample_kernel = hmc(potential_fn_gen=found["potential_fn_gen"], algo="NUTS")
 
-    def init(keys, x, y, params0):
+    def init(keys, batch, params0):
         # as NumPyro's vectorized MCMC: each chain's key gives the kernel's key and the init key
         split = jax.vmap(jax.random.split)(keys)
         k_hmc, k_init = split[:, 0], split[:, 1]
         with numpyro_numerics():
             if params0 is None:  # NumPyro's default, init_to_uniform: Uniform(-2, 2) unconstrained
-                z0 = initialize_model(k_init, model.numpyro_model, dynamic_args=True,
-                                      model_args=(x, y)).param_info
+                z0 = initialize_model(k_init, model.batch_model, dynamic_args=True,
+                                      model_args=(batch,)).param_info
             else:
                 sites = jax.vmap(lambda p: sites_from_params(model, p))(params0)
                 z0 = {n: found["bijections"][n].inv(sites[n]) for n in names}
@@ -152,15 +146,15 @@ def _runner(model, x, y, num_chains, num_warmup, num_samples, target_accept, max
                 return init_kernel(z, num_warmup, step_size=1.0, adapt_step_size=True,
                                    adapt_mass_matrix=True, dense_mass=[], target_accept_prob=target_accept,
                                    trajectory_length=None, max_tree_depth=max_tree_depth,
-                                   model_args=(x, y), model_kwargs={}, rng_key=k)
+                                   model_args=(batch,), model_kwargs={}, rng_key=k)
 
             return jax.vmap(one)(z0, k_hmc)
 
-    def run_chunk(state, x, y, length):
-        constrain = found["postprocess_gen"](x, y)
+    def run_chunk(state, batch, length):
+        constrain = found["postprocess_gen"](batch)
 
         def one(s):
-            s = sample_kernel(s, (x, y), {})
+            s = sample_kernel(s, (batch,), {})
             params = params_from_sites(model, constrain(s.z))
             stats = (s.diverging, s.accept_prob, s.num_steps, s.energy, s.potential_energy,
                      s.adapt_state.step_size)
@@ -186,27 +180,31 @@ def _chunks(total: int, progress: bool, n_updates: int = 20) -> list[int]:
     return [size] * (total // size) + ([total % size] if total % size else [])
 
 
-def _chain_params(model, params, num_chains, dtype):
-    """A params pytree, unbatched or (C, ...), as (C, ...) arrays of ``dtype``."""
-    if not hasattr(params, "coef") or not hasattr(params, "_replace"):
-        raise TypeError(f"init_params must be the family's parameters, got {type(params).__name__}")
+def _chain_params(params, template, num_chains, dtype):
+    """(params as (C, ...) arrays of ``dtype``, whether they came unbatched): ``params`` must have
+    the structure of ``template`` (the family's parameters, as ``jax.eval_shape`` gives them), with
+    the template's shapes or those with a leading axis of ``num_chains``."""
+    if type(params) is not type(template):
+        raise TypeError(f"init_params must be the family's parameters ({type(template).__name__}), got "
+                        f"{type(params).__name__}")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-    K, H, P = model.n_components, model.n_heads, model.n_coef
-    if params.coef.shape[-3:] != (K, H, P) or params.coef.ndim not in (3, 4):
-        raise ValueError(f"init_params.coef must have shape {(K, H, P)} or (chains, {K}, {H}, {P}), "
-                         f"got {params.coef.shape}")
-    if params.coef.ndim == 3:
-        return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_chains,) + a.shape), params)
-    if params.coef.shape[0] != num_chains:
-        raise ValueError(f"init_params has {params.coef.shape[0]} chains, expected {num_chains}")
-    return params
+    fields = getattr(template, "_fields", None) or range(len(jax.tree_util.tree_leaves(template)))
+    got, want = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(template)
+    unbatched = all(a.shape == t.shape for a, t in zip(got, want, strict=True))
+    if not unbatched:
+        for name, a, t in zip(fields, got, want, strict=True):
+            if a.shape != (num_chains,) + t.shape:
+                raise ValueError(f"init_params.{name} must have shape {t.shape} or ({num_chains}, "
+                                 f"{', '.join(map(str, t.shape))}) for {num_chains} chains, got {a.shape}")
+        return params, False
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_chains,) + a.shape), params), True
 
 
 def fit_nuts(
-    model: ExpertsFamily,
+    model,
     key,
     x,
-    y,
+    y=None,
     *,
     num_chains: int = 4,
     num_warmup: int = 500,
@@ -220,7 +218,8 @@ def fit_nuts(
     """Samples the posterior of ``model.numpyro_model`` given (x, y) with NUTS, chains vectorized.
 
     Args:
-      model, key, x, y: as for :func:`fit_em`.
+      model, key, x, y: as for :func:`fit_em` (any registered family; for a mixture of HMMs x is
+        tokens (N, T) with -1 as trailing padding, y output tokens or None).
       num_chains, num_warmup, num_samples: per chain.
       init_params: the family's parameters to start every chain from (e.g. an EM fit), or a pytree
         with a leading chain axis (one start per chain); default: NumPyro's ``init_to_uniform``.
@@ -233,7 +232,8 @@ def fit_nuts(
     matrix, as NumPyro's ``NUTS``. The same key gives the same draws. A second call with data of
     the same shapes and the same settings reuses the compiled sampler (no recompilation).
     """
-    check_family(model, "fit_nuts", needs=("to_sites", "from_sites"))
+    check_family(model, "fit_nuts", needs=("batch", "batch_model", "to_sites", "from_sites",
+                                           "relabel_vectors", "permute"))
     key = check_key("key", key)
     num_chains = check_int("num_chains", num_chains, minimum=1)
     num_warmup = check_int("num_warmup", num_warmup, minimum=1)
@@ -242,13 +242,17 @@ def fit_nuts(
     target_accept = check_float("target_accept", target_accept, positive=True)
     if not target_accept < 1:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
-    x, y = model.check_data(x, y)
+    batch = model.batch(x, y)
+    dtype = batch.w.dtype
     params0 = None
     if init_params is not None:
-        params0 = _chain_params(model, init_params, num_chains, y.dtype)
-        if reference is None and init_params.coef.ndim == 3:
+        from .em import start_params
+
+        template = jax.eval_shape(lambda k: start_params(model, k, batch), key)
+        params0, unbatched = _chain_params(init_params, template, num_chains, dtype)
+        if reference is None and unbatched:
             reference = init_params
-    runner = _runner(model, x, y, num_chains, num_warmup, num_samples, target_accept, max_tree_depth)
+    runner = _runner(model, batch, num_chains, num_warmup, num_samples, target_accept, max_tree_depth)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = num_warmup + num_samples
@@ -258,9 +262,9 @@ def fit_nuts(
     with Progress(*cols, disable=not progress, transient=False) as bar:
         task = bar.add_task("nuts", total=total)
         with numpyro_numerics():
-            state = runner.init(jax.random.split(key, num_chains), x, y, params0)
+            state = runner.init(jax.random.split(key, num_chains), batch, params0)
             for length in _chunks(total, bool(progress)):
-                state, (p, st) = runner.run_chunk(state, x, y, length=length)
+                state, (p, st) = runner.run_chunk(state, batch, length=length)
                 draws.append(p)
                 stats.append(st)
                 bar.advance(task, length)
@@ -272,8 +276,8 @@ def fit_nuts(
     raw = jax.tree_util.tree_map(lambda *parts: chains_first(parts), *draws)
     extra = {f: np.asarray(chains_first([st[i] for st in stats])) for i, f in enumerate(EXTRA_FIELDS)}
     if reference is not None:
-        reference = jax.tree_util.tree_map(lambda a: jnp.asarray(a, y.dtype), reference)
-        params, perms = relabel(raw, reference)
+        reference = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), reference)
+        params, perms = relabel(model, raw, reference)
     else:
         params, perms = raw, None
     sample_stats = {

@@ -31,7 +31,6 @@ from numpyro.primitives import Messenger
 
 from .. import _precision as _p
 from .._validation import check_int, check_key
-from ..models._experts import ExpertsFamily
 from ..models.registry import check_family
 from .sites import (
     latent_site_names,
@@ -52,13 +51,15 @@ class _drop_priors(Messenger):
             msg["fn"] = msg["fn"].mask(False)
 
 
-def _model_fn(model: ExpertsFamily, mle: bool):
+def _model_fn(model, mle: bool):
+    """The family's NumPyro model of a :class:`~conceptshift.models.batch.Batch` (its protocol's
+    ``batch_model``), with the priors dropped for ``mle``."""
     if not mle:
-        return model.numpyro_model
+        return model.batch_model
 
-    def fn(x, y=None):
+    def fn(batch):
         with _drop_priors():
-            model.numpyro_model(x, y)
+            model.batch_model(batch)
 
     return fn
 
@@ -75,9 +76,9 @@ def _make_guide(kind: str, fn):
 class _Runner:
     svi: SVI
     guide: Any
-    run_chunk: Any  # jit(state, x, y, step0, n_total) -> (state, losses, accepted)
+    run_chunk: Any  # jit(state, batch, step0, n_total) -> (state, losses, accepted)
     chunk: int
-    init: Any  # jit(key, x, y, guide init values) -> SVIState
+    init: Any  # jit(key, batch, guide init values) -> SVIState
 
 
 _RUNNERS: dict = {}
@@ -91,11 +92,11 @@ def _runner(model, guide_kind, optimizer, mle, chunk) -> _Runner:
     guide = _make_guide(guide_kind, fn)
     svi = SVI(fn, guide, optax_to_numpyro(optimizer), Trace_ELBO())
 
-    def run_chunk(state, x, y, step0, n_total):
+    def run_chunk(state, batch, step0, n_total):
         def step(carry, i):
             state = carry
             with numpyro_numerics():
-                new, loss = svi.update(state, x, y)
+                new, loss = svi.update(state, batch)
                 new_params = svi.optim.get_params(new.optim_state)
             finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(ravel_pytree(new_params)[0]))
             ok = finite & (step0 + i < n_total)
@@ -106,8 +107,8 @@ def _runner(model, guide_kind, optimizer, mle, chunk) -> _Runner:
 
         return jax.lax.scan(step, state, jnp.arange(chunk))
 
-    def init(key, x, y, init_values):
-        return svi.init(key, x, y, init_params=init_values)
+    def init(key, batch, init_values):
+        return svi.init(key, batch, init_params=init_values)
 
     # SVI.init sets up the guide's prototype by running the model; eagerly that is hundreds of
     # small compiles, so it runs under jit (the guide keeps only shapes and supports from it; its
@@ -127,7 +128,7 @@ class SVIResult:
     discarded as non-finite).
     """
 
-    model: ExpertsFamily
+    model: Any
     guide_kind: str
     params: Any
     guide_params: dict
@@ -186,18 +187,15 @@ def _sample_sites(kind: str, gp: dict, supports: dict, key, num: int) -> dict:
     return _unflatten(loc + _p.mm(eps, tril.T), supports)
 
 
-def initial_params(model: ExpertsFamily, key, x, y, *, init: str = "kmeans++"):
-    """EM's initialisation (an M-step from k-means++ or random-subset responsibilities): SVI starts
-    where EM starts."""
-    x, y = model.check_data(x, y)
-    w = jnp.ones((x.shape[0],), y.dtype)
-    return _init_jit(model, key, x, y, w, init)
+def initial_params(model, key, x, y=None, *, init: str = "kmeans++"):
+    """EM's start (:func:`conceptshift.inference.em.start_params`): SVI starts where EM starts."""
+    return _init_jit(model, key, model.batch(x, y), init)
 
 
-def _init_impl(model, key, x, y, w, init):
-    from .em import initial_params as em_initial_params
+def _init_impl(model, key, batch, init):
+    from .em import start_params
 
-    return em_initial_params(model, key, x, y, w, init)
+    return start_params(model, key, batch, init)
 
 
 _init_jit = jax.jit(_init_impl, static_argnames=("model", "init"))
@@ -216,10 +214,10 @@ def _guide_init_values(kind: str, model, sites: dict, trace) -> dict:
 
 
 def fit_svi(
-    model: ExpertsFamily,
+    model,
     key,
     x,
-    y,
+    y=None,
     *,
     guide: str = "delta",
     num_steps: int = 2000,
@@ -233,9 +231,10 @@ def fit_svi(
     """Fits ``model.numpyro_model`` to (x, y) by SVI.
 
     Args:
-      model: a family, e.g. ``RegressionMixture(3)``.
+      model: any registered family, e.g. ``RegressionMixture(3)`` or ``HMMMixture(2, 3, 10, 1)``.
       key: a ``jax.random`` key.
-      x, y: data as for :func:`fit_em`.
+      x, y: data as for :func:`fit_em` (for a mixture of HMMs: tokens (N, T) with -1 as trailing
+        padding, and output tokens or None).
       guide: ``"delta"``, ``"normal"`` or ``"fullrank"``.
       num_steps: optimisation steps.
       learning_rate: Adam's step size, a float or an optax schedule (``optax.cosine_decay_schedule``
@@ -258,7 +257,8 @@ def fit_svi(
       >>> res.loss_trace.shape
       (500,)
     """
-    check_family(model, "fit_svi", needs=("to_sites", "from_sites"))
+    check_family(model, "fit_svi", needs=("batch", "batch_model", "batch_log_likelihood", "to_sites",
+                                          "from_sites"))
     if guide not in GUIDES:
         raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
     key = check_key("key", key)
@@ -273,20 +273,21 @@ def fit_svi(
     elif not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got "
                         f"{type(optimizer).__name__}")
-    x, y = model.check_data(x, y)
-    if x.shape[0] < model.n_components:
-        raise ValueError(f"x has {x.shape[0]} rows, fewer than n_components={model.n_components}")
+    batch = model.batch(x, y)
+    if batch.x.shape[0] < model.n_components:
+        raise ValueError(f"x has {batch.x.shape[0]} rows, fewer than n_components={model.n_components}")
+    dtype = batch.w.dtype
     k_init, k_svi = jax.random.split(key)
     if init_params is None:
-        init_params = initial_params(model, k_init, x, y)
-    sites = sites_from_params(model, jax.tree_util.tree_map(lambda a: jnp.asarray(a, y.dtype),
+        init_params = _init_jit(model, k_init, batch, "kmeans++")
+    sites = sites_from_params(model, jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype),
                                                              init_params))
     chunk = min(chunk_size, num_steps)
     runner = _runner(model, guide, optimizer, bool(mle), chunk)
     with numpyro_numerics():
-        trace = handlers.trace(handlers.substitute(handlers.seed(model.numpyro_model, 0),
-                                                   data=sites)).get_trace(x, y)
-        state = runner.init(k_svi, x, y, _guide_init_values(guide, model, sites, trace))
+        trace = handlers.trace(handlers.substitute(handlers.seed(model.batch_model, 0),
+                                                   data=sites)).get_trace(batch)
+        state = runner.init(k_svi, batch, _guide_init_values(guide, model, sites, trace))
     n_chunks = -(-num_steps // chunk)
     losses, oks = [], []
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -298,7 +299,7 @@ def fit_svi(
         task = bar.add_task("svi", total=num_steps, loss="-")
         for c in range(n_chunks):
             with numpyro_numerics():
-                state, (loss, ok) = runner.run_chunk(state, x, y, jnp.asarray(c * chunk, jnp.int32),
+                state, (loss, ok) = runner.run_chunk(state, batch, jnp.asarray(c * chunk, jnp.int32),
                                                      n_total)
             losses.append(np.asarray(loss))
             oks.append(np.asarray(ok))
@@ -311,7 +312,7 @@ def fit_svi(
                 for n in latent_site_names(model)}
     with numpyro_numerics():
         params = params_from_sites(model, _point(guide, guide_params, supports))
-    loglik = float(jnp.sum(model.log_likelihood(params, x, y)))
+    loglik = float(model.batch_log_likelihood(params, batch))
     return SVIResult(model, guide, params, guide_params, loss_trace, loglik,
                      int(np.sum(~accepted)), bool(mle), supports)
 

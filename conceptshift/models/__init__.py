@@ -2,19 +2,31 @@
 
 from ._experts import DataStats, ExpertsFamily, Standardiser
 from .basis import Basis
+from .batch import Batch
 from .gated import GatedExperts, GatedParams
 from .hmm import HMMMixture, HMMParams
 from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
-from .registry import FAMILIES, check_family, family, family_class, family_name, family_names, register_family
+from .registry import (
+    FAMILIES,
+    check_family,
+    family,
+    family_class,
+    family_example,
+    family_name,
+    family_names,
+    register_family,
+)
 from .regression import RegressionMixture, RegressionParams
 from .softmax_gated import SoftmaxGatedExperts, SoftmaxGatedParams
 
 __all__ = [
+    "Batch",
     "FAMILIES",
     "check_family",
     "family",
     "family_class",
+    "family_example",
     "family_name",
     "family_names",
     "register_family",

@@ -36,6 +36,7 @@ from jax.scipy.special import logsumexp
 from .. import _precision as _p
 from .._validation import as_float_array, check_float, check_int
 from .basis import Basis
+from .batch import Batch
 
 
 class DataStats(NamedTuple):
@@ -281,6 +282,44 @@ class ExpertsFamily:
         dtype = next((a.dtype for a in out if not isinstance(a, np.ndarray)), x.dtype)
         return tuple(jnp.asarray(a, dtype) for a in out)
 
+    def batch(self, x, y=None, weights=None) -> Batch:
+        """The protocol's :class:`~conceptshift.models.batch.Batch` of (x, y, weights), validated
+        as :meth:`check_data` (unit weights by default); y is required."""
+        if y is None:
+            raise TypeError("y must be an array of responses (N,) or (N, H), got None")
+        arrays = self.check_data(x, y, weights)
+        x, y = arrays[0], arrays[1]
+        w = arrays[2] if weights is not None else jnp.ones((x.shape[0],), y.dtype)
+        return Batch(x, y, w)
+
+    def sample_batch(self, key, params, n: int) -> Batch:
+        """n rows drawn from the model: x from :meth:`sample_x`, y ~ p(y | x), unit weights."""
+        kx, ky = jax.random.split(key)
+        x = self.sample_x(kx, params, n)
+        return Batch(x, self.sample_conditional(ky, params, x), jnp.ones((n,), x.dtype))
+
+    def sample_x(self, key, params, n: int) -> Array:
+        """Covariates (n, D) for :meth:`sample_batch`: standard normal where the family models
+        y given x only (its gate is not a law of x); gated families draw from their gate."""
+        return jax.random.normal(key, (n, self.n_features), params.coef.dtype)
+
+    def batch_log_likelihood(self, params, batch: Batch) -> Array:
+        """sum_n w_n log p(x_n, y_n) (log p(y_n | x_n) for constant gates), a scalar."""
+        return jnp.sum(batch.w * self.log_likelihood(params, batch.x, batch.y))
+
+    def batch_model(self, batch: Batch):
+        """:meth:`numpyro_model` conditioned on ``batch`` (the row weights scale the observations):
+        the one NumPyro model SVI and NUTS run, with the batch as its argument."""
+        self.numpyro_model(batch.x, batch.y, weights=batch.w)
+
+    def relabel_vectors(self, params) -> Array:
+        """One row per component, (K, F), that draws are aligned on: coefficients of every head,
+        log-scales, log-weight and the gate's per-component fields."""
+        K = self.n_components
+        parts = [params.coef.reshape(K, -1), params.log_scale.reshape(K, -1), params.log_weights[:, None]]
+        parts += [getattr(params, f).reshape(K, -1) for f in self.gate_fields()]
+        return jnp.concatenate(parts, axis=1)
+
     def design(self, x: Array) -> Array:
         """Design matrix Phi (N, P) of x (N, D)."""
         return self.basis(x)
@@ -392,7 +431,8 @@ class ExpertsFamily:
     def em_kind(self) -> str:
         """How ``fit_em`` fits this family: ``"closed_form"`` (the fused E-step and closed-form
         M-steps), ``"generalized"`` (an M-step that iterates: the softmax gate's inner optax loop)
-        or ``"baum_welch"`` (sequences: forward-backward statistics)."""
+        or ``"expected_stats"`` (the family's ``expected_stats`` and ``m_step_from_stats`` on a
+        batch, run by the generic driver ``inference.stats_em``: the mixture of HMMs)."""
         return "closed_form"
 
     # ------------------------------------------------------------------ standard coordinates
@@ -819,13 +859,18 @@ class ExpertsFamily:
         return {}
 
     # ------------------------------------------------------------------ NumPyro model
-    def numpyro_model(self, x: Array, y: Array | None = None):
+    def numpyro_model(self, x: Array, y: Array | None = None, *, weights: Array | None = None):
         """The generative model with weakly informative priors, for SVI and NUTS.
 
         Sites: ``weights`` (K,), ``coef`` (K, H, P), ``scale`` (K, H), the family's gate sites,
-        then ``x`` (gated families only) and ``y`` (N, H), both marginalised over k.
+        then ``x`` (gated families only) and ``y`` (N, H), both marginalised over k. ``weights``
+        (N,): each row's observations count ``weights[n]`` times (``numpyro.handlers.scale``).
         """
+        import contextlib
+
         import numpyro
+
+        rows = contextlib.nullcontext() if weights is None else numpyro.handlers.scale(scale=weights)
 
         K, H, P = self.n_components, self.n_heads, self.n_coef
         dtype = x.dtype
@@ -835,8 +880,9 @@ class ExpertsFamily:
         scale = numpyro.sample("scale", dist.HalfNormal(jnp.full(scale_shape, 10.0, dtype)).to_event(2))
         scale = jnp.broadcast_to(scale, (K, H))
         params = self._params_from_sites(jnp.log(weights), coef, jnp.log(scale), self._gate_sites(x))
-        self._observe_x(params, x)
-        numpyro.sample("y", self.distribution(params, x), obs=y)
+        with rows:  # (the row weights; the name ``weights`` is the proportions' site below)
+            self._observe_x(params, x)
+            numpyro.sample("y", self.distribution(params, x), obs=y)
 
     def _gate_sites(self, x):
         return {}

@@ -22,6 +22,7 @@ masked (their tokens are ignored).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from numpyro.distributions import constraints
 
 from .. import _precision as _p
 from .._validation import as_float_array, check_float, check_int, float_dtype, is_traced
+from .batch import Batch
 
 
 class HMMParams(NamedTuple):
@@ -69,6 +71,28 @@ class HMMData(NamedTuple):
     lengths: Array
     y: Array
     w: Array
+
+
+def padded_tokens(x):
+    """(tokens, lengths) from integer tokens (N, T) with -1 as trailing padding (the sequence
+    family's ``x`` in the protocol); padding anywhere but at the end of a row is refused. The
+    family's ``check_data`` validates the tokens themselves."""
+    if is_traced(x):
+        present = x >= 0
+        return jnp.where(present, x, 0), jnp.sum(present, axis=1).astype(jnp.int32)
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        return x, None  # check_data names the expected shape
+    present = arr >= 0
+    lengths = present.sum(axis=1)
+    trailing = np.arange(arr.shape[1])[None, :] < lengths[:, None]
+    if np.any(present != trailing):
+        i = int(np.argwhere(np.any(present != trailing, axis=1))[0, 0])
+        raise ValueError(f"x row {i} has a token after padding (-1): padding must be trailing")
+    if arr.size and lengths.min() < 1:
+        i = int(np.argmin(lengths))
+        raise ValueError(f"x row {i} is all padding (-1): every sequence needs at least one token")
+    return arr, lengths.astype(np.int32)
 
 
 def _norm(logits: Array, axis: int = -1) -> Array:
@@ -123,8 +147,9 @@ class HMMMixture:
     # ------------------------------------------------------------------ bookkeeping
     @property
     def em_kind(self) -> str:
-        """``fit_em`` fits this family by Baum-Welch (see ``ExpertsFamily.em_kind``)."""
-        return "baum_welch"
+        """``fit_em`` fits this family by its expected statistics (the forward-backward counts) and
+        closed-form M-step: Baum-Welch, through the generic driver (``ExpertsFamily.em_kind``)."""
+        return "expected_stats"
 
     @property
     def n_params(self) -> int:
@@ -251,6 +276,76 @@ class HMMMixture:
         return HMMData(jnp.asarray(x, jnp.int32), jnp.asarray(lengths, jnp.int32),
                        jnp.asarray(y, jnp.int32), w)
 
+    # ------------------------------------------------------------------ the protocol's batch
+    def batch(self, x, y=None, weights=None) -> Batch:
+        """The protocol's :class:`~conceptshift.models.batch.Batch`: ``x`` integer tokens (N, T)
+        with -1 as trailing padding, ``y`` output tokens (N, H) (-1 = missing; None: all missing),
+        ``weights`` (N,) (ones by default); validated as :meth:`check_data`."""
+        tokens, lengths = padded_tokens(x)
+        d = self.check_data(tokens, lengths, y, weights)
+        present = jnp.arange(d.x.shape[1], dtype=jnp.int32)[None, :] < d.lengths[:, None]
+        return Batch(jnp.where(present, d.x, -1), d.y, d.w)
+
+    def sample_batch(self, key, params: HMMParams, n: int, length: int = 8) -> Batch:
+        """n records drawn from the model, of lengths uniform in [ceil(length / 2), length] (so the
+        batch has padding), unit weights."""
+        kl, ks = jax.random.split(key)
+        lengths = jax.random.randint(kl, (n,), (length + 1) // 2, length + 1, jnp.int32)
+        x, lengths, y, _ = self.sample(ks, params, n, length, lengths)
+        present = jnp.arange(length, dtype=jnp.int32)[None, :] < lengths[:, None]
+        return Batch(jnp.where(present, x, -1), y, jnp.ones((n,), params.log_weights.dtype))
+
+    @staticmethod
+    def data_of(batch: Batch) -> HMMData:
+        """The batch as the forward algorithm's :class:`HMMData` (tokens, lengths, outputs, weights)."""
+        present = batch.x >= 0
+        return HMMData(jnp.where(present, batch.x, 0), jnp.sum(present, axis=1).astype(jnp.int32),
+                       batch.y, batch.w)
+
+    def batch_log_likelihood(self, params: HMMParams, batch: Batch) -> Array:
+        """sum_n w_n log p(x_n, y_n), a scalar."""
+        d = self.data_of(batch)
+        return jnp.sum(d.w * logsumexp(self._component_log_probs(params, d), axis=-1))
+
+    def batch_model(self, batch: Batch):
+        """:meth:`numpyro_model` conditioned on ``batch`` (row weights scale the observations)."""
+        d = self.data_of(batch)
+        self._numpyro_model(d, 1.0, weighted=True)
+
+    def start_params(self, key, batch: Batch) -> HMMParams:
+        """EM's random start (:meth:`init_params`, emissions around the batch's token frequencies)."""
+        d = self.data_of(batch)
+        mask = (jnp.arange(d.x.shape[1], dtype=jnp.int32)[None, :] < d.lengths[:, None]).astype(d.w.dtype)
+        counts = jnp.zeros((self.n_tokens,), d.w.dtype).at[d.x].add(mask * d.w[:, None])
+        return self._init_params(key, d.w.dtype, counts / jnp.sum(counts))
+
+    def relabel_vectors(self, params: HMMParams) -> Array:
+        """One row per concept, (K, 1 + S + S^2): log-weight, initial and transition log-probabilities
+        (the emissions are shared, so they do not tell concepts apart)."""
+        K = self.n_components
+        return jnp.concatenate([params.log_weights[:, None], params.log_init,
+                                params.log_trans.reshape(K, -1)], axis=1)
+
+    # ------------------------------------------------------------------ posterior sites
+    def site_names(self) -> tuple[str, ...]:
+        """The latent sites of :meth:`numpyro_model` in the order they are sampled."""
+        return ("weights", "init", "trans", "emit") + (("out",) if self.n_heads else ())
+
+    def to_sites(self, params: HMMParams) -> dict[str, Array]:
+        """The latent site values (probabilities, rows renormalised) that give ``params``."""
+        sites = {name: jax.nn.softmax(getattr(params, field), axis=-1)
+                 for name, field in zip(("weights", "init", "trans", "emit", "out"), HMMParams._fields,
+                                        strict=True)}
+        return {n: sites[n] for n in self.site_names()}
+
+    def from_sites(self, sites: dict) -> HMMParams:
+        """The parameters from one set of latent site values (no leading draw axes)."""
+        dtype = sites["weights"].dtype
+        S, V = self.n_states, self.n_tokens
+        out = sites["out"] if self.n_heads else jnp.zeros((0, S, V), dtype)
+        return HMMParams(*(jnp.log(jnp.maximum(p, jnp.finfo(dtype).tiny))
+                           for p in (sites["weights"], sites["init"], sites["trans"], sites["emit"], out)))
+
     # ------------------------------------------------------------------ the forward algorithm
     def forward(self, params: HMMParams, x: Array, lengths: Array) -> Array:
         """log p(x^{1:L}, h_L = s | k) for every sequence, concept and state, (N, K, S).
@@ -338,11 +433,14 @@ class HMMMixture:
         return jnp.take_along_axis(table, y[:, None], axis=1)[:, 0]
 
     # ------------------------------------------------------------------ EM pieces
-    def expected_stats(self, params: HMMParams, d: HMMData) -> tuple[Array, HMMStats]:
-        """Weighted log-likelihood and the expected counts of Baum-Welch's E-step.
+    def expected_stats(self, params: HMMParams, batch: Batch | HMMData) -> tuple[Array, HMMStats]:
+        """Weighted log-likelihood and the expected counts of Baum-Welch's E-step, for a protocol
+        :class:`~conceptshift.models.batch.Batch` (or the family's own :class:`HMMData`).
 
         The counts are d/d(log-parameter) of sum_n w_n log p(x_n, y_n), which equals the forward-
         backward posterior expectations (the log-parameters enter the forward recursion linearly)."""
+
+        d = batch if isinstance(batch, HMMData) else self.data_of(batch)
 
         def ll(p):
             return jnp.sum(d.w * logsumexp(self._component_log_probs(p, d), axis=-1))
@@ -376,11 +474,13 @@ class HMMMixture:
         ``x`` (N, T) and ``y`` (N, H) are concatenated into one record per row; sample sites:
         ``weights``, ``init``, ``trans``, ``emit``, ``out`` (only when H > 0) and the observed ``obs``.
         """
+        self._numpyro_model(self.check_data(x, lengths, y), concentration)
+
+    def _numpyro_model(self, d: HMMData, concentration, weighted: bool = False):
         import numpyro
 
-        d = self.check_data(x, lengths, y)
         K, S, V, H = self.n_components, self.n_states, self.n_tokens, self.n_heads
-        dtype = float_dtype()
+        dtype = d.w.dtype if weighted else float_dtype()
         c = jnp.asarray(concentration, dtype)
         with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
             weights = numpyro.sample("weights", dist.Dirichlet(jnp.full((K,), c)))
@@ -394,7 +494,8 @@ class HMMMixture:
             params = HMMParams(*(jnp.log(jnp.maximum(p, jnp.finfo(dtype).tiny))
                                  for p in (weights, init, trans, emit, out)))
             record = jnp.concatenate([d.x, d.y], axis=1)
-            numpyro.sample("obs", self.distribution(params, d.lengths, d.x.shape[1]), obs=record)
+            with numpyro.handlers.scale(scale=d.w) if weighted else contextlib.nullcontext():
+                numpyro.sample("obs", self.distribution(params, d.lengths, d.x.shape[1]), obs=record)
 
     # ------------------------------------------------------------------ simulation
     def sample(self, key, params: HMMParams, n: int, length: int, lengths=None):

@@ -17,10 +17,14 @@ from .regression import RegressionMixture
 from .softmax_gated import SoftmaxGatedExperts
 
 FAMILIES: dict[str, type] = {}
+EXAMPLES: dict[str, dict] = {}
 
 
-def register_family(name: str, cls: type) -> type:
-    """Registers ``cls`` (a frozen dataclass of hyperparameters) under ``name``; returns it."""
+def register_family(name: str, cls: type, example: dict | None = None) -> type:
+    """Registers ``cls`` (a frozen dataclass of hyperparameters) under ``name``; returns it.
+
+    ``example``: the hyperparameters, beyond ``n_components`` and ``n_heads``, of a small
+    instance (for the contract tests and examples; ``{}`` when the defaults do)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a family name must be an identifier, got {name!r}")
     if not isinstance(cls, type):
@@ -28,6 +32,7 @@ def register_family(name: str, cls: type) -> type:
     if name in FAMILIES and FAMILIES[name] is not cls:
         raise ValueError(f"a family named {name!r} is already registered ({FAMILIES[name].__name__})")
     FAMILIES[name] = cls
+    EXAMPLES[name] = dict(example or {})
     return cls
 
 
@@ -78,7 +83,13 @@ def family(name: str, **hyperparameters):
     return family_class(name)(**hyperparameters)
 
 
+def family_example(name: str, n_components: int = 2, n_heads: int = 2):
+    """A small instance of the family registered under ``name`` (its registered example)."""
+    family_class(name)
+    return family(name, n_components=n_components, n_heads=n_heads, **EXAMPLES[name])
+
+
 register_family("regression", RegressionMixture)
 register_family("gated", GatedExperts)
 register_family("softmax", SoftmaxGatedExperts)
-register_family("hmm", HMMMixture)
+register_family("hmm", HMMMixture, example={"n_states": 2, "n_tokens": 4})

@@ -1,0 +1,24 @@
+"""The one data type generic code hands to a family: :class:`Batch`.
+
+A family turns user arrays into a batch with ``model.batch(x, y=None, weights=None)`` (validated, at
+the boundary) and everything generic (SVI, NUTS, the start of EM) works on the batch through the
+family's protocol methods (``batch_model``, ``batch_log_likelihood``, ``start_params``), never on
+the arrays' meaning. For regression families ``x`` holds covariates (N, D); for sequence families
+integer tokens (N, T) with -1 as trailing padding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from jax import Array
+
+
+class Batch(NamedTuple):
+    """Rows of data: ``x`` (N, D) covariates or (N, T) tokens (-1 = padding past a sequence's
+    end); ``y`` (N, H) responses (sequence families: output tokens, -1 where missing); ``w`` (N,)
+    row weights (ones by default). A pytree: it passes through ``jax.jit`` and ``jax.vmap``."""
+
+    x: Array
+    y: Array
+    w: Array
