@@ -14,7 +14,7 @@ from conftest import X64
 from conceptshift._validation import PrecisionWarning, UnrepresentableFitError
 from conceptshift.inference import fit_em, fit_gem, fit_hmm_em
 from conceptshift.inference.em import _fit_em_jit
-from conceptshift.inference.estimators import as_data, weak_training, weak_training_ll
+from conceptshift.inference.estimators import as_data, weak_training_ll, weak_training_sq
 from conceptshift.inference.svi import fit_svi
 from conceptshift.models import Basis, GatedExperts, HMMMixture, RegressionMixture, RegressionParams
 from conceptshift.models.softmax_gated import SoftmaxGatedExperts
@@ -95,12 +95,13 @@ CASES = [
     ("reg-nan", lambda: RegressionMixture(2, reg=float("nan")), ValueError, r"^reg must be finite"),
     ("degree-neg", lambda: RegressionMixture(2, degree=-1), ValueError, r"^degree must be >= 0"),
     ("covariance", lambda: GatedExperts(2, covariance="tied"), ValueError, r"^covariance must be"),
-    ("lam-neg", lambda: weak_training(REG, SRC, TGT, -1.0), ValueError, r"^lam must be finite and >= 0"),
-    ("lam-nan", lambda: weak_training(REG, SRC, TGT, float("nan")), ValueError, r"^lam must be finite"),
+    ("lam-neg", lambda: weak_training_sq(REG, SRC, TGT, -1.0), ValueError, r"^lam must be finite and >= 0"),
+    ("lam-nan", lambda: weak_training_sq(REG, SRC, TGT, float("nan")), ValueError, r"^lam must be finite"),
     ("lam-inf-ll", lambda: weak_training_ll(KEY, REG, SRC, TGT, float("inf")), ValueError, r"^lam must"),
-    ("lam-str", lambda: weak_training(REG, SRC, TGT, "1"), TypeError, r"^lam must be a real number"),
-    ("weak-source-type", lambda: weak_training(REG, (X, Y), TGT, 1.0), TypeError, r"^source must be a Data"),
-    ("weak-missing-label", lambda: weak_training(REG, TGT, TGT, 1.0), ValueError,
+    ("lam-str", lambda: weak_training_sq(REG, SRC, TGT, "1"), TypeError, r"^lam must be a real number"),
+    ("weak-source-type", lambda: weak_training_sq(REG, (X, Y), TGT, 1.0), TypeError,
+     r"^source must be a Data"),
+    ("weak-missing-label", lambda: weak_training_sq(REG, TGT, TGT, 1.0), ValueError,
      r"^source.y is required"),
 ]
 if not X64:

@@ -11,7 +11,7 @@ from conceptshift.inference.estimators import (
     EMOptions,
     identify,
     refinement_icl_logits,
-    weak_training,
+    weak_training_sq,
 )
 from conceptshift.inference.predictor import Predictor
 from conceptshift.models import RegressionMixture, make_problem, simulate
@@ -29,7 +29,7 @@ def test_weak_training_is_pooled_least_squares():
     prob = make_problem(jax.random.key(0), n_components=3)
     _, src, tgt = _data(prob, 300)
     lam = 2.5
-    pred = weak_training(prob.strong_model, src, tgt, lam)
+    pred = weak_training_sq(prob.strong_model, src, tgt, lam)
     X = np.concatenate([np.asarray(tgt.x), np.asarray(src.x)])[:, 0]
     Phi = np.stack([np.ones_like(X), X], 1).astype(np.float64)
     y = np.concatenate([np.asarray(tgt.y_weak), np.asarray(src.y)]).astype(np.float64)

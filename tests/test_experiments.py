@@ -209,12 +209,12 @@ def test_consistency_identification_is_consistent_and_baselines_are_not(tmp_path
                       ["n_grid=250,1000,4000", "replicates=4", "n_test=1000"])
     res = consistency.run(cfg, tmp_path, progress=False)
     est = res["estimators"]
-    assert set(est) >= {"source_only", "weak_only", "weak_training", "refinement", "refinement_icl",
+    assert set(est) >= {"source_only", "weak_only", "weak_training_sq", "refinement", "refinement_icl",
                         "identification", "oracle"}
     for name in ("identification", "oracle"):
         assert est[name]["slope_reg_error"] < -0.4, (name, est[name]["reg_error"]["mean"])
     ident_last = est["identification"]["reg_error"]["mean"][-1]
-    for name in ("weak_training", "refinement", "source_only", "weak_only"):
+    for name in ("weak_training_sq", "refinement", "source_only", "weak_only"):
         assert est[name]["reg_error"]["mean"][-1] > 3 * ident_last, name
         assert est[name]["slope_reg_error"] > -0.4, name
     assert all(m == 1.0 for m in est["identification"]["matching_accuracy"]["mean"][1:])

@@ -134,3 +134,19 @@ def test_fit_svi_runs_and_relabel_undoes_a_permutation(name):
     np.testing.assert_array_equal(np.asarray(perms), [[0, 1], [1, 0]])
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_algorithm_1_undoes_a_known_relabelling(name):
+    """A weak-target 'fit' that is the source fit with its components swapped, its weak head only,
+    and other proportions: identify matches component k to its image and moves the proportions."""
+    from conceptshift.inference.estimators import identify
+
+    model, params, _ = _setup(name)
+    swapped = model.select_heads(model.permute(params, jnp.asarray([1, 0])), (1,))
+    target = swapped._replace(log_weights=jnp.log(jnp.asarray([0.8, 0.2], DTYPE)))
+    ident = identify(params, target, model, match="weak")
+    np.testing.assert_array_equal(np.asarray(ident.assignment), [1, 0])
+    assert bool(ident.greedy_bijection) and float(ident.margin) > 0
+    np.testing.assert_allclose(np.exp(np.asarray(ident.predictor.params.log_weights)), [0.2, 0.8],
+                               rtol=rtol(1e-6, 1e-12))

@@ -280,7 +280,8 @@ def test_identification_recovers_a_concept_permutation_and_moves_target_weights(
     """Algorithm 1 steps 3-4 on a target 'fit' that is the source fit with concepts and states
     relabelled, its weak head shifted slightly and other proportions: the matching undoes the
     relabelling, and the estimate is the source's concepts under the target's proportions."""
-    from conceptshift.inference.hmm_estimators import identify_hmm, next_token_kl
+    from conceptshift.inference.estimators import identify
+    from conceptshift.inference.hmm_estimators import next_token_kl
 
     prob, sim, _, fit = anchored
     m2 = prob.model
@@ -289,8 +290,8 @@ def test_identification_recovers_a_concept_permutation_and_moves_target_weights(
     tgt = m2.select_heads(tgt, (1,))
     tgt = tgt._replace(log_out=jnp.log(0.9 * jnp.exp(tgt.log_out) + 0.1 / 6),
                        log_weights=jnp.log(jnp.array([0.7, 0.3], tgt.log_weights.dtype)))
-    for match in ("weak", "transitions"):
-        ident = identify_hmm(fit.params, tgt, m2, match=match)
+    for match in ("weak", "components"):
+        ident = identify(fit.params, tgt, m2, match=match)
         np.testing.assert_array_equal(ident.assignment, [1, 0])  # source k <-> target perm^-1(k)
         assert bool(ident.greedy_bijection) and float(ident.margin) > 0
         np.testing.assert_allclose(jnp.exp(ident.predictor.params.log_weights), [0.3, 0.7], rtol=1e-6)
@@ -298,7 +299,7 @@ def test_identification_recovers_a_concept_permutation_and_moves_target_weights(
     want = m2.with_heads(1).next_token_log_probs(
         m2.select_heads(fit.params, (0,))._replace(log_weights=ident.predictor.params.log_weights),
         sim.test.x, sim.test.lengths)
-    got = ident.predictor.log_probs(sim.test.x, sim.test.lengths)
+    got = ident.predictor.log_probs(sim.test.x, lengths=sim.test.lengths)
     np.testing.assert_allclose(got, want, rtol=rtol(1e-5, 1e-12))
     assert abs(float(next_token_kl(got, got))) < 1e-6
 

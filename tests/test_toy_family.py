@@ -29,6 +29,7 @@ def registered():
     contract.test_sites_round_trip,
     contract.test_fit_em_monotone_jit_vmap_and_no_recompile,
     contract.test_fit_svi_runs_and_relabel_undoes_a_permutation,
+    contract.test_algorithm_1_undoes_a_known_relabelling,
 ], ids=lambda f: f.__name__.removeprefix("test_"))
 def test_contract(check):
     check(NAME)

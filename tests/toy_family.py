@@ -128,10 +128,20 @@ class PoissonMixture:
     def from_sites(self, sites: dict) -> PoissonParams:
         return PoissonParams(jnp.log(sites["weights"]), jnp.log(sites["rate"]))
 
-    # ---------------------------------------------------------------- components
+    # ---------------------------------------------------------------- heads and components
+    def with_heads(self, n_heads: int) -> PoissonMixture:
+        return PoissonMixture(self.n_components, n_heads, self.reg)
+
+    def select_heads(self, params: PoissonParams, heads) -> PoissonParams:
+        return params._replace(log_rate=params.log_rate[:, jnp.asarray(heads)])
+
     def permute(self, params: PoissonParams, perm) -> PoissonParams:
         perm = jnp.asarray(perm)
         return jax.tree_util.tree_map(lambda a: a[perm], params)
+
+    def match_cost(self, params_a: PoissonParams, head_a, params_b: PoissonParams, head_b) -> Array:
+        a, b = params_a.log_rate[:, head_a], params_b.log_rate[:, head_b]
+        return (a[:, None] - b[None, :]) ** 2
 
     def relabel_vectors(self, params: PoissonParams) -> Array:
         return jnp.concatenate([params.log_weights[:, None], params.log_rate], axis=1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-from ..inference.estimators import head_vectors
 from ..inference.matching import assign_traced
 from ..inference.predictor import Predictor
 from ..models.problem import Problem
@@ -45,9 +44,7 @@ def truth_labels(problem: Problem, params, head: int, domain: str, true_head: in
     """For each fitted component, the true component it estimates, shape (K,): optimal assignment
     of the fit's ``head`` against head ``true_head`` (0: y, 1: y') of the truth in ``domain``."""
     true = problem.params_p if domain == "p" else problem.params_q
-    a, t = head_vectors(params, head), head_vectors(true, true_head)
-    cost = jnp.sum((a[:, None, :] - t[None, :, :]) ** 2, -1)
-    return assign_traced(cost)
+    return assign_traced(problem.model.match_cost(params, head, true, true_head))
 
 
 def matching_accuracy(assignment: Array, source_truth: Array, target_truth: Array) -> Array:

@@ -31,7 +31,7 @@ EM_KNOBS = {"restarts": 8, "max_iter": 200, "tol": 1e-6}
 LABELS = {
     "source_only": "source only",
     "weak_only": "weak only",
-    "weak_training": "weak training (squared loss)",
+    "weak_training_sq": "weak training (squared loss)",
     "weak_training_ll": "weak training (likelihood)",
     "refinement": "label refinement",
     "refinement_icl": "in-context refinement",
@@ -71,8 +71,8 @@ def _identification_only(key, model, src, tgt, gold, opts):
         "identification_noweak": None,
         "oracle": oracle(keys[3], m1, gold, opts),
     }
-    ident = identify(s2f.params, t1f.params, m1, weak_source=True, source_fit=s2f, target_fit=t1f)
-    ident_nw = identify(s1f.params, t1f.params, m1, weak_source=False, source_fit=s1f,
+    ident = identify(s2f.params, t1f.params, m1, match="weak", source_fit=s2f, target_fit=t1f)
+    ident_nw = identify(s1f.params, t1f.params, m1, match="strong", source_fit=s1f,
                         target_fit=t1f)
     preds["identification"] = ident.predictor
     preds["identification_noweak"] = ident_nw.predictor

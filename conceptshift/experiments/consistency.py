@@ -109,7 +109,7 @@ def plot(results: dict, path) -> None:
 SHORT = {
     "source_only": "source only",
     "weak_only": "weak only",
-    "weak_training": "weak training",
+    "weak_training_sq": "weak training (squared loss)",
     "weak_training_ll": "weak training (lik.)",
     "refinement": "refinement",
     "refinement_icl": "in-context refinement",

@@ -99,7 +99,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
 LABELS = {"identification": "Algorithm 1 (weak heads)",
           "identification_transitions": "Algorithm 1 (transitions)",
-          "oracle": "oracle", "source_only": "source only", "weak_training": "weak training"}
+          "oracle": "oracle", "source_only": "source only", "weak_training_ll": "weak training (likelihood)"}
 
 
 def plot(results: dict, path) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..diagnostics.metrics import reg_error
-from ..inference.estimators import Data, weak_training, weak_training_ll
+from ..inference.estimators import Data, weak_training_ll, weak_training_sq
 from ..models.problem import simulate
 from .common import (
     EM_KNOBS,
@@ -65,7 +65,7 @@ def _replicate(key, lam, problem, *, n, n_test, opts):
     m1 = problem.strong_model
     x = sim.test.x
     return {
-        "weak_training": reg_error(weak_training(m1, src, tgt, lam), problem, x),
+        "weak_training_sq": reg_error(weak_training_sq(m1, src, tgt, lam), problem, x),
         "weak_training_ll": reg_error(weak_training_ll(kfit, m1, src, tgt, lam, opts), problem, x),
     }
 
@@ -104,14 +104,14 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     for lam in grid:
         c = cells[f"lam{lam:g}"]
         row = {"lam": lam, **c["limits"]}
-        for name in ("weak_training", "weak_training_ll"):
+        for name in ("weak_training_sq", "weak_training_ll"):
             row[name] = dict(zip(("mean", "se"), mean_se(c[name]), strict=True))
         rows.append(row)
     results = {
         "experiment": NAME, "config": cfg, "versions": versions(), "rows": rows,
         "estimators": {name: {"lam": grid, "reg_error": {"mean": [r[name]["mean"] for r in rows],
                                                           "se": [r[name]["se"] for r in rows]}}
-                       for name in ("weak_training", "weak_training_ll")},
+                       for name in ("weak_training_sq", "weak_training_ll")},
     }
     return sweep.finish(results, plot, "weak_training.png")
 
@@ -122,7 +122,7 @@ def plot(results: dict, path) -> None:
     rows = results["rows"]
     lam = np.asarray([r["lam"] for r in rows])
     fig, ax = plt.subplots(figsize=(6.5, 4.3))
-    for name, label in (("weak_training", "weak training, squared loss (measured)"),
+    for name, label in (("weak_training_sq", "weak training, squared loss (measured)"),
                         ("weak_training_ll", "weak training, likelihood (measured)")):
         m = np.asarray([r[name]["mean"] for r in rows])
         s = np.asarray([r[name]["se"] for r in rows])
@@ -146,7 +146,7 @@ def table(results: dict):
         t.add_column(c, justify="right")
     for r in results["rows"]:
         t.add_row(f"{r['lam']:g}", f"{r['eta']:.3f}",
-                  f"{r['weak_training']['mean']:.4f} ± {r['weak_training']['se']:.4f}",
+                  f"{r['weak_training_sq']['mean']:.4f} ± {r['weak_training_sq']['se']:.4f}",
                   f"{r['exact']:.4f}", f"{r['paper']:.4f}",
                   f"{r['weak_training_ll']['mean']:.4f} ± {r['weak_training_ll']['se']:.4f}")
     return t

@@ -5,12 +5,20 @@ name              what it fits                                                  
 ----------------  ----------------------------------------------------------------  ---------------
 source_only       the mixture on P's (x, y)                                         desideratum (ii)
 weak_only         the mixture on Q's (x, y')                                        desideratum (ii)
-weak_training     least squares on sum_Q' (f - y')^2 + lam sum_P (f - y)^2          Prop. 3.1
+weak_training_sq  least squares on sum_Q' (f - y')^2 + lam sum_P (f - y)^2          Prop. 3.1
 weak_training_ll  the mixture by EM on Q' (weight 1) and P (weight lam) pooled      Prop. 3.1
 refinement        labels drawn from sum_k p(y | x, k) p(k | x, y'), then a fit      Ex. 3.4
 refinement_icl    the same with p(k | x, V), V = M weak demonstrations from Q'      Ex. 3.3, (3.1)
 identification    MLE on P and on Q', optimal matching of weak heads, pi^q to P     Algorithm 1
 oracle            the mixture on gold target labels                                 reference
+
+Every estimator but ``weak_training_sq`` (a conditional mean: families whose y has one) works for
+every registered family through the protocol (``fit_em``, ``with_heads``, ``select_heads``,
+``match_cost``, ``log_weights``): for a mixture of HMMs, x is tokens with -1 as trailing padding
+(:func:`as_data` pads a sample that carries ``lengths``). ``identification(match=...)`` matches
+the source's weak heads with the target's (``"weak"``, the paper's Algorithm 1), the source's
+strong heads (``"strong"``, for a source without weak labels) or the components' own head-free
+signatures (``"components"``: the HMM's transition matrices).
 
 Weak-training convention: the loss is sum over Q' of loss(y') plus lam times the sum over P of
 loss(y), as in the paper's main text. With n_P = n_Q', the weight on P is eta = lam / (1 + lam).
@@ -41,7 +49,7 @@ from .predictor import Predictor, strong_predictor, with_proportions
 ESTIMATORS = (
     "source_only",
     "weak_only",
-    "weak_training",
+    "weak_training_sq",
     "weak_training_ll",
     "refinement",
     "refinement_icl",
@@ -61,7 +69,8 @@ class EMOptions:
 
 
 class Data(NamedTuple):
-    """One sample: x (N, D), labels (N,) or None, per-row weights (N,)."""
+    """One sample: x (N, D) (sequences: tokens (N, T), -1 as trailing padding), labels (N,) or
+    None, per-row weights (N,)."""
 
     x: Array
     y: Array | None
@@ -70,9 +79,16 @@ class Data(NamedTuple):
 
 
 def as_data(sample, w=None) -> Data:
-    """A :class:`conceptshift.models.Sample` (or anything with x, y, y_weak) as weighted Data."""
-    w = jnp.ones((sample.x.shape[0],), sample.x.dtype) if w is None else w
-    return Data(sample.x, sample.y, sample.y_weak, w)
+    """A :class:`conceptshift.models.Sample` (or anything with x, y, y_weak) as weighted Data; a
+    sample of sequences with ``lengths`` gets its tokens padded with -1 past each length."""
+    x = sample.x
+    lengths = getattr(sample, "lengths", None)
+    if lengths is not None:
+        x = jnp.where(jnp.arange(x.shape[1])[None, :] < jnp.asarray(lengths)[:, None], x, -1)
+    if w is None:
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(()).dtype
+        w = jnp.ones((x.shape[0],), dtype)
+    return Data(x, sample.y, sample.y_weak, w)
 
 
 def fit_em_with(model, key, x, y, w, opts: EMOptions) -> EMResult:
@@ -81,35 +97,18 @@ def fit_em_with(model, key, x, y, w, opts: EMOptions) -> EMResult:
                   tol=opts.tol)
 
 
-def head_vectors(params, head: int) -> Array:
-    """Coefficients and log-scale of one head, (K, P + 1): the space heads are matched in."""
-    return jnp.concatenate([params.coef[:, head, :], params.log_scale[:, head : head + 1]], axis=1)
-
-
-def head_cost(params_a, head_a: int, params_b, head_b: int) -> Array:
-    """Squared distances (K, K) between the heads of two fits: cost[k, j] = |a_k - b_j|^2."""
-    a, b = head_vectors(params_a, head_a), head_vectors(params_b, head_b)
-    return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
-
-
-def gate_cost(params_a, params_b) -> Array:
-    """Squared distances (K, K) between gate means (gated families)."""
-    a, b = params_a.gate_mean, params_b.gate_mean
-    return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
-
-
 # ---------------------------------------------------------------------------------- baselines
-def source_only(key, model: ExpertsFamily, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
+def source_only(key, model, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
     fit = fit_em_with(model.with_heads(1), key, source.x, source.y, source.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
-def weak_only(key, model: ExpertsFamily, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
+def weak_only(key, model, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
     fit = fit_em_with(model.with_heads(1), key, target.x, target.y_weak, target.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
-def oracle(key, model: ExpertsFamily, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
+def oracle(key, model, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
     """The mixture fitted on gold target labels (x, y) ~ Q: the reference no estimator can see."""
     return source_only(key, model, gold, opts)
 
@@ -121,10 +120,12 @@ def _pooled(source: Data, target: Data, lam):
     return x, y, w
 
 
-def weak_training(model: ExpertsFamily, source: Data, target: Data, lam) -> Predictor:
+def weak_training_sq(model: ExpertsFamily, source: Data, target: Data, lam) -> Predictor:
     """Prop. 3.1's estimator: argmin sum_Q' (f(x) - y')^2 + lam sum_P (f(x) - y)^2 over
     f(x) = sum_k pi_k Phi(x) . beta_k. That f is linear in Phi(x), so the minimiser is weighted
-    least squares on Phi; the predictive density is N(f(x), weighted mean squared residual)."""
+    least squares on Phi; the predictive density is N(f(x), weighted mean squared residual).
+    For the regression families (a conditional mean linear in their design)."""
+    check_family(model, "weak_training_sq", em_kinds=("closed_form", "generalized"))
     _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
     ls = RegressionMixture(1, model.n_features, degree=model.degree, basis_fn=model.basis_fn,
@@ -136,16 +137,19 @@ def weak_training(model: ExpertsFamily, source: Data, target: Data, lam) -> Pred
 
 
 def _check_weak_training(model, source: Data, target: Data, lam) -> None:
-    """The weak-training estimators' inputs: a family, Data with the labels they read, and a
-    finite lam >= 0 (checked where it is concrete)."""
-    check_family(model, "weak training", em_kinds=("closed_form", "generalized"))
+    """The weak-training estimators' inputs: a family, Data with the labels they read (x of the
+    same width in both), and a finite lam >= 0 (checked where it is concrete)."""
+    check_family(model, "weak training", needs=("with_heads",))
     for name, data, label in (("source", source, "y"), ("target", target, "y_weak")):
         if not isinstance(data, Data):
             raise TypeError(f"{name} must be a Data (see as_data), got {type(data).__name__}")
         if getattr(data, label) is None:
             raise ValueError(f"{name}.{label} is required by weak training, got None")
-        if data.x.ndim != 2 or data.x.shape[1] != model.n_features:
-            raise ValueError(f"{name}.x must have shape (N, {model.n_features}), got {data.x.shape}")
+        if data.x.ndim != 2:
+            raise ValueError(f"{name}.x must have shape (N, ...) of rank 2, got {data.x.shape}")
+    if source.x.shape[1] != target.x.shape[1]:
+        raise ValueError(f"source.x and target.x must have the same number of columns, got "
+                         f"{source.x.shape} and {target.x.shape}")
     if not is_traced(lam):
         value = np.asarray(lam)
         if value.shape != () or not np.issubdtype(value.dtype, np.number):
@@ -154,11 +158,11 @@ def _check_weak_training(model, source: Data, target: Data, lam) -> None:
             raise ValueError(f"lam must be finite and >= 0, got {float(value)}")
 
 
-def weak_training_ll(key, model: ExpertsFamily, source: Data, target: Data, lam,
+def weak_training_ll(key, model, source: Data, target: Data, lam,
                      opts: EMOptions = EMOptions()) -> Predictor:
     """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
     _check_weak_training(model, source, target, lam)
-    x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
+    x, y, w = _pooled(source, target, jnp.asarray(lam, source.w.dtype))
     fit = fit_em_with(model.with_heads(1), key, x, y, w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
@@ -218,43 +222,55 @@ class Identification(NamedTuple):
     target_fit: EMResult | None = None  # the fit of D_Q'
 
 
-def identify(source_params, target_params, model: ExpertsFamily, *, weak_source: bool = True,
-             gate_weight: float = 0.0, source_fit: EMResult | None = None,
-             target_fit: EMResult | None = None) -> Identification:
-    """Steps 3-4 of Algorithm 1 from a source fit and a weak-target fit.
+MATCHES = {"weak": (1, 0), "strong": (0, 0), "components": (None, None)}
+
+
+def _match(match: str, weak_source: bool | None) -> str:
+    if weak_source is not None:  # the earlier spelling: weak_source=False is match="strong"
+        return "weak" if weak_source else "strong"
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {tuple(MATCHES)}, got {match!r}")
+    return match
+
+
+def identify(source_params, target_params, model, *, match: str = "weak", weak_source: bool | None = None,
+             source_fit: EMResult | None = None, target_fit: EMResult | None = None) -> Identification:
+    """Steps 3-4 of Algorithm 1 from a source fit and a weak-target fit, for every family.
 
     Args:
-      source_params: two-head (y, y') source fit, or one-head (y) when ``weak_source`` is False.
+      source_params: two-head (y, y') source fit, or one-head (y) unless ``match="weak"``.
       target_params: one-head fit of (x, y') on Q'.
-      model: the single-head family.
-      weak_source: match thetâ^wp to thetâ^wq; otherwise the strong heads thetâ to thetâ^wq.
-      gate_weight: add this times the squared distance between gate means to the cost.
+      model: the family (any number of heads; the estimate is its one-head version).
+      match: ``"weak"`` matches thetâ^wp to thetâ^wq (Algorithm 1); ``"strong"`` the strong heads
+        thetâ to thetâ^wq (a source without weak labels); ``"components"`` the components' head-free
+        signatures (the HMM's transition matrices). The cost is the family's ``match_cost``.
+      weak_source: the earlier spelling of ``match`` (True: "weak", False: "strong").
       source_fit, target_fit: the fits the parameters came from, carried into the result.
     """
-    cost = head_cost(source_params, 1 if weak_source else 0, target_params, 0)
-    if gate_weight:
-        cost = cost + gate_weight * gate_cost(source_params, target_params)
+    check_family(model, "identify", needs=("match_cost", "with_heads", "select_heads"))
+    head_a, head_b = MATCHES[_match(match, weak_source)]
+    cost = model.match_cost(source_params, head_a, target_params, head_b)
     a = assign_traced(cost)
     greedy, bij = greedy_assignment(cost)
-    n_heads = source_params.coef.shape[1]
-    strong = strong_predictor(model.with_heads(n_heads), source_params, 0)
+    strong = strong_predictor(model, source_params, 0)
     pred = with_proportions(strong, target_params.log_weights[a])
     return Identification(pred, a, assignment_margin(cost), greedy, bij, cost, source_fit,
                           target_fit)
 
 
-def identification(key, model: ExpertsFamily, source: Data, target: Data,
-                   opts: EMOptions = EMOptions(), *, weak_source: bool = True) -> Identification:
-    """Algorithm 1: MLE on D_P (with the weak head when ``weak_source``), MLE on D_Q', matching."""
+def identification(key, model, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
+                   match: str = "weak", weak_source: bool | None = None) -> Identification:
+    """Algorithm 1, for every family: MLE on D_P (with the weak head when ``match="weak"``), MLE on
+    D_Q', matching (:func:`identify`), pi^q onto P's components."""
+    match = _match(match, weak_source)
     ks, kt = jax.random.split(key)
-    if weak_source:
+    if match == "weak":
         y = jnp.stack([source.y, source.y_weak], axis=1)
         sfit = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts)
     else:
         sfit = fit_em_with(model.with_heads(1), ks, source.x, source.y, source.w, opts)
     tfit = fit_em_with(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts)
-    return identify(sfit.params, tfit.params, model, weak_source=weak_source, source_fit=sfit,
-                    target_fit=tfit)
+    return identify(sfit.params, tfit.params, model, match=match, source_fit=sfit, target_fit=tfit)
 
 
 # ---------------------------------------------------------------------------------- all at once
@@ -277,14 +293,14 @@ def estimate_all(key, model: ExpertsFamily, source: Data, target: Data, gold: Da
     s1f = fit_em_with(m1, keys[1], source.x, source.y, source.w, opts)
     t1f = fit_em_with(m1, keys[2], target.x, target.y_weak, target.w, opts)
     s2, s1, t1 = s2f.params, s1f.params, t1f.params
-    ident = identify(s2, t1, m1, weak_source=True, source_fit=s2f, target_fit=t1f)
-    ident_nw = identify(s1, t1, m1, weak_source=False, source_fit=s1f, target_fit=t1f)
+    ident = identify(s2, t1, m1, match="weak", source_fit=s2f, target_fit=t1f)
+    ident_nw = identify(s1, t1, m1, match="strong", source_fit=s1f, target_fit=t1f)
     y_ref = refinement_labels(keys[3], m2, s2, target)
     y_icl = refinement_icl_labels(keys[4], m2, s2, target, n_demos)
     preds = {
         "source_only": Predictor(m1, s1),
         "weak_only": Predictor(m1, t1),
-        "weak_training": weak_training(m1, source, target, lam),
+        "weak_training_sq": weak_training_sq(m1, source, target, lam),
         "weak_training_ll": weak_training_ll(keys[5], m1, source, target, lam, opts),
         "refinement": Predictor(m1, fit_em_with(m1, keys[6], target.x, y_ref, target.w, opts).params),
         "refinement_icl": Predictor(m1, fit_em_with(m1, keys[7], target.x, y_icl, target.w, opts).params),

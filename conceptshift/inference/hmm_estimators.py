@@ -1,20 +1,15 @@
-"""Estimators of the target next-token distribution q(y | x) for the mixture-of-HMMs family (Example
-2.7), from source records (x, y, y') ~ P and weak target records (x, y') ~ Q'.
+"""What the paper's estimators need beyond the generic ones for the mixture-of-HMMs family (Example
+2.7): in-context refinement scored exactly, and the next-token metrics.
 
-name            what it fits                                                          paper
---------------  --------------------------------------------------------------------  ------------
-source_only     the mixture on P's (x, y)                                             desideratum (ii)
-weak_only       the mixture on Q's (x, y')                                            desideratum (ii)
-weak_training   the mixture on Q' (x, y') (weight 1) and P (x, y) (weight lam) pooled  Prop. 3.1
-refinement_icl  q_re(y|x) = sum_k p̂(y|x,k) q̂(k|x), q̂(k|x) from M weak demonstrations  Ex. 3.3 (3.2)
-identification  MLE on P (y, y') and on Q' (y'), concept matching, pi^q onto P's fit    Algorithm 1
-oracle          the mixture on gold target records (x, y)                              reference
-
-Matching concepts across two fits first aligns their hidden states (the emission tau of the sequence
-tokens is shared by P and Q; anchor words make its rows identifiable), then compares per concept either
-the weak output head as seen from each state, W_k = theta_k tau^w (row s: p(y' | h_L = s, k); the
-analogue of the paper's weak heads theta^w_k, which for HMMs depend on k only through theta_k), or the
-transition matrices theta_k themselves (``match="transitions"``, Algorithm 1 without weak source labels).
+The estimators themselves are written once for every family in :mod:`.estimators` (``source_only``,
+``weak_only``, ``weak_training_ll``, ``identification`` with ``match="weak"`` or ``"components"``,
+``oracle``), with x the tokens padded by -1 (:func:`~.estimators.as_data` pads an ``HMMSample``).
+Their matching of concepts across two fits is the family's ``match_cost``: it first aligns the
+hidden states (the emission tau of the sequence tokens is shared by P and Q; anchor words make its
+rows identifiable), then compares per concept either the weak output head as seen from each state,
+W_k = theta_k tau^w (row s: p(y' | h_L = s, k); the analogue of the paper's weak heads theta^w_k,
+which for HMMs depend on k only through theta_k), or the transition matrices theta_k themselves
+(``match="components"``, Algorithm 1 without weak source labels).
 
 In-context refinement (Example 3.3, eq. 3.2): for a query x with demonstrations V = ((x_j, y'_j))_{j<=M}
 drawn from D_Q', q̂(k | x, V) is proportional to pî^p_k p̂(x | k) prod_j p̂(x_j, y'_j | k), where p̂ is the
@@ -34,14 +29,8 @@ import jax.numpy as jnp
 from jax import Array
 from jax.scipy.special import logsumexp
 
-from .. import _precision as _p
-from ..models.hmm import HMMMixture, HMMParams, permute_states
-from .baum_welch import HMMEMResult, fit_hmm_em
-from .estimators import EMOptions
-from .matching import assign_traced, assignment_margin, greedy_assignment
-
-MATCHES = ("weak", "transitions")
-DEFAULT_OPTS = EMOptions()
+from ..models.hmm import HMMMixture, HMMParams, concept_signature, permute_states, state_alignment
+from .matching import assign_traced
 
 
 class SeqData(NamedTuple):
@@ -58,114 +47,6 @@ def as_seq_data(sample, w=None) -> SeqData:
     """An :class:`conceptshift.models.hmm_problem.HMMSample` as weighted SeqData."""
     w = jnp.ones(sample.x.shape[:1], jnp.zeros(()).dtype) if w is None else w
     return SeqData(sample.x, sample.lengths, sample.y, sample.y_weak, w)
-
-
-@jax.tree_util.register_pytree_node_class
-class HMMPredictor:
-    """q̂(y | x) of a one-head fit: the next-token distribution under the fitted mixture."""
-
-    def __init__(self, model: HMMMixture, params: HMMParams):
-        self.model, self.params = model, params
-
-    def tree_flatten(self):
-        return (self.params,), self.model
-
-    @classmethod
-    def tree_unflatten(cls, model, children):
-        return cls(model, children[0])
-
-    def log_probs(self, x, lengths=None) -> Array:
-        """log q̂(y = v | x), (N, V)."""
-        return self.model.next_token_log_probs(self.params, x, lengths, head=0)
-
-    def __repr__(self) -> str:
-        return f"HMMPredictor({self.model!r})"
-
-
-def fit_hmm_with(model: HMMMixture, key, x, lengths, y, w, opts: EMOptions) -> HMMEMResult:
-    """``fit_hmm_em`` with the estimators' options and weights w."""
-    return fit_hmm_em(model, key, x, lengths, y, weights=w, restarts=opts.restarts,
-                      max_iter=opts.max_iter, tol=opts.tol)
-
-
-# ---------------------------------------------------------------------------------- matching
-def state_alignment(params_ref: HMMParams, params: HMMParams) -> Array:
-    """perm (S,): state s of ``params_ref`` is state perm[s] of ``params`` (optimal matching of the
-    emission rows tau(. | s) in squared distance)."""
-    a, b = jnp.exp(params_ref.log_emit), jnp.exp(params.log_emit)
-    return assign_traced(jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
-
-
-def concept_signatures(params: HMMParams, match: str, head: int = 0) -> Array:
-    """Per-concept vectors compared across fits, (K, ...): theta_k tau^w_head (``"weak"``) or theta_k."""
-    trans = jnp.exp(params.log_trans)
-    if match == "transitions":
-        return trans.reshape(trans.shape[0], -1)
-    return _p.einsum("kij,jv->kiv", trans, jnp.exp(params.log_out[head])).reshape(trans.shape[0], -1)
-
-
-def concept_cost(params_a: HMMParams, head_a: int, params_b: HMMParams, head_b: int, match: str
-                 ) -> Array:
-    """cost[k, j] = |sig_a(k) - sig_b(j)|^2 after aligning b's states to a's, (K, K)."""
-    if match not in MATCHES:
-        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
-    b = permute_states(params_b, state_alignment(params_a, params_b))
-    sa, sb = concept_signatures(params_a, match, head_a), concept_signatures(b, match, head_b)
-    return jnp.sum((sa[:, None, :] - sb[None, :, :]) ** 2, -1)
-
-
-class HMMIdentification(NamedTuple):
-    predictor: HMMPredictor
-    assignment: Array  # (K,) a(k): target concept matched to source concept k
-    margin: Array  # () second-best minus best total matching cost
-    greedy: Array  # (K,) the paper's argmin rule
-    greedy_bijection: Array  # () whether the greedy rule gave a permutation
-    cost: Array  # (K, K)
-
-
-def identify_hmm(source_params: HMMParams, target_params: HMMParams, model: HMMMixture, *,
-                 match: str = "weak") -> HMMIdentification:
-    """Steps 3-4 of Algorithm 1 from a source fit (heads y, y') and a weak-target fit (head y').
-
-    With ``match="weak"`` the source's weak head (1) is compared with the target's head (0); with
-    ``"transitions"`` only the transition matrices are used (a source fit with one head is enough).
-    The estimate keeps the source's concepts and strong head and takes pî^q_{a(k)} as proportions.
-    """
-    cost = concept_cost(source_params, 1, target_params, 0, match)
-    a = assign_traced(cost)
-    greedy, bij = greedy_assignment(cost)
-    m1 = model.with_heads(1)
-    strong = m1.select_heads(source_params, (0,))
-    pred = HMMPredictor(m1, strong._replace(log_weights=target_params.log_weights[a]))
-    return HMMIdentification(pred, a, assignment_margin(cost), greedy, bij, cost)
-
-
-# ---------------------------------------------------------------------------------- estimators
-def source_only(key, model: HMMMixture, source: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
-    m1 = model.with_heads(1)
-    return HMMPredictor(m1, fit_hmm_with(m1, key, source.x, source.lengths, source.y, source.w, opts).params)
-
-
-def weak_only(key, model: HMMMixture, target: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
-    m1 = model.with_heads(1)
-    fit = fit_hmm_with(m1, key, target.x, target.lengths, target.y_weak, target.w, opts)
-    return HMMPredictor(m1, fit.params)
-
-
-def oracle(key, model: HMMMixture, gold: SeqData, opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
-    """The mixture fitted on gold target records (x, y) ~ Q: the reference no estimator can see."""
-    return source_only(key, model, gold, opts)
-
-
-def weak_training(key, model: HMMMixture, source: SeqData, target: SeqData, lam,
-                  opts: EMOptions = DEFAULT_OPTS) -> HMMPredictor:
-    """One mixture fitted by EM to Q' (x, y') with weight 1 and P (x, y) with weight lam, pooled."""
-    m1 = model.with_heads(1)
-    x = jnp.concatenate([target.x, source.x], 0)
-    lengths = jnp.concatenate([target.lengths, source.lengths], 0)
-    y = jnp.concatenate([target.y_weak, source.y], 0)
-    w = jnp.concatenate([target.w, jnp.asarray(lam, source.w.dtype) * source.w], 0)
-    return HMMPredictor(m1, fit_hmm_with(m1, key, x, lengths, y, w, opts).params)
 
 
 class ICLRefinement(NamedTuple):
@@ -229,16 +110,6 @@ def refinement_icl_path(key, model: HMMMixture, source_params: HMMParams, target
     return ICLRefinement(log_probs, log_post)
 
 
-def identification(key, model: HMMMixture, source: SeqData, target: SeqData,
-                   opts: EMOptions = DEFAULT_OPTS, *, match: str = "weak") -> HMMIdentification:
-    """Algorithm 1: MLE on D_P (heads y, y'), MLE on D_Q' (head y'), matching, pi^q onto P's fit."""
-    ks, kt = jax.random.split(key)
-    sfit = fit_hmm_with(model.with_heads(2), ks, source.x, source.lengths,
-                jnp.stack([source.y, source.y_weak], 1), source.w, opts)
-    tfit = fit_hmm_with(model.with_heads(1), kt, target.x, target.lengths, target.y_weak, target.w, opts)
-    return identify_hmm(sfit.params, tfit.params, model, match=match)
-
-
 # ---------------------------------------------------------------------------------- metrics
 def next_token_kl(log_q: Array, log_q_hat: Array) -> Array:
     """E_x KL(q(. | x) || q̂(. | x)) over the query rows, exact over the V tokens (the expected excess
@@ -257,7 +128,7 @@ def excess_log_loss(log_q: Array, log_q_hat: Array, y: Array) -> Array:
 def truth_labels(true_params: HMMParams, params: HMMParams) -> Array:
     """For each fitted concept, the true concept it estimates (K,): optimal matching of transitions
     after aligning states through the emission."""
-    return assign_traced(concept_cost(params, 0, true_params, 0, "transitions"))
+    return assign_traced(_transitions_cost(params, true_params))
 
 
 def param_errors(true_params: HMMParams, params: HMMParams) -> tuple[Array, Array, Array]:
@@ -265,8 +136,15 @@ def param_errors(true_params: HMMParams, params: HMMParams) -> tuple[Array, Arra
     emission) and of concepts (by transitions)."""
     st = state_alignment(true_params, params)
     p = permute_states(params, st)
-    perm = assign_traced(concept_cost(true_params, 0, p, 0, "transitions"))
+    perm = assign_traced(_transitions_cost(true_params, p))
     emit = jnp.max(jnp.abs(jnp.exp(true_params.log_emit) - jnp.exp(p.log_emit)))
     trans = jnp.max(jnp.abs(jnp.exp(true_params.log_trans) - jnp.exp(p.log_trans[perm])))
     w = jnp.max(jnp.abs(jnp.exp(true_params.log_weights) - jnp.exp(p.log_weights[perm])))
     return emit, trans, w
+
+
+def _transitions_cost(params_a: HMMParams, params_b: HMMParams) -> Array:
+    """cost[k, j]: |theta^a_k - theta^b_j|^2 after aligning b's states to a's (K, K)."""
+    b = permute_states(params_b, state_alignment(params_a, params_b))
+    sa, sb = concept_signature(params_a, None), concept_signature(b, None)
+    return jnp.sum((sa[:, None, :] - sb[None, :, :]) ** 2, -1)

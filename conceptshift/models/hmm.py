@@ -95,6 +95,25 @@ def padded_tokens(x):
     return arr, lengths.astype(np.int32)
 
 
+def state_alignment(params_ref: HMMParams, params: HMMParams) -> Array:
+    """perm (S,): state s of ``params_ref`` is state perm[s] of ``params`` (optimal matching of the
+    emission rows tau(. | s) in squared distance)."""
+    from optax.assignment import hungarian_algorithm
+
+    a, b = jnp.exp(params_ref.log_emit), jnp.exp(params.log_emit)
+    rows, cols = hungarian_algorithm(jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
+    return jnp.zeros(a.shape[0], jnp.int32).at[rows].set(cols.astype(jnp.int32))
+
+
+def concept_signature(params: HMMParams, head=None) -> Array:
+    """Per-concept vectors compared across fits, (K, F): theta_k tau_head (rows: states, columns:
+    tokens) through output head ``head``, or theta_k alone when ``head`` is None."""
+    trans = jnp.exp(params.log_trans)
+    if head is None:
+        return trans.reshape(trans.shape[0], -1)
+    return _p.einsum("kij,jv->kiv", trans, jnp.exp(params.log_out[head])).reshape(trans.shape[0], -1)
+
+
 def _norm(logits: Array, axis: int = -1) -> Array:
     return logits - logsumexp(logits, axis=axis, keepdims=True)
 
@@ -208,7 +227,8 @@ class HMMMixture:
 
         Args:
           x: integer tokens (N, T) in [0, V); entries past a sequence's length are ignored.
-          lengths: (N,) ints in [1, T]; None means every sequence has length T.
+          lengths: (N,) ints in [1, T]; None: read from ``x``, where -1 marks trailing padding
+            (the protocol's convention; without any -1 every sequence has length T).
           y: output tokens (N, H) (or (N,) when H == 1) in [0, V), -1 for missing; None: all missing.
           weights: optional non-negative per-sequence weights (N,).
         """
@@ -229,8 +249,8 @@ class HMMMixture:
         elif x.ndim != 2:
             raise ValueError(f"{name} must have shape (N, T), got {x.shape}")
         N, T = x.shape
-        if lengths is None:
-            lengths = np.full((N,), T, np.int32) if not is_traced(x) else jnp.full((N,), T, jnp.int32)
+        if lengths is None:  # -1 as trailing padding gives the lengths (none: every row has length T)
+            x, lengths = padded_tokens(x)
         elif not is_traced(lengths):
             lengths = np.asarray(lengths)
             if not np.issubdtype(lengths.dtype, np.integer) or lengths.shape != (N,):
@@ -326,6 +346,16 @@ class HMMMixture:
         return jnp.concatenate([params.log_weights[:, None], params.log_init,
                                 params.log_trans.reshape(K, -1)], axis=1)
 
+    def match_cost(self, params_a: HMMParams, head_a, params_b: HMMParams, head_b) -> Array:
+        """cost[k, j] (K, K): squared distance between concept k of fit a and concept j of fit b,
+        after aligning b's hidden states to a's (optimal matching of the emission rows). Each concept
+        is compared by theta_k tau_head (its next-token law through output head ``head``, per
+        state), or, with heads None, by its transition matrix theta_k alone (Algorithm 1's variant
+        for sources without weak labels)."""
+        b = permute_states(params_b, state_alignment(params_a, params_b))
+        sa, sb = concept_signature(params_a, head_a), concept_signature(b, head_b)
+        return jnp.sum((sa[:, None, :] - sb[None, :, :]) ** 2, -1)
+
     # ------------------------------------------------------------------ posterior sites
     def site_names(self) -> tuple[str, ...]:
         """The latent sites of :meth:`numpyro_model` in the order they are sampled."""
@@ -411,6 +441,11 @@ class HMMMixture:
         joint = nxt[:, :, :, None] + params.log_out[head][None, None, :, :]  # (N, K, S, V)
         return logsumexp(joint, axis=(1, 2))
 
+    def conditional_log_probs(self, params: HMMParams, x, head: int = 0, *, lengths=None) -> Array:
+        """log q(y = v | x) for every token v, (N, V): the protocol's name for
+        :meth:`next_token_log_probs` (x: tokens with -1 as trailing padding, or ``lengths``)."""
+        return self.next_token_log_probs(params, x, lengths, head=head)
+
     def next_token_log_probs_by_concept(self, params: HMMParams, x, lengths=None, head: int = 0
                                         ) -> tuple[Array, Array]:
         """(log p(k | x) (N, K), log p(y = v | x, k) (N, K, V)) of output head ``head``."""
@@ -426,8 +461,10 @@ class HMMMixture:
         per_k = logsumexp(state[:, :, :, None] + params.log_out[head][None, None, :, :], axis=2)
         return post, per_k
 
-    def conditional_log_prob(self, params: HMMParams, x, lengths, y, head: int = 0) -> Array:
-        """log q(y_n | x_n) of head ``head``, (N,)."""
+    def conditional_log_prob(self, params: HMMParams, x, lengths=None, y=None, head: int = 0) -> Array:
+        """log q(y_n | x_n) of head ``head``, (N,) (y: tokens (N,), required)."""
+        if y is None:
+            raise TypeError("y must be output tokens of shape (N,), got None")
         table = self.next_token_log_probs(params, x, lengths, head)
         y = jnp.asarray(y, jnp.int32).reshape(-1)
         return jnp.take_along_axis(table, y[:, None], axis=1)[:, 0]
