@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
-import em_iteration as em  # noqa: E402
+import _report  # noqa: E402
 import hmm as hmm_bench  # noqa: E402
 
 from conceptshift.files import write_atomic, write_json_atomic  # noqa: E402
@@ -57,7 +57,7 @@ def collect_em(machine: dict, checks: list[dict]) -> dict:
         for v in values:
             n, K, D = (v if sweep == "n" else cfg["n_fixed"], v if sweep == "K" else cfg["K_fixed"],
                        v if sweep == "D" else cfg["D_fixed"])
-            for fam in ("RegressionMixture", "GatedExperts", em.SKLEARN):
+            for fam in ("RegressionMixture", "GatedExperts", _report.SKLEARN):
                 if (fam, n, K, D) in points:
                     rows.append(dict(points[(fam, n, K, D)], sweep=sweep, sweep_point=[n, K, D]))
     by_prec = {c["precision"]: c for c in checks}
@@ -102,7 +102,7 @@ def main() -> None:
     checks = [n_sweep["sklearn_agreement"], n_sweep["sklearn_agreement_default_precision"]]
     res = collect_em(machine, checks)
     write_json_atomic(h.RESULTS / "em_iteration_gpu.json", res)
-    em.write_accel_table(res, h.RESULTS / "em_iteration_gpu.md")
+    _report.write_accel_table(res, h.RESULTS / "em_iteration_gpu.md")
     rep = collect_replicates(machine)
     write_json_atomic(h.RESULTS / "replicates_gpu.json", rep)
     hmm = json.loads((h.RESULTS / "hmm_gpu.json").read_text())
