@@ -33,15 +33,37 @@ from .files import (
 )
 
 MAX_DEGREE = 10
-FAMILY_FLAGS = {  # option -> (attribute, the families it applies to); None when not given
-    "--y": ("y", ("regression", "gated")),
-    "--x": ("x", ("regression", "gated")),
-    "--degree": ("degree", ("regression", "gated")),
-    "--shared-scale": ("shared_scale", ("regression", "gated")),
-    "--covariance": ("covariance", ("gated",)),
-    "--states": ("states", ("hmm",)),
-    "--tokens": ("tokens", ("hmm",)),
+# option -> (its attribute, the hyperparameter a family must have for it to apply): which family an
+# option belongs to is read off the registered classes, not listed by family name
+FAMILY_FLAGS = {
+    "--y": ("y", "n_features"),
+    "--x": ("x", "n_features"),
+    "--degree": ("degree", "degree"),
+    "--shared-scale": ("shared_scale", "shared_scale"),
+    "--covariance": ("covariance", "covariance"),
+    "--states": ("states", "n_states"),
+    "--tokens": ("tokens", "n_tokens"),
 }
+
+
+def _fields(name: str) -> set[str]:
+    import dataclasses
+
+    from .models.registry import family_class
+
+    return {f.name for f in dataclasses.fields(family_class(name))}
+
+
+def fit_families() -> list[str]:
+    """The registered families `fit` can read data for: tables (a family with covariates,
+    ``n_features``) and token sequences (``n_tokens``)."""
+    from .models.registry import family_names
+
+    return [n for n in family_names() if _fields(n) & {"n_features", "n_tokens"}]
+
+
+def _flag_families(field: str) -> list[str]:
+    return [n for n in fit_families() if field in _fields(n)]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a mixture to a CSV file (or token sequences: --family hmm) by EM")
     f.add_argument("data", help="CSV file with a header row (hmm: token sequences, text or .npy)")
-    f.add_argument("--family", choices=["regression", "gated", "hmm"], default="regression")
+    f.add_argument("--family", choices=fit_families(), default="regression",
+                   help="a registered family (softmax: experts with a softmax gate on x, flexmix's "
+                        "concomitant model)")
     f.add_argument("--components", "-k", type=_int, required=True, help="K")
     f.add_argument("--y", help="response column (required unless --family hmm)")
     f.add_argument("--x", nargs="*", help="covariate column(s); none: intercept only")
@@ -121,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_fit_args(args) -> None:
     """The checks every family shares: options of another family, counts, seed, tolerance."""
-    for flag, (attr, families) in FAMILY_FLAGS.items():
-        if getattr(args, attr) is not None and args.family not in families:
+    for flag, (attr, field) in FAMILY_FLAGS.items():
+        if getattr(args, attr) is not None and field not in _fields(args.family):
             raise UsageError(f"{flag} does not apply to --family {args.family} (it belongs to "
-                             f"--family {' and '.join(families)})")
+                             f"--family {' and '.join(_flag_families(field))})")
     check_range("--components", args.components, 1, MAX_INT)
     check_range("--restarts", args.restarts, 1, MAX_INT)
     check_range("--max-iter", args.max_iter, 1, MAX_INT)
@@ -159,7 +183,7 @@ def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
 
 def cmd_fit(args) -> int:
     check_fit_args(args)
-    if args.family == "hmm":
+    if "n_tokens" in _fields(args.family):  # token sequences, not a table
         from .cli_hmm import cmd_fit_hmm
 
         return cmd_fit_hmm(args)
@@ -173,8 +197,6 @@ def cmd_fit(args) -> int:
     dup = sorted({c for c in xs if xs.count(c) > 1})
     if dup:
         raise UsageError(f"--x names {dup[0]!r} twice")
-    if args.family == "gated" and not xs:
-        raise UsageError("--family gated needs at least one --x column to gate on")
     if args.degree is not None and not xs:
         raise UsageError("--degree needs at least one --x column (without --x the fit is "
                          "intercept only)")
@@ -205,13 +227,19 @@ def cmd_fit(args) -> int:
 
     from .diagnostics import fit_summary, render_fit
     from .inference import fit_em
-    from .models import GatedExperts, RegressionMixture
+    from .models import family
 
     kw = dict(n_features=D, degree=degree if D else 0, shared_scale=bool(args.shared_scale))
-    if args.family == "gated":
-        model = GatedExperts(args.components, covariance=args.covariance or "full", **kw)
-    else:
-        model = RegressionMixture(args.components, **kw)
+    if args.covariance is not None:
+        kw["covariance"] = args.covariance
+    try:
+        model = family(args.family, n_components=args.components, **kw)
+    except ValueError as err:
+        if D:
+            raise
+        raise UsageError(f"--family {args.family} needs at least one --x column ({err})") from None
+    if model.gate_fields() and not D:
+        raise UsageError(f"--family {args.family} gates on x: it needs at least one --x column")
     x = np.stack([cols[c] for c in xs], axis=1) if D else None
     y = cols[args.y]
     console = Console(stderr=True)
@@ -221,8 +249,8 @@ def cmd_fit(args) -> int:
                                           args.float32, restarts=args.restarts,
                                           max_iter=args.max_iter, tol=args.tol)
         summary = fit_summary(model, result, x, y, response_names=[args.y])
-    check_summary_finite(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov"),
-                     args.float32)
+    check_summary_finite(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov",
+                                   "gate_weights"), args.float32)
     summary.update(data=str(args.data), y=args.y, x=xs, degree=degree, seed=args.seed,
                    restarts=args.restarts)
     if args.out is not None:

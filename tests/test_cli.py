@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import X64
 
@@ -52,6 +53,23 @@ def test_fit_gated_json_has_gates(data_dir):
     assert res["converged"] is True
 
 
+def test_fit_softmax_gate_through_the_registry(tmp_path):
+    """--family softmax (flexmix's concomitant model) is offered because it is registered; its JSON
+    carries the gate's slopes and flexmix's df."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    y = np.where(rng.random(300) < 1 / (1 + np.exp(-3 * x)), 2 + x, -2 - x) + 0.3 * rng.normal(size=300)
+    path = tmp_path / "sm.csv"
+    path.write_text("x,y\n" + "".join(f"{float(a)!r},{float(b)!r}\n" for a, b in zip(x, y, strict=True)))
+    code, out, err = run_cli("fit", str(path), "--family", "softmax", "-k", "2", "--y", "y", "--x", "x",
+                             "--json", "--restarts", "4")
+    assert code == 0, err
+    res = json.loads(out)
+    assert len(res["gate_weights"]) == 2 and res["converged"] is True
+    assert res["df"] == 2 * 3 + 1 * 2  # experts K (P + 1), gate (K - 1)(1 + D)
+    assert abs(res["gate_weights"][0][0] - res["gate_weights"][1][0]) > 1.0  # the gate depends on x
+
+
 def test_fit_table_output(csv_file):
     code, out, err = run_cli("fit", str(csv_file), "-k", "2", "--y", "y", "--x", "x")
     assert code == 0, err
@@ -69,6 +87,9 @@ def test_fit_table_output(csv_file):
         (["fit", "{csv}", "-k", "2", "--y", "y", "--restarts", "0"], "--restarts"),
         (["fit", "{csv}", "-k", "x", "--y", "y"], "expected an integer"),
         (["fit", "{csv}", "--family", "gated", "-k", "2", "--y", "y"], "--x"),
+        (["fit", "{csv}", "--family", "softmax", "-k", "2", "--y", "y"], "--x"),
+        (["fit", "{csv}", "--family", "softmax", "-k", "2", "--y", "y", "--x", "x", "--covariance",
+          "diag"], "--covariance does not apply to --family softmax (it belongs to --family gated)"),
         (["fit", "{csv}", "-k", "2"], "--y"),
     ],
 )

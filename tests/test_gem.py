@@ -123,3 +123,12 @@ def test_bad_arguments():
         fit_gem(M, jax.random.key(0), x, y, inner_steps=0)
     with pytest.raises(ValueError, match="n_features must be >= 1"):
         SoftmaxGatedExperts(2, n_features=0)
+
+
+def test_softmax_gate_degrees_of_freedom_as_flexmix():
+    """BIC's df: experts (K (P + 1)) plus flexmix's concomitant multinomial, (K - 1)(1 + D)."""
+    from conceptshift.models.softmax_gated import SoftmaxGatedExperts
+
+    for K, D in ((2, 1), (3, 2)):
+        m = SoftmaxGatedExperts(K, n_features=D)
+        assert m.n_params == K * (m.n_coef + 1) + (K - 1) * (1 + D)

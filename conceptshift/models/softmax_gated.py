@@ -50,7 +50,9 @@ class SoftmaxGatedExperts(ExpertsFamily):
         check_int("n_features", self.n_features, minimum=1)
 
     def n_gate_params(self) -> int:
-        return self.n_components * self.n_features
+        """The gate's free slopes: (K - 1) D (softmax logits are defined up to a common shift, as in
+        flexmix's ``FLXPmultinom``, whose df counts (K - 1)(1 + D) with the intercepts)."""
+        return (self.n_components - 1) * self.n_features
 
     @property
     def em_kind(self) -> str:
