@@ -182,6 +182,21 @@ def test_identification_draws_are_algorithm_1_draw_by_draw():
                 np.testing.assert_allclose(u, v, rtol=1e-6)
 
 
+@once
+def test_bootstrap_em_runs_and_relabels_to_the_fit():
+    """Plumbing, fast (the statistics are the slow test below): refits of two well separated lines
+    come back aligned with the fit's components (each refit's coefficients nearest its own)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200)
+    y = np.where(rng.random(200) < 0.4, 3 + x, -3 - x) + 0.3 * rng.normal(size=200)
+    m = RegressionMixture(2)
+    fit = fit_em(m, jax.random.key(0), x, y, restarts=4)
+    boot = bootstrap_em(m, jax.random.key(1), fit.params, x, 4, max_iter=30)
+    assert boot.coef.shape == (4, 2, 1, 2)
+    dist = np.abs(np.asarray(boot.coef[:, :, 0, 0]) - np.asarray(fit.params.coef[None, :, 0, 0]))
+    assert np.all(dist < 1.0)
+
+
 @pytest.mark.slow
 def test_bootstrap_em_matches_ols_standard_errors():
     """K = 1: the parametric bootstrap of the ML fit has the sampling spread of OLS,

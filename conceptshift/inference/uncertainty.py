@@ -61,7 +61,7 @@ def _bootstrap_impl(model, keys, params, x, tol, max_iter):
         return fit.params
 
     draws = jax.vmap(one)(keys)
-    aligned, _ = jax.vmap(relabel_one, in_axes=(0, None))(draws, params)
+    aligned, _ = jax.vmap(lambda d: relabel_one(model, d, params))(draws)
     return aligned
 
 
