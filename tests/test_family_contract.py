@@ -150,3 +150,18 @@ def test_algorithm_1_undoes_a_known_relabelling(name):
     assert bool(ident.greedy_bijection) and float(ident.margin) > 0
     np.testing.assert_allclose(np.exp(np.asarray(ident.predictor.params.log_weights)), [0.2, 0.8],
                                rtol=rtol(1e-6, 1e-12))
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_parametric_bootstrap_runs(name):
+    """bootstrap_em: refits of data redrawn from the fit (the family's resample_batch), one
+    compiled call, the family's parameters with a leading replicate axis, all finite."""
+    from conceptshift.inference.uncertainty import bootstrap_em
+
+    model, params, batch = _setup(name)
+    if not callable(getattr(model, "resample_batch", None)):
+        pytest.skip(f"{name} does not resample (no resample_batch)")
+    boot = bootstrap_em(model, jax.random.key(6), params, batch.x, 3, max_iter=5)
+    assert jax.tree.structure(boot) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(boot), jax.tree.leaves(params), strict=True):
+        assert a.shape == (3,) + b.shape and np.all(np.isfinite(np.asarray(a)))

@@ -132,3 +132,15 @@ def test_softmax_gate_degrees_of_freedom_as_flexmix():
     for K, D in ((2, 1), (3, 2)):
         m = SoftmaxGatedExperts(K, n_features=D)
         assert m.n_params == K * (m.n_coef + 1) + (K - 1) * (1 + D)
+
+
+def test_init_params_start_one_run_there():
+    """fit_em(softmax, init_params=optimum) is one run that stays at the optimum (a bootstrap refit
+    starts so)."""
+    from conceptshift.inference import fit_em
+
+    x, y = simulate(0, 300)
+    fit = fit_gem(M, jax.random.key(0), x, y, restarts=4)
+    again = fit_em(M, jax.random.key(1), x, y, init_params=fit.params, max_iter=50)
+    assert again.restart_loglik.shape == (1,)
+    np.testing.assert_allclose(float(again.loglik), float(fit.loglik), rtol=rtol(1e-5, 1e-9))

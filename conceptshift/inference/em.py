@@ -25,7 +25,7 @@ from .._validation import (
     float_dtype,
     is_traced,
 )
-from ..models._experts import ExpertsFamily, Standardiser
+from ..models import ExpertsFamily, Standardiser
 from ..models.registry import check_family
 from .starts import kmeans_pp_responsibilities, random_responsibilities, subset_responsibilities
 
@@ -575,8 +575,7 @@ def fit_em(
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if kind != "closed_form":  # the same result type, fewer options for now
-        unsupported = {"init": init != "mixed", "init_params": (init_params is not None
-                                                                and kind == "generalized"),
+        unsupported = {"init": init != "mixed",
                        "block_size": block_size != DEFAULT_BLOCK, "mesh": mesh is not None,
                        "estep": estep == "kernel"}
         bad = [name for name, given in unsupported.items() if given]
@@ -587,7 +586,7 @@ def fit_em(
             from .gem import fit_gem
 
             return fit_gem(model, key, x, y, weights=weights, restarts=restarts,
-                           max_iter=max_iter, tol=tol)
+                           max_iter=max_iter, tol=tol, init_params=init_params)
         from .stats_em import fit_stats_em
 
         return fit_stats_em(model, key, x, y, weights=weights, restarts=restarts, max_iter=max_iter,

@@ -39,7 +39,7 @@ import numpy as np
 from jax import Array
 
 from .._validation import is_traced
-from ..models._experts import ExpertsFamily
+from ..models import ExpertsFamily
 from ..models.registry import check_family
 from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise

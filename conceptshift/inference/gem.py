@@ -27,6 +27,7 @@ from .em import (
     check_em_args,
     check_finite_fit,
     check_fit_data,
+    check_init_params,
     em_loop,
     restarts_at_best,
     standardise,
@@ -109,12 +110,16 @@ def initial_params(model, key, x, y, w, init: str = "kmeans++", inner_steps: int
 
 
 @partial(jax.jit, static_argnames=("model", "restarts", "max_iter", "inner_steps"))
-def _fit_gem_jit(model, key, x, y, w, std, tol, *, restarts, max_iter, inner_steps):
-    """Generalized EM on standardised data (x, y) = (z, u), mapped back through ``std``."""
+def _fit_gem_jit(model, key, x, y, w, std, tol, init_params=None, *, restarts, max_iter, inner_steps):
+    """Generalized EM on standardised data (x, y) = (z, u), mapped back through ``std``;
+    ``init_params`` (raw scale): one run from there instead of the restarts."""
     stats = model.data_stats(x, y, w)
-    keys = jax.random.split(key, restarts)
-    p0 = jax.vmap(lambda k, u: _initial(model, k, x, y, w, stats, u, inner_steps))(
-        keys, jnp.arange(restarts) % 2)
+    if init_params is not None:
+        p0 = jax.tree_util.tree_map(lambda a: a[None], model.params_to_standard(init_params, std))
+    else:
+        keys = jax.random.split(key, restarts)
+        p0 = jax.vmap(lambda k, u: _initial(model, k, x, y, w, stats, u, inner_steps))(
+            keys, jnp.arange(restarts) % 2)
     params, ll, obj, ll_tr, obj_tr, n_iter, conv = jax.vmap(
         lambda p: _run_gem(model, x, y, w, stats, p, tol, max_iter, inner_steps))(p0)
     degenerate = jax.vmap(lambda p: jnp.any(model.degenerate_components(p, x, y, w, stats)))(params)
@@ -132,7 +137,8 @@ def _fit_gem_jit(model, key, x, y, w, std, tol, *, restarts, max_iter, inner_ste
 
 
 def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: int = 8,
-            max_iter: int = 500, tol: float = 1e-8, inner_steps: int = 10) -> EMResult:
+            max_iter: int = 500, tol: float = 1e-8, inner_steps: int = 10,
+            init_params=None) -> EMResult:
     """Fits a :class:`SoftmaxGatedExperts` by generalized EM (module docs); returns an
     :class:`EMResult` like :func:`fit_em` (restarts alternate k-means++ and random-subset starts;
     the best non-degenerate restart is kept).
@@ -151,7 +157,12 @@ def fit_gem(model: SoftmaxGatedExperts, key, x, y, *, weights=None, restarts: in
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     inner_steps = check_int("inner_steps", inner_steps, minimum=1)
     x, y, w = check_fit_data(model, x, y, weights)
+    if init_params is not None:
+        init_params = check_init_params(model, init_params)
+        restarts = 1
     z, u, w, std = standardise(model, x, y, w)
-    result, map_error = _fit_gem_jit(model, key, z, u, w, std, jnp.asarray(tol, u.dtype),
+    if init_params is not None:
+        init_params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, u.dtype), init_params)
+    result, map_error = _fit_gem_jit(model, key, z, u, w, std, jnp.asarray(tol, u.dtype), init_params,
                                      restarts=restarts, max_iter=max_iter, inner_steps=inner_steps)
     return check_finite_fit(result, map_error, u.dtype)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._validation import check_float, check_int, check_key, float_dtype
-from ..models._experts import ExpertsFamily, Standardiser
+from ..models import ExpertsFamily, Standardiser
 from ..models.registry import check_family
 from .em import fit_em, make_stats_fn, platform_of
 

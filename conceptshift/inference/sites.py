@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from jax import Array
 
-from ..models._experts import ExpertsFamily, numpyro_numerics
+from ..models import ExpertsFamily, numpyro_numerics
 
 __all__ = ["numpyro_numerics", "latent_site_names", "sites_from_params", "params_from_sites",
            "params_from_draws"]

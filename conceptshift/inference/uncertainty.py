@@ -13,8 +13,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .._validation import check_int, check_key
-from ..models._experts import ExpertsFamily
+from .._validation import check_int, check_key, float_dtype
+from ..models import ExpertsFamily
+from ..models.registry import check_family
 from .em import fit_em
 from .estimators import identify
 from .mcmc import relabel_one
@@ -42,22 +43,11 @@ def _ident(model, s, t):
     return ident.predictor.params, ident.assignment
 
 
-def _resample(model, key, params, x):
-    """New data from a fit: x redrawn from the model's p(x) for families that model x (their
-    ``x_distribution``), kept otherwise."""
-    kx, ky = jax.random.split(key)
-    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        if model.models_x:
-            x = model.x_distribution(params).sample(kx, (x.shape[0],))
-        y = model.sample_conditional(ky, params, x)
-    return x, y
-
-
 @partial(jax.jit, static_argnames=("model", "max_iter"))
 def _bootstrap_impl(model, keys, params, x, tol, max_iter):
     def one(key):
-        xb, yb = _resample(model, key, params, x)
-        fit = fit_em(model, key, xb, yb, init_params=params, max_iter=max_iter, tol=tol)
+        b = model.resample_batch(key, params, x)
+        fit = fit_em(model, key, b.x, b.y, init_params=params, max_iter=max_iter, tol=tol)
         return fit.params
 
     draws = jax.vmap(one)(keys)
@@ -65,19 +55,22 @@ def _bootstrap_impl(model, keys, params, x, tol, max_iter):
     return aligned
 
 
-def bootstrap_em(model: ExpertsFamily, key, params, x, n_boot: int, *, max_iter: int = 300,
-                 tol: float = 1e-7):
-    """Parametric bootstrap of an EM fit: ``n_boot`` data sets of the same size drawn from
-    ``params`` (at the observed x for regression mixtures; x redrawn for gated families), each
-    refitted by EM starting from ``params`` and relabelled to it. Returns the refits with a leading
-    axis of size ``n_boot``; one compiled call.
+def bootstrap_em(model, key, params, x, n_boot: int, *, max_iter: int = 300, tol: float = 1e-7):
+    """Parametric bootstrap of an EM fit, for every family: ``n_boot`` data sets drawn from
+    ``params`` with the rows of ``x`` (the family's ``resample_batch``: at the observed x for
+    regression mixtures, x redrawn for gated families, the same sequence lengths for a mixture of
+    HMMs), each refitted by EM starting from ``params`` and relabelled to it. Returns the refits
+    with a leading axis of size ``n_boot``; one compiled call.
     """
+    check_family(model, "bootstrap_em", needs=("covariates", "resample_batch", "relabel_vectors",
+                                               "permute"))
     key = check_key("key", key)
     n_boot = check_int("n_boot", n_boot, minimum=1)
-    (x,) = model.check_data(x)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x.dtype), params)
+    x = model.covariates(x)
+    dtype = float_dtype()
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
     keys = jax.random.split(key, n_boot)
-    return _bootstrap_impl(model, keys, params, x, jnp.asarray(tol, x.dtype), max_iter)
+    return _bootstrap_impl(model, keys, params, x, jnp.asarray(tol, dtype), max_iter)
 
 
 def bootstrap_identification(model: ExpertsFamily, key, source_params, target_params, source_x,

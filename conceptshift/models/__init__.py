@@ -1,6 +1,6 @@
 """Model families, each a NumPyro generative model defined once, and ground-truth problems."""
 
-from ._experts import DataStats, ExpertsFamily, Standardiser
+from ._experts import DataStats, ExpertsFamily, Standardiser, numpyro_numerics
 from .basis import Basis
 from .batch import Batch
 from .gated import GatedExperts, GatedParams
@@ -34,6 +34,7 @@ __all__ = [
     "DataStats",
     "ExpertsFamily",
     "Standardiser",
+    "numpyro_numerics",
     "GatedExperts",
     "GatedParams",
     "Problem",

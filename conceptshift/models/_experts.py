@@ -283,6 +283,22 @@ class ExpertsFamily(EStepScheduling):
         y given x only (its gate is not a law of x); gated families draw from their gate."""
         return jax.random.normal(key, (n, self.n_features), params.coef.dtype)
 
+    def covariates(self, x) -> Array:
+        """``x`` alone, validated as :meth:`check_data` validates it (what a resampled data set
+        keeps)."""
+        return self.check_data(x)[0]
+
+    def resample_batch(self, key, params, x) -> Batch:
+        """A parametric-bootstrap data set with the rows of ``x`` (validated covariates): x kept
+        where the family models y given x only, redrawn (:meth:`sample_x`) where it models x too;
+        y ~ p(y | x); unit weights."""
+        kx, ky = jax.random.split(key)
+        if self.models_x:
+            x = self.sample_x(kx, params, x.shape[0])
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            y = self.sample_conditional(ky, params, x)
+        return Batch(x, y, jnp.ones((x.shape[0],), x.dtype))
+
     def batch_log_likelihood(self, params, batch: Batch) -> Array:
         """sum_n w_n log p(x_n, y_n) (log p(y_n | x_n) for constant gates), a scalar."""
         return jnp.sum(batch.w * self.log_likelihood(params, batch.x, batch.y))

@@ -170,13 +170,9 @@ class GatedExperts(ExpertsFamily):
         )
 
     def sample_x(self, key, params: GatedParams, n: int) -> Array:
-        """x ~ sum_k pi_k N(m_k, S_k), (n, D)."""
-        kz, ke = jax.random.split(key)
-        z = jax.random.categorical(kz, params.log_weights, shape=(n,))
-        chol = jnp.linalg.cholesky(params.gate_cov)  # (K, D, D)
-        eps = jax.random.normal(ke, (n, self.n_features), params.gate_mean.dtype)
-        return params.gate_mean[z] + jnp.einsum("nij,nj->ni", chol[z], eps,
-                                                precision=jax.lax.Precision.HIGHEST)
+        """x ~ sum_k pi_k N(m_k, S_k), (n, D): draws of :meth:`x_distribution`."""
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            return self.x_distribution(params).sample(key, (n,))
 
     def _gate_sites(self, x):
         import numpyro

@@ -315,6 +315,20 @@ class HMMMixture:
         present = jnp.arange(length, dtype=jnp.int32)[None, :] < lengths[:, None]
         return Batch(jnp.where(present, x, -1), y, jnp.ones((n,), params.log_weights.dtype))
 
+    def covariates(self, x) -> Array:
+        """Tokens (N, T) with -1 as trailing padding, validated (what a resampled data set keeps:
+        the sequence lengths)."""
+        return self.batch(x).x
+
+    def resample_batch(self, key, params: HMMParams, x) -> Batch:
+        """A parametric-bootstrap data set: records of the same lengths as ``x``'s (tokens with -1
+        as trailing padding) drawn from ``params``, every output head drawn; unit weights."""
+        present = x >= 0
+        lengths = jnp.sum(present, axis=1).astype(jnp.int32)
+        n, T = x.shape
+        tokens, _, y, _ = self._sample(key, params, lengths, n, T)
+        return Batch(jnp.where(present, tokens, -1), y, jnp.ones((n,), params.log_weights.dtype))
+
     @staticmethod
     def data_of(batch: Batch) -> HMMData:
         """The batch as the forward algorithm's :class:`HMMData` (tokens, lengths, outputs, weights)."""
