@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import X64
+from conftest import X64, once
 
 from conceptshift._validation import PrecisionWarning, UnrepresentableFitError
 from conceptshift.inference import fit_em, fit_gem, fit_hmm_em
@@ -163,6 +163,7 @@ def test_degree_34_design_is_finite():
     np.testing.assert_allclose(float(T[34, 17]), 2333606220 * 0.5**17, rtol=1e-6)
 
 
+@once  # precision-independent plumbing
 def test_default_restarts_and_restarts_at_best():
     fit = fit_em(REG, KEY, X, Y)
     assert np.asarray(fit.restart_loglik).shape == (8,)

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import X64
+from conftest import X64, once
 
 from conceptshift.cli import main
 
@@ -53,6 +53,7 @@ def test_fit_gated_json_has_gates(data_dir):
     assert res["converged"] is True
 
 
+@once  # precision-independent plumbing
 def test_fit_softmax_gate_through_the_registry(tmp_path):
     """--family softmax (flexmix's concomitant model) is offered because it is registered; its JSON
     carries the gate's slopes and flexmix's df."""

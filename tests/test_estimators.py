@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rtol
+from conftest import once, rtol
 
 from conceptshift.inference.estimators import (
     Data,
@@ -100,6 +100,7 @@ def test_em_options_hashable():
     assert hash(EMOptions()) == hash(EMOptions())
 
 
+@once  # precision-independent plumbing
 def test_identification_returns_the_fits_it_made():
     """Algorithm 1 run end to end hands back both EM fits (log-likelihood, convergence,
     degeneracy, restarts at the best optimum), not only the matching."""

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import X64, rtol
+from conftest import X64, once, rtol
 from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize
 
@@ -134,6 +134,7 @@ def test_softmax_gate_degrees_of_freedom_as_flexmix():
         assert m.n_params == K * (m.n_coef + 1) + (K - 1) * (1 + D)
 
 
+@once  # precision-independent plumbing
 def test_init_params_start_one_run_there():
     """fit_em(softmax, init_params=optimum) is one run that stays at the optimum (a bootstrap refit
     starts so)."""

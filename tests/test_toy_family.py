@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import test_family_contract as contract
+from conftest import once
 from toy_family import PoissonMixture
 
 from conceptshift.inference import fit_em
@@ -35,6 +36,7 @@ def test_contract(check):
     check(NAME)
 
 
+@once  # precision-independent plumbing
 def test_em_recovers_the_rates_and_nuts_agrees():
     """Two well separated Poisson components: EM finds their rates; NUTS from EM's fit gives a
     posterior mean within a few posterior sd of them."""
