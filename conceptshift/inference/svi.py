@@ -307,7 +307,8 @@ def fit_svi(
             bar.update(task, completed=done, loss=f"{float(losses[-1][done - c * chunk - 1]):.6g}")
     loss_trace = np.concatenate(losses)[:num_steps]
     accepted = np.concatenate(oks)[:num_steps]
-    guide_params = runner.svi.get_params(state)
+    with numpyro_numerics():  # AutoDelta's constrain maps batched simplices with implicit broadcasting
+        guide_params = runner.svi.get_params(state)
     supports = {n: (trace[n]["fn"].support, tuple(trace[n]["value"].shape))
                 for n in latent_site_names(model)}
     with numpyro_numerics():
