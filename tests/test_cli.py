@@ -69,6 +69,10 @@ def test_fit_softmax_gate_through_the_registry(tmp_path):
     assert len(res["gate_weights"]) == 2 and res["converged"] is True
     assert res["df"] == 2 * 3 + 1 * 2  # experts K (P + 1), gate (K - 1)(1 + D)
     assert abs(res["gate_weights"][0][0] - res["gate_weights"][1][0]) > 1.0  # the gate depends on x
+    # weights: the mean gate probability over the rows (flexmix's prior), near the hard sizes
+    assert sum(res["weights"]) == pytest.approx(1.0)
+    np.testing.assert_allclose(res["weights"], np.asarray(res["size"]) / 300, atol=0.05)
+    assert len(res["gate_intercept"]) == 2
 
 
 def test_fit_table_output(csv_file):

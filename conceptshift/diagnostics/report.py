@@ -16,6 +16,9 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
     heads), ``scale`` (K; K x H), ``converged``, ``n_iter``, ``degenerate``, ``size`` (hard-assigned
     counts), ``coef_names``, ``restarts`` and ``restarts_at_best`` (how many reached the best
     log-likelihood), and for gated families ``gate_mean`` (K x D) and ``gate_cov`` (K x D x D).
+    For a gate on x that is not a law of x (softmax), ``weights`` is the mean over the rows of
+    p̂(k | x), as flexmix's ``prior`` reports for concomitant models, and ``gate_intercept`` (K) and
+    ``gate_weights`` (K x D) are the gate's logits.
     """
     params = jax.device_get(result.params)
     x, y = model.check_data(x, y)
@@ -49,6 +52,9 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
         out["responses"] = list(response_names)
     for name in model.gate_fields():  # gate_mean, gate_cov (gated); gate_weights (softmax)
         out[name] = np.asarray(getattr(params, name)).tolist()
+    if model.gate_fields() and not model.models_x:  # p(k | x) varies with x: its mean over the data
+        out["gate_intercept"] = np.asarray(params.log_weights).tolist()
+        out["weights"] = np.asarray(model.posterior_k(result.params, x)).mean(axis=0).tolist()
     return out
 
 
