@@ -12,6 +12,7 @@ from conftest import X64, once, rtol
 
 from conceptshift.inference.baum_welch import _fit_jit, fit_hmm_em
 from conceptshift.inference.hmm_estimators import param_errors
+from conceptshift.models.batch import pad_tokens
 from conceptshift.models.hmm import HMMMixture, HMMParams
 from conceptshift.models.hmm_problem import HMMProblemSpec, make_hmm_problem, simulate_hmm
 
@@ -80,8 +81,7 @@ def test_expected_counts_equal_brute_force_posterior_expectations(tiny):
     """The E-step's counts (gradients of the log-likelihood) are the forward-backward expectations."""
     m, p, x, lengths, y = tiny
     w = np.linspace(0.5, 2.0, x.shape[0])
-    d = m.check_data(x, lengths, y, w)
-    _, stats = m.expected_stats(p, d)
+    _, stats = m.expected_stats(p, m.batch(pad_tokens(x, lengths), y, w))
     want_tr = np.zeros((2, 2, 2))
     want_em = np.zeros((2, 3))
     for i in range(x.shape[0]):

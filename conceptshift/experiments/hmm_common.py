@@ -21,6 +21,7 @@ from ..inference.hmm_estimators import (
 )
 from ..inference.matching import assign_traced
 from ..inference.predictor import Predictor
+from ..models.batch import pad_tokens
 from ..models.hmm import HMMMixture, HMMParams
 from ..models.hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_from_params
 
@@ -68,8 +69,7 @@ def em_options(cfg: dict) -> EMOptions:
 
 
 def _fit(model, key, x, lengths, y, w, opts):
-    padded = jnp.where(jnp.arange(x.shape[1])[None, :] < lengths[:, None], x, -1)
-    return fit_em_with(model, key, padded, y, w, opts).params
+    return fit_em_with(model, key, pad_tokens(x, lengths), y, w, opts).params
 
 
 def hmm_replicate(key, n, params_p: HMMParams, params_q: HMMParams, *, model: HMMMixture, n_max: int,

@@ -17,9 +17,9 @@ and the reported ``objective`` never decreases.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from jax import Array
 
+from ..models.batch import Batch, pad_tokens
 from ..models.hmm import HMMData, HMMMixture, HMMParams
 from ..models.registry import check_family
 from . import stats_em
@@ -37,7 +37,7 @@ _fit_jit = stats_em._fit_jit  # the compiled program (the generic driver's)
 def hmm_em_step(model: HMMMixture, params: HMMParams, d: HMMData) -> tuple[HMMParams, Array]:
     """One Baum-Welch iteration on :class:`HMMData`: (new parameters, weighted log-likelihood at
     the old ones)."""
-    ll, stats = model.expected_stats(params, d)
+    ll, stats = model.expected_stats(params, Batch(pad_tokens(d.x, d.lengths), d.y, d.w))
     return model.m_step_from_stats(stats), ll
 
 
@@ -76,7 +76,6 @@ def fit_hmm_em(model: HMMMixture, key, x, lengths=None, y=None, *, weights=None,
     """
     check_family(model, "fit_hmm_em", needs=stats_em.NEEDS)
     d = model.check_data(x, lengths, y, weights)
-    present = jnp.arange(d.x.shape[1], dtype=jnp.int32)[None, :] < d.lengths[:, None]
-    return stats_em.fit_stats_em(model, key, jnp.where(present, d.x, -1), d.y,
+    return stats_em.fit_stats_em(model, key, pad_tokens(d.x, d.lengths), d.y,
                                  weights=None if weights is None else d.w, restarts=restarts,
                                  max_iter=max_iter, tol=tol, init_params=init_params)

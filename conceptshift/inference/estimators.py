@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from .._validation import is_traced
+from .._validation import float_dtype, is_traced
 from ..models import ExpertsFamily
+from ..models.batch import pad_tokens
 from ..models.registry import check_family
 from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise
@@ -84,10 +85,9 @@ def as_data(sample, w=None) -> Data:
     x = sample.x
     lengths = getattr(sample, "lengths", None)
     if lengths is not None:
-        x = jnp.where(jnp.arange(x.shape[1])[None, :] < jnp.asarray(lengths)[:, None], x, -1)
+        x = pad_tokens(x, lengths)
     if w is None:
-        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(()).dtype
-        w = jnp.ones((x.shape[0],), dtype)
+        w = jnp.ones((x.shape[0],), x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else float_dtype())
     return Data(x, sample.y, sample.y_weak, w)
 
 

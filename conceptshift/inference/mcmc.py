@@ -23,6 +23,7 @@ from numpyro.infer.util import initialize_model
 
 from .._validation import check_float, check_int, check_key
 from ..models.registry import check_family
+from .em import check_init_params
 from .matching import assign_traced
 from .sites import latent_site_names, numpyro_numerics, params_from_sites, sites_from_params
 
@@ -180,24 +181,24 @@ def _chunks(total: int, progress: bool, n_updates: int = 20) -> list[int]:
     return [size] * (total // size) + ([total % size] if total % size else [])
 
 
-def _chain_params(params, template, num_chains, dtype):
-    """(params as (C, ...) arrays of ``dtype``, whether they came unbatched): ``params`` must have
-    the structure of ``template`` (the family's parameters, as ``jax.eval_shape`` gives them), with
-    the template's shapes or those with a leading axis of ``num_chains``."""
+def _chain_params(model, params, num_chains, dtype):
+    """(params as (C, ...) arrays of ``dtype``, whether they came unbatched): the family's
+    parameters (checked as ``fit_em`` checks ``init_params``), or those with a leading axis of
+    ``num_chains``."""
+    template = jax.eval_shape(model.init_params, jax.random.key(0))
+    if type(params) is type(template) and all(
+            jnp.shape(a) == t.shape for a, t in zip(params, template, strict=True)):
+        params = check_init_params(model, params)
+        return jax.tree_util.tree_map(
+            lambda a: jnp.broadcast_to(jnp.asarray(a, dtype), (num_chains,) + jnp.shape(a)), params), True
     if type(params) is not type(template):
         raise TypeError(f"init_params must be the family's parameters ({type(template).__name__}), got "
                         f"{type(params).__name__}")
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-    fields = getattr(template, "_fields", None) or range(len(jax.tree_util.tree_leaves(template)))
-    got, want = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(template)
-    unbatched = all(a.shape == t.shape for a, t in zip(got, want, strict=True))
-    if not unbatched:
-        for name, a, t in zip(fields, got, want, strict=True):
-            if a.shape != (num_chains,) + t.shape:
-                raise ValueError(f"init_params.{name} must have shape {t.shape} or ({num_chains}, "
-                                 f"{', '.join(map(str, t.shape))}) for {num_chains} chains, got {a.shape}")
-        return params, False
-    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_chains,) + a.shape), params), True
+    for name, a, t in zip(template._fields, params, template, strict=True):
+        if jnp.shape(a) != (num_chains,) + t.shape:
+            raise ValueError(f"init_params.{name} must have shape {t.shape} or ({num_chains}, "
+                             f"{', '.join(map(str, t.shape))}) for {num_chains} chains, got {jnp.shape(a)}")
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params), False
 
 
 def fit_nuts(
@@ -246,10 +247,7 @@ def fit_nuts(
     dtype = batch.w.dtype
     params0 = None
     if init_params is not None:
-        from .em import start_params
-
-        template = jax.eval_shape(lambda k: start_params(model, k, batch), key)
-        params0, unbatched = _chain_params(init_params, template, num_chains, dtype)
+        params0, unbatched = _chain_params(model, init_params, num_chains, dtype)
         if reference is None and unbatched:
             reference = init_params
     runner = _runner(model, batch, num_chains, num_warmup, num_samples, target_accept, max_tree_depth)

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .._validation import is_traced
 from ..models.registry import check_family
-from .em import EMResult, check_em_args, em_loop, restarts_at_best
+from .em import EMResult, check_em_args, check_init_params, em_loop, restarts_at_best
 
 NEEDS = ("batch", "start_params", "expected_stats", "m_step_from_stats", "log_prior",
          "batch_log_likelihood")
@@ -70,22 +68,6 @@ def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: i
 _fit_jit = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter"))
 
 
-def check_params_like(name: str, params, template):
-    """Refuses ``params`` unless it has ``template``'s type, fields and shapes and finite values
-    (``template``: the family's parameters as ``jax.eval_shape`` gives them)."""
-    if type(params) is not type(template):
-        raise TypeError(f"{name} must be the family's parameters ({type(template).__name__}), got "
-                        f"{type(params).__name__}")
-    fields = getattr(template, "_fields", None) or range(len(jax.tree_util.tree_leaves(template)))
-    for field, a, t in zip(fields, jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(template),
-                           strict=True):
-        if tuple(jnp.shape(a)) != t.shape:
-            raise ValueError(f"{name}.{field} must have shape {t.shape}, got {jnp.shape(a)}")
-        if not is_traced(a) and not bool(np.all(np.isfinite(np.asarray(a, np.float64)))):
-            raise ValueError(f"{name}.{field} has non-finite values")
-    return params
-
-
 def fit_stats_em(model, key, x, y=None, *, weights=None, restarts: int = 8, max_iter: int = 200,
                  tol: float = 1e-8, init_params=None) -> EMResult:
     """Fits a family with additive expected statistics by EM (module docs); returns the best restart.
@@ -98,7 +80,6 @@ def fit_stats_em(model, key, x, y=None, *, weights=None, restarts: int = 8, max_
     if batch.x.shape[0] < model.n_components:
         raise ValueError(f"x has {batch.x.shape[0]} rows, fewer than n_components={model.n_components}")
     if init_params is not None:
-        template = jax.eval_shape(lambda k: model.start_params(k, batch), key)
-        check_params_like("init_params", init_params, template)
+        check_init_params(model, init_params)
         restarts = 1
     return _fit_jit(model, key, batch, tol, init_params, restarts=restarts, max_iter=max_iter)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
 from jax import Array
 
 
@@ -22,3 +23,10 @@ class Batch(NamedTuple):
     x: Array
     y: Array
     w: Array
+
+
+def pad_tokens(x, lengths) -> Array:
+    """Tokens (N, T) with every entry past a sequence's length set to -1: the protocol's ``x`` for
+    sequence families, from tokens and their lengths (N,)."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    return jnp.where(jnp.arange(x.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None], x, -1)

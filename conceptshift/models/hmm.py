@@ -22,7 +22,6 @@ masked (their tokens are ignored).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,7 +35,7 @@ from numpyro.distributions import constraints
 
 from .. import _precision as _p
 from .._validation import as_float_array, check_float, check_int, float_dtype, is_traced
-from .batch import Batch
+from .batch import Batch, pad_tokens
 
 
 class HMMParams(NamedTuple):
@@ -301,10 +300,8 @@ class HMMMixture:
         """The protocol's :class:`~conceptshift.models.batch.Batch`: ``x`` integer tokens (N, T)
         with -1 as trailing padding, ``y`` output tokens (N, H) (-1 = missing; None: all missing),
         ``weights`` (N,) (ones by default); validated as :meth:`check_data`."""
-        tokens, lengths = padded_tokens(x)
-        d = self.check_data(tokens, lengths, y, weights)
-        present = jnp.arange(d.x.shape[1], dtype=jnp.int32)[None, :] < d.lengths[:, None]
-        return Batch(jnp.where(present, d.x, -1), d.y, d.w)
+        d = self.check_data(x, None, y, weights)  # lengths read off the -1 padding
+        return Batch(pad_tokens(d.x, d.lengths), d.y, d.w)
 
     def sample_batch(self, key, params: HMMParams, n: int, length: int = 8) -> Batch:
         """n records drawn from the model, of lengths uniform in [ceil(length / 2), length] (so the
@@ -312,8 +309,7 @@ class HMMMixture:
         kl, ks = jax.random.split(key)
         lengths = jax.random.randint(kl, (n,), (length + 1) // 2, length + 1, jnp.int32)
         x, lengths, y, _ = self.sample(ks, params, n, length, lengths)
-        present = jnp.arange(length, dtype=jnp.int32)[None, :] < lengths[:, None]
-        return Batch(jnp.where(present, x, -1), y, jnp.ones((n,), params.log_weights.dtype))
+        return Batch(pad_tokens(x, lengths), y, jnp.ones((n,), params.log_weights.dtype))
 
     def covariates(self, x) -> Array:
         """Tokens (N, T) with -1 as trailing padding, validated (what a resampled data set keeps:
@@ -343,14 +339,13 @@ class HMMMixture:
 
     def batch_model(self, batch: Batch):
         """:meth:`numpyro_model` conditioned on ``batch`` (row weights scale the observations)."""
-        d = self.data_of(batch)
-        self._numpyro_model(d, 1.0, weighted=True)
+        self._numpyro_model(self.data_of(batch), 1.0)
 
     def start_params(self, key, batch: Batch) -> HMMParams:
         """EM's random start (:meth:`init_params`, emissions around the batch's token frequencies)."""
         d = self.data_of(batch)
-        mask = (jnp.arange(d.x.shape[1], dtype=jnp.int32)[None, :] < d.lengths[:, None]).astype(d.w.dtype)
-        counts = jnp.zeros((self.n_tokens,), d.w.dtype).at[d.x].add(mask * d.w[:, None])
+        present = (batch.x >= 0).astype(d.w.dtype)
+        counts = jnp.zeros((self.n_tokens,), d.w.dtype).at[d.x].add(present * d.w[:, None])
         return self._init_params(key, d.w.dtype, counts / jnp.sum(counts))
 
     def relabel_vectors(self, params: HMMParams) -> Array:
@@ -484,14 +479,14 @@ class HMMMixture:
         return jnp.take_along_axis(table, y[:, None], axis=1)[:, 0]
 
     # ------------------------------------------------------------------ EM pieces
-    def expected_stats(self, params: HMMParams, batch: Batch | HMMData) -> tuple[Array, HMMStats]:
+    def expected_stats(self, params: HMMParams, batch: Batch) -> tuple[Array, HMMStats]:
         """Weighted log-likelihood and the expected counts of Baum-Welch's E-step, for a protocol
-        :class:`~conceptshift.models.batch.Batch` (or the family's own :class:`HMMData`).
+        :class:`~conceptshift.models.batch.Batch`.
 
         The counts are d/d(log-parameter) of sum_n w_n log p(x_n, y_n), which equals the forward-
         backward posterior expectations (the log-parameters enter the forward recursion linearly)."""
 
-        d = batch if isinstance(batch, HMMData) else self.data_of(batch)
+        d = self.data_of(batch)
 
         def ll(p):
             return jnp.sum(d.w * logsumexp(self._component_log_probs(p, d), axis=-1))
@@ -527,11 +522,11 @@ class HMMMixture:
         """
         self._numpyro_model(self.check_data(x, lengths, y), concentration)
 
-    def _numpyro_model(self, d: HMMData, concentration, weighted: bool = False):
+    def _numpyro_model(self, d: HMMData, concentration):
         import numpyro
 
         K, S, V, H = self.n_components, self.n_states, self.n_tokens, self.n_heads
-        dtype = d.w.dtype if weighted else float_dtype()
+        dtype = d.w.dtype
         c = jnp.asarray(concentration, dtype)
         with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
             weights = numpyro.sample("weights", dist.Dirichlet(jnp.full((K,), c)))
@@ -545,7 +540,7 @@ class HMMMixture:
             params = HMMParams(*(jnp.log(jnp.maximum(p, jnp.finfo(dtype).tiny))
                                  for p in (weights, init, trans, emit, out)))
             record = jnp.concatenate([d.x, d.y], axis=1)
-            with numpyro.handlers.scale(scale=d.w) if weighted else contextlib.nullcontext():
+            with numpyro.handlers.scale(scale=d.w):  # the row weights (ones by default)
                 numpyro.sample("obs", self.distribution(params, d.lengths, d.x.shape[1]), obs=record)
 
     # ------------------------------------------------------------------ simulation
