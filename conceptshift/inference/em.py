@@ -538,7 +538,10 @@ def fit_em(
       block_size: at most this many rows per block of the fused E-step (bounded memory; fewer
         when a block's widest temporary would exceed the platform's budget, see
         :func:`block_layout`); ``"auto"``: 32768 rows on a CPU, blocks of up to 512 MiB on a GPU
-        or TPU; None: one block.
+        or TPU; None: one block. For families with expected statistics (the mixture of HMMs),
+        ``"auto"`` is 4096 rows on a CPU (:func:`~conceptshift.inference.stats_em.fit_stats_em`).
+        Families whose M-step iterates over the rows (the softmax gate) take neither this nor
+        ``mesh``.
       mesh: a ``jax.sharding.Mesh`` with an axis named ``"data"``: rows are split across its
         devices, each device reduces its share and the statistics are summed with ``psum``
         (data-parallel EM; the result equals the single-device fit to float tolerance).
@@ -574,9 +577,11 @@ def fit_em(
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if kind != "closed_form":  # the same result type, fewer options for now
+    if kind != "closed_form":  # the same result type; row blocks and the mesh where stats add
+        rows = kind == "expected_stats"
         unsupported = {"init": init != "mixed",
-                       "block_size": block_size != DEFAULT_BLOCK, "mesh": mesh is not None,
+                       "block_size": block_size != DEFAULT_BLOCK and not rows,
+                       "mesh": mesh is not None and not rows,
                        "estep": estep == "kernel"}
         bad = [name for name, given in unsupported.items() if given]
         if bad:
@@ -590,7 +595,7 @@ def fit_em(
         from .stats_em import fit_stats_em
 
         return fit_stats_em(model, key, x, y, weights=weights, restarts=restarts, max_iter=max_iter,
-                            tol=tol, init_params=init_params)
+                            tol=tol, init_params=init_params, block_size=block_size, mesh=mesh)
     x, y, w = check_fit_data(model, x, y, weights)
     if init_params is not None:
         init_params = check_init_params(model, init_params)

@@ -13,6 +13,12 @@ The family provides, on a :class:`~conceptshift.models.batch.Batch`:
 One call is one compiled program: restarts run side by side under ``vmap``, each the shared
 :func:`~conceptshift.inference.em.em_loop`; the restart with the highest log-likelihood is kept.
 Data are arguments of the compiled function: new data of the same shapes reuse it.
+
+Because the statistics add over rows, the driver sums them over row blocks (``block_size``: bounded
+memory for the E-step's temporaries, a ``lax.scan`` over blocks) and over the devices of a mesh
+(``mesh``: each device reduces its rows, then ``psum``), for every such family alike. Rows that pad
+the last block repeat the first row with weight 0, so they are valid data of any family and add
+nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +26,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._validation import check_int
+from ..models.batch import Batch
 from ..models.registry import check_family
-from .em import EMResult, check_em_args, check_init_params, em_loop, restarts_at_best
+from .em import (
+    DEFAULT_BLOCK,
+    EMResult,
+    block_layout,
+    check_em_args,
+    check_init_params,
+    em_loop,
+    platform_of,
+    restarts_at_best,
+)
 
 NEEDS = ("batch", "start_params", "expected_stats", "m_step_from_stats", "log_prior",
          "batch_log_likelihood")
+
+STATS_CPU_BLOCK = 4096  # rows per block on a CPU ("auto"): the forward-backward keeps (T, rows, K, S)
 
 
 def stats_em_step(model, params, batch):
@@ -33,26 +52,87 @@ def stats_em_step(model, params, batch):
     return model.m_step_from_stats(stats), ll
 
 
-def _run(model, batch, params0, tol, max_iter: int):
-    def step(params):
-        new, ll = stats_em_step(model, params, batch)
-        return new, ll, ll + model.log_prior(params)
+def _pad_rows(a, total: int):
+    """``a`` (N, ...) to ``total`` rows by repeating its first row (valid data of any family)."""
+    extra = total - a.shape[0]
+    if extra == 0:
+        return a
+    return jnp.concatenate([a, jnp.broadcast_to(a[:1], (extra,) + a.shape[1:])], axis=0)
 
-    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, batch.w.dtype,
-                                                          jnp.sum(batch.w))
-    ll = model.batch_log_likelihood(params, batch)
+
+def blocked_batch(batch: Batch, block_size, n_shards: int = 1, platform: str | None = None) -> Batch:
+    """The batch as (n_shards * blocks, block, ...) arrays; padding rows repeat row 0 with weight 0.
+
+    ``block_size``: rows per block at most (``"auto"``: ``STATS_CPU_BLOCK`` on a CPU, one block per
+    device elsewhere; None: one block per device)."""
+    n = batch.w.shape[0]
+    platform = platform or jax.default_backend()
+    if block_size == "auto":
+        block_size = STATS_CPU_BLOCK if platform == "cpu" else None
+    block, nb = block_layout(n, block_size, n_shards, platform=platform)
+    total = n_shards * nb * block
+
+    def lay(a, fill_w=False):
+        a = jnp.pad(a, (0, total - n)) if fill_w else _pad_rows(a, total)
+        return a.reshape((n_shards * nb, block) + a.shape[1:])
+
+    return Batch(lay(batch.x), lay(batch.y), lay(batch.w, fill_w=True))
+
+
+def row_sum(fn, blocks: Batch, mesh=None):
+    """``params -> sum over blocks of fn(params, block)`` (a pytree of sums), the blocks under
+    ``lax.scan``; with a mesh each device reduces its blocks and the sums are ``psum``-ed."""
+
+    def local(params, xb, yb, wb):
+        first = fn(params, Batch(xb[0], yb[0], wb[0]))
+        if xb.shape[0] == 1:
+            return first
+
+        def body(acc, blk):
+            return jax.tree_util.tree_map(jnp.add, acc, fn(params, Batch(*blk))), None
+
+        acc, _ = jax.lax.scan(body, first, (xb[1:], yb[1:], wb[1:]))
+        return acc
+
+    if mesh is None:
+        return lambda params: local(params, blocks.x, blocks.y, blocks.w)
+
+    from jax.sharding import PartitionSpec as P
+
+    def sharded(params, xb, yb, wb):
+        return jax.lax.psum(local(params, xb, yb, wb), "data")
+
+    smap = jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+                         out_specs=P(), check_vma=False)
+    return lambda params: smap(params, blocks.x, blocks.y, blocks.w)
+
+
+def _run(model, blocks, params0, tol, max_iter: int, mesh):
+    stats_fn = row_sum(model.expected_stats, blocks, mesh)
+    ll_fn = row_sum(model.batch_log_likelihood, blocks, mesh)
+
+    def step(params):
+        ll, stats = stats_fn(params)
+        return model.m_step_from_stats(stats), ll, ll + model.log_prior(params)
+
+    params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, blocks.w.dtype,
+                                                          jnp.sum(blocks.w))
+    ll = ll_fn(params)
     obj = ll + model.log_prior(params)
     return params, ll, obj, ll_tr, obj_tr, n_iter, conv & ~failed & jnp.isfinite(obj)
 
 
-def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: int):
+def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: int, block_size,
+              mesh, platform):
     dtype = batch.w.dtype
     tol = jnp.asarray(tol, dtype)
     if init_params is not None:
         params0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype)[None], init_params)
     else:
         params0 = jax.vmap(lambda k: model.start_params(k, batch))(jax.random.split(key, restarts))
-    runs = jax.vmap(lambda p: _run(model, batch, p, tol, max_iter))(params0)
+    n_shards = 1 if mesh is None else mesh.shape["data"]
+    blocks = blocked_batch(batch, block_size, n_shards, platform)
+    runs = jax.vmap(lambda p: _run(model, blocks, p, tol, max_iter, mesh))(params0)
     params, ll, obj, ll_tr, obj_tr, n_iter, conv = runs
     finite = jnp.isfinite(obj)
     best = jnp.argmax(jnp.where(finite, ll, -jnp.inf))
@@ -65,21 +145,32 @@ def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: i
                     restarts_at_best(ll, finite, best, n), None)
 
 
-_fit_jit = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter"))
+_fit_jit = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter", "block_size", "mesh",
+                                               "platform"))
 
 
 def fit_stats_em(model, key, x, y=None, *, weights=None, restarts: int = 8, max_iter: int = 200,
-                 tol: float = 1e-8, init_params=None) -> EMResult:
+                 tol: float = 1e-8, init_params=None, block_size=DEFAULT_BLOCK, mesh=None) -> EMResult:
     """Fits a family with additive expected statistics by EM (module docs); returns the best restart.
     Called by :func:`~conceptshift.inference.em.fit_em` for such families, with its arguments
     (``x``, ``y`` as the family's ``batch`` takes them; for a mixture of HMMs tokens (N, T) with -1
-    as trailing padding and output tokens or None)."""
+    as trailing padding and output tokens or None).
+
+    ``block_size``: rows per block of the E-step (``"auto"``: 4096 on a CPU, one block per device on
+    an accelerator; None: one block). ``mesh``: a ``jax.sharding.Mesh`` with an axis ``"data"``;
+    the rows are split over its devices and the statistics summed (the fit equals the one-device
+    fit to float rounding)."""
     check_family(model, "fit_stats_em", em_kinds=("expected_stats",), needs=NEEDS)
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
+    if block_size is not None and block_size != "auto":
+        block_size = check_int("block_size", block_size, minimum=1)
+    if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
+        raise ValueError("mesh must be a jax.sharding.Mesh with an axis named 'data'")
     batch = model.batch(x, y, weights)
     if batch.x.shape[0] < model.n_components:
         raise ValueError(f"x has {batch.x.shape[0]} rows, fewer than n_components={model.n_components}")
     if init_params is not None:
         check_init_params(model, init_params)
         restarts = 1
-    return _fit_jit(model, key, batch, tol, init_params, restarts=restarts, max_iter=max_iter)
+    return _fit_jit(model, key, batch, tol, init_params, restarts=restarts, max_iter=max_iter,
+                    block_size=block_size, mesh=mesh, platform=platform_of(batch.x, mesh))
