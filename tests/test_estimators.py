@@ -10,10 +10,10 @@ from conceptshift.inference.estimators import (
     Data,
     EMOptions,
     identify,
-    refinement_icl_logits,
     weak_training_sq,
 )
 from conceptshift.inference.predictor import Predictor
+from conceptshift.inference.refinement import refined, refined_icl
 from conceptshift.models import RegressionMixture, make_problem, simulate
 
 
@@ -72,13 +72,14 @@ def test_identify_under_jit_and_vmap():
 
 
 def test_icl_posterior_concentrates_with_more_demonstrations():
-    """With many demonstrations the in-context posterior p(k|x, V) collapses on one concept."""
+    """With many demonstrations the in-context posterior q̂(k | x, V) collapses on one concept."""
     prob = make_problem(jax.random.key(0), n_components=3)
     _, _, tgt = _data(prob, 400)
     ent = []
     for m in (1, 32):
-        logits = refinement_icl_logits(jax.random.key(2), prob.model, prob.params_p, tgt, m)
-        p = jax.nn.softmax(logits, -1)
+        pred = refined_icl(jax.random.key(2), prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w,
+                           n_demos=m, n_draws=1)
+        p = pred.posterior_k(tgt.x)
         ent.append(float(jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), -1))))
     assert ent[1] < 0.5 * ent[0]
 
@@ -115,3 +116,53 @@ def test_identification_returns_the_fits_it_made():
         assert isinstance(fit, EMResult) and fit.params.coef.shape[1] == heads
         assert np.isfinite(float(fit.loglik)) and 1 <= int(fit.restarts_at_best) <= 2
     assert identify(prob.params_p, prob.params_q, prob.strong_model).source_fit is None
+
+
+def test_weak_label_refinement_is_prop_3_2_by_quadrature():
+    """refinement's q̂(k | x) = int p(k | x, y') q(y' | x) dy' (Example 3.4) against a quadrature over
+    y' on a fine grid, from the true source and weak target models; its mean is
+    sum_k q̂(k | x) mu_k(x) and its density integrates to one (Prop. 3.2's q_re)."""
+    prob = make_problem(jax.random.key(0), n_components=3)
+    m2 = prob.model
+    weak_q = m2.select_heads(prob.params_q, (1,))
+    pred = refined(jax.random.key(1), m2, prob.params_p, weak_q, n_draws=8192)
+    x = jnp.linspace(-2.0, 2.0, 5, dtype=weak_q.coef.dtype)[:, None]
+    grid = np.linspace(-25.0, 25.0, 4001)
+    m1 = m2.with_heads(1)
+    weak_p = m2.select_heads(prob.params_p, (1,))
+    want = np.zeros((5, 3))
+    for i in range(5):
+        xi = jnp.broadcast_to(x[i], (grid.size, 1))
+        yg = jnp.asarray(grid, x.dtype)
+        post = np.asarray(jax.nn.softmax(m1.component_log_probs(weak_p, xi, yg[:, None]), -1))
+        dens = np.exp(np.asarray(m1.conditional_log_prob(weak_q, xi, yg)))
+        want[i] = np.trapezoid(post * dens[:, None], grid, axis=0)
+    np.testing.assert_allclose(want.sum(1), 1.0, atol=1e-6)
+    got = np.asarray(pred.posterior_k(x))
+    np.testing.assert_allclose(got, want, atol=0.02)  # Monte Carlo over 8192 draws of y'
+    strong = m2.select_heads(prob.params_p, (0,))
+    mu = np.asarray(m1.expert_mean(strong, x)[:, :, 0])
+    np.testing.assert_allclose(pred.mean(x), np.sum(got * mu, 1), rtol=rtol(1e-5, 1e-10), atol=1e-6)
+    yg = jnp.asarray(grid, x.dtype)
+    mass = [np.trapezoid(np.exp(np.asarray(pred.log_prob(jnp.broadcast_to(x[i], (grid.size, 1)), yg))),
+                         grid) for i in range(2)]
+    np.testing.assert_allclose(mass, 1.0, atol=1e-4)
+
+
+def test_refined_predictors_are_pytrees_under_jit_and_vmap():
+    prob = make_problem(jax.random.key(0), n_components=3)
+    _, src, tgt = _data(prob, 200)
+    weak_q = prob.model.select_heads(prob.params_q, (1,))
+    x = tgt.x[:7]
+    for pred in (refined(jax.random.key(1), prob.model, prob.params_p, weak_q, n_draws=16),
+                 refined_icl(jax.random.key(2), prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w,
+                             n_demos=4)):
+        leaves, tree = jax.tree_util.tree_flatten(pred)
+        back = jax.tree_util.tree_unflatten(tree, leaves)
+        np.testing.assert_allclose(jax.jit(lambda p: p.mean(x))(back), pred.mean(x),
+                                   rtol=rtol(1e-5, 1e-12))
+        assert pred.sample(jax.random.key(3), x).shape == (7,)
+    keys = jax.random.split(jax.random.key(4), 3)
+    means = jax.jit(jax.vmap(lambda k: refined(k, prob.model, prob.params_p, weak_q,
+                                               n_draws=16).mean(x)))(keys)
+    assert means.shape == (3, 7) and bool(jnp.all(jnp.isfinite(means)))

@@ -11,7 +11,6 @@ import pytest
 from conftest import X64, once, rtol
 
 from conceptshift.inference.baum_welch import _fit_jit, fit_hmm_em
-from conceptshift.inference.hmm_estimators import param_errors
 from conceptshift.models.batch import pad_tokens
 from conceptshift.models.hmm import HMMMixture, HMMParams
 from conceptshift.models.hmm_problem import HMMProblemSpec, make_hmm_problem, simulate_hmm
@@ -167,7 +166,8 @@ def test_em_monotone_finite_and_recovers_anchored_problem(anchored):
     # the fit is at least as likely as the truth (it is the MLE up to restarts)
     truth_ll = prob.model.log_likelihood(prob.params_p, sim.source.x, sim.source.lengths, y)
     assert float(fit.loglik) >= float(truth_ll) - 1.0
-    emit, trans, w = (float(v) for v in param_errors(prob.params_p, fit.params))
+    errs = prob.param_errors(fit.params, "p")
+    emit, trans, w = (float(errs[k]) for k in ("emit_error", "trans_error", "weight_error"))
     assert emit < 0.05 and trans < 0.12 and w < 0.08, (emit, trans, w)
 
 
@@ -280,8 +280,8 @@ def test_identification_recovers_a_concept_permutation_and_moves_target_weights(
     """Algorithm 1 steps 3-4 on a target 'fit' that is the source fit with concepts and states
     relabelled, its weak head shifted slightly and other proportions: the matching undoes the
     relabelling, and the estimate is the source's concepts under the target's proportions."""
+    from conceptshift.diagnostics.metrics import categorical_kl as next_token_kl
     from conceptshift.inference.estimators import identify
-    from conceptshift.inference.hmm_estimators import next_token_kl
 
     prob, sim, _, fit = anchored
     m2 = prob.model
@@ -306,30 +306,35 @@ def test_identification_recovers_a_concept_permutation_and_moves_target_weights(
 
 def test_icl_refinement_equals_eq_3_2_written_out(anchored):
     """q_re(y|x) = sum_k p̂(y|x,k) mean_V softmax_k(log pî_k + log p̂(x|k) + sum_j log p̂(x_j, y'_j|k)),
-    written out with the same demonstration indices for every M of the grid; M = 0 is the source fit,
-    and 200 demonstrations from a mixture make q̂(k | x, V) a point mass."""
-    from conceptshift.inference.hmm_estimators import as_seq_data, refinement_icl_path
+    written out with the same demonstration indices for every M of the grid (the generic
+    ``refined_icl`` with one key and one ``m_pool``); M = 0 is the source fit, and 200
+    demonstrations from a mixture make q̂(k | x, V) a point mass."""
+    from conceptshift.inference.estimators import as_data
+    from conceptshift.inference.refinement import refined_icl
 
     prob, sim, _, fit = anchored
-    m2, tgt = prob.model, as_seq_data(sim.source)  # demonstrations from the source sample itself
-    xq, lq = sim.source.x[:40], sim.source.lengths[:40]
+    m2, tgt = prob.model, as_data(sim.source)  # demonstrations from the source sample itself
+    xq = pad_tokens(sim.source.x[:40], sim.source.lengths[:40])
     grid = (0, 1, 3, 200)
-    path = refinement_icl_path(jax.random.key(2), m2, fit.params, tgt, xq, lq, grid, 4)
+    preds = [refined_icl(jax.random.key(2), m2, fit.params, tgt.x, tgt.y_weak, tgt.w, n_demos=M,
+                         n_draws=4, m_pool=200) for M in grid]
     n = tgt.w.shape[0]
     idx = jax.random.choice(jax.random.key(2), n, (40, 4, 200), p=tgt.w / jnp.sum(tgt.w))
     yw = jnp.stack([jnp.full_like(tgt.y_weak, -1), tgt.y_weak], 1)
-    demo = m2.component_log_probs(fit.params, tgt.x, tgt.lengths, yw) - fit.params.log_weights[None]
-    lpx, per_k = m2.next_token_log_probs_by_concept(fit.params, xq, lq)
-    for g, M in enumerate(grid[:3]):
+    demo = m2.component_log_probs(fit.params, tgt.x, y=yw) - fit.params.log_weights[None]
+    lpx, per_k = m2.next_token_log_probs_by_concept(fit.params, xq)
+    for pred, M in zip(preds[:3], grid[:3], strict=True):
         post = jnp.mean(jax.nn.softmax(lpx[:, None, :] + jnp.sum(demo[idx[:, :, :M]], 2), -1), 1)
         want = jnp.log(jnp.einsum("nk,nkv->nv", post, jnp.exp(per_k)))
-        np.testing.assert_allclose(path.log_probs[g], want, rtol=rtol(1e-5, 1e-12), atol=rtol(2e-6, 1e-12))
-    src = m2.next_token_log_probs(fit.params, xq, lq, 0)
-    np.testing.assert_allclose(path.log_probs[0], src, rtol=rtol(1e-5, 1e-12), atol=rtol(1e-6, 1e-13))
-    np.testing.assert_allclose(jnp.exp(path.log_post[0]), m2.posterior_k(fit.params, xq, lq),
+        np.testing.assert_allclose(pred.log_probs(xq), want, rtol=rtol(1e-5, 1e-12),
+                                   atol=rtol(2e-6, 1e-12))
+    src = m2.next_token_log_probs(fit.params, xq, head=0)
+    np.testing.assert_allclose(preds[0].log_probs(xq), src, rtol=rtol(1e-5, 1e-12),
+                               atol=rtol(1e-6, 1e-13))
+    np.testing.assert_allclose(preds[0].posterior_k(xq), m2.posterior_k(fit.params, xq),
                                rtol=rtol(1e-4, 1e-10), atol=1e-7)
-    assert float(jnp.min(jnp.max(jnp.exp(path.log_post[3]), axis=1))) > 0.99
-    np.testing.assert_allclose(jnp.sum(jnp.exp(path.log_probs[3]), 1), 1.0, rtol=rtol(1e-5, 1e-12))
+    assert float(jnp.min(jnp.max(preds[3].posterior_k(xq), axis=1))) > 0.99
+    np.testing.assert_allclose(jnp.sum(jnp.exp(preds[3].log_probs(xq)), 1), 1.0, rtol=rtol(1e-5, 1e-12))
 
 
 @pytest.mark.parametrize("anchors, want", [("on", [1, 1, 1, 1]), ("partial", [1, 1, 0, 0]),

@@ -4,6 +4,7 @@ replicate compiles five Baum-Welch fits)."""
 import json
 
 import pytest
+from conftest import once
 
 from conceptshift.experiments import EXPERIMENTS
 from conceptshift.experiments.runner import load_config
@@ -42,3 +43,40 @@ def test_experiment_runs_end_to_end_and_resumes(tmp_path, name, extra):
     mod.reading(saved)
     again = mod.run(cfg, tmp_path, progress=False)
     assert again["cells_computed"] == [] and len(again["cells_reused"]) == len(res["cells_computed"])
+
+
+@once
+def test_one_generic_replicate_serves_both_families_without_recompiling():
+    """experiments.common.replicate runs a regression problem and HMM problems through the same code;
+    HMM problems that differ only in their knobs (anchors) share one compiled program."""
+    import dataclasses
+
+    import jax
+
+    from conceptshift.experiments.common import (
+        IDENTIFICATION_ONLY,
+        Design,
+        compiled_replicates,
+        problem_from,
+    )
+    from conceptshift.experiments.hmm_common import HMM_ESTIMATORS, hmm_problem_from
+    from conceptshift.inference.estimators import EMOptions
+
+    opts = EMOptions(restarts=1, max_iter=5, tol=0.0)
+    design = Design(n_max=40, n_test=30, opts=opts, estimators=HMM_ESTIMATORS,
+                    noweak_match="components", source_fit_errors=True)
+    cfg = {"seed": 0, "n_components": 2, "n_states": 2, "n_tokens": 4, "length": 4}
+    fn = compiled_replicates(design)
+    keys = jax.random.split(jax.random.key(0), 2)
+    out = [fn(keys, 30, hmm_problem_from(cfg, anchors=a)) for a in ("on", "off")]
+    assert fn._cache_size() == 1
+    for o in out:
+        assert set(o) == set(HMM_ESTIMATORS) | {"source_fit"}
+        assert {"kl", "excess_nll", "trans_error"} <= set(o["oracle"])
+        assert {"matching_accuracy", "matching_margin"} <= set(o["identification_noweak"])
+        assert o["oracle"]["kl"].shape == (2,)
+    reg = problem_from({"seed": 0, "n_components": 2})
+    r = compiled_replicates(dataclasses.replace(design, estimators=IDENTIFICATION_ONLY,
+                                                noweak_match="strong", fit_info=True))(keys, 30, reg)
+    assert {"reg_error", "excess_nll", "coef_error"} <= set(r["identification"])
+    assert "kl" not in r["identification"] and set(r["fit"]) == {"source_bic", "target_bic"}

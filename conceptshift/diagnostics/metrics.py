@@ -1,4 +1,7 @@
-"""Metrics of an estimate q̂(y | x) against the truth q(y | x), on the gold test sample.
+"""Metrics of an estimate q̂(y | x) against the truth q(y | x), on the gold test sample (the truth's
+parameter errors and component labels are the simulated problems' own: ``param_errors`` and
+``truth_labels`` of :class:`~conceptshift.models.Problem` and
+:class:`~conceptshift.models.hmm_problem.HMMProblem`).
 
 All functions are pure and vmappable.
 """
@@ -8,7 +11,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-from ..inference.matching import assign_traced
 from ..inference.predictor import Predictor
 from ..models.problem import Problem
 
@@ -24,27 +26,11 @@ def excess_nll(pred: Predictor, problem: Problem, x: Array, y: Array) -> Array:
     return jnp.mean(problem.true_log_prob(x, y) - pred.log_prob(x, y))
 
 
-def param_error(pred: Predictor, problem: Problem) -> tuple[Array, Array]:
-    """Errors of a K-component estimate against Q's strong components after the best permutation.
-
-    Returns:
-      (coef_error, weight_error): sum_k |betâ_{s(k)} - beta_k|^2 over the matched components and
-      sum_k |pî_{s(k)} - pi^q_k| (twice the total-variation distance of the proportions).
-    """
-    true = problem.heads("q", "strong")
-    est = pred.params
-    cost = jnp.sum((true.coef[:, None, 0, :] - est.coef[None, :, 0, :]) ** 2, -1)  # (K_true, K_est)
-    perm = assign_traced(cost)
-    coef_err = jnp.sum(cost[jnp.arange(cost.shape[0]), perm])
-    w_err = jnp.sum(jnp.abs(jnp.exp(est.log_weights[perm]) - jnp.exp(true.log_weights)))
-    return coef_err, w_err
-
-
-def truth_labels(problem: Problem, params, head: int, domain: str, true_head: int) -> Array:
-    """For each fitted component, the true component it estimates, shape (K,): optimal assignment
-    of the fit's ``head`` against head ``true_head`` (0: y, 1: y') of the truth in ``domain``."""
-    true = problem.params_p if domain == "p" else problem.params_q
-    return assign_traced(problem.model.match_cost(params, head, true, true_head))
+def categorical_kl(log_q: Array, log_q_hat: Array) -> Array:
+    """E_x KL(q(. | x) || q̂(. | x)) over the query rows, exact over the classes of a categorical y
+    (log-probability tables (N, V)): the expected excess log-loss."""
+    q = jnp.exp(log_q)
+    return jnp.mean(jnp.sum(jnp.where(q > 0, q * (log_q - log_q_hat), 0.0), axis=-1))
 
 
 def matching_accuracy(assignment: Array, source_truth: Array, target_truth: Array) -> Array:

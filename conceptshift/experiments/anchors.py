@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import cell_keys, mean_se, pyplot, savefig, to_lists
+from .common import cell_keys, compiled_replicates, design_from, mean_se, pyplot, savefig, to_lists
 from .hmm_common import (
     HMM_EM_KNOBS,
+    HMM_ESTIMATORS,
     HMM_PROBLEM_KNOBS,
-    compiled_hmm_replicates,
     hmm_problem_from,
     validate_hmm_knobs,
 )
@@ -46,18 +46,17 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     grid = sorted(int(n) for n in cfg["n_grid"])
     problems = {a: hmm_problem_from(cfg, anchors=a) for a in SETTINGS}
     sweep = Sweep(out_dir, cfg, NAME)
-    spec = problems["on"].spec
     fn = None
 
     def cell(item):
         nonlocal fn
         i, a, n = item
         if fn is None:
-            fn = compiled_hmm_replicates({**cfg, "m_grid": [0]}, problems["on"].model, max(grid),
-                                         T=spec.length, lo=spec.length, baselines=False)
+            fn = compiled_replicates(design_from(cfg, max(grid), estimators=HMM_ESTIMATORS,
+                                                noweak_match="components", source_fit_errors=True))
         prob = problems[a]
         keys = cell_keys(cfg["seed"], i, int(cfg["replicates"]))
-        return to_lists(fn(keys, n, prob.params_p, prob.params_q))
+        return to_lists(fn(keys, n, prob))
 
     items = [(f"{a}_n{n}", (i, a, n)) for i, (a, n) in enumerate((a, n) for a in SETTINGS for n in grid)]
     cells = sweep.run(items, cell, progress=progress)

@@ -1,17 +1,22 @@
-"""Pieces the experiments share: the problem from a config, one compiled replicate of every estimator,
-summaries over replicates, log-log slopes, and plotting helpers."""
+"""Pieces the experiments share: the problem from a config, one compiled replicate of the estimators
+for every family (:func:`replicate`, its :class:`Design` and :func:`score`), summaries over
+replicates, log-log slopes, and plotting helpers."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..diagnostics.metrics import excess_nll, matching_accuracy, param_error, reg_error, truth_labels
-from ..inference.estimators import Data, EMOptions, estimate_all
-from ..models.problem import Problem, ProblemSpec, make_problem, simulate
+from ..diagnostics.metrics import categorical_kl, matching_accuracy
+from ..inference.estimators import Data, EMOptions, as_data, estimate_all
+from ..inference.predictor import Predictor
+from ..inference.refinement import refined_icl
+from ..models.problem import Problem, ProblemSpec, make_problem
 
 PROBLEM_KNOBS = {
     "family": "regression",
@@ -39,8 +44,11 @@ LABELS = {
     "identification_noweak": "identification, no weak source labels",
     "oracle": "oracle (gold target labels)",
 }
-MIXTURE_ESTIMATORS = ("source_only", "weak_only", "weak_training_ll", "refinement", "refinement_icl",
-                      "identification", "identification_noweak", "oracle")
+IDENTIFICATION_ONLY = ("weak_only", "identification", "identification_noweak", "oracle")
+# estimators whose predictor is a K-component mixture of the family under constant proportions (their
+# parameter errors are reported); the refinements' proportions depend on x
+MIXTURE_ESTIMATORS = ("source_only", "weak_only", "weak_training_ll", "identification",
+                      "identification_noweak", "oracle")
 
 
 def problem_from(cfg: dict, **override) -> Problem:
@@ -55,95 +63,129 @@ def em_options(cfg: dict) -> EMOptions:
     return EMOptions(int(cfg["restarts"]), int(cfg["max_iter"]), float(cfg["tol"]))
 
 
-def _identification_only(key, model, src, tgt, gold, opts):
-    """The fits Algorithm 1 needs (and the oracle), without the other baselines."""
-    from ..inference.estimators import Estimates, fit_em_with, identify, oracle
-    from ..inference.predictor import Predictor
+@dataclass(frozen=True)
+class Design:
+    """What one replicate runs, for every family (static: part of the compiled program).
 
-    keys = jax.random.split(key, 4)
-    m1, m2 = model.with_heads(1), model.with_heads(2)
-    s2f = fit_em_with(m2, keys[0], src.x, jnp.stack([src.y, src.y_weak], axis=1), src.w, opts)
-    s1f = fit_em_with(m1, keys[1], src.x, src.y, src.w, opts)
-    t1f = fit_em_with(m1, keys[2], tgt.x, tgt.y_weak, tgt.w, opts)
-    preds = {
-        "weak_only": Predictor(m1, t1f.params),
-        "identification": None,
-        "identification_noweak": None,
-        "oracle": oracle(keys[3], m1, gold, opts),
-    }
-    ident = identify(s2f.params, t1f.params, m1, match="weak", source_fit=s2f, target_fit=t1f)
-    ident_nw = identify(s1f.params, t1f.params, m1, match="strong", source_fit=s1f,
-                        target_fit=t1f)
-    preds["identification"] = ident.predictor
-    preds["identification_noweak"] = ident_nw.predictor
-    bic = {"source_bic": s2f.bic, "target_bic": t1f.bic}
-    return Estimates(preds, ident, ident_nw), bic
+    ``estimators``: the names of :func:`~conceptshift.inference.estimators.estimate_all` to run
+    (None: every one the family supports); ``noweak_match``: the matching of
+    ``identification_noweak`` (``"strong"`` heads, or ``"components"``: an HMM's transitions);
+    ``n_components``: fit that many components instead of the truth's (misspecification);
+    ``m_grid``: in-context refinement also at these numbers of demonstrations M, scored as
+    ``icl_M{M}`` (nested demonstration sets, ``n_draws`` sets per query), with
+    ``strong_demo_head`` also through the strong head (metrics suffixed ``_strong_demo_head``);
+    ``source_fit_errors``: the two-head source fit's parameter errors against P as ``source_fit``;
+    ``fit_info``: the source and target fits' BIC as ``fit``."""
+
+    n_max: int
+    n_test: int
+    opts: EMOptions
+    estimators: tuple[str, ...] | None = None
+    lam: float = 1.0
+    n_demos: int = 8
+    noweak_match: str = "strong"
+    n_components: int | None = None
+    m_grid: tuple[int, ...] = ()
+    n_draws: int = 8
+    strong_demo_head: bool = False
+    source_fit_errors: bool = False
+    fit_info: bool = False
 
 
-def replicate(key, n, problem: Problem, *, n_max: int, n_test: int, lam: float, n_demos: int,
-              opts: EMOptions, which: str = "all", n_components: int | None = None) -> dict:
-    """Every estimator and metric on one simulated data set with n source and n target rows.
+def design_from(cfg: dict, n_max: int, **fields) -> Design:
+    """The :class:`Design` of an experiment's config (``n_test``, ``lam``, ``n_demos``, ``n_draws``
+    and the EM knobs) with ``fields`` on top."""
+    return Design(n_max=int(n_max), n_test=int(cfg["n_test"]), opts=em_options(cfg),
+                  lam=float(cfg.get("lam", 1.0)), n_demos=int(cfg.get("n_demos", 8)),
+                  n_draws=int(cfg.get("n_draws", 8)), **fields)
+
+
+def score(pred: Predictor, truth: Predictor, test: Data) -> dict:
+    """The metrics of an estimate against the true q(y | x) on the gold test sample, for every
+    family: ``excess_nll`` (E[log q - log q̂], a Monte Carlo KL), ``reg_error`` (E_x (q̂(x) -
+    q(x))^2) where y has a mean, ``kl`` (exact E_x KL(q || q̂) over the classes) where y is
+    categorical."""
+    x, y = test.x, test.y
+    out = {"excess_nll": jnp.mean(truth.log_prob(x, y) - pred.log_prob(x, y))}
+    if hasattr(truth.model, "conditional_mean"):
+        out["reg_error"] = jnp.mean((pred.mean(x) - truth.mean(x)) ** 2)
+    if hasattr(truth.model, "conditional_log_probs"):
+        out["kl"] = categorical_kl(truth.log_probs(x), pred.log_probs(x))
+    return out
+
+
+def replicate(key, n, problem, *, design: Design) -> dict:
+    """Every estimator of ``design`` and its metrics on one simulated data set with n source and n
+    target rows, for every family (``problem``: a :class:`~conceptshift.models.Problem` or
+    :class:`~conceptshift.models.hmm_problem.HMMProblem`, through ``simulate_data``,
+    ``strong_model``, ``truth_labels`` and ``param_errors``).
 
     The sample is drawn at size ``n_max`` and rows past ``n`` get weight 0, so every n (and every
-    problem of the same shapes) shares one compiled program. ``which="identification"`` runs only
-    Algorithm 1 (with and without weak source labels), weak-only and the oracle; ``n_components``
-    fits that many components instead of the true number (misspecification).
+    problem of the same shapes: its parameters are traced) shares one compiled program.
     """
-    ksim, kest = jax.random.split(key)
-    sim = simulate(ksim, problem, n_max, n_max, n_test)
-    dtype = sim.source.x.dtype
-    w = (jnp.arange(n_max) < n).astype(dtype)
-    src = Data(sim.source.x, sim.source.y, sim.source.y_weak, w)
-    tgt = Data(sim.target.x, None, sim.target.y_weak, w)
-    gold = Data(sim.target.x, sim.target.y, None, w)
-    model = problem.strong_model
-    if n_components is not None:
-        import dataclasses
-
-        model = dataclasses.replace(model, n_components=n_components)
-    extra = {}
-    if which == "all":
-        est = estimate_all(kest, model, src, tgt, gold, lam=lam, n_demos=n_demos, opts=opts)
-    else:
-        est, extra = _identification_only(kest, model, src, tgt, gold, opts)
-    x_t, y_t = sim.test.x, sim.test.y
-    K_true = problem.spec.n_components
+    ksim, kest, kicl = jax.random.split(key, 3)
+    sim = problem.simulate_data(ksim, design.n_max, design.n_max, design.n_test)
+    m1 = problem.strong_model
+    dtype = problem.params_p.log_weights.dtype
+    w = (jnp.arange(design.n_max) < n).astype(dtype)
+    s, t = as_data(sim.source, w), as_data(sim.target, w)
+    src, tgt, gold = s, Data(t.x, None, t.y_weak, w), Data(t.x, t.y, None, w)
+    test = as_data(sim.test)
+    model = m1
+    if design.n_components is not None:
+        model = dataclasses.replace(model, n_components=design.n_components)
+    est = estimate_all(kest, model, src, tgt, gold, lam=design.lam, n_demos=design.n_demos,
+                       opts=design.opts, names=design.estimators, noweak_match=design.noweak_match)
+    truth = Predictor(m1, m1.select_heads(problem.params_q, (0,)))
+    same_k = model.n_components == m1.n_components
     out = {}
     for name, pred in est.predictors.items():
-        m = {"reg_error": reg_error(pred, problem, x_t), "excess_nll": excess_nll(pred, problem, x_t, y_t)}
-        if name in MIXTURE_ESTIMATORS and model.n_components == K_true:
-            m["coef_error"], m["weight_error"] = param_error(pred, problem)
-        out[name] = m
+        out[name] = score(pred, truth, test)
+        if name in MIXTURE_ESTIMATORS and same_k:
+            out[name].update(problem.param_errors(pred.params, "q"))
+    target_fit = est.fits.get("target")
     for name, ident in (("identification", est.identification),
                         ("identification_noweak", est.identification_noweak)):
-        if model.n_components == K_true:
-            src_truth = truth_labels(problem, ident.predictor.params, 0, "p", 0)
-            tgt_truth = truth_labels(problem, est.predictors["weak_only"].params, 0, "q", 1)
+        if ident is None:
+            continue
+        if same_k:
+            src_truth = problem.truth_labels(ident.predictor.params, 0, "p", 0)
+            tgt_truth = problem.truth_labels(target_fit.params, 0, "q", 1)
             out[name]["matching_accuracy"] = matching_accuracy(ident.assignment, src_truth, tgt_truth)
         out[name]["matching_margin"] = ident.margin
         out[name]["greedy_bijection"] = ident.greedy_bijection.astype(dtype)
         out[name]["greedy_agrees"] = jnp.all(ident.greedy == ident.assignment).astype(dtype)
-    if extra:
-        out["fit"] = extra
+    if design.m_grid:
+        m2 = model.with_heads(2)
+        s2 = est.fits["source"].params
+        for M in design.m_grid:
+            def icl(head, M=M):
+                return refined_icl(kicl, m2, s2, tgt.x, tgt.y_weak, w, n_demos=M,
+                                   n_draws=design.n_draws, m_pool=max(design.m_grid),
+                                   demo_head=head)
+
+            out[f"icl_M{M}"] = score(icl(1), truth, test)
+            if design.strong_demo_head:
+                out[f"icl_M{M}"].update({f"{k}_strong_demo_head": v
+                                         for k, v in score(icl(0), truth, test).items()})
+    if design.source_fit_errors and same_k:
+        out["source_fit"] = problem.param_errors(est.fits["source"].params, "p")
+    if design.fit_info:
+        out["fit"] = {"source_bic": est.fits["source"].bic, "target_bic": target_fit.bic}
     return out
 
 
 _COMPILED: dict = {}
 
 
-def compiled_replicates(cfg: dict, n_max: int, *, which: str = "all", n_components=None):
+def compiled_replicates(design: Design):
     """jit(vmap(replicate)) over replicate keys, called as ``fn(keys, n, problem)``; n and the
-    problem's parameters are traced, so one compile serves every n and every Delta (and repeated
-    runs in one process reuse it)."""
-    cache_key = (n_max, int(cfg["n_test"]), float(cfg.get("lam", 1.0)), int(cfg.get("n_demos", 8)),
-                 em_options(cfg), which, n_components)
-    if cache_key in _COMPILED:
-        return _COMPILED[cache_key]
-    fn = partial(replicate, n_max=n_max, n_test=int(cfg["n_test"]), lam=float(cfg.get("lam", 1.0)),
-                 n_demos=int(cfg.get("n_demos", 8)), opts=em_options(cfg), which=which,
-                 n_components=n_components)
-    _COMPILED[cache_key] = jax.jit(jax.vmap(fn, in_axes=(0, None, None)))
-    return _COMPILED[cache_key]
+    problem's parameters are traced, so one compile serves every n and every problem of the same
+    shapes (and repeated runs in one process reuse it)."""
+    if design not in _COMPILED:
+        fn = partial(replicate, design=design)
+        _COMPILED[design] = jax.jit(jax.vmap(fn, in_axes=(0, None, None)))
+    return _COMPILED[design]
 
 
 def cell_keys(seed: int, cell_index: int, replicates: int):
@@ -177,13 +219,14 @@ def summarise(cells: list[dict], n_grid: list[int]) -> dict:
     """{estimator: {"n": grid, metric: {"mean": [...], "se": [...]}}} over replicates per cell."""
     out = {}
     for name in cells[0]:
-        if name == "fit":
+        if name in ("fit", "source_fit"):
             continue
         entry = {"n": list(n_grid)}
         for metric in cells[0][name]:
             means, ses = zip(*(mean_se(c[name][metric]) for c in cells), strict=True)
             entry[metric] = {"mean": list(means), "se": list(ses)}
-        entry["slope_reg_error"] = loglog_slope(n_grid, entry["reg_error"]["mean"])
+        if "reg_error" in entry:
+            entry["slope_reg_error"] = loglog_slope(n_grid, entry["reg_error"]["mean"])
         out[name] = entry
     return out
 

@@ -14,6 +14,7 @@ from .common import (
     PROBLEM_KNOBS,
     cell_keys,
     compiled_replicates,
+    design_from,
     problem_from,
     pyplot,
     savefig,
@@ -55,7 +56,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
         nonlocal fn
         i, n = item
         if fn is None:
-            fn = compiled_replicates(cfg, max(grid))
+            fn = compiled_replicates(design_from(cfg, max(grid)))
         return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problem))
 
     cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)

@@ -14,9 +14,11 @@ import numpy as np
 
 from .common import (
     EM_KNOBS,
+    IDENTIFICATION_ONLY,
     PROBLEM_KNOBS,
     cell_keys,
     compiled_replicates,
+    design_from,
     mean_se,
     problem_from,
     pyplot,
@@ -61,7 +63,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
         nonlocal fn
         i, d, n = item
         if fn is None:
-            fn = compiled_replicates(cfg, max(grid_n), which="identification")
+            fn = compiled_replicates(design_from(cfg, max(grid_n), estimators=IDENTIFICATION_ONLY,
+                                                  fit_info=True))
         res = to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problems[d]))
         res["delta_realised"] = problems[d].distinguishability()
         return res

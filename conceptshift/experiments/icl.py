@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import cell_keys, mean_se, pyplot, savefig, to_lists
+from .common import cell_keys, compiled_replicates, design_from, mean_se, pyplot, savefig, to_lists
 from .hmm_common import (
+    HMM_BASELINES,
     HMM_EM_KNOBS,
     HMM_PROBLEM_KNOBS,
-    compiled_hmm_replicates,
     hmm_problem_from,
     validate_hmm_knobs,
 )
@@ -56,16 +56,18 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     problem = hmm_problem_from(cfg)
     grid = sorted(int(n) for n in cfg["n_grid"])
     sweep = Sweep(out_dir, cfg, NAME)
-    spec = problem.spec
     fn = None
 
     def cell(item):
         nonlocal fn
         i, n = item
         if fn is None:
-            fn = compiled_hmm_replicates(cfg, problem.model, max(grid), T=spec.length, lo=spec.length)
+            fn = compiled_replicates(design_from(
+                cfg, max(grid), estimators=HMM_BASELINES, noweak_match="components",
+                m_grid=tuple(int(m) for m in cfg["m_grid"]), strong_demo_head=True,
+                source_fit_errors=True))
         keys = cell_keys(cfg["seed"], i, int(cfg["replicates"]))
-        return to_lists(fn(keys, n, problem.params_p, problem.params_q))
+        return to_lists(fn(keys, n, problem))
 
     cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
     per_n = [cells[f"n{n}"] for n in grid]
@@ -98,7 +100,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
 
 LABELS = {"identification": "Algorithm 1 (weak heads)",
-          "identification_transitions": "Algorithm 1 (transitions)",
+          "identification_noweak": "Algorithm 1 (transitions, no weak source labels)",
           "oracle": "oracle", "source_only": "source only", "weak_training_ll": "weak training (likelihood)"}
 
 

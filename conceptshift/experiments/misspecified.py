@@ -12,9 +12,11 @@ import numpy as np
 
 from .common import (
     EM_KNOBS,
+    IDENTIFICATION_ONLY,
     PROBLEM_KNOBS,
     cell_keys,
     compiled_replicates,
+    design_from,
     mean_se,
     problem_from,
     pyplot,
@@ -56,7 +58,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     def cell(item):
         k, j, n = item
         if k not in compiled:
-            compiled[k] = compiled_replicates(cfg, max(ns), which="identification", n_components=k)
+            compiled[k] = compiled_replicates(design_from(
+                cfg, max(ns), estimators=IDENTIFICATION_ONLY, fit_info=True, n_components=k))
         # the same keys for every K at a given n: every K is fitted to the same data
         return to_lists(compiled[k](cell_keys(cfg["seed"], j, int(cfg["replicates"])), n, problem))
 

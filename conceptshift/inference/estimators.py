@@ -7,7 +7,7 @@ source_only       the mixture on P's (x, y)                                     
 weak_only         the mixture on Q's (x, y')                                        desideratum (ii)
 weak_training_sq  least squares on sum_Q' (f - y')^2 + lam sum_P (f - y)^2          Prop. 3.1
 weak_training_ll  the mixture by EM on Q' (weight 1) and P (weight lam) pooled      Prop. 3.1
-refinement        labels drawn from sum_k p(y | x, k) p(k | x, y'), then a fit      Ex. 3.4
+refinement        q_re = sum_k p(y | x, k) E_y' p(k | x, y'), scored exactly        Ex. 3.4, Prop. 3.2
 refinement_icl    the same with p(k | x, V), V = M weak demonstrations from Q'      Ex. 3.3, (3.1)
 identification    MLE on P and on Q', optimal matching of weak heads, pi^q to P     Algorithm 1
 oracle            the mixture on gold target labels                                 reference
@@ -19,6 +19,10 @@ every registered family through the protocol (``fit_em``, ``with_heads``, ``sele
 the source's weak heads with the target's (``"weak"``, the paper's Algorithm 1), the source's
 strong heads (``"strong"``, for a source without weak labels) or the components' own head-free
 signatures (``"components"``: the HMM's transition matrices).
+
+The two refinements return the refined conditional of Prop. 3.2 itself, q_re(y | x) =
+sum_k p̂(y | x, k) q̂(k | x) with x-dependent weights (a :class:`~.refinement.RefinedPredictor`), not a
+constant-weight mixture refitted to drawn labels, which cannot represent it.
 
 Weak-training convention: the loss is sum over Q' of loss(y') plus lam times the sum over P of
 loss(y), as in the paper's main text. With n_P = n_Q', the weight on P is eta = lam / (1 + lam).
@@ -46,6 +50,7 @@ from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise
 from .matching import assign_traced, assignment_margin, greedy_assignment
 from .predictor import Predictor, strong_predictor, with_proportions
+from .refinement import RefinedPredictor, refined, refined_icl
 
 ESTIMATORS = (
     "source_only",
@@ -168,43 +173,27 @@ def weak_training_ll(key, model, source: Data, target: Data, lam,
 
 
 # ---------------------------------------------------------------------------------- refinement
-def _weak_component_logits(model2: ExpertsFamily, params2, x: Array, y_weak: Array) -> Array:
-    """log pî_k + log g(x | η̂_k) + log phi(y'; x, θ̂^wp_k), (N, K), from a two-head source fit."""
-    weak = model2.select_heads(params2, (1,))
-    return model2.with_heads(1).component_log_probs(weak, x, y_weak[:, None])
+def refinement(key, model, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
+               n_draws: int = 128) -> RefinedPredictor:
+    """Weak-label refinement (Example 3.4) scored exactly: q_re(y | x) = sum_k p̂(y | x, k) q̂(k | x)
+    with q̂(k | x) = E_{y' ~ q̂'(y'|x)} p̂(k | x, y') (:mod:`.refinement`), from the two-head source fit
+    and the weak target fit."""
+    ks, kt, kd = jax.random.split(key, 3)
+    y = jnp.stack([source.y, source.y_weak], axis=1)
+    s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
+    t1 = fit_em_with(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts).params
+    return refined(kd, model.with_heads(2), s2, t1, n_draws=n_draws)
 
 
-def _draw_refined(key, model2, params2, x, logits) -> Array:
-    """ŷ ~ sum_k p̂(y | x, k) softmax(logits)_k: the source model's strong head given k."""
-    kk, ky = jax.random.split(key)
-    k = jax.random.categorical(kk, logits, axis=-1)  # (N,)
-    mu = model2.expert_mean(params2, x)[:, :, 0]  # (N, K) strong head
-    sd = jnp.exp(params2.log_scale[:, 0])  # (K,)
-    mu_k = jnp.take_along_axis(mu, k[:, None], axis=1)[:, 0]
-    return mu_k + sd[k] * jax.random.normal(ky, mu_k.shape, mu_k.dtype)
-
-
-def refinement_labels(key, model2: ExpertsFamily, params2, target: Data) -> Array:
-    """Example 3.4: one refined label per weak pair, ŷ ~ sum_k p̂(y | x, k) p̂(k | x, y')."""
-    logits = _weak_component_logits(model2, params2, target.x, target.y_weak)
-    return _draw_refined(key, model2, params2, target.x, logits)
-
-
-def refinement_icl_logits(key, model2: ExpertsFamily, params2, target: Data, n_demos: int) -> Array:
-    """log p̂(k | x, V) up to a constant, (N, K), with V = n_demos weak pairs drawn from Q' for each
-    query x (eq. 3.1; demonstrations treated as independent given k as in Example 3.3)."""
-    n = target.x.shape[0]
-    per_pair = _weak_component_logits(model2, params2, target.x, target.y_weak)
-    per_pair = per_pair - params2.log_weights[None, :]  # log g(x_j|η_k) + log phi(y'_j|x_j, k)
-    idx = jax.random.choice(key, n, (n, n_demos), p=target.w / jnp.sum(target.w))
-    demos = jnp.sum(per_pair[idx], axis=1)  # (N, K)
-    return model2.gate_log_probs(params2, target.x) + demos
-
-
-def refinement_icl_labels(key, model2, params2, target: Data, n_demos: int) -> Array:
-    kd, kr = jax.random.split(key)
-    logits = refinement_icl_logits(kd, model2, params2, target, n_demos)
-    return _draw_refined(kr, model2, params2, target.x, logits)
+def refinement_icl(key, model, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
+                   n_demos: int = 8, n_draws: int = 8, demo_head: int = 1) -> RefinedPredictor:
+    """In-context refinement (Example 3.3, eq. 3.1) scored exactly: q̂(k | x) = E_V p̂(k | x, V) with
+    V = ``n_demos`` weak pairs drawn from D_Q' (:mod:`.refinement`), from the two-head source fit."""
+    ks, kd = jax.random.split(key)
+    y = jnp.stack([source.y, source.y_weak], axis=1)
+    s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
+    return refined_icl(kd, model.with_heads(2), s2, target.x, target.y_weak, target.w,
+                       n_demos=n_demos, n_draws=n_draws, demo_head=demo_head)
 
 
 # ---------------------------------------------------------------------------------- Algorithm 1
@@ -275,37 +264,91 @@ def identification(key, model, source: Data, target: Data, opts: EMOptions = EMO
 
 # ---------------------------------------------------------------------------------- all at once
 class Estimates(NamedTuple):
-    predictors: dict  # name -> Predictor
-    identification: Identification
-    identification_noweak: Identification
+    predictors: dict  # name -> Predictor, for the estimators asked for
+    identification: Identification | None
+    identification_noweak: Identification | None
+    fits: dict  # the EM fits they share: "source" (y, y'), "source_strong" (y), "target" (y'), "oracle"
 
 
-def estimate_all(key, model: ExpertsFamily, source: Data, target: Data, gold: Data, *,
-                 lam=1.0, n_demos: int = 8, opts: EMOptions = EMOptions()) -> Estimates:
-    """Every estimator of the table above on one data set, sharing the source and target fits.
+_NEEDS_FIT = {  # which shared fits each estimator reads
+    "source_only": ("source_strong",),
+    "weak_only": ("target",),
+    "weak_training_sq": (),
+    "weak_training_ll": (),
+    "refinement": ("source", "target"),
+    "refinement_icl": ("source",),
+    "identification": ("source", "target"),
+    "identification_noweak": ("source_strong", "target"),
+    "oracle": ("oracle",),
+}
 
-    ``gold`` holds gold target labels (x, y) ~ Q for the oracle only.
+
+def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
+                 opts: EMOptions = EMOptions(), names: tuple[str, ...] | None = None,
+                 noweak_match: str = "strong") -> Estimates:
+    """The estimators ``names`` (default: every one of the table above that the family supports)
+    on one data set, sharing the source and target fits; for every family.
+
+    ``gold`` holds gold target labels (x, y) ~ Q for the oracle only. ``noweak_match``: the matching
+    of ``identification_noweak`` (Algorithm 1 without weak source labels): ``"strong"`` (strong
+    heads against the target's weak heads) or ``"components"`` (head-free signatures: an HMM's
+    transitions). ``weak_training_sq`` is left out by default for a family without a conditional
+    mean.
     """
-    keys = jax.random.split(key, 9)
     m1, m2 = model.with_heads(1), model.with_heads(2)
-    y2 = jnp.stack([source.y, source.y_weak], axis=1)
-    s2f = fit_em_with(m2, keys[0], source.x, y2, source.w, opts)
-    s1f = fit_em_with(m1, keys[1], source.x, source.y, source.w, opts)
-    t1f = fit_em_with(m1, keys[2], target.x, target.y_weak, target.w, opts)
-    s2, s1, t1 = s2f.params, s1f.params, t1f.params
-    ident = identify(s2, t1, m1, match="weak", source_fit=s2f, target_fit=t1f)
-    ident_nw = identify(s1, t1, m1, match="strong", source_fit=s1f, target_fit=t1f)
-    y_ref = refinement_labels(keys[3], m2, s2, target)
-    y_icl = refinement_icl_labels(keys[4], m2, s2, target, n_demos)
-    preds = {
-        "source_only": Predictor(m1, s1),
-        "weak_only": Predictor(m1, t1),
-        "weak_training_sq": weak_training_sq(m1, source, target, lam),
-        "weak_training_ll": weak_training_ll(keys[5], m1, source, target, lam, opts),
-        "refinement": Predictor(m1, fit_em_with(m1, keys[6], target.x, y_ref, target.w, opts).params),
-        "refinement_icl": Predictor(m1, fit_em_with(m1, keys[7], target.x, y_icl, target.w, opts).params),
-        "identification": ident.predictor,
-        "identification_noweak": ident_nw.predictor,
-        "oracle": oracle(keys[8], m1, gold, opts),
-    }
-    return Estimates(preds, ident, ident_nw)
+    if names is None:
+        names = tuple(n for n in ESTIMATORS
+                      if n != "weak_training_sq" or hasattr(m1, "conditional_mean"))
+    bad = [n for n in names if n not in _NEEDS_FIT]
+    if bad:
+        raise ValueError(f"names must be among {tuple(_NEEDS_FIT)}, got {bad}")
+    if noweak_match not in ("strong", "components"):
+        raise ValueError(f"noweak_match must be 'strong' or 'components', got {noweak_match!r}")
+    needed = {f for n in names for f in _NEEDS_FIT[n]}
+    keys = jax.random.split(key, 9)
+    fits = {}
+    if "source" in needed:
+        y2 = jnp.stack([source.y, source.y_weak], axis=1)
+        fits["source"] = fit_em_with(m2, keys[0], source.x, y2, source.w, opts)
+    if "source_strong" in needed:
+        fits["source_strong"] = fit_em_with(m1, keys[1], source.x, source.y, source.w, opts)
+    pair = "target" in needed and "oracle" in needed and gold.x.shape == target.x.shape
+    if pair:  # the weak-target and gold fits share one vmapped EM (one copy in the program)
+        both = jax.vmap(lambda k, x, y, w: fit_em_with(m1, k, x, y, w, opts))(
+            jnp.stack([keys[2], keys[8]]), jnp.stack([target.x, gold.x]),
+            jnp.stack([target.y_weak, gold.y]), jnp.stack([target.w, gold.w]))
+        fits["target"] = jax.tree_util.tree_map(lambda a: a[0], both)
+        fits["oracle"] = jax.tree_util.tree_map(lambda a: a[1], both)
+    else:
+        if "target" in needed:
+            fits["target"] = fit_em_with(m1, keys[2], target.x, target.y_weak, target.w, opts)
+        if "oracle" in needed:
+            fits["oracle"] = fit_em_with(m1, keys[8], gold.x, gold.y, gold.w, opts)
+    ident = ident_nw = None
+    preds = {}
+    for name in names:
+        if name == "source_only":
+            preds[name] = Predictor(m1, fits["source_strong"].params)
+        elif name == "weak_only":
+            preds[name] = Predictor(m1, fits["target"].params)
+        elif name == "oracle":
+            preds[name] = Predictor(m1, fits["oracle"].params)
+        elif name == "weak_training_sq":
+            preds[name] = weak_training_sq(m1, source, target, lam)
+        elif name == "weak_training_ll":
+            preds[name] = weak_training_ll(keys[5], m1, source, target, lam, opts)
+        elif name == "refinement":
+            preds[name] = refined(keys[3], m2, fits["source"].params, fits["target"].params)
+        elif name == "refinement_icl":
+            preds[name] = refined_icl(keys[4], m2, fits["source"].params, target.x, target.y_weak,
+                                      target.w, n_demos=n_demos)
+        elif name == "identification":
+            ident = identify(fits["source"].params, fits["target"].params, m1, match="weak",
+                             source_fit=fits["source"], target_fit=fits["target"])
+            preds[name] = ident.predictor
+        else:  # identification_noweak: the source fitted without its weak labels
+            ident_nw = identify(fits["source_strong"].params, fits["target"].params, m1,
+                                match=noweak_match, source_fit=fits["source_strong"],
+                                target_fit=fits["target"])
+            preds[name] = ident_nw.predictor
+    return Estimates(preds, ident, ident_nw, fits)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from optax.assignment import hungarian_algorithm
 
 from .._validation import as_float_array, is_traced
+from ..models.assignment import assign
 
 
 def _check_cost(cost) -> Array:
@@ -23,9 +23,7 @@ def _check_cost(cost) -> Array:
 def assign_traced(cost: Array) -> Array:
     """:func:`optimal_assignment` without its input checks, for use under ``jit``/``vmap``: a
     non-finite cost gives -1 everywhere instead of an error."""
-    rows, cols = hungarian_algorithm(cost)
-    # optax returns pairs in column order on square inputs: put them in row order
-    perm = jnp.zeros(cost.shape[0], jnp.int32).at[rows].set(cols.astype(jnp.int32))
+    perm = assign(cost)
     return jnp.where(jnp.all(jnp.isfinite(cost)), perm, -jnp.ones_like(perm))
 
 

@@ -23,7 +23,6 @@ masked (their tokens are ignored).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,98 +30,24 @@ import numpy as np
 import numpyro.distributions as dist
 from jax import Array
 from jax.scipy.special import logsumexp
-from numpyro.distributions import constraints
 
-from .. import _precision as _p
 from .._validation import as_float_array, check_float, check_int, float_dtype, is_traced
 from .batch import Batch, pad_tokens
+from .hmm_distribution import HMMMixtureDistribution
+from .hmm_params import (
+    HMMData,
+    HMMParams,
+    HMMStats,
+    concept_signature,
+    normalise_log,
+    padded_tokens,
+    permute_states,
+    propagate,
+    state_alignment,
+)
 
-
-class HMMParams(NamedTuple):
-    """Parameters of a mixture of HMMs, all as log-probabilities (rows sum to one in probability)."""
-
-    log_weights: Array  # (K,) log pi_k
-    log_init: Array  # (K, S) log p(h_1 = s | k)
-    log_trans: Array  # (K, S, S) log theta_k(h' = j | h = i), rows i
-    log_emit: Array  # (S, V) log tau(v | s), shared by the concepts
-    log_out: Array  # (H, S, V) log out_j(v | s) of the output tokens, emitted from h_{L+1}
-
-    @property
-    def weights(self) -> Array:
-        return jnp.exp(self.log_weights)
-
-
-class HMMStats(NamedTuple):
-    """Expected sufficient statistics (weighted sums over sequences, so they add across blocks)."""
-
-    n_k: Array  # (K,) sum_n w_n r_nk
-    init: Array  # (K, S) expected initial-state counts
-    trans: Array  # (K, S, S) expected transition counts
-    emit: Array  # (S, V) expected emission counts of the sequence tokens
-    out: Array  # (H, S, V) expected emission counts of the output tokens
-
-
-class HMMData(NamedTuple):
-    """Validated sequence data: tokens (N, T) int32, lengths (N,) int32, outputs (N, H) int32 (-1 =
-    missing), weights (N,) float."""
-
-    x: Array
-    lengths: Array
-    y: Array
-    w: Array
-
-
-def padded_tokens(x):
-    """(tokens, lengths) from integer tokens (N, T) with -1 as trailing padding (the sequence
-    family's ``x`` in the protocol); padding anywhere but at the end of a row is refused. The
-    family's ``check_data`` validates the tokens themselves."""
-    if is_traced(x):
-        present = x >= 0
-        return jnp.where(present, x, 0), jnp.sum(present, axis=1).astype(jnp.int32)
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        return x, None  # check_data names the expected shape
-    present = arr >= 0
-    lengths = present.sum(axis=1)
-    trailing = np.arange(arr.shape[1])[None, :] < lengths[:, None]
-    if np.any(present != trailing):
-        i = int(np.argwhere(np.any(present != trailing, axis=1))[0, 0])
-        raise ValueError(f"x row {i} has a token after padding (-1): padding must be trailing")
-    if arr.size and lengths.min() < 1:
-        i = int(np.argmin(lengths))
-        raise ValueError(f"x row {i} is all padding (-1): every sequence needs at least one token")
-    return arr, lengths.astype(np.int32)
-
-
-def state_alignment(params_ref: HMMParams, params: HMMParams) -> Array:
-    """perm (S,): state s of ``params_ref`` is state perm[s] of ``params`` (optimal matching of the
-    emission rows tau(. | s) in squared distance)."""
-    from optax.assignment import hungarian_algorithm
-
-    a, b = jnp.exp(params_ref.log_emit), jnp.exp(params.log_emit)
-    rows, cols = hungarian_algorithm(jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
-    return jnp.zeros(a.shape[0], jnp.int32).at[rows].set(cols.astype(jnp.int32))
-
-
-def concept_signature(params: HMMParams, head=None) -> Array:
-    """Per-concept vectors compared across fits, (K, F): theta_k tau_head (rows: states, columns:
-    tokens) through output head ``head``, or theta_k alone when ``head`` is None."""
-    trans = jnp.exp(params.log_trans)
-    if head is None:
-        return trans.reshape(trans.shape[0], -1)
-    return _p.einsum("kij,jv->kiv", trans, jnp.exp(params.log_out[head])).reshape(trans.shape[0], -1)
-
-
-def _norm(logits: Array, axis: int = -1) -> Array:
-    return logits - logsumexp(logits, axis=axis, keepdims=True)
-
-
-def permute_states(params: HMMParams, perm) -> HMMParams:
-    """Relabels hidden states: state s of the result is state perm[s] of ``params``."""
-    perm = jnp.asarray(perm)
-    return params._replace(log_init=params.log_init[:, perm],
-                           log_trans=params.log_trans[:, perm][:, :, perm],
-                           log_emit=params.log_emit[perm], log_out=params.log_out[:, perm])
+__all__ = ["HMMData", "HMMMixture", "HMMMixtureDistribution", "HMMParams", "HMMStats",
+           "concept_signature", "padded_tokens", "permute_states", "state_alignment"]
 
 
 @dataclass(frozen=True)
@@ -210,7 +135,7 @@ class HMMMixture:
         else:
             base = jnp.log(jnp.asarray(token_freq, dtype) + 1.0 / V)
             u = jax.random.uniform(ks[3], (S, V), dtype, -1.0, 1.0)
-            log_emit = _norm(base[None, :] + u)
+            log_emit = normalise_log(base[None, :] + u)
             log_out = jnp.broadcast_to(log_emit[None], (H, S, V))
         return HMMParams(
             log_weights=jnp.full((K,), -jnp.log(jnp.asarray(K, dtype)), dtype),
@@ -401,7 +326,7 @@ class HMMMixture:
 
         def step(a, inp):
             e, m = inp
-            new = _propagate(a, trans) + e[:, None, :]
+            new = propagate(a, trans) + e[:, None, :]
             return jnp.where(m[:, None, None], new, a), None
 
         a, _ = jax.lax.scan(step, a0, (emit_t[1:], mask[1:]))
@@ -412,7 +337,7 @@ class HMMMixture:
         ll_x = logsumexp(a, axis=-1)
         if self.n_heads == 0:
             return params.log_weights[None, :] + ll_x
-        nxt = _propagate(a, jnp.exp(params.log_trans))  # log p(x, h_{L+1} = j | k)
+        nxt = propagate(a, jnp.exp(params.log_trans))  # log p(x, h_{L+1} = j | k)
         present = d.y >= 0  # (N, H)
         yy = jnp.where(present, d.y, 0)
         # out_terms[n, s] = sum_h [y_nh present] log out_h(y_nh | s)
@@ -445,7 +370,7 @@ class HMMMixture:
 
     def _next_token_log_probs(self, params, x, lengths, head):
         a = self.forward(params, x, lengths)
-        nxt = _propagate(a, jnp.exp(params.log_trans)) + params.log_weights[None, :, None]  # (N, K, S)
+        nxt = propagate(a, jnp.exp(params.log_trans)) + params.log_weights[None, :, None]  # (N, K, S)
         nxt = nxt - logsumexp(nxt, axis=(1, 2), keepdims=True)  # p(k, h_{L+1} | x)
         joint = nxt[:, :, :, None] + params.log_out[head][None, None, :, :]  # (N, K, S, V)
         return logsumexp(joint, axis=(1, 2))
@@ -463,12 +388,29 @@ class HMMMixture:
 
     def _by_concept(self, params, x, lengths, head):
         a = self.forward(params, x, lengths)
-        nxt = _propagate(a, jnp.exp(params.log_trans))  # (N, K, S) log p(x, h_{L+1} | k)
+        nxt = propagate(a, jnp.exp(params.log_trans))  # (N, K, S) log p(x, h_{L+1} | k)
         ll_k = logsumexp(nxt, axis=-1)
         post = jax.nn.log_softmax(params.log_weights[None, :] + ll_k, axis=-1)
         state = nxt - ll_k[:, :, None]
         per_k = logsumexp(state[:, :, :, None] + params.log_out[head][None, None, :, :], axis=2)
         return post, per_k
+
+    def sample_conditional(self, key, params: HMMParams, x, lengths=None) -> Array:
+        """Draws the output tokens y ~ q(y | x) of every head for each sequence, (N, H): the next
+        hidden state h_{L+1} (and concept) from p(k, h_{L+1} | x), then each head from it."""
+        d = self.check_data(x, lengths)
+        return _cond_sample_jit(self, key, params, d.x, d.lengths)
+
+    def _sample_conditional(self, key, params, x, lengths):
+        a = self.forward(params, x, lengths)
+        nxt = propagate(a, jnp.exp(params.log_trans)) + params.log_weights[None, :, None]  # (N, K, S)
+        kh, ky = jax.random.split(key)
+        ks = jax.random.categorical(kh, nxt.reshape(nxt.shape[0], -1), axis=-1)
+        h = ks % self.n_states
+        keys = jax.random.split(ky, max(self.n_heads, 1))
+        cols = [jax.random.categorical(keys[j], params.log_out[j][h], axis=-1)
+                for j in range(self.n_heads)]
+        return jnp.stack(cols, 1).astype(jnp.int32) if cols else jnp.zeros((x.shape[0], 0), jnp.int32)
 
     def conditional_log_prob(self, params: HMMParams, x, lengths=None, y=None, head: int = 0) -> Array:
         """log q(y_n | x_n) of head ``head``, (N,) (y: tokens (N,), required)."""
@@ -594,6 +536,10 @@ def _by_concept(model, params, x, lengths, head):
     return model._by_concept(params, x, lengths, head)
 
 
+def _cond_sample(model, key, params, x, lengths):
+    return model._sample_conditional(key, params, x, lengths)
+
+
 def _sample(model, key, params, lengths, n, T):
     return model._sample(key, params, lengths, n, T)
 
@@ -607,61 +553,5 @@ _clp_jit = jax.jit(_clp, static_argnums=0)
 _next_jit = jax.jit(_next, static_argnums=(0, 4))
 _by_concept_jit = jax.jit(_by_concept, static_argnums=(0, 4))
 _sample_jit = jax.jit(_sample, static_argnums=(0, 4, 5))
+_cond_sample_jit = jax.jit(_cond_sample, static_argnums=0)
 _init_jit = jax.jit(_init, static_argnums=(0, 2))
-
-
-def _propagate(a: Array, trans: Array) -> Array:
-    """log sum_i exp(a[..., k, i]) trans[k, i, j] for a (N, K, S) and trans (K, S, S)."""
-    mx = jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    p = jnp.exp(a - mx)
-    return jnp.log(_p.einsum("nki,kij->nkj", p, trans)) + mx
-
-
-class HMMMixtureDistribution(dist.Distribution):
-    """NumPyro distribution of one record per batch element: the integer vector [x^1..x^T, y_1..y_H].
-
-    ``log_prob`` is the forward algorithm of :class:`HMMMixture` (tokens past a record's length are
-    ignored, output tokens equal to -1 are missing); ``sample`` simulates the mixture;
-    ``component_log_probs`` gives log pi_k + log p(record | k), EM's E-step quantity.
-    """
-
-    arg_constraints = {}
-    pytree_data_fields = ("params", "lengths")
-    pytree_aux_fields = ("model", "length")
-
-    def __init__(self, model: HMMMixture, params: HMMParams, lengths, length: int | None = None,
-                 *, validate_args=None):
-        self.model, self.params = model, params
-        self.lengths = jnp.asarray(lengths, jnp.int32)
-        self.length = int(length) if length is not None else None
-        batch = self.lengths.shape
-        event = ((self.length or 0) + model.n_heads,) if length is not None else (model.n_heads,)
-        super().__init__(batch_shape=batch, event_shape=event, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=1)
-    def support(self):
-        return constraints.independent(constraints.integer_interval(-1, self.model.n_tokens - 1), 1)
-
-    def _split(self, value):
-        H = self.model.n_heads
-        x = value[..., : value.shape[-1] - H]
-        y = value[..., value.shape[-1] - H:]
-        return x, y
-
-    def component_log_probs(self, value) -> Array:
-        x, y = self._split(jnp.asarray(value, jnp.int32))
-        d = HMMData(x, self.lengths, y, jnp.ones(self.lengths.shape, self.params.log_weights.dtype))
-        return self.model._component_log_probs(self.params, d)
-
-    def log_prob(self, value) -> Array:
-        return logsumexp(self.component_log_probs(value), axis=-1)
-
-    def sample(self, key, sample_shape=()):
-        if self.length is None:
-            raise ValueError("sampling needs the sequence length: build with distribution(..., length=T)")
-        n = int(np.prod(sample_shape)) * int(np.prod(self.batch_shape))
-        lengths = jnp.broadcast_to(self.lengths, tuple(sample_shape) + self.batch_shape).reshape(-1)
-        x, _, y, _ = self.model.sample(key, self.params, n, self.length, lengths)
-        return jnp.concatenate([x, y], axis=1).reshape(tuple(sample_shape) + self.batch_shape
-                                                       + self.event_shape)

@@ -16,6 +16,7 @@ ordinary tokens, which every state emits (Dirichlet rows).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -26,7 +27,8 @@ import numpy as np
 from jax import Array
 
 from .._validation import check_float, check_int, check_key, float_dtype
-from .hmm import HMMMixture, HMMParams
+from .assignment import assign
+from .hmm import HMMMixture, HMMParams, permute_states, state_alignment
 
 ANCHORS = ("on", "off", "partial")
 
@@ -97,23 +99,79 @@ class HMMSimulation(NamedTuple):
     test: HMMSample  # (x, y) ~ Q, for evaluation
 
 
-class HMMProblem(NamedTuple):
+@dataclass(frozen=True)
+class HMMProblem:
     """A simulated problem: two-head parameters (head 0: y through tau, head 1: y' through tau^w) for
-    each domain; everything but the proportions and the weak head is shared."""
+    each domain; everything but the proportions and the weak head is shared.
+
+    A pytree whose leaves are the parameters (and the anchor flags): a compiled function takes
+    problems as arguments, and problems of the same shapes share it (the knobs that only shape the
+    parameters, such as ``anchors`` or ``shift``, are left out of the static part). It offers the
+    truth's side of the experiments' protocol: ``model``, ``strong_model``, ``simulate_data``,
+    ``param_errors`` and ``truth_labels``."""
 
     spec: HMMProblemSpec
     params_p: HMMParams
     params_q: HMMParams
-    anchor_states: np.ndarray  # (S,) bool: state s has an anchor token
+    anchor_states: Array  # (S,) bool: state s has an anchor token
 
     @property
     def model(self) -> HMMMixture:
         s = self.spec
         return HMMMixture(s.n_components, s.n_states, s.n_tokens, n_heads=2)
 
+    @property
+    def strong_model(self) -> HMMMixture:
+        return self.model.with_heads(1)
+
     def true_log_probs(self, x, lengths=None, head: int = 0) -> Array:
         """log q(y = v | x) under the target domain, (N, V) (head 1: q(y' | x))."""
         return self.model.next_token_log_probs(self.params_q, x, lengths, head)
+
+    def simulate_data(self, key, n_source: int, n_target: int, n_test: int) -> HMMSimulation:
+        """:func:`simulate_hmm` (traceable: no checks)."""
+        spec = self.spec
+        lo = spec.min_length if spec.min_length is not None else spec.length
+        return simulate_from_params(key, self.model, self.params_p, self.params_q, n_source=n_source,
+                                    n_target=n_target, n_test=n_test, T=spec.length, lo=lo)
+
+    def truth_labels(self, params: HMMParams, head, domain: str, true_head) -> Array:
+        """For each fitted concept, the true concept of ``domain`` it estimates, (K,): the optimal
+        matching of transition matrices after aligning states through the emission (the heads do
+        not enter: concepts are told apart by their transitions)."""
+        true = self.params_p if domain == "p" else self.params_q
+        return assign(self.model.match_cost(params, None, true, None))
+
+    def param_errors(self, params: HMMParams, domain: str = "p") -> dict:
+        """Errors of a fit against ``domain``'s truth after the best permutation of states (by
+        emission) and of concepts (by transitions): max |tau - taû|, max |theta - thetâ|,
+        max |pi - pî|, and whether the states are recovered without ambiguity (every true state's
+        nearest fitted emission row is its partner in the optimal alignment)."""
+        true = self.params_p if domain == "p" else self.params_q
+        st = state_alignment(true, params)
+        p = permute_states(params, st)
+        perm = assign(self.model.match_cost(true, None, p, None))
+        a, b = jnp.exp(true.log_emit), jnp.exp(params.log_emit)
+        cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
+        near = jnp.argmin(cost, axis=1).astype(st.dtype)
+        dtype = true.log_weights.dtype
+        return {"emit_error": jnp.max(jnp.abs(jnp.exp(true.log_emit) - jnp.exp(p.log_emit))),
+                "trans_error": jnp.max(jnp.abs(jnp.exp(true.log_trans) - jnp.exp(p.log_trans[perm]))),
+                "weight_error": jnp.max(jnp.abs(jnp.exp(true.log_weights)
+                                                - jnp.exp(p.log_weights[perm]))),
+                "state_perm_ok": jnp.all(near == st).astype(dtype)}
+
+
+def _hmm_problem_flatten(p: HMMProblem):
+    # the knobs that only shape the parameters stay out of the static part: problems of the same
+    # shapes share one compiled program
+    spec = dataclasses.replace(p.spec, anchors="on", anchor_mass=0.0, separation=0.0, shift=0.0,
+                               weak_noise=0.0, weak_shift=0.0)
+    return (p.params_p, p.params_q, p.anchor_states), spec
+
+
+jax.tree_util.register_pytree_node(
+    HMMProblem, _hmm_problem_flatten, lambda spec, children: HMMProblem(spec, *children))
 
 
 def _emission(rng: np.random.Generator, spec: HMMProblemSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +275,4 @@ def simulate_hmm(key, problem: HMMProblem, n_source: int, n_target: int, n_test:
     key = check_key("key", key)
     for name, v in (("n_source", n_source), ("n_target", n_target), ("n_test", n_test)):
         check_int(name, v, minimum=1)
-    spec = problem.spec
-    lo = spec.min_length if spec.min_length is not None else spec.length
-    return simulate_from_params(key, problem.model, problem.params_p, problem.params_q, n_source=n_source,
-                     n_target=n_target, n_test=n_test, T=spec.length, lo=lo)
+    return problem.simulate_data(key, n_source, n_target, n_test)

@@ -24,6 +24,7 @@ from jax import Array
 
 from .._validation import check_float, check_int, check_key, float_dtype
 from ._experts import ExpertsFamily
+from .assignment import assign
 from .gated import GatedExperts, GatedParams
 from .regression import RegressionMixture, RegressionParams
 
@@ -125,6 +126,28 @@ class Problem:
         """Delta of Assumption 4.5: min_k min_{k' != k} |theta^wq_k - theta^wp_k'|^2
         - max_k |theta^wq_k - theta^wp_k|^2 (coefficients and log-scales of the weak heads)."""
         return float(_delta(_weak_vectors(self.params_p), _weak_vectors(self.params_q)))
+
+    def simulate_data(self, key, n_source: int, n_target: int, n_test: int) -> Simulation:
+        """:func:`simulate` (the truth's side of the experiments' protocol; traceable)."""
+        return simulate(key, self, n_source, n_target, n_test)
+
+    def truth_labels(self, params, head: int, domain: str, true_head: int) -> Array:
+        """For each fitted component, the true component it estimates, shape (K,): the optimal
+        assignment of the fit's ``head`` against head ``true_head`` (0: y, 1: y') of the truth in
+        ``domain``, by the family's matching cost."""
+        true = self.params_p if domain == "p" else self.params_q
+        return assign(self.model.match_cost(params, head, true, true_head))
+
+    def param_errors(self, params, domain: str = "q") -> dict:
+        """Errors of a fit's first head against ``domain``'s strong components after the best
+        permutation: ``coef_error`` sum_k |betâ_{s(k)} - beta_k|^2 and ``weight_error``
+        sum_k |pî_{s(k)} - pi_k| (twice the total-variation distance of the proportions)."""
+        true = self.params_p if domain == "p" else self.params_q
+        cost = jnp.sum((true.coef[:, None, 0, :] - params.coef[None, :, 0, :]) ** 2, -1)
+        perm = assign(cost)
+        return {"coef_error": jnp.sum(cost[jnp.arange(cost.shape[0]), perm]),
+                "weight_error": jnp.sum(jnp.abs(jnp.exp(params.log_weights[perm])
+                                                - jnp.exp(true.log_weights)))}
 
     def sample_x(self, key, n: int, domain: str) -> Array:
         """Draws n covariates from domain ``"p"`` or ``"q"``, shape (n, D)."""

@@ -1,0 +1,198 @@
+"""Label refinement scored exactly, for every family (paper section 3.2, Prop. 3.2).
+
+Refinement draws new labels from the source model fed with weak information; the distribution of
+those labels given x is, by Prop. 3.2,
+
+    q_re(y | x) = sum_k p̂(y | x, k) q̂(k | x),
+
+the source's components under *x-dependent* weights q̂(k | x). The estimators here return that
+conditional itself as a :class:`RefinedPredictor` (not a refit of a constant-weight mixture to drawn
+labels, which cannot represent it and would score a projection of q_re):
+
+- ``refinement`` (one weak label at a time, Example 3.4): q̂(k | x) = E_{y' ~ q̂'(y'|x)} p̂(k | x, y'),
+  with p̂(k | x, y') the source fit's posterior through its weak head and q̂'(y' | x) the weak target
+  fit (the plug-in estimate of Q(y' | x)). The expectation is a sum over the values of a categorical
+  y' (exact) and a Monte Carlo average of ``n_draws`` draws otherwise.
+- ``refinement_icl`` (in context, Example 3.3 and eq. 3.1): q̂(k | x) = E_V p̂(k | x, V), V = M weak
+  pairs (x_j, y'_j) drawn from D_Q', p̂(k | x, V) proportional to p̂(k | x) prod_j p̂(x_j, y'_j | k)
+  (demonstrations independent given k, as in Example 3.3); E_V is averaged over ``n_draws`` sets.
+
+Both use the protocol alone (``posterior_k``, ``component_log_probs``, ``select_heads``,
+``with_heads`` and the predictor's forwarding): the weights q̂(k | x) enter as per-row proportions
+log pi'_k = log q̂(k | x) - log p̂(k | x) + log pi_k, under which the family's own p(k | x) equals
+q̂(k | x) (its gate, or a mixture of HMMs' p(x | k), is kept). Everything is a pure function of keys
+and arrays: predictors are pytrees, built and evaluated under ``jit`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.scipy.special import logsumexp
+
+from .predictor import Predictor
+
+
+def _log(p: Array) -> Array:
+    return jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
+
+
+@jax.tree_util.register_pytree_node_class
+class RefinedPredictor(Predictor):
+    """q_re(y | x) = sum_k p̂(y | x, k) q̂(k | x) (Prop. 3.2): a one-head fit's components under
+    x-dependent weights ``weights.log_q_k(model, params, x)``, (N, K).
+
+    The methods of :class:`Predictor` (``log_prob``, ``log_probs``, ``mean``, ``posterior_k``,
+    ``sample``) evaluate the family row by row with each row's proportions (under ``vmap``), so
+    they are exact for every family."""
+
+    def __init__(self, model, params, weights):
+        super().__init__(model, params)
+        self.weights = weights
+
+    def tree_flatten(self):
+        return (self.params, self.weights), self.model
+
+    @classmethod
+    def tree_unflatten(cls, model, children):
+        return cls(model, *children)
+
+    def log_q_k(self, x, **data) -> Array:
+        """log q̂(k | x), (N, K)."""
+        return self.weights.log_q_k(self.model, self.params, x, **data)
+
+    def _row_log_weights(self, x, **data) -> Array:
+        """Per-row proportions under which the family's p(k | x) is q̂(k | x), (N, K)."""
+        lp = _log(self.model.posterior_k(self.params, x, **data))
+        return self.log_q_k(x, **data) - lp + self.params.log_weights[None, :]
+
+    def _rows(self, method: str, x, *cols, **data):
+        def one(lw_i, x_i, *c, **d):
+            pred = Predictor(self.model, self.params._replace(log_weights=lw_i))
+            rows = [a[None] for a in c]
+            return getattr(pred, method)(x_i[None], *rows, **{k: v[None] for k, v in d.items()})[0]
+
+        return jax.vmap(one)(self._row_log_weights(x, **data), x, *cols, **data)
+
+    def log_prob(self, x, y, **data) -> Array:
+        return self._rows("log_prob", x, y, **data)
+
+    def log_probs(self, x, **data) -> Array:
+        return self._rows("log_probs", x, **data)
+
+    def mean(self, x, **data) -> Array:
+        return self._rows("mean", x, **data)
+
+    def posterior_k(self, x, **data) -> Array:
+        return jnp.exp(self.log_q_k(x, **data))
+
+    def sample(self, key, x: Array) -> Array:
+        def one(k, lw_i, x_i):
+            return Predictor(self.model, self.params._replace(log_weights=lw_i)).sample(k, x_i[None])[0]
+
+        return jax.vmap(one)(jax.random.split(key, x.shape[0]), self._row_log_weights(x), x)
+
+    def __repr__(self) -> str:
+        return f"RefinedPredictor({self.model!r}, {type(self.weights).__name__})"
+
+
+@jax.tree_util.register_pytree_node_class
+class LabelWeights:
+    """q̂(k | x) = E_{y' ~ q̂'(y' | x)} p̂(k | x, y'): Example 3.4's weak-label refinement.
+
+    ``weak_model`` is the one-head family, ``weak_head`` the source fit restricted to its weak head
+    (p̂(k | x, y') is the posterior of its ``component_log_probs``), ``weak_target`` the fit of
+    (x, y') on Q'. A categorical y' (the family has ``conditional_log_probs``) is summed over its
+    values; otherwise ``n_draws`` draws of y' are averaged (``key`` draws them, the same for
+    every row: q̂(k | x) is then a deterministic function of x)."""
+
+    def __init__(self, weak_model, weak_head, weak_target, key, n_draws: int = 128):
+        self.weak_model, self.weak_head, self.weak_target = weak_model, weak_head, weak_target
+        self.key, self.n_draws = key, int(n_draws)
+
+    def tree_flatten(self):
+        return (self.weak_head, self.weak_target, self.key), (self.weak_model, self.n_draws)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], *children, aux[1])
+
+    def log_q_k(self, model, params, x, **data) -> Array:
+        m = self.weak_model
+
+        def post(y):  # log p̂(k | x, y'), (N, K)
+            return jax.nn.log_softmax(m.component_log_probs(self.weak_head, x, y=y[:, None], **data), -1)
+
+        target = Predictor(m, self.weak_target)
+        if hasattr(m, "conditional_log_probs"):  # categorical y': the exact sum over its values
+            lq = target.log_probs(x, **data)  # (N, V)
+            values = jnp.arange(lq.shape[1], dtype=jnp.int32)
+            per = jax.vmap(lambda v: post(jnp.full(x.shape[:1], v, jnp.int32)))(values)  # (V, N, K)
+            return logsumexp(lq.T[:, :, None] + per, axis=0)
+        # common random numbers: every row uses the same keys, so q̂(k | x) is a function of x
+        def draw(k):
+            return jax.vmap(lambda xi: target.sample(k, xi[None])[0])(x)
+
+        per = jax.vmap(lambda k: post(draw(k)))(jax.random.split(self.key, self.n_draws))
+        return logsumexp(per, axis=0) - jnp.log(jnp.asarray(self.n_draws, per.dtype))
+
+
+@jax.tree_util.register_pytree_node_class
+class DemoWeights:
+    """q̂(k | x) = E_V p̂(k | x, V), V = ``n_demos`` pairs drawn (by weight) from a pool of weak
+    demonstrations with per-pair log-likelihoods ``demo`` (N_pool, K) = log p̂(x_j, y'_j | k).
+
+    Each query row gets its own ``n_draws`` sets (as each query of in-context refinement gets its
+    own demonstrations: q̂(k | x) is a Monte Carlo estimate per row) of ``m_pool >= n_demos`` draws
+    of which the first ``n_demos`` are used: predictors built with one key and one ``m_pool`` have
+    nested demonstration sets (a curve against M free of the noise of independent draws)."""
+
+    def __init__(self, demo, pool_w, key, n_demos: int, n_draws: int = 8, m_pool: int | None = None):
+        self.demo, self.pool_w, self.key = demo, pool_w, key
+        self.n_demos, self.n_draws = int(n_demos), int(n_draws)
+        self.m_pool = max(int(m_pool if m_pool is not None else n_demos), self.n_demos)
+
+    def tree_flatten(self):
+        return (self.demo, self.pool_w, self.key), (self.n_demos, self.n_draws, self.m_pool)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def log_q_k(self, model, params, x, **data) -> Array:
+        lp = _log(model.posterior_k(params, x, **data))  # log p̂(k | x), (N, K)
+        if self.n_demos == 0:
+            return lp
+        n = lp.shape[0]
+        p = self.pool_w / jnp.sum(self.pool_w)
+        idx = jax.random.choice(self.key, p.shape[0], (n, self.n_draws, self.m_pool), p=p)
+        logits = lp[:, None, :] + jnp.sum(self.demo[idx[:, :, : self.n_demos]], axis=2)
+        post = jax.nn.log_softmax(logits, axis=-1)  # (N, draws, K)
+        return logsumexp(post, axis=1) - jnp.log(jnp.asarray(self.n_draws, post.dtype))
+
+
+def _source_heads(model, source_params, head: int):
+    m1 = model.with_heads(1)
+    return m1, model.select_heads(source_params, (0,)), model.select_heads(source_params, (head,))
+
+
+def refined(key, model, source_params, target_params, *, n_draws: int = 128) -> RefinedPredictor:
+    """Weak-label refinement's q_re (Example 3.4) from a two-head source fit (y, y') and the weak
+    target fit of (x, y') on Q' (one head)."""
+    m1, strong, weak = _source_heads(model, source_params, 1)
+    return RefinedPredictor(m1, strong, LabelWeights(m1, weak, target_params, key, n_draws))
+
+
+def refined_icl(key, model, source_params, target_x, target_y_weak, target_w, *, n_demos: int,
+                n_draws: int = 8, demo_head: int = 1, m_pool: int | None = None) -> RefinedPredictor:
+    """In-context refinement's q_re (Example 3.3) from a two-head source fit and the pool of weak
+    demonstrations (x_j, y'_j) with weights. ``demo_head``: the source head that scores the
+    demonstrations' labels, 1 (the weak head p̂(y' | x, k), default) or 0 (the strong head, as eq.
+    3.2 displays it for HMMs: the strong model reads the weak labels as its own)."""
+    if demo_head not in (0, 1):
+        raise ValueError(f"demo_head must be 0 (strong) or 1 (weak), got {demo_head!r}")
+    m1, strong, scorer = _source_heads(model, source_params, demo_head)
+    demo = m1.component_log_probs(scorer, target_x, y=target_y_weak[:, None]) \
+        - scorer.log_weights[None, :]  # log p̂(x_j, y'_j | k)
+    return RefinedPredictor(m1, strong, DemoWeights(demo, target_w, key, n_demos, n_draws, m_pool))
