@@ -87,7 +87,8 @@ def e_step(model: ExpertsFamily, params, x: Array, y: Array, w: Array):
     return jnp.sum(w * ll_n), r
 
 
-def _all_finite(tree) -> Array:
+def all_finite(tree) -> Array:
+    """Whether every leaf of a pytree of arrays is finite (a scalar bool)."""
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
@@ -216,7 +217,7 @@ def em_loop(step, params0, tol, max_iter: int, dtype, n):
         params, obj_prev, it, ll_tr, obj_tr, _, _ = state
         new, ll, obj = step(params)
         scale = jnp.abs(obj) + n
-        bad = ~(_all_finite(new) & jnp.isfinite(obj))
+        bad = ~(all_finite(new) & jnp.isfinite(obj))
         change = obj - obj_prev
         conv = ~bad & (it > 0) & (tol > 0) & (
             (jnp.abs(change) <= tol * scale) | ((change <= 0) & (-change <= ulps * scale)))
@@ -224,7 +225,7 @@ def em_loop(step, params0, tol, max_iter: int, dtype, n):
         return params, obj, it + 1, ll_tr.at[it].set(ll), obj_tr.at[it].set(obj), conv, bad
 
     init = (params0, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), nan_trace, nan_trace,
-            jnp.asarray(False), ~_all_finite(params0))
+            jnp.asarray(False), ~all_finite(params0))
     params, _, n_iter, ll_tr, obj_tr, conv, bad = jax.lax.while_loop(cond, body, init)
     return params, n_iter, ll_tr, obj_tr, conv, bad
 

@@ -23,7 +23,7 @@ from ..models.registry import check_family
 from ..models.softmax_gated import SoftmaxGatedExperts
 from .em import (
     EMResult,
-    _all_finite,
+    all_finite,
     check_em_args,
     check_finite_fit,
     check_fit_data,
@@ -60,7 +60,7 @@ def gate_m_step(model: SoftmaxGatedExperts, params, x, r, stats, inner_steps: in
         (g, _), _ = jax.lax.scan(body, (g0, opt.init(g0)), None, length=inner_steps)
     b = g[0] - logsumexp(g[0])  # the softmax does not see a common shift of b
     new = params._replace(log_weights=b, gate_weights=g[1])
-    ok = _all_finite(new) & (loss((b, g[1])) <= loss(g0))
+    ok = all_finite(new) & (loss((b, g[1])) <= loss(g0))
     return jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, params), ok
 
 

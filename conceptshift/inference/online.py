@@ -27,7 +27,7 @@ import numpy as np
 from .._validation import check_float, check_int, check_key, float_dtype
 from ..models import ExpertsFamily, Standardiser
 from ..models.registry import check_family
-from .em import fit_em, make_stats_fn, platform_of
+from .em import all_finite, fit_em, make_stats_fn, platform_of
 from .stats_em import NEEDS as STATS_NEEDS
 
 
@@ -78,10 +78,6 @@ def _standardised(xs, ys, ws, std: Standardiser, dtype):
 
 def _chunk(model, a_x, a_y, start, chunk_size, dtype, std):
     return _standardised(*_chunk_host(model, a_x, a_y, start, chunk_size), std, dtype)
-
-
-def _all_finite(tree):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]))
 
 
 def _sweeps(n_chunks: int, epochs: int, step, progress: bool) -> list[float]:
@@ -135,7 +131,7 @@ def _fit_online_stats(model, key, a_x, a_y, n, *, chunk_size, epochs, kappa, ini
     def update(running, params, new, gamma):
         mix = jax.tree_util.tree_map(lambda a, b: (1 - gamma) * a + gamma * b, running, new)
         params_new = model.m_step_from_stats(jax.tree_util.tree_map(lambda a: a * total, mix))
-        ok = _all_finite(params_new)
+        ok = all_finite(params_new)
         return mix, jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), params_new, params)
 
     loglik = jax.jit(model.batch_log_likelihood)
@@ -232,7 +228,7 @@ def fit_online_em(
         mix = jax.tree_util.tree_map(lambda a, b: (1 - gamma) * a + gamma * b, running, new)
         mix = mix._replace(ref=new.ref)
         params_new = model.m_step_from_stats(_scale(mix, stats.n), stats)
-        ok = _all_finite(params_new)
+        ok = all_finite(params_new)
         params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), params_new, params)
         return mix, params
 
