@@ -1,5 +1,5 @@
 """`conceptshift fit SEQS --family hmm`: a mixture of HMMs fitted to integer token sequences by
-Baum-Welch EM. Parses and validates; the science is in conceptshift.models.hmm and inference.baum_welch.
+Baum-Welch EM. Parses and validates; the science is in conceptshift.models.hmm and inference.stats_em.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def cmd_fit_hmm(args) -> int:
     import jax
     import numpy as np
 
-    from .inference.baum_welch import fit_hmm_em
+    from .inference import fit_em
+    from .models.batch import pad_tokens
     from .models.hmm import HMMMixture
 
     model = HMMMixture(args.components, args.states, V)
-    fit = fit_hmm_em(model, jax.random.key(args.seed), x, lengths, restarts=args.restarts,
-                     max_iter=args.max_iter, tol=args.tol)
+    fit = fit_em(model, jax.random.key(args.seed), pad_tokens(x, lengths), None,
+                 restarts=args.restarts, max_iter=args.max_iter, tol=args.tol)
     p = fit.params
 
     def lst(a):

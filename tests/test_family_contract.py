@@ -23,11 +23,11 @@ from conftest import once, rtol
 from numpyro import handlers
 
 from conceptshift.inference import EMResult, fit_em
-from conceptshift.inference.baum_welch import _fit_jit as _fit_hmm_jit
 from conceptshift.inference.em import _fit_em_jit
 from conceptshift.inference.gem import _fit_gem_jit
 from conceptshift.inference.mcmc import relabel
 from conceptshift.inference.sites import numpyro_numerics, params_from_sites, sites_from_params
+from conceptshift.inference.stats_em import fit_program as _fit_hmm_jit
 from conceptshift.inference.svi import fit_svi
 from conceptshift.models import Standardiser, family_example, family_names
 
@@ -63,6 +63,23 @@ def test_log_likelihood_is_the_numpyro_models_density(name):
                                      * site["fn"].log_prob(site["value"])))
                        for site in tr.values() if site["type"] == "sample" and site["is_observed"])
     np.testing.assert_allclose(observed, _total(model, params, batch), rtol=rtol(1e-5, 1e-12))
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_per_row_proportions_set_the_posterior(name):
+    """The refinement estimators' requirement on ``log_weights``: p(k | x) is
+    softmax_k(log pi_k + f_k(x)), so per-row proportions log pi_k + log q_k - log p(k | x) make the
+    family's posterior over k equal q (``RefinedPredictor``). Families with ``log_posterior_k``."""
+    model, params, batch = _setup(name)
+    one = model.with_heads(1)
+    if not hasattr(one, "log_posterior_k"):
+        pytest.skip(f"{name} has no log_posterior_k (no predictor over k given x)")
+    params1 = model.select_heads(params, (0,))
+    x = batch.x[:6]
+    lq = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(2).normal(size=(6, 2)), DTYPE), -1)
+    lw = lq - one.log_posterior_k(params1, x) + params1.log_weights[None, :]
+    got = jax.vmap(lambda w, xi: one.log_posterior_k(params1._replace(log_weights=w), xi[None])[0])(lw, x)
+    np.testing.assert_allclose(got, lq, atol=rtol(2e-5, 1e-12))
 
 
 @pytest.mark.parametrize("name", family_names())

@@ -292,7 +292,7 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
     import arviz_plots as azp
     from arviz_stats import hdi
 
-    from ..experiments.common import pyplot, savefig
+    from .figures import pyplot, savefig
 
     plt = pyplot()
     out_dir = Path(out_dir)

@@ -32,7 +32,7 @@ DEFAULTS = {
     "n_test": 500,
     **HMM_EM_KNOBS,
 }
-METRICS = (("source_fit", "emit_error"), ("source_fit", "trans_error"), ("source_fit", "weight_error"),
+METRICS = (("source_fit", "emit_error"), ("source_fit", "trans_error"), ("source_fit", "weight_max_error"),
            ("identification", "kl"), ("identification", "matching_accuracy"), ("oracle", "kl"))
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..diagnostics.figures import pyplot, savefig  # noqa: F401 (the experiments' figure helpers)
 from ..diagnostics.metrics import categorical_kl, matching_accuracy
 from ..inference.estimators import Data, EMOptions, as_data, estimate_all
 from ..inference.predictor import Predictor
@@ -71,8 +72,9 @@ class Design:
     (None: every one the family supports); ``noweak_match``: the matching of
     ``identification_noweak`` (``"strong"`` heads, or ``"components"``: an HMM's transitions);
     ``n_components``: fit that many components instead of the truth's (misspecification);
-    ``m_grid``: in-context refinement also at these numbers of demonstrations M, scored as
-    ``icl_M{M}`` (nested demonstration sets, ``n_draws`` sets per query), with
+    ``n_draws``: demonstration sets per query of in-context refinement; ``m_grid``: in-context
+    refinement also at these numbers of demonstrations M, scored as ``icl_M{M}`` (nested
+    demonstration sets), with
     ``strong_demo_head`` also through the strong head (metrics suffixed ``_strong_demo_head``);
     ``source_fit_errors``: the two-head source fit's parameter errors against P as ``source_fit``;
     ``fit_info``: the source and target fits' BIC as ``fit``."""
@@ -135,7 +137,8 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     if design.n_components is not None:
         model = dataclasses.replace(model, n_components=design.n_components)
     est = estimate_all(kest, model, src, tgt, gold, lam=design.lam, n_demos=design.n_demos,
-                       opts=design.opts, names=design.estimators, noweak_match=design.noweak_match)
+                       opts=design.opts, names=design.estimators, noweak_match=design.noweak_match,
+                       n_draws=design.n_draws)
     truth = Predictor(m1, m1.select_heads(problem.params_q, (0,)))
     same_k = model.n_components == m1.n_components
     out = {}
@@ -180,8 +183,9 @@ _COMPILED: dict = {}
 
 def compiled_replicates(design: Design):
     """jit(vmap(replicate)) over replicate keys, called as ``fn(keys, n, problem)``; n and the
-    problem's parameters are traced, so one compile serves every n and every problem of the same
-    shapes (and repeated runs in one process reuse it)."""
+    problem's parameters are traced, so one compile serves every n and every problem with the same
+    static part (its shapes; for regression problems also the knobs kept in their spec, all but
+    ``delta`` and ``weak_shift``), and repeated runs in one process reuse it."""
     if design not in _COMPILED:
         fn = partial(replicate, design=design)
         _COMPILED[design] = jax.jit(jax.vmap(fn, in_axes=(0, None, None)))
@@ -229,31 +233,3 @@ def summarise(cells: list[dict], n_grid: list[int]) -> dict:
             entry["slope_reg_error"] = loglog_slope(n_grid, entry["reg_error"]["mean"])
         out[name] = entry
     return out
-
-
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend (figures are only written to files)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def savefig(fig, path) -> None:
-    """Saves a figure atomically: a temporary file in the same folder (removed whatever happens,
-    also on SIGTERM through the CLI's handler), then a rename."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.close(fd)
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,8 @@
-"""Baum-Welch EM for a mixture of hidden Markov models: :func:`fit_hmm_em` takes tokens with their
-lengths (the family's own convention) and runs the protocol's generic EM driver
-(:mod:`conceptshift.inference.stats_em`), as ``fit_em`` does on padded tokens.
+"""Baum-Welch EM for a mixture of hidden Markov models under its earlier calling convention:
+:func:`fit_hmm_em` takes tokens with their lengths and runs the protocol's generic EM driver
+(:mod:`conceptshift.inference.stats_em`). The one way is ``fit_em(model, key, x, y)`` with x the
+tokens padded by -1 (``models.batch.pad_tokens(x, lengths)``); this module is its thin alias for
+earlier code.
 
 One call of :func:`fit_hmm_em` is one compiled program: restarts run side by side under ``vmap``, each a
 ``lax.while_loop`` of E-steps (forward-backward per sequence and concept, all sequences and concepts at
@@ -30,9 +32,6 @@ HMMEMResult = EMResult
 of every family's EM (``loglik`` is sum_n w_n log p(x_n, y_n); ``objective`` adds the Dirichlet
 prior; no standardisation: ``standardiser`` is None; a mixture of HMMs has no spurious
 unbounded optimum, so ``degenerate`` is False)."""
-
-_fit_jit = stats_em._fit_jit  # the compiled program (the generic driver's)
-
 
 def hmm_em_step(model: HMMMixture, params: HMMParams, d: HMMData) -> tuple[HMMParams, Array]:
     """One Baum-Welch iteration on :class:`HMMData`: (new parameters, weighted log-likelihood at

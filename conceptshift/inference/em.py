@@ -517,9 +517,10 @@ def fit_em(
     Args:
       model: a family instance, e.g. ``RegressionMixture(n_components=2)``. Every family has the
         same call and result type: one whose M-step iterates (``SoftmaxGatedExperts``) is fitted
-        by generalized EM (:func:`fit_gem`), a mixture of HMMs by Baum-Welch
-        (:func:`fit_hmm_em`), with x the integer tokens (N, T), -1 as trailing padding, and y the
-        output tokens (N, H) or None.
+        by generalized EM (:func:`fit_gem`), one with additive expected statistics, such as the
+        mixture of HMMs (Baum-Welch), by the generic driver
+        (:func:`~conceptshift.inference.stats_em.fit_stats_em`), with x the integer tokens (N, T),
+        -1 as trailing padding, and y the output tokens (N, H) or None.
       key: a ``jax.random`` key; the same key gives the same fit.
       x: covariates (N, D), or (N,) when D == 1, or None when D == 0.
       y: responses (N, H), or (N,) when the model has one head.

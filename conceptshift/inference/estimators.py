@@ -285,7 +285,8 @@ _NEEDS_FIT = {  # which shared fits each estimator reads
 
 def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
                  opts: EMOptions = EMOptions(), names: tuple[str, ...] | None = None,
-                 noweak_match: str = "strong") -> Estimates:
+                 noweak_match: str = "strong", n_draws: int = 8,
+                 label_draws: int = 128) -> Estimates:
     """The estimators ``names`` (default: every one of the table above that the family supports)
     on one data set, sharing the source and target fits; for every family.
 
@@ -293,7 +294,8 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
     of ``identification_noweak`` (Algorithm 1 without weak source labels): ``"strong"`` (strong
     heads against the target's weak heads) or ``"components"`` (head-free signatures: an HMM's
     transitions). ``weak_training_sq`` is left out by default for a family without a conditional
-    mean.
+    mean. ``n_draws``: demonstration sets per query of ``refinement_icl``; ``label_draws``: draws
+    of y' in ``refinement``'s expectation (a categorical y' is summed exactly).
     """
     m1, m2 = model.with_heads(1), model.with_heads(2)
     if names is None:
@@ -338,10 +340,11 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
         elif name == "weak_training_ll":
             preds[name] = weak_training_ll(keys[5], m1, source, target, lam, opts)
         elif name == "refinement":
-            preds[name] = refined(keys[3], m2, fits["source"].params, fits["target"].params)
+            preds[name] = refined(keys[3], m2, fits["source"].params, fits["target"].params,
+                                  n_draws=label_draws)
         elif name == "refinement_icl":
             preds[name] = refined_icl(keys[4], m2, fits["source"].params, target.x, target.y_weak,
-                                      target.w, n_demos=n_demos)
+                                      target.w, n_demos=n_demos, n_draws=n_draws)
         elif name == "identification":
             ident = identify(fits["source"].params, fits["target"].params, m1, match="weak",
                              source_fit=fits["source"], target_fit=fits["target"])

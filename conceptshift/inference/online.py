@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._validation import check_float, check_int, check_key, float_dtype
-from ..models import ExpertsFamily, Standardiser
+from ..models import Standardiser
 from ..models.registry import check_family
 from .em import all_finite, fit_em, make_stats_fn, platform_of
 from .stats_em import NEEDS as STATS_NEEDS
@@ -152,7 +152,7 @@ def _fit_online_stats(model, key, a_x, a_y, n, *, chunk_size, epochs, kappa, ini
 
 
 def fit_online_em(
-    model: ExpertsFamily,
+    model,
     key,
     x,
     y=None,

@@ -17,11 +17,14 @@ labels, which cannot represent it and would score a projection of q_re):
   pairs (x_j, y'_j) drawn from D_Q', p̂(k | x, V) proportional to p̂(k | x) prod_j p̂(x_j, y'_j | k)
   (demonstrations independent given k, as in Example 3.3); E_V is averaged over ``n_draws`` sets.
 
-Both use the protocol alone (``posterior_k``, ``component_log_probs``, ``select_heads``,
-``with_heads`` and the predictor's forwarding): the weights q̂(k | x) enter as per-row proportions
-log pi'_k = log q̂(k | x) - log p̂(k | x) + log pi_k, under which the family's own p(k | x) equals
-q̂(k | x) (its gate, or a mixture of HMMs' p(x | k), is kept). Everything is a pure function of keys
-and arrays: predictors are pytrees, built and evaluated under ``jit`` and ``vmap``.
+Both use the protocol alone (``log_posterior_k``, ``component_log_probs``, ``select_heads``,
+``with_heads`` and the predictor's forwarding), in log space throughout: the weights q̂(k | x) enter
+as per-row proportions log pi'_k = log q̂(k | x) - log p̂(k | x) + log pi_k, under which the family's
+own p(k | x) equals q̂(k | x). That holds for every family whose p(k | x) is
+softmax_k(log pi_k + f_k(x)) with f free of pi (a constant gate, a Gaussian gate log g(x | eta_k), a
+softmax gate's b + W x, a mixture of HMMs' log p(x | k)): the protocol's requirement on
+``log_weights``, checked for every registered family by the contract tests. Everything is a pure
+function of keys and arrays: predictors are pytrees, built and evaluated under ``jit`` and ``vmap``.
 """
 
 from __future__ import annotations
@@ -34,10 +37,6 @@ from jax.scipy.special import logsumexp
 from .predictor import Predictor
 
 
-def _log(p: Array) -> Array:
-    return jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
-
-
 @jax.tree_util.register_pytree_node_class
 class RefinedPredictor(Predictor):
     """q_re(y | x) = sum_k p̂(y | x, k) q̂(k | x) (Prop. 3.2): a one-head fit's components under
@@ -45,7 +44,7 @@ class RefinedPredictor(Predictor):
 
     The methods of :class:`Predictor` (``log_prob``, ``log_probs``, ``mean``, ``posterior_k``,
     ``sample``) evaluate the family row by row with each row's proportions (under ``vmap``), so
-    they are exact for every family."""
+    they are exact for every family whose p(k | x) is softmax_k(log pi_k + f_k(x)) (module docs)."""
 
     def __init__(self, model, params, weights):
         super().__init__(model, params)
@@ -64,7 +63,7 @@ class RefinedPredictor(Predictor):
 
     def _row_log_weights(self, x, **data) -> Array:
         """Per-row proportions under which the family's p(k | x) is q̂(k | x), (N, K)."""
-        lp = _log(self.model.posterior_k(self.params, x, **data))
+        lp = self.model.log_posterior_k(self.params, x, **data)
         return self.log_q_k(x, **data) - lp + self.params.log_weights[None, :]
 
     def _rows(self, method: str, x, *cols, **data):
@@ -146,7 +145,8 @@ class DemoWeights:
     Each query row gets its own ``n_draws`` sets (as each query of in-context refinement gets its
     own demonstrations: q̂(k | x) is a Monte Carlo estimate per row) of ``m_pool >= n_demos`` draws
     of which the first ``n_demos`` are used: predictors built with one key and one ``m_pool`` have
-    nested demonstration sets (a curve against M free of the noise of independent draws)."""
+    nested demonstration sets (a curve against M free of the noise of independent draws). The
+    draws depend on the number of rows evaluated together: score a set of queries in one call."""
 
     def __init__(self, demo, pool_w, key, n_demos: int, n_draws: int = 8, m_pool: int | None = None):
         self.demo, self.pool_w, self.key = demo, pool_w, key
@@ -161,7 +161,7 @@ class DemoWeights:
         return cls(*children, *aux)
 
     def log_q_k(self, model, params, x, **data) -> Array:
-        lp = _log(model.posterior_k(params, x, **data))  # log p̂(k | x), (N, K)
+        lp = model.log_posterior_k(params, x, **data)  # log p̂(k | x), (N, K)
         if self.n_demos == 0:
             return lp
         n = lp.shape[0]

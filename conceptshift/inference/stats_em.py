@@ -60,16 +60,19 @@ def _pad_rows(a, total: int):
     return jnp.concatenate([a, jnp.broadcast_to(a[:1], (extra,) + a.shape[1:])], axis=0)
 
 
-def blocked_batch(batch: Batch, block_size, n_shards: int = 1, platform: str | None = None) -> Batch:
+def blocked_batch(batch: Batch, block_size, n_shards: int = 1, platform: str | None = None,
+                  row_width: int = 1) -> Batch:
     """The batch as (n_shards * blocks, block, ...) arrays; padding rows repeat row 0 with weight 0.
 
-    ``block_size``: rows per block at most (``"auto"``: ``STATS_CPU_BLOCK`` on a CPU, one block per
-    device elsewhere; None: one block per device)."""
+    ``block_size``: rows per block at most (``"auto"``: ``STATS_CPU_BLOCK`` on a CPU, the
+    platform's memory budget elsewhere; None: one block per device); ``row_width``: elements of
+    the E-step's widest temporary per row (the family's ``row_width(batch)``), which keeps a block
+    within the platform's budget (:func:`~conceptshift.inference.em.block_layout`)."""
     n = batch.w.shape[0]
     platform = platform or jax.default_backend()
-    if block_size == "auto":
-        block_size = STATS_CPU_BLOCK if platform == "cpu" else None
-    block, nb = block_layout(n, block_size, n_shards, platform=platform)
+    if block_size == "auto" and platform == "cpu":
+        block_size = STATS_CPU_BLOCK
+    block, nb = block_layout(n, block_size, n_shards, rows=row_width, platform=platform)
     total = n_shards * nb * block
 
     def lay(a, fill_w=False):
@@ -131,7 +134,8 @@ def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: i
     else:
         params0 = jax.vmap(lambda k: model.start_params(k, batch))(jax.random.split(key, restarts))
     n_shards = 1 if mesh is None else mesh.shape["data"]
-    blocks = blocked_batch(batch, block_size, n_shards, platform)
+    width = model.row_width(batch) if hasattr(model, "row_width") else 1
+    blocks = blocked_batch(batch, block_size, n_shards, platform, width)
     runs = jax.vmap(lambda p: _run(model, blocks, p, tol, max_iter, mesh))(params0)
     params, ll, obj, ll_tr, obj_tr, n_iter, conv = runs
     finite = jnp.isfinite(obj)
@@ -145,7 +149,7 @@ def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: i
                     restarts_at_best(ll, finite, best, n), None)
 
 
-_fit_jit = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter", "block_size", "mesh",
+fit_program = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter", "block_size", "mesh",
                                                "platform"))
 
 
@@ -156,10 +160,10 @@ def fit_stats_em(model, key, x, y=None, *, weights=None, restarts: int = 8, max_
     (``x``, ``y`` as the family's ``batch`` takes them; for a mixture of HMMs tokens (N, T) with -1
     as trailing padding and output tokens or None).
 
-    ``block_size``: rows per block of the E-step (``"auto"``: 4096 on a CPU, one block per device on
-    an accelerator; None: one block). ``mesh``: a ``jax.sharding.Mesh`` with an axis ``"data"``;
-    the rows are split over its devices and the statistics summed (the fit equals the one-device
-    fit to float rounding)."""
+    ``block_size``: rows per block of the E-step (``"auto"``: 4096 on a CPU, the platform's memory
+    budget on an accelerator, both bounded by the family's ``row_width``; None: one block).
+    ``mesh``: a ``jax.sharding.Mesh`` with an axis ``"data"``; the rows are split over its devices
+    and the statistics summed (the fit equals the one-device fit to float rounding)."""
     check_family(model, "fit_stats_em", em_kinds=("expected_stats",), needs=NEEDS)
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
     if block_size is not None and block_size != "auto":
@@ -172,5 +176,5 @@ def fit_stats_em(model, key, x, y=None, *, weights=None, restarts: int = 8, max_
     if init_params is not None:
         check_init_params(model, init_params)
         restarts = 1
-    return _fit_jit(model, key, batch, tol, init_params, restarts=restarts, max_iter=max_iter,
+    return fit_program(model, key, batch, tol, init_params, restarts=restarts, max_iter=max_iter,
                     block_size=block_size, mesh=mesh, platform=platform_of(batch.x, mesh))

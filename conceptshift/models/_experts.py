@@ -389,6 +389,10 @@ class ExpertsFamily(EStepScheduling):
         """Per-sample log p(x, y) (log p(y | x) when the family does not model x), shape (N,)."""
         return logsumexp(self.component_log_probs(params, x, y), axis=-1)
 
+    def log_posterior_k(self, params, x: Array) -> Array:
+        """log p(k | x), shape (N, K), in log space (no underflow to log 0)."""
+        return jax.nn.log_softmax(self.gate_log_probs(params, x), axis=-1)
+
     def posterior_k(self, params, x: Array) -> Array:
         """p(k | x), shape (N, K): the gate probabilities."""
         return jax.nn.softmax(self.gate_log_probs(params, x), axis=-1)

@@ -260,7 +260,7 @@ class HMMMixture:
     def batch_log_likelihood(self, params: HMMParams, batch: Batch) -> Array:
         """sum_n w_n log p(x_n, y_n), a scalar."""
         d = self.data_of(batch)
-        return jnp.sum(d.w * logsumexp(self._component_log_probs(params, d), axis=-1))
+        return jnp.sum(d.w * logsumexp(self.data_component_log_probs(params, d), axis=-1))
 
     def batch_model(self, batch: Batch):
         """:meth:`numpyro_model` conditioned on ``batch`` (row weights scale the observations)."""
@@ -332,7 +332,9 @@ class HMMMixture:
         a, _ = jax.lax.scan(step, a0, (emit_t[1:], mask[1:]))
         return a
 
-    def _component_log_probs(self, params: HMMParams, d: HMMData) -> Array:
+    def data_component_log_probs(self, params: HMMParams, d: HMMData) -> Array:
+        """log pi_k + log p(x, y | k), (N, K), of validated :class:`HMMData` (no checks: traceable;
+        the forward algorithm that every entry point of the family uses)."""
         a = self.forward(params, d.x, d.lengths)  # (N, K, S)
         ll_x = logsumexp(a, axis=-1)
         if self.n_heads == 0:
@@ -357,6 +359,15 @@ class HMMMixture:
         """sum_n w_n log p(x_n, y_n), a scalar."""
         d = self.check_data(x, lengths, y, weights)
         return jnp.sum(d.w * logsumexp(_clp_jit(self, params, d), axis=-1))
+
+    def log_posterior_k(self, params: HMMParams, x, lengths=None, y=None) -> Array:
+        """log p(k | x, y), (N, K), in log space (no underflow to log 0)."""
+        return jax.nn.log_softmax(self.component_log_probs(params, x, lengths, y), axis=-1)
+
+    def row_width(self, batch: Batch) -> int:
+        """Elements per row of the E-step's widest temporary (the forward recursion kept for its
+        reverse pass, T x K x S): bounds the rows of a block (``stats_em``)."""
+        return int(batch.x.shape[1]) * self.n_components * self.n_states
 
     def posterior_k(self, params: HMMParams, x, lengths=None, y=None) -> Array:
         """Sequence responsibilities p(k | x, y), (N, K)."""
@@ -431,7 +442,7 @@ class HMMMixture:
         d = self.data_of(batch)
 
         def ll(p):
-            return jnp.sum(d.w * logsumexp(self._component_log_probs(p, d), axis=-1))
+            return jnp.sum(d.w * logsumexp(self.data_component_log_probs(p, d), axis=-1))
 
         val, g = jax.value_and_grad(ll)(params)
         return val, HMMStats(g.log_weights, g.log_init, g.log_trans, g.log_emit, g.log_out)
@@ -525,7 +536,7 @@ class HMMMixture:
 
 
 def _clp(model, params, d):
-    return model._component_log_probs(params, d)
+    return model.data_component_log_probs(params, d)
 
 
 def _next(model, params, x, lengths, head):

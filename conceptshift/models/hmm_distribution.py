@@ -47,7 +47,7 @@ class HMMMixtureDistribution(dist.Distribution):
     def component_log_probs(self, value) -> Array:
         x, y = self._split(jnp.asarray(value, jnp.int32))
         d = HMMData(x, self.lengths, y, jnp.ones(self.lengths.shape, self.params.log_weights.dtype))
-        return self.model._component_log_probs(self.params, d)
+        return self.model.data_component_log_probs(self.params, d)
 
     def log_prob(self, value) -> Array:
         return logsumexp(self.component_log_probs(value), axis=-1)

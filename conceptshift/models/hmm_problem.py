@@ -108,7 +108,8 @@ class HMMProblem:
     problems as arguments, and problems of the same shapes share it (the knobs that only shape the
     parameters, such as ``anchors`` or ``shift``, are left out of the static part). It offers the
     truth's side of the experiments' protocol: ``model``, ``strong_model``, ``simulate_data``,
-    ``param_errors`` and ``truth_labels``."""
+    ``param_errors`` and ``truth_labels``. Inside a compiled function the problem's ``spec`` holds
+    its shapes only (the other knobs read 0 or their default): read knobs outside."""
 
     spec: HMMProblemSpec
     params_p: HMMParams
@@ -142,7 +143,7 @@ class HMMProblem:
         true = self.params_p if domain == "p" else self.params_q
         return assign(self.model.match_cost(params, None, true, None))
 
-    def param_errors(self, params: HMMParams, domain: str = "p") -> dict:
+    def param_errors(self, params: HMMParams, domain: str) -> dict:
         """Errors of a fit against ``domain``'s truth after the best permutation of states (by
         emission) and of concepts (by transitions): max |tau - taû|, max |theta - thetâ|,
         max |pi - pî|, and whether the states are recovered without ambiguity (every true state's
@@ -157,8 +158,8 @@ class HMMProblem:
         dtype = true.log_weights.dtype
         return {"emit_error": jnp.max(jnp.abs(jnp.exp(true.log_emit) - jnp.exp(p.log_emit))),
                 "trans_error": jnp.max(jnp.abs(jnp.exp(true.log_trans) - jnp.exp(p.log_trans[perm]))),
-                "weight_error": jnp.max(jnp.abs(jnp.exp(true.log_weights)
-                                                - jnp.exp(p.log_weights[perm]))),
+                "weight_max_error": jnp.max(jnp.abs(jnp.exp(true.log_weights)
+                                                    - jnp.exp(p.log_weights[perm]))),
                 "state_perm_ok": jnp.all(near == st).astype(dtype)}
 
 
@@ -255,7 +256,7 @@ def _n_perms(S: int) -> int:
 def _draw(key, model: HMMMixture, params: HMMParams, n: int, T: int, lo: int) -> HMMSample:
     kl, ks = jax.random.split(key)
     lengths = jax.random.randint(kl, (n,), lo, T + 1, dtype=jnp.int32)
-    x, lengths, y, z = model._sample(ks, params, lengths, n, T)
+    x, lengths, y, z = model.sample(ks, params, n, T, lengths)
     return HMMSample(x, lengths, y[:, 0], y[:, 1], z)
 
 

@@ -138,7 +138,7 @@ class Problem:
         true = self.params_p if domain == "p" else self.params_q
         return assign(self.model.match_cost(params, head, true, true_head))
 
-    def param_errors(self, params, domain: str = "q") -> dict:
+    def param_errors(self, params, domain: str) -> dict:
         """Errors of a fit's first head against ``domain``'s strong components after the best
         permutation: ``coef_error`` sum_k |betâ_{s(k)} - beta_k|^2 and ``weight_error``
         sum_k |pî_{s(k)} - pi_k| (twice the total-variation distance of the proportions)."""
