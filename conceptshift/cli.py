@@ -41,6 +41,7 @@ FAMILY_FLAGS = {
     "--degree": ("degree", "degree"),
     "--shared-scale": ("shared_scale", "shared_scale"),
     "--covariance": ("covariance", "covariance"),
+    "--classes": ("classes", "n_classes"),
     "--states": ("states", "n_states"),
     "--tokens": ("tokens", "n_tokens"),
 }
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("data", help="CSV file with a header row (hmm: token sequences, text or .npy)")
     f.add_argument("--family", choices=fit_families(), default="regression",
                    help="a registered family (softmax: experts with a softmax gate on x, flexmix's "
-                        "concomitant model)")
+                        "concomitant model; logistic, categorical, poisson: GLM experts for 0/1, "
+                        "class and count responses)")
     f.add_argument("--components", "-k", type=_int, required=True, help="K")
     f.add_argument("--y", help="response column (required unless --family hmm)")
     f.add_argument("--x", nargs="*", help="covariate column(s); none: intercept only")
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, help="folder to write fit.json into (atomically; checked "
                    "before fitting)")
     f.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
+    f.add_argument("--classes", type=_int, help="classes C of a categorical response (--family "
+                   "categorical; default: the largest label + 1)")
     f.add_argument("--states", type=_int, help="hidden states S (--family hmm)")
     f.add_argument("--tokens", type=_int, help="vocabulary size V (--family hmm; default: max + 1)")
 
@@ -228,17 +232,28 @@ def cmd_fit(args) -> int:
     from .diagnostics import fit_summary, render_fit
     from .inference import fit_em
     from .models import family
+    from .models.registry import family_class
 
-    kw = dict(n_features=D, degree=degree if D else 0, shared_scale=bool(args.shared_scale))
+    fields = _fields(args.family)
+    kw = dict(n_features=D)
+    if "degree" in fields:
+        kw["degree"] = degree if D else 0
+    if "shared_scale" in fields:
+        kw["shared_scale"] = bool(args.shared_scale)
     if args.covariance is not None:
         kw["covariance"] = args.covariance
+    derive = getattr(family_class(args.family), "hyperparameters_from", None)
+    if derive is not None:
+        kw.update(derive(cols[args.y]))
+    if args.classes is not None:
+        kw["n_classes"] = args.classes
     try:
         model = family(args.family, n_components=args.components, **kw)
     except ValueError as err:
         if D:
             raise
         raise UsageError(f"--family {args.family} needs at least one --x column ({err})") from None
-    if model.gate_fields() and not D:
+    if getattr(model, "gate_fields", lambda: ())() and not D:
         raise UsageError(f"--family {args.family} gates on x: it needs at least one --x column")
     x = np.stack([cols[c] for c in xs], axis=1) if D else None
     y = cols[args.y]

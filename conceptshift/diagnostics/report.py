@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ..inference.em import EMResult, e_step
-from ..models import ExpertsFamily, family_name
+from ..inference.em import EMResult
+from ..models import family_name
 
 
-def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=None) -> dict:
+def fit_summary(model, result: EMResult, x, y, *, response_names=None) -> dict:
     """A JSON-ready dict of a fit (single- or multi-head).
 
     Keys: ``loglik``, ``bic``, ``weights`` (K), ``coef`` (K x P, intercept first; K x H x P for several
@@ -21,13 +21,10 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
     ``gate_weights`` (K x D) are the gate's logits.
     """
     params = jax.device_get(result.params)
-    x, y = model.check_data(x, y)
-    _, r = e_step(model, result.params, x, y, np.ones(x.shape[0], dtype=y.dtype))
-    size = np.bincount(np.asarray(r.argmax(-1)), minlength=model.n_components)
-    coef = np.asarray(params.coef)
-    scale = np.exp(np.asarray(params.log_scale))
-    if model.n_heads == 1:
-        coef, scale = coef[:, 0, :], scale[:, 0]
+    batch = model.batch(x, y)
+    x, y = batch.x, batch.y
+    lp = np.asarray(model.component_log_probs(result.params, x, y))
+    size = np.bincount(lp.argmax(-1), minlength=model.n_components)
     out = {
         "family": family_name(model),
         "components": model.n_components,
@@ -36,8 +33,7 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
         "bic": float(result.bic),
         "df": model.n_params,
         "weights": np.exp(np.asarray(params.log_weights)).tolist(),
-        "coef": coef.tolist(),
-        "scale": scale.tolist(),
+        **model.fit_report(params),  # the family's own parameters: coef, scale, the gate's
         "coef_names": list(model.coef_names),
         "size": size.tolist(),
         "converged": bool(result.converged),
@@ -50,9 +46,7 @@ def fit_summary(model: ExpertsFamily, result: EMResult, x, y, *, response_names=
     }
     if response_names is not None:
         out["responses"] = list(response_names)
-    for name in model.gate_fields():  # gate_mean, gate_cov (gated); gate_weights (softmax)
-        out[name] = np.asarray(getattr(params, name)).tolist()
-    if model.gate_fields() and not model.models_x:  # p(k | x) varies with x: its mean over the data
+    if "gate_weights" in out:  # p(k | x) varies with x: its mean over the data
         out["gate_intercept"] = np.asarray(params.log_weights).tolist()
         out["weights"] = np.asarray(model.posterior_k(result.params, x)).mean(axis=0).tolist()
     return out
@@ -73,26 +67,39 @@ def render_fit(summary: dict, *, x_names=None, title: str | None = None):
     table.add_column("size", justify="right")
     for n in names:
         table.add_column("(Intercept)" if n == "1" else n, justify="right")
-    table.add_column("sigma", justify="right")
+    has_scale = "scale" in summary
+    if has_scale:
+        table.add_column("sigma", justify="right")
     if "gate_mean" in summary:
         table.add_column("gate mean", justify="right")
         table.add_column("gate sd", justify="right")
     coef = np.asarray(summary["coef"])
-    scale = np.asarray(summary["scale"])
-    multi = coef.ndim == 3
+    scale = np.asarray(summary["scale"]) if has_scale else None
+    classes = summary.get("n_classes") if summary.get("response") == "categorical" else None
+    if classes is not None and coef.ndim == 3:  # one head: (K, C, P) -> rows per non-reference class
+        coef = coef[:, None]
+    multi = coef.ndim >= 3
     for k in range(summary["components"]):
         heads = range(coef.shape[1]) if multi else [None]
         for h in heads:
-            c = coef[k, h] if multi else coef[k]
-            s = scale[k, h] if multi else scale[k]
-            label = f"Comp.{k + 1}" + (f" [{summary.get('responses', range(99))[h]}]" if multi else "")
-            row = [label, f"{summary['weights'][k]:.4f}", str(summary["size"][k])]
-            row += [f"{v:.5g}" for v in c] + [f"{s:.5g}"]
-            if "gate_mean" in summary:
-                gm = np.asarray(summary["gate_mean"][k])
-                gs = np.sqrt(np.diag(np.asarray(summary["gate_cov"][k])))
-                row += [", ".join(f"{v:.4g}" for v in gm), ", ".join(f"{v:.4g}" for v in gs)]
-            table.add_row(*row)
+            for c_ in (range(1, classes) if classes is not None else [None]):
+                c = coef[k, h] if multi else coef[k]
+                if c_ is not None:
+                    c = c[c_]
+                label = f"Comp.{k + 1}"
+                if multi and (coef.shape[1] > 1 or classes is None):
+                    label += f" [{summary.get('responses', range(99))[h]}]"
+                if c_ is not None:
+                    label += f" y={c_}"
+                row = [label, f"{summary['weights'][k]:.4f}", str(summary["size"][k])]
+                row += [f"{v:.5g}" for v in c]
+                if has_scale:
+                    row += [f"{(scale[k, h] if multi else scale[k]):.5g}"]
+                if "gate_mean" in summary:
+                    gm = np.asarray(summary["gate_mean"][k])
+                    gs = np.sqrt(np.diag(np.asarray(summary["gate_cov"][k])))
+                    row += [", ".join(f"{v:.4g}" for v in gm), ", ".join(f"{v:.4g}" for v in gs)]
+                table.add_row(*row)
     status = "converged" if summary["converged"] else "NOT converged"
     foot = Text(
         f"log Lik {summary['loglik']:.6f} (df={summary['df']})   BIC {summary['bic']:.4f}   "

@@ -468,7 +468,9 @@ _fit_em_jit = jax.jit(
 ESTEP_BACKENDS = ("auto", "kernel", "xla")
 EM_KINDS = {"closed_form": "EM with closed-form M-steps",
             "generalized": "generalized EM: its M-step iterates",
-            "expected_stats": "EM on the family's expected statistics (stats_em)"}
+            "expected_stats": "EM on the family's expected statistics (stats_em)",
+            "responsibilities": "generalized EM: its M-step reads the rows with their "
+                                "responsibilities (stats_em)"}
 
 
 def platform_of(x, mesh=None) -> str:

@@ -1,14 +1,19 @@
-"""EM for every family whose E-step is additive expected statistics and whose M-step is closed form
-in them: the protocol's generic EM driver (``em_kind == "expected_stats"``; the mixture of HMMs,
-whose statistics are the forward-backward counts, is one such family).
+"""The protocol's generic EM driver, for two kinds of family:
 
-The family provides, on a :class:`~conceptshift.models.batch.Batch`:
+- ``em_kind == "expected_stats"``: the E-step is additive expected statistics and the M-step is closed
+  form in them (the mixture of HMMs, whose statistics are the forward-backward counts). The family
+  provides ``expected_stats(params, batch) -> (weighted log-likelihood, statistics)`` and
+  ``m_step_from_stats(stats)``, the maximiser of the expected complete-data log-likelihood plus
+  ``log_prior``.
+- ``em_kind == "responsibilities"``: the M-step reads the data with the E-step's responsibilities and
+  may iterate (generalized EM: the mixtures of generalized linear experts, whose M-step is Newton's
+  method). The family provides ``batch_component_log_probs(params, batch)`` (log pi_k + log p(row |
+  k), (N, K)) and ``m_step(params, batch, r)``, which must not lower the expected complete-data
+  log-likelihood plus ``log_prior``.
 
-- ``start_params(key, batch)``: one random start;
-- ``expected_stats(params, batch) -> (weighted log-likelihood, statistics)`` at ``params``;
-- ``m_step_from_stats(stats)``: the maximiser of the expected complete-data log-likelihood plus
-  ``log_prior``;
-- ``log_prior(params)``, ``batch_log_likelihood(params, batch)`` and ``n_params`` (for BIC).
+Both provide, on a :class:`~conceptshift.models.batch.Batch`, ``start_params(key, batch)`` (one
+random start), ``log_prior(params)``, ``batch_log_likelihood(params, batch)`` and ``n_params`` (for
+BIC).
 
 One call is one compiled program: restarts run side by side under ``vmap``, each the shared
 :func:`~conceptshift.inference.em.em_loop`; the restart with the highest log-likelihood is kept.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import logsumexp
 
 from .._validation import check_int
 from ..models.batch import Batch
@@ -42,6 +48,9 @@ from .em import (
 
 NEEDS = ("batch", "start_params", "expected_stats", "m_step_from_stats", "log_prior",
          "batch_log_likelihood")
+NEEDS_RESPONSIBILITIES = ("batch", "start_params", "batch_component_log_probs", "m_step", "log_prior",
+                          "batch_log_likelihood")
+KINDS = ("expected_stats", "responsibilities")
 
 STATS_CPU_BLOCK = 4096  # rows per block on a CPU ("auto"): the forward-backward keeps (T, rows, K, S)
 
@@ -110,13 +119,29 @@ def row_sum(fn, blocks: Batch, mesh=None):
     return lambda params: smap(params, blocks.x, blocks.y, blocks.w)
 
 
-def _run(model, blocks, params0, tol, max_iter: int, mesh):
-    stats_fn = row_sum(model.expected_stats, blocks, mesh)
-    ll_fn = row_sum(model.batch_log_likelihood, blocks, mesh)
+def responsibility_step(model, params, batch):
+    """One EM iteration of a ``"responsibilities"`` family: (new parameters, weighted
+    log-likelihood at the old ones)."""
+    clp = model.batch_component_log_probs(params, batch)
+    ll_n = logsumexp(clp, axis=-1)
+    r = jnp.exp(clp - ll_n[:, None])
+    return model.m_step(params, batch, r), jnp.sum(batch.w * ll_n)
 
-    def step(params):
-        ll, stats = stats_fn(params)
-        return model.m_step_from_stats(stats), ll, ll + model.log_prior(params)
+
+def _run(model, blocks, params0, tol, max_iter: int, mesh):
+    ll_fn = row_sum(model.batch_log_likelihood, blocks, mesh)
+    if model.em_kind == "expected_stats":
+        stats_fn = row_sum(model.expected_stats, blocks, mesh)
+
+        def step(params):
+            ll, stats = stats_fn(params)
+            return model.m_step_from_stats(stats), ll, ll + model.log_prior(params)
+    else:  # one block (the M-step reads every row)
+        batch = Batch(blocks.x[0], blocks.y[0], blocks.w[0])
+
+        def step(params):
+            new, ll = responsibility_step(model, params, batch)
+            return new, ll, ll + model.log_prior(params)
 
     params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, blocks.w.dtype,
                                                           jnp.sum(blocks.w))
@@ -135,6 +160,8 @@ def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: i
         params0 = jax.vmap(lambda k: model.start_params(k, batch))(jax.random.split(key, restarts))
     n_shards = 1 if mesh is None else mesh.shape["data"]
     width = model.row_width(batch) if hasattr(model, "row_width") else 1
+    if model.em_kind == "responsibilities":
+        block_size = None
     blocks = blocked_batch(batch, block_size, n_shards, platform, width)
     runs = jax.vmap(lambda p: _run(model, blocks, p, tol, max_iter, mesh))(params0)
     params, ll, obj, ll_tr, obj_tr, n_iter, conv = runs
@@ -164,8 +191,13 @@ def fit_stats_em(model, key, x, y=None, *, weights=None, restarts: int = 8, max_
     budget on an accelerator, both bounded by the family's ``row_width``; None: one block).
     ``mesh``: a ``jax.sharding.Mesh`` with an axis ``"data"``; the rows are split over its devices
     and the statistics summed (the fit equals the one-device fit to float rounding)."""
-    check_family(model, "fit_stats_em", em_kinds=("expected_stats",), needs=NEEDS)
+    check_family(model, "fit_stats_em", em_kinds=KINDS)
+    responsibilities = model.em_kind == "responsibilities"
+    check_family(model, "fit_stats_em", needs=NEEDS_RESPONSIBILITIES if responsibilities else NEEDS)
     key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
+    if responsibilities and (mesh is not None or block_size not in (None, "auto")):
+        raise ValueError(f"block_size and mesh are not supported for {type(model).__name__} (its "
+                         "M-step reads every row with its responsibilities)")
     if block_size is not None and block_size != "auto":
         block_size = check_int("block_size", block_size, minimum=1)
     if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):

@@ -4,6 +4,7 @@ from ._experts import DataStats, ExpertsFamily, Standardiser, numpyro_numerics
 from .basis import Basis
 from .batch import Batch
 from .gated import GatedExperts, GatedParams
+from .glm import CategoricalMixture, GLMParams, LogisticMixture, PoissonRegressionMixture
 from .hmm import HMMMixture, HMMParams
 from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
@@ -53,4 +54,8 @@ __all__ = [
     "simulate_hmm",
     "SoftmaxGatedExperts",
     "SoftmaxGatedParams",
+    "CategoricalMixture",
+    "GLMParams",
+    "LogisticMixture",
+    "PoissonRegressionMixture",
 ]

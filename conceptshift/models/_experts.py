@@ -708,6 +708,18 @@ class ExpertsFamily(EStepScheduling):
         return jnp.zeros((self.n_components,), dtype=bool)
 
     # ------------------------------------------------------------------ posterior sites
+    def fit_report(self, params) -> dict:
+        """The family's parameters for a fit summary (JSON-ready lists): ``coef`` (K x P; K x H x P
+        for several heads), ``scale`` (K; K x H) and the gate's fields."""
+        coef = np.asarray(params.coef)
+        scale = np.exp(np.asarray(params.log_scale))
+        if self.n_heads == 1:
+            coef, scale = coef[:, 0, :], scale[:, 0]
+        out = {"coef": coef.tolist(), "scale": scale.tolist()}
+        for name in self.gate_fields():  # gate_mean, gate_cov (gated); gate_weights (softmax)
+            out[name] = np.asarray(getattr(params, name)).tolist()
+        return out
+
     def gate_fields(self) -> tuple[str, ...]:
         """The parameter fields of the gate beyond ``log_weights`` (none for constant gates)."""
         return ()

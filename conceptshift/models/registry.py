@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from .gated import GatedExperts
+from .glm import CategoricalMixture, LogisticMixture, PoissonRegressionMixture
 from .hmm import HMMMixture
 from .regression import RegressionMixture
 from .softmax_gated import SoftmaxGatedExperts
@@ -93,3 +94,6 @@ register_family("regression", RegressionMixture)
 register_family("gated", GatedExperts)
 register_family("softmax", SoftmaxGatedExperts)
 register_family("hmm", HMMMixture, example={"n_states": 2, "n_tokens": 4})
+register_family("logistic", LogisticMixture)
+register_family("categorical", CategoricalMixture, example={"n_classes": 3})
+register_family("poisson", PoissonRegressionMixture)
