@@ -118,6 +118,7 @@ def test_identification_returns_the_fits_it_made():
     assert identify(prob.params_p, prob.params_q, prob.strong_model).source_fit is None
 
 
+@once  # Monte Carlo against quadrature: its tolerance is the draws', not the precision's
 def test_weak_label_refinement_is_prop_3_2_by_quadrature():
     """refinement's q̂(k | x) = int p(k | x, y') q(y' | x) dy' (Example 3.4) against a quadrature over
     y' on a fine grid, from the true source and weak target models; its mean is

@@ -37,16 +37,16 @@ def test_hmm_blocked_fit_equals_one_block():
 @once
 def test_online_em_of_hmm_reaches_batch_optimum(tmp_path):
     """Online EM through the protocol (``expected_stats``) on a mixture of HMMs read from .npy."""
-    m, x, y = _hmm_sample(8000)
+    m, x, y = _hmm_sample(4000)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     batch = fit_em(m, jax.random.key(0), x, y, restarts=4)
     online = fit_online_em(m, jax.random.key(0), tmp_path / "x.npy", tmp_path / "y.npy",
-                           chunk_size=1000, epochs=3)
-    assert online.n_chunks == 24 and online.n_rows == 8000
-    per_sample_gap = (float(batch.loglik) - online.loglik) / 8000
+                           chunk_size=1000, epochs=4)
+    assert online.n_chunks == 16 and online.n_rows == 4000
+    per_sample_gap = (float(batch.loglik) - online.loglik) / 4000
     assert -1e-4 < per_sample_gap < 2e-3, per_sample_gap
     np.testing.assert_allclose(online.loglik, float(m.log_likelihood(online.params, x, y=y)),
                                rtol=1e-5)
-    with pytest.raises(ValueError, match="y must be None or have 8000 rows"):
+    with pytest.raises(ValueError, match="y must be None or have 4000 rows"):
         fit_online_em(m, jax.random.key(0), x, y[:10])
