@@ -94,6 +94,7 @@ def test_hmm_quick(tmp_path):
 
 
 @float32_only
+@pytest.mark.slow
 def test_svi_quick(tmp_path):
     out = tmp_path / "svi.json"
     res = _load("svi").main(["--quick", "--out", str(out)])
@@ -105,6 +106,7 @@ def test_svi_quick(tmp_path):
 
 
 @float32_only
+@pytest.mark.slow
 def test_restarts_quick(tmp_path):
     out = tmp_path / "restarts.json"
     res = _load("restarts").main(["--quick", "--out", str(out)])

@@ -152,6 +152,7 @@ def test_weak_label_refinement_is_prop_3_2_by_quadrature():
     np.testing.assert_allclose(mass, 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 @once  # precision-independent plumbing
 def test_refined_predictors_are_pytrees_under_jit_and_vmap():
     prob = make_problem(jax.random.key(0), n_components=3)

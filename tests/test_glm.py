@@ -72,6 +72,7 @@ def test_flexmix_npreg_poisson_optimum_reached(data_dir):
                                [0.4618813, 0.5381187], atol=rtol(2e-3, 1e-4))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not X64, reason="3000 EM iterations in a flat likelihood: the float64 pass")
 def test_flexmix_npreg_binomial_loglik_reached(data_dir):
     """flexmix's binomial K = 2 fit (-138.251029927) is weakly identified; EM run long enough reaches

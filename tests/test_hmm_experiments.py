@@ -45,6 +45,7 @@ def test_experiment_runs_end_to_end_and_resumes(tmp_path, name, extra):
     assert again["cells_computed"] == [] and len(again["cells_reused"]) == len(res["cells_computed"])
 
 
+@pytest.mark.slow
 @once
 def test_one_generic_replicate_serves_both_families_without_recompiling():
     """experiments.common.replicate (the one the regression experiments run, tests/test_experiments.py)

@@ -2,10 +2,15 @@
 generic driver: blocked statistics give the one-block fit; online EM reaches the batch optimum. (The
 4-device mesh check is tests/test_scale.py's sharded test, which fits an HMM too.)"""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import numpy as np
 import pytest
-from conftest import once, rtol
+from conftest import X64, once, rtol
 
 from conceptshift.inference import fit_em
 from conceptshift.inference.online import fit_online_em
@@ -21,6 +26,7 @@ def _hmm_sample(n, seed=1):
     return HMMMixture(2, 3, 6, n_heads=1), x, np.asarray(sim.source.y)
 
 
+@once  # plumbing: the sums are the same in either precision
 def test_hmm_blocked_fit_equals_one_block():
     """The generic driver sums the expected counts over row blocks (padding rows add nothing)."""
     m, x, y = _hmm_sample(1003)
@@ -34,6 +40,7 @@ def test_hmm_blocked_fit_equals_one_block():
         fit_em(m, jax.random.key(3), x, y, block_size=0)
 
 
+@pytest.mark.slow
 @once
 def test_online_em_of_hmm_reaches_batch_optimum(tmp_path):
     """Online EM through the protocol (``expected_stats``) on a mixture of HMMs read from .npy."""
@@ -50,3 +57,36 @@ def test_online_em_of_hmm_reaches_batch_optimum(tmp_path):
                                rtol=1e-5)
     with pytest.raises(ValueError, match="y must be None or have 4000 rows"):
         fit_online_em(m, jax.random.key(0), x, y[:10])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not X64, reason="checked where its tolerance is tight: the float64 pass")
+def test_hmm_sharded_fit_equals_single_device():
+    """Four host devices (a subprocess: the device count is fixed when JAX starts), blocks of 100
+    sequences: the HMM's expected counts summed by psum give the one-device fit."""
+    code = textwrap.dedent("""
+        import jax, numpy as np
+        from jax.sharding import Mesh
+        from conceptshift.inference import fit_em
+        from conceptshift.models import HMMMixture
+        from conceptshift.models.batch import pad_tokens
+        assert len(jax.devices()) == 4, jax.devices()
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        hm = HMMMixture(2, 3, 5, n_heads=1)
+        hp = hm.init_params(jax.random.key(0))
+        tx, tl, ty, _ = hm.sample(jax.random.key(1), hp, 1001, 6)
+        tx = pad_tokens(tx, tl)
+        ha = fit_em(hm, jax.random.key(2), tx, ty, restarts=2, max_iter=40, tol=0.0)
+        hb = fit_em(hm, jax.random.key(2), tx, ty, restarts=2, max_iter=40, tol=0.0, mesh=mesh,
+                    block_size=100)
+        hrel = abs(float(ha.loglik) - float(hb.loglik)) / abs(float(ha.loglik))
+        hdiff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+                    for u, v in zip(ha.params, hb.params))
+        print(hrel, hdiff)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hrel, hdiff = (float(v) for v in out.stdout.split())
+    assert hrel < 1e-12 and hdiff < 1e-8

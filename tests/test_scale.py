@@ -83,29 +83,15 @@ def test_sharded_fit_equals_single_device():
         bp = m.permute(b.params, perm)
         diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
                    for u, v in zip(a.params, bp))
-        # a family with expected statistics (the mixture of HMMs) through the same mesh
-        from conceptshift.models import HMMMixture
-        from conceptshift.models.batch import pad_tokens
-        hm = HMMMixture(2, 3, 5, n_heads=1)
-        hp = hm.init_params(jax.random.key(0))
-        tx, tl, ty, _ = hm.sample(jax.random.key(1), hp, 1001, 6)
-        tx = pad_tokens(tx, tl)
-        ha = fit_em(hm, jax.random.key(2), tx, ty, restarts=2, max_iter=40, tol=0.0)
-        hb = fit_em(hm, jax.random.key(2), tx, ty, restarts=2, max_iter=40, tol=0.0, mesh=mesh,
-                    block_size=100)
-        hrel = abs(float(ha.loglik) - float(hb.loglik)) / abs(float(ha.loglik))
-        hdiff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-                    for u, v in zip(ha.params, hb.params))
-        print(rel, diff, int(a.n_iter), int(b.n_iter), hrel, hdiff)
+        print(rel, diff, int(a.n_iter), int(b.n_iter))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rel, diff, it_a, it_b, hrel, hdiff = out.stdout.split()
+    rel, diff, it_a, it_b = out.stdout.split()
     assert float(rel) < 1e-12  # the float64 pass only (see the skip above)
     assert float(diff) < 1e-8
-    assert float(hrel) < 1e-12 and float(hdiff) < 1e-8  # the HMM: 4 devices x blocks of 100 rows
 
 
 @once
