@@ -60,6 +60,7 @@ def test_em_iteration_numpy_baseline_is_em():
 
 
 @float32_only
+@pytest.mark.slow
 def test_replicates_quick(tmp_path):
     out = tmp_path / "rep.json"
     res = _load("replicates").main(["--quick", "--out", str(out)])

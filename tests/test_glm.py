@@ -155,3 +155,18 @@ def test_fit_summary_of_a_categorical_fit():
     coef = np.asarray(s["coef"])
     assert coef.shape == (2, 3, 2) and np.all(coef[:, 0] == 0) and "scale" not in s
     assert s["n_classes"] == 3 and sum(s["size"]) == 200
+
+
+@pytest.mark.parametrize("cls, extra", [(PoissonRegressionMixture, {}), (LogisticMixture, {}),
+                                        (CategoricalMixture, {"n_classes": 4})])
+def test_newton_gradient_and_hessian_are_the_objectives(cls, extra):
+    """The M-step's closed-form gradient and Hessian equal autodiff's of the weighted objective."""
+    m = cls(2, 2, reg=0.3, **extra)
+    batch = m.sample_batch(jax.random.key(0), m.init_params(jax.random.key(1)), 50)
+    phi = m.design(batch.x)
+    rw = jax.random.uniform(jax.random.key(2), (50,), phi.dtype)
+    beta = 0.3 * jax.random.normal(jax.random.key(3), (m.n_predictors * m.n_coef,), phi.dtype)
+    g, h = m._grad_hess(beta, phi, batch.y[:, 0], rw)
+    f = lambda b: m._head_objective(b, phi, batch.y[:, 0], rw)  # noqa: E731
+    np.testing.assert_allclose(g, jax.grad(f)(beta), rtol=rtol(1e-4, 1e-10), atol=rtol(1e-4, 1e-10))
+    np.testing.assert_allclose(h, jax.hessian(f)(beta), rtol=rtol(1e-4, 1e-10), atol=rtol(1e-4, 1e-10))
