@@ -119,9 +119,12 @@ def oracle(key, model, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
 
 
 def _pooled(source: Data, target: Data, lam):
-    x = jnp.concatenate([target.x, source.x], 0)
-    y = jnp.concatenate([target.y_weak, source.y], 0)
-    w = jnp.concatenate([target.w, lam * source.w], 0)
+    """Q' (weight 1) and P (weight lam) stacked, in the working precision (numpy float64 input
+    included)."""
+    dt = float_dtype()
+    x = jnp.concatenate([jnp.asarray(target.x, dt), jnp.asarray(source.x, dt)], 0)
+    y = jnp.concatenate([jnp.asarray(target.y_weak, dt), jnp.asarray(source.y, dt)], 0)
+    w = jnp.concatenate([jnp.asarray(target.w, dt), jnp.asarray(lam, dt) * jnp.asarray(source.w, dt)], 0)
     return x, y, w
 
 
@@ -132,7 +135,7 @@ def weak_training_sq(model: ExpertsFamily, source: Data, target: Data, lam) -> P
     For the regression families (a conditional mean linear in their design)."""
     check_family(model, "weak_training_sq", em_kinds=("closed_form", "generalized"))
     _check_weak_training(model, source, target, lam)
-    x, y, w = _pooled(source, target, jnp.asarray(lam, source.x.dtype))
+    x, y, w = _pooled(source, target, lam)
     ls = RegressionMixture(1, model.n_features, degree=model.degree, basis_fn=model.basis_fn,
                            reg=model.reg)
     # solved on standardised data like every fit, so that it does not depend on where they sit
@@ -167,7 +170,7 @@ def weak_training_ll(key, model, source: Data, target: Data, lam,
                      opts: EMOptions = EMOptions()) -> Predictor:
     """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
     _check_weak_training(model, source, target, lam)
-    x, y, w = _pooled(source, target, jnp.asarray(lam, source.w.dtype))
+    x, y, w = _pooled(source, target, lam)
     fit = fit_em_with(model.with_heads(1), key, x, y, w, opts)
     return Predictor(model.with_heads(1), fit.params)
 

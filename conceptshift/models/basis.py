@@ -127,6 +127,7 @@ class Basis:
     def transposed(self, xT: Array) -> Array:
         """The design matrix transposed, (P, N), from ``xT`` (D, N): the E-step's layout, in which
         reductions over samples run along the minor axis."""
+        xT = jnp.asarray(xT)  # numpy input in the working precision
         ones = jnp.ones((1, xT.shape[1]), dtype=xT.dtype)
         if self.fn is not None:
             return jnp.concatenate([ones, jnp.asarray(self.fn(xT.T), dtype=xT.dtype).T], axis=0)
@@ -140,6 +141,7 @@ class Basis:
 
     def __call__(self, x: Array) -> Array:
         """Design matrix (N, P) of ``x`` (N, D)."""
+        x = jnp.asarray(x)  # numpy input in the working precision
         ones = jnp.ones((x.shape[0], 1), dtype=x.dtype)
         if self.fn is not None:
             return jnp.concatenate([ones, jnp.asarray(self.fn(x), dtype=x.dtype)], axis=1)
