@@ -21,6 +21,11 @@ class UnrepresentableFitError(ValueError):
         self.problem = problem
 
 
+class DiscreteResponseWarning(UserWarning):
+    """A family with Gaussian responses given responses that look discrete (0/1 labels, a few
+    classes or counts): its density is not a probability of those values."""
+
+
 class PrecisionWarning(UserWarning):
     """Fitted parameters that keep only part of their precision on the data's own scale;
     ``problem`` as in :class:`UnrepresentableFitError`."""

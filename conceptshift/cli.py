@@ -168,11 +168,12 @@ def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
     only roughly there is one warning line on stderr."""
     import warnings
 
-    from ._validation import PrecisionWarning, UnrepresentableFitError
+    from ._validation import DiscreteResponseWarning, PrecisionWarning, UnrepresentableFitError
 
     advice = "rescale the data" + (" or drop --float32" if float32 else "")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrecisionWarning)
+        warnings.simplefilter("always", DiscreteResponseWarning)
         try:
             result = fit(model, key, x, y, **kw)
         except UnrepresentableFitError as err:
@@ -180,6 +181,8 @@ def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
     for w in caught:
         if issubclass(w.category, PrecisionWarning):
             sys.stderr.write(f"warning: {w.message.problem}; {advice}\n")
+        elif issubclass(w.category, DiscreteResponseWarning):
+            sys.stderr.write(f"warning: {w.message}\n")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return result
@@ -226,9 +229,12 @@ def cmd_fit(args) -> int:
                                  f" rescale the data or drop --float32")
 
     setup_precision(args.float32)
+    import warnings
+
     import jax
     import numpy as np
 
+    from ._validation import DiscreteResponseWarning
     from .diagnostics import fit_summary, render_fit
     from .inference import fit_em
     from .models import family
@@ -263,7 +269,9 @@ def cmd_fit(args) -> int:
         result = _fit_reporting_precision(fit_em, model, jax.random.key(args.seed), x, y,
                                           args.float32, restarts=args.restarts,
                                           max_iter=args.max_iter, tol=args.tol)
-        summary = fit_summary(model, result, x, y, response_names=[args.y])
+        with warnings.catch_warnings():  # said once already, by the fit
+            warnings.simplefilter("ignore", DiscreteResponseWarning)
+            summary = fit_summary(model, result, x, y, response_names=[args.y])
     check_summary_finite(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov",
                                    "gate_weights"), args.float32)
     summary.update(data=str(args.data), y=args.y, x=xs, degree=degree, seed=args.seed,

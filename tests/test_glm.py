@@ -170,3 +170,27 @@ def test_newton_gradient_and_hessian_are_the_objectives(cls, extra):
     f = lambda b: m._head_objective(b, phi, batch.y[:, 0], rw)  # noqa: E731
     np.testing.assert_allclose(g, jax.grad(f)(beta), rtol=rtol(1e-4, 1e-10), atol=rtol(1e-4, 1e-10))
     np.testing.assert_allclose(h, jax.hessian(f)(beta), rtol=rtol(1e-4, 1e-10), atol=rtol(1e-4, 1e-10))
+
+
+@once
+def test_gaussian_family_given_discrete_y_warns(data_dir):
+    """A family with Gaussian responses given 0/1 labels or a few integer levels says so (Python:
+    a DiscreteResponseWarning naming the discrete families; CLI: one warning line, the fit runs)."""
+    from conceptshift._validation import DiscreteResponseWarning
+    from conceptshift.models import RegressionMixture
+
+    x = np.linspace(-1, 1, 40)
+    with pytest.warns(DiscreteResponseWarning, match="0/1 labels.*logistic"):
+        RegressionMixture(2).batch(x, (x > 0).astype(float))
+    with pytest.warns(DiscreteResponseWarning, match="3 integer levels.*categorical or Poisson"):
+        RegressionMixture(2).batch(x, np.round(x + 1))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiscreteResponseWarning)
+        RegressionMixture(2).batch(x, x**2)  # continuous: silent
+    p = subprocess.run([sys.executable, "-m", "conceptshift.cli", "fit", str(data_dir / "NPreg.csv"),
+                        "-k", "2", "--y", "yb", "--x", "x", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and json.loads(p.stdout)["family"] == "regression"
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("warning: y holds only 0/1 labels")

@@ -23,6 +23,7 @@ exactly has RSS ~ 0 and lands on the floor s2 = nu v_h / (N_k + nu) instead of z
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -34,7 +35,7 @@ from jax import Array
 from jax.scipy.special import logsumexp
 
 from .. import _precision as _p
-from .._validation import as_float_array, check_float, check_int
+from .._validation import DiscreteResponseWarning, as_float_array, check_float, check_int, is_traced
 from ._estep import EStepScheduling
 from .basis import Basis
 from .batch import Batch
@@ -148,6 +149,30 @@ def _tiny(dtype) -> Array:
     return jnp.asarray(jnp.finfo(dtype).tiny, dtype)
 
 
+DISCRETE_LEVELS = 10  # integer responses with at most this many distinct values look discrete
+
+
+def _warn_if_discrete(y, name: str) -> None:
+    """A DiscreteResponseWarning when concrete responses are 0/1 labels or a few integer levels: a
+    Gaussian density on them can exceed 1, and its log-likelihood is not that of the labels."""
+    if is_traced(y) or y.size == 0:
+        return
+    v = np.asarray(y, dtype=np.float64)
+    if not np.all(v == np.round(v)):
+        return
+    levels = np.unique(v)
+    if levels.size > DISCRETE_LEVELS:
+        return
+    binary = set(levels.tolist()) <= {0.0, 1.0}
+    kind = "0/1 labels" if binary else f"{levels.size} integer levels"
+    advice = ("the logistic family (LogisticMixture, --family logistic)" if binary else
+              "the categorical or Poisson family (CategoricalMixture, PoissonRegressionMixture; "
+              "--family categorical or poisson)")
+    warnings.warn(DiscreteResponseWarning(
+        f"y holds only {kind}: {name} models Gaussian responses, whose density on them is not a "
+        f"probability (it can exceed 1); for discrete y use {advice}"), stacklevel=3)
+
+
 @dataclass(frozen=True)
 class ExpertsFamily(EStepScheduling):
     """Base of the families whose experts are Gaussian regressions on a feature map.
@@ -248,6 +273,7 @@ class ExpertsFamily(EStepScheduling):
                 y = y[:, None]
             if y.shape != (n, self.n_heads):
                 raise ValueError(f"y must have shape ({n}, {self.n_heads}), got {y.shape}")
+            _warn_if_discrete(y, type(self).__name__)
             out.append(y)
         if weights is not None:
             weights = conv("weights", weights, 1)
