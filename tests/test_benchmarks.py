@@ -22,6 +22,7 @@ float32_only = pytest.mark.skipif(X64, reason="the benchmarks measure float32; r
 
 
 @float32_only
+@pytest.mark.slow  # the benchmark smoke tests run in make test-slow (the default run is at 10 min)
 def test_em_iteration_quick(tmp_path):
     out = tmp_path / "em.json"
     res = _load("em_iteration").main(["--quick", "--out", str(out)])
