@@ -42,6 +42,8 @@ FAMILY_FLAGS = {
     "--shared-scale": ("shared_scale", "shared_scale"),
     "--covariance": ("covariance", "covariance"),
     "--classes": ("classes", "n_classes"),
+    "--gate": ("gate", "gate"),
+    "--gate-x": ("gate_x", "gate_columns"),
     "--states": ("states", "n_states"),
     "--tokens": ("tokens", "n_tokens"),
 }
@@ -117,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
     f.add_argument("--classes", type=_int, help="classes C of a categorical response (--family "
                    "categorical; default: the largest label + 1)")
+    f.add_argument("--gate", choices=["constant", "gaussian", "softmax"],
+                   help="the gate p(k | x) of GLM experts (logistic, categorical, poisson): constant "
+                        "proportions (default), a Gaussian law of the gate covariates per component, "
+                        "or softmax logits linear in them (flexmix's concomitant model)")
+    f.add_argument("--gate-x", nargs="+", metavar="COL",
+                   help="the gate's covariate column(s) (--gate gaussian or softmax; default the --x "
+                        "columns)")
     f.add_argument("--states", type=_int, help="hidden states S (--family hmm)")
     f.add_argument("--tokens", type=_int, help="vocabulary size V (--family hmm; default: max + 1)")
 
@@ -204,12 +213,22 @@ def cmd_fit(args) -> int:
     dup = sorted({c for c in xs if xs.count(c) > 1})
     if dup:
         raise UsageError(f"--x names {dup[0]!r} twice")
+    gx = list(args.gate_x or [])
+    if gx and args.gate in (None, "constant"):
+        raise UsageError("--gate-x names the covariates of a gate on x: it needs --gate gaussian or "
+                         "--gate softmax")
+    if args.y in gx:
+        raise UsageError(f"--gate-x {args.y!r} is also the response --y")
+    dup = sorted({c for c in gx if gx.count(c) > 1})
+    if dup:
+        raise UsageError(f"--gate-x names {dup[0]!r} twice")
     if args.degree is not None and not xs:
         raise UsageError("--degree needs at least one --x column (without --x the fit is "
                          "intercept only)")
     degree = 1 if args.degree is None else args.degree
     check_range("--degree", degree, 1, MAX_DEGREE)
-    cols = read_csv_columns(args.data, [args.y, *xs])
+    all_x = xs + [c for c in gx if c not in xs]  # x as the family reads it: --x, then gate-only columns
+    cols = read_csv_columns(args.data, [args.y, *all_x])
     n = len(cols[args.y])
     if args.components > n:
         raise UsageError(f"--components {args.components} exceeds the {n} data rows")
@@ -241,7 +260,12 @@ def cmd_fit(args) -> int:
     from .models.registry import family_class
 
     fields = _fields(args.family)
-    kw = dict(n_features=D)
+    kw = dict(n_features=len(all_x))
+    if args.gate is not None:
+        kw["gate"] = args.gate
+    if gx:
+        kw["expert_columns"] = tuple(range(D))
+        kw["gate_columns"] = tuple(all_x.index(c) for c in gx)
     if "degree" in fields:
         kw["degree"] = degree if D else 0
     if "shared_scale" in fields:
@@ -256,12 +280,12 @@ def cmd_fit(args) -> int:
     try:
         model = family(args.family, n_components=args.components, **kw)
     except ValueError as err:
-        if D:
+        if all_x:
             raise
         raise UsageError(f"--family {args.family} needs at least one --x column ({err})") from None
-    if getattr(model, "gate_fields", lambda: ())() and not D:
+    if getattr(model, "gate_fields", lambda: ())() and not all_x:
         raise UsageError(f"--family {args.family} gates on x: it needs at least one --x column")
-    x = np.stack([cols[c] for c in xs], axis=1) if D else None
+    x = np.stack([cols[c] for c in all_x], axis=1) if all_x else None
     y = cols[args.y]
     console = Console(stderr=True)
     with console.status(f"fitting K={args.components} by EM, {args.restarts} restarts...",
@@ -274,8 +298,9 @@ def cmd_fit(args) -> int:
             summary = fit_summary(model, result, x, y, response_names=[args.y])
     check_summary_finite(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov",
                                    "gate_weights"), args.float32)
-    summary.update(data=str(args.data), y=args.y, x=xs, degree=degree, seed=args.seed,
-                   restarts=args.restarts)
+    gated = args.gate not in (None, "constant")
+    summary.update(data=str(args.data), y=args.y, x=xs, gate_x=(gx or xs) if gated else [],
+                   degree=degree, seed=args.seed, restarts=args.restarts)
     if args.out is not None:
         write_json_atomic(args.out / "fit.json", summary)
     if args.json:
@@ -284,7 +309,7 @@ def cmd_fit(args) -> int:
         out = Console()
         title = (f"{args.family} mixture of {args.y} on {', '.join(xs) or 'intercept'}"
                  f" (K = {args.components})")
-        out.print(render_fit(summary, x_names=xs, title=title))
+        out.print(render_fit(summary, x_names=all_x, title=title))
         if args.out is not None:
             out.print(f"written: {args.out / 'fit.json'}")
     return 0

@@ -15,6 +15,8 @@ Every check goes through the protocol only (``batch``, ``sample_batch``, ``batch
 - ``fit_svi`` runs on it and ``relabel`` undoes a known permutation of draws.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,9 +36,17 @@ from conceptshift.models import Standardiser, family_example, family_names
 DTYPE = jnp.zeros((), dtype=float).dtype
 
 
+# registered families under other hyperparameters that change their structure (the gates)
+VARIANTS = {"logistic_softmax_gate": ("logistic", {"gate": "softmax"}),
+            "poisson_gaussian_gate": ("poisson", {"gate": "gaussian", "n_features": 2,
+                                                  "gate_columns": (1, 0), "expert_columns": (0,)})}
+CASES = family_names() + tuple(VARIANTS)
+
+
 def _setup(name, seed=0, n=120):
     """A small instance (the registered example, K = 2, two heads) and a batch drawn from it."""
-    model = family_example(name)
+    base, hyper = VARIANTS.get(name, (name, {}))
+    model = dataclasses.replace(family_example(base), **hyper)
     kp, kb = jax.random.split(jax.random.key(seed))
     params = model.init_params(kp, DTYPE)
     return model, params, model.sample_batch(kb, params, n)
@@ -50,7 +60,7 @@ def _compiled_fits():
     return _fit_em_jit._cache_size() + _fit_gem_jit._cache_size() + _fit_hmm_jit._cache_size()
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 def test_log_likelihood_is_the_numpyro_models_density(name):
     model, params, batch = _setup(name)
     w = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, batch.w.shape), DTYPE)
@@ -65,7 +75,7 @@ def test_log_likelihood_is_the_numpyro_models_density(name):
     np.testing.assert_allclose(observed, _total(model, params, batch), rtol=rtol(1e-5, 1e-12))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 def test_per_row_proportions_set_the_posterior(name):
     """The refinement estimators' requirement on ``log_weights``: p(k | x) is
     softmax_k(log pi_k + f_k(x)), so per-row proportions log pi_k + log q_k - log p(k | x) make the
@@ -82,7 +92,7 @@ def test_per_row_proportions_set_the_posterior(name):
     np.testing.assert_allclose(got, lq, atol=rtol(2e-5, 1e-12))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 def test_permutation_invariance(name):
     model, params, batch = _setup(name)
     perm = jnp.asarray([1, 0])
@@ -90,7 +100,7 @@ def test_permutation_invariance(name):
                                _total(model, params, batch), rtol=rtol(1e-6, 1e-13))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 def test_standard_coordinates_round_trip(name):
     model, params, _ = _setup(name)
     if not callable(getattr(model, "params_to_standard", None)):
@@ -104,7 +114,7 @@ def test_standard_coordinates_round_trip(name):
                                    atol=rtol(1e-4, 1e-10))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 def test_sites_round_trip(name):
     model, params, _ = _setup(name)
     back = params_from_sites(model, sites_from_params(model, params))
@@ -116,7 +126,7 @@ def test_sites_round_trip(name):
                                    err_msg=field)
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 def test_fit_em_monotone_jit_vmap_and_no_recompile(name):
     model, params, batch = _setup(name)
     fit = fit_em(model, jax.random.key(1), batch.x, batch.y, max_iter=300)  # the default 8 restarts
@@ -137,7 +147,7 @@ def test_fit_em_monotone_jit_vmap_and_no_recompile(name):
     np.testing.assert_allclose(np.asarray(ll), _total(model, params, batch), rtol=rtol(1e-5, 1e-12))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 @once  # precision-independent plumbing
 def test_fit_svi_runs_and_relabel_undoes_a_permutation(name):
     model, params, batch = _setup(name)
@@ -154,7 +164,7 @@ def test_fit_svi_runs_and_relabel_undoes_a_permutation(name):
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 def test_algorithm_1_undoes_a_known_relabelling(name):
     """A weak-target 'fit' that is the source fit with its components swapped, its weak head only,
     and other proportions: identify matches component k to its image and moves the proportions."""
@@ -170,7 +180,7 @@ def test_algorithm_1_undoes_a_known_relabelling(name):
                                rtol=rtol(1e-6, 1e-12))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", CASES)
 @once  # precision-independent plumbing
 def test_parametric_bootstrap_runs(name):
     """bootstrap_em: refits of data redrawn from the fit (the family's resample_batch), one

@@ -73,6 +73,9 @@ def render_fit(summary: dict, *, x_names=None, title: str | None = None):
     if "gate_mean" in summary:
         table.add_column("gate mean", justify="right")
         table.add_column("gate sd", justify="right")
+    if "gate_weights" in summary:
+        table.add_column("gate logit b", justify="right")
+        table.add_column("gate slopes W", justify="right")
     coef = np.asarray(summary["coef"])
     scale = np.asarray(summary["scale"]) if has_scale else None
     classes = summary.get("n_classes") if summary.get("response") == "categorical" else None
@@ -99,6 +102,9 @@ def render_fit(summary: dict, *, x_names=None, title: str | None = None):
                     gm = np.asarray(summary["gate_mean"][k])
                     gs = np.sqrt(np.diag(np.asarray(summary["gate_cov"][k])))
                     row += [", ".join(f"{v:.4g}" for v in gm), ", ".join(f"{v:.4g}" for v in gs)]
+                if "gate_weights" in summary:
+                    row += [f"{summary['gate_intercept'][k]:.4g}",
+                            ", ".join(f"{v:.4g}" for v in summary["gate_weights"][k])]
                 table.add_row(*row)
     status = "converged" if summary["converged"] else "NOT converged"
     foot = Text(

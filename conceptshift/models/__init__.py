@@ -4,7 +4,14 @@ from ._experts import DataStats, ExpertsFamily, Standardiser, numpyro_numerics
 from .basis import Basis
 from .batch import Batch
 from .gated import GatedExperts, GatedParams
-from .glm import CategoricalMixture, GLMParams, LogisticMixture, PoissonRegressionMixture
+from .glm import (
+    CategoricalMixture,
+    GLMGaussianParams,
+    GLMParams,
+    GLMSoftmaxParams,
+    LogisticMixture,
+    PoissonRegressionMixture,
+)
 from .hmm import HMMMixture, HMMParams
 from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
 from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
@@ -55,7 +62,9 @@ __all__ = [
     "SoftmaxGatedExperts",
     "SoftmaxGatedParams",
     "CategoricalMixture",
+    "GLMGaussianParams",
     "GLMParams",
+    "GLMSoftmaxParams",
     "LogisticMixture",
     "PoissonRegressionMixture",
 ]

@@ -1,5 +1,6 @@
 """Mixtures of generalized linear experts for discrete responses: Bernoulli (logit link), categorical
-(softmax over C classes) and Poisson (log link), with a constant gate, one file on the family protocol.
+(softmax over C classes) and Poisson (log link), with a constant, Gaussian or softmax gate, one file on
+the family protocol.
 
 Component k has proportion pi_k and, for each head h (the strong label y, the weak label y', ...), a
 linear predictor on the design Phi(x) = (1, x_1, .., x_D) (intercept first):
@@ -10,7 +11,16 @@ linear predictor on the design Phi(x) = (1, x_1, .., x_D) (intercept first):
   poisson      y | x, k ~ Poisson(exp(Phi(x) . beta_kh))
 
 so ``coef`` has shape (K, H, R, P) with R = 1 (Bernoulli, Poisson) or C - 1 (categorical) linear
-predictors per head and P = 1 + D.
+predictors per head and P = 1 + D (the experts read the columns ``expert_columns`` of x, default all).
+
+The gate p(k | x) = softmax_k(log pi_k + f_k(x)) reads the columns ``gate_columns`` of x, u (default
+all):
+
+  constant   f_k = 0: p(k | x) = pi_k; the likelihood is log p(y | x)                 (GLMParams)
+  softmax    f_k = W_k . u, flexmix's concomitant model (FLXPmultinom): log_weights holds the offsets
+             b (logsumexp(b) = 0), W (K, G) the slopes (sum_k W_k = 0); log p(y | x) (GLMSoftmaxParams)
+  gaussian   f_k = log N(u; m_k, S_k), a cluster-weighted model: the likelihood is the joint
+             log p(u, y | rest of x) = log sum_k pi_k N(u; m_k, S_k) p(y | x, k)   (GLMGaussianParams)
 
 EM (``em_kind = "responsibilities"``, the protocol's generic driver): the E-step is the posterior over k
 of :meth:`batch_component_log_probs`; the M-step sets the proportions in closed form and maximises, for
@@ -19,11 +29,16 @@ by ``newton_steps`` Newton steps from the current coefficients (the problem is c
 halving: a step is taken only if it does not lower that objective, so EM's objective (log-likelihood plus
 log prior) never decreases (a generalized EM). The prior: Dirichlet(1 + reg) on the proportions and
 N(0, 1 / reg) on every coefficient (the ridge); ``reg = 0`` is the maximum-likelihood fit (flexmix's
-``FLXMRglm``), which can run off to infinity on separable data.
+``FLXMRglm``), which can run off to infinity on separable data. The gates' M-steps: the Gaussian gate's
+means and covariances in closed form, S_k = (scatter_k + nu I) / (N_k + nu) with nu = max(reg, 1e-6)
+(the MAP of an inverse-Wishart-like prior, which keeps S_k positive definite); the softmax gate's (b, W)
+by the same safeguarded Newton steps on sum_n w_n sum_k r_nk log p(k | x_n) - reg / 2 |W|^2, in the
+subspace sum_k W_k = 0 (the softmax's common shift is not identified).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -45,12 +60,64 @@ HALVINGS = 12  # step sizes 1, 1/2, .., 2^-12 are tried in each Newton step
 
 
 class GLMParams(NamedTuple):
+    """A constant gate's parameters."""
+
     log_weights: Array  # (K,) log pi_k
     coef: Array  # (K, H, R, P): R linear predictors per head on the design (intercept first)
 
     @property
     def weights(self) -> Array:
         return jax.nn.softmax(self.log_weights)
+
+
+class GLMSoftmaxParams(NamedTuple):
+    """A softmax gate's parameters: p(k | x) = softmax_k(b + W u)."""
+
+    log_weights: Array  # (K,) gate offsets b, logsumexp(b) = 0 (the proportions at u = 0)
+    coef: Array  # (K, H, R, P)
+    gate_weights: Array  # (K, G) gate slopes W, sum_k W_k = 0
+
+    @property
+    def weights(self) -> Array:
+        return jax.nn.softmax(self.log_weights)
+
+
+class GLMGaussianParams(NamedTuple):
+    """A Gaussian gate's parameters: p(k | x) proportional to pi_k N(u; m_k, S_k)."""
+
+    log_weights: Array  # (K,) log pi_k
+    coef: Array  # (K, H, R, P)
+    gate_mean: Array  # (K, G) m_k
+    gate_cov: Array  # (K, G, G) S_k
+
+    @property
+    def weights(self) -> Array:
+        return jax.nn.softmax(self.log_weights)
+
+
+GATES = ("constant", "gaussian", "softmax")
+
+
+def _safeguarded_newton(f, grad_hess, beta0: Array, n_steps: int) -> Array:
+    """``n_steps`` Newton steps on the concave f from beta0, each with step halving: the largest step
+    1, 1/2, .., 2^-HALVINGS that does not lower f is taken (none if every one would)."""
+    steps = 2.0 ** -jnp.arange(HALVINGS + 1, dtype=beta0.dtype)
+    eye = jnp.eye(beta0.shape[0], dtype=beta0.dtype)
+
+    def one(beta, _):
+        g, h = grad_hess(beta)
+        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h))), jnp.finfo(beta.dtype).tiny)
+        d = jnp.linalg.solve(h - 1e-10 * scale * eye, -g)  # ascent direction (h is negative)
+        d = jnp.where(jnp.all(jnp.isfinite(d)), d, jnp.zeros_like(d))
+        f0 = f(beta)
+        vals = jax.vmap(lambda t: f(beta + t * d))(steps)
+        ok = jnp.isfinite(vals) & (vals >= f0)
+        t = jnp.where(jnp.any(ok), steps[jnp.argmax(ok)], 0.0)
+        return beta + t * d, None
+
+    beta, _ = jax.lax.scan(one, beta0, None, length=n_steps)
+    return beta
+GATE_NU = 1e-6  # the Gaussian gate covariance's prior weight when reg is smaller
 
 
 @dataclass(frozen=True)
@@ -66,6 +133,9 @@ class GLMExperts:
       n_classes: C, classes of a categorical response (2 for the Bernoulli family).
       reg: the ridge reg / 2 |beta|^2 and Dirichlet(1 + reg) prior (0: maximum likelihood).
       newton_steps: Newton steps per M-step.
+      gate: ``"constant"``, ``"gaussian"`` or ``"softmax"`` (module docs).
+      gate_columns: the columns of x the gate reads (indices; None: all).
+      expert_columns: the columns of x the experts' design reads (indices; None: all).
     """
 
     n_components: int
@@ -74,6 +144,9 @@ class GLMExperts:
     n_classes: int = 2
     reg: float = 1e-6
     newton_steps: int = 3
+    gate: str = "constant"
+    gate_columns: tuple[int, ...] | None = None
+    expert_columns: tuple[int, ...] | None = None
 
     response: ClassVar[str] = ""
 
@@ -87,6 +160,39 @@ class GLMExperts:
         if not self.response:
             raise TypeError("GLMExperts is abstract: use LogisticMixture, CategoricalMixture or "
                             "PoissonRegressionMixture")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}, got {self.gate!r}")
+        for name in ("gate_columns", "expert_columns"):
+            object.__setattr__(self, name, self._columns(name, getattr(self, name)))
+        if self.gate != "constant" and not self.gate_cols:
+            raise ValueError(f"a {self.gate} gate reads x: it needs n_features >= 1 and at least one "
+                             f"gate column, got n_features={self.n_features}, "
+                             f"gate_columns={self.gate_columns}")
+
+    def _columns(self, name: str, cols):
+        if cols is None:
+            return None
+        if isinstance(cols, (str, bytes)) or not hasattr(cols, "__iter__"):
+            raise TypeError(f"{name} must be a sequence of column indices of x, got {cols!r}")
+        out = tuple(cols)
+        for c in out:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+                raise TypeError(f"{name} must hold integer column indices, got {c!r}")
+        out = tuple(int(c) for c in out)
+        if any(not 0 <= c < self.n_features for c in out) or len(set(out)) != len(out):
+            raise ValueError(f"{name} must hold distinct indices in 0..{self.n_features - 1} (the "
+                             f"columns of x, n_features={self.n_features}), got {out}")
+        return out
+
+    @property
+    def gate_cols(self) -> tuple[int, ...]:
+        """The columns of x the gate reads."""
+        return tuple(range(self.n_features)) if self.gate_columns is None else self.gate_columns
+
+    @property
+    def expert_cols(self) -> tuple[int, ...]:
+        """The columns of x the experts' design reads."""
+        return tuple(range(self.n_features)) if self.expert_columns is None else self.expert_columns
 
     # ------------------------------------------------------------------ bookkeeping
     em_kind: ClassVar[str] = "responsibilities"
@@ -98,18 +204,36 @@ class GLMExperts:
 
     @property
     def n_coef(self) -> int:
-        """P = 1 + D."""
-        return 1 + self.n_features
+        """P = 1 + the experts' covariates."""
+        return 1 + len(self.expert_cols)
+
+    @property
+    def models_x(self) -> bool:
+        """Whether the likelihood includes the gate covariates' density (the Gaussian gate)."""
+        return self.gate == "gaussian"
+
+    def n_gate_params(self) -> int:
+        """The gate's free parameters beyond the K - 1 proportions."""
+        K, G = self.n_components, len(self.gate_cols)
+        if self.gate == "softmax":
+            return (K - 1) * G
+        if self.gate == "gaussian":
+            return K * (G + G * (G + 1) // 2)
+        return 0
 
     @property
     def n_params(self) -> int:
         """Free parameters (for BIC)."""
         K = self.n_components
-        return (K - 1) + K * self.n_heads * self.n_predictors * self.n_coef
+        return (K - 1) + K * self.n_heads * self.n_predictors * self.n_coef + self.n_gate_params()
+
+    def gate_fields(self) -> tuple[str, ...]:
+        """The parameter fields of the gate beyond ``log_weights``."""
+        return {"constant": (), "softmax": ("gate_weights",),
+                "gaussian": ("gate_mean", "gate_cov")}[self.gate]
 
     def with_heads(self, n_heads: int):
-        return type(self)(self.n_components, self.n_features, n_heads, self.n_classes, self.reg,
-                          self.newton_steps)
+        return dataclasses.replace(self, n_heads=n_heads)
 
     def select_heads(self, params: GLMParams, heads) -> GLMParams:
         return params._replace(coef=params.coef[:, jnp.asarray(heads, jnp.int32).reshape(-1)])
@@ -117,7 +241,7 @@ class GLMExperts:
     def permute(self, params: GLMParams, perm) -> GLMParams:
         """Component k of the result is component perm[k] of ``params``."""
         perm = jnp.asarray(perm)
-        return GLMParams(params.log_weights[perm], params.coef[perm])
+        return jax.tree_util.tree_map(lambda a: a[perm], params)
 
     # ------------------------------------------------------------------ data
     def _check_y(self, y) -> None:
@@ -189,8 +313,13 @@ class GLMExperts:
         return self.check_data(x)[0]
 
     def design(self, x: Array) -> Array:
-        """Phi(x) = (1, x), (N, P)."""
-        return jnp.concatenate([jnp.ones(x.shape[:1] + (1,), x.dtype), x], axis=1)
+        """Phi(x) = (1, x[:, expert_columns]), (N, P)."""
+        cols = x if self.expert_columns is None else x[:, list(self.expert_cols)]
+        return jnp.concatenate([jnp.ones(x.shape[:1] + (1,), x.dtype), cols], axis=1)
+
+    def gate_x(self, x: Array) -> Array:
+        """u = x[:, gate_columns], (N, G)."""
+        return x if self.gate_columns is None else x[:, list(self.gate_cols)]
 
     # ------------------------------------------------------------------ density
     def linear_predictors(self, params: GLMParams, x: Array) -> Array:
@@ -218,10 +347,39 @@ class GLMExperts:
         """log p(y_nh | x_n, k) for every row, component and head, (N, K, H)."""
         return self._head_log_probs(self.linear_predictors(params, x), y)
 
+    def _gaussian_gate_log_probs(self, params: GLMGaussianParams, u: Array) -> Array:
+        """log N(u_n; m_k, S_k), (N, K), through the Cholesky factors of S_k."""
+        G = u.shape[1]
+        chol = jnp.linalg.cholesky(params.gate_cov)  # (K, G, G)
+        diff = u[None, :, :] - params.gate_mean[:, None, :]  # (K, N, G)
+        z = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(diff, 1, 2), lower=True)  # (K, G, N)
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (K,)
+        maha = jnp.sum(z * z, axis=1)  # (K, N)
+        return (-0.5 * maha - half_logdet[:, None] - 0.5 * G * jnp.log(2 * jnp.pi)).T
+
+    def gate_log_terms(self, params, x: Array) -> Array:
+        """f_k(x), (N, K): p(k | x) = softmax_k(log pi_k + f_k(x)) (module docs)."""
+        if self.gate == "softmax":
+            return _p.mm(self.gate_x(x), params.gate_weights.T)
+        if self.gate == "gaussian":
+            return self._gaussian_gate_log_probs(params, self.gate_x(x))
+        return jnp.zeros(x.shape[:1] + params.log_weights.shape, params.coef.dtype)
+
+    def gate_component_log_probs(self, params, x: Array) -> Array:
+        """The gate's part of the E-step, (N, K): log pi_k (constant gate), log p(k | x) (softmax
+        gate), log pi_k + log N(u; m_k, S_k) (Gaussian gate, the joint density of u and k)."""
+        lw = jnp.broadcast_to(params.log_weights, x.shape[:1] + params.log_weights.shape[-1:])
+        if self.gate == "softmax":
+            return jax.nn.log_softmax(lw + self.gate_log_terms(params, x), axis=-1)
+        if self.gate == "gaussian":
+            return lw + self.gate_log_terms(params, x)
+        return lw
+
     def batch_component_log_probs(self, params: GLMParams, batch: Batch) -> Array:
-        """log pi_k + sum_h log p(y_nh | x_n, k), (N, K): EM's E-step quantity."""
+        """The gate's term (:meth:`gate_component_log_probs`) + sum_h log p(y_nh | x_n, k), (N, K):
+        EM's E-step quantity."""
         lp = jnp.sum(self.head_log_probs(params, batch.x, batch.y), axis=-1)
-        return params.log_weights[None, :] + lp
+        return self.gate_component_log_probs(params, batch.x) + lp
 
     def component_log_probs(self, params: GLMParams, x, y) -> Array:
         """:meth:`batch_component_log_probs` of arrays x (N, D) and y (N, H) (unchecked)."""
@@ -231,16 +389,31 @@ class GLMExperts:
         """sum_n w_n log p(y_n | x_n), a scalar."""
         return jnp.sum(batch.w * logsumexp(self.batch_component_log_probs(params, batch), axis=-1))
 
+    def gate_nu(self, dtype) -> Array:
+        """The Gaussian gate covariance's prior weight nu = max(reg, 1e-6)."""
+        return jnp.asarray(max(self.reg, GATE_NU), dtype)
+
     def log_prior(self, params: GLMParams) -> Array:
-        """log density (up to a constant) of Dirichlet(1 + reg) on pi and N(0, 1 / reg) on beta."""
-        reg = jnp.asarray(self.reg, params.coef.dtype)
-        return reg * jnp.sum(jax.nn.log_softmax(params.log_weights)) - 0.5 * reg * jnp.sum(
-            params.coef**2)
+        """log density (up to a constant) of the prior: N(0, 1 / reg) on beta; Dirichlet(1 + reg) on
+        pi (constant and Gaussian gates); N(0, 1 / reg) on the softmax gate's slopes; on each Gaussian
+        gate covariance the inverse-Wishart-like -nu / 2 (log det S_k + tr S_k^-1)."""
+        dtype = params.coef.dtype
+        reg = jnp.asarray(self.reg, dtype)
+        out = -0.5 * reg * jnp.sum(params.coef**2)
+        if self.gate == "softmax":
+            return out - 0.5 * reg * jnp.sum(params.gate_weights**2)
+        out = out + reg * jnp.sum(jax.nn.log_softmax(params.log_weights))
+        if self.gate == "gaussian":
+            chol = jnp.linalg.cholesky(params.gate_cov)
+            logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
+            trace_inv = jnp.sum(jnp.diagonal(jnp.linalg.inv(params.gate_cov), axis1=-2, axis2=-1))
+            out = out - 0.5 * self.gate_nu(dtype) * (logdet + trace_inv)
+        return out
 
     def log_posterior_k(self, params: GLMParams, x: Array) -> Array:
-        """log p(k | x) = log pi_k (a constant gate), (N, K)."""
-        lw = jax.nn.log_softmax(params.log_weights)
-        return jnp.broadcast_to(lw, x.shape[:1] + lw.shape)
+        """log p(k | x) = log softmax_k(log pi_k + f_k(x)), (N, K) (module docs)."""
+        lw = jnp.broadcast_to(params.log_weights, x.shape[:1] + params.log_weights.shape[-1:])
+        return jax.nn.log_softmax(lw + self.gate_log_terms(params, x), axis=-1)
 
     def posterior_k(self, params: GLMParams, x: Array) -> Array:
         return jnp.exp(self.log_posterior_k(params, x))
@@ -253,7 +426,7 @@ class GLMExperts:
     def sample_conditional(self, key, params: GLMParams, x: Array) -> Array:
         """y ~ p(y | x) for every row and head (one component per row), (N, H)."""
         kz, ky = jax.random.split(key)
-        z = jax.random.categorical(kz, params.log_weights, shape=x.shape[:1])
+        z = jax.random.categorical(kz, self.log_posterior_k(params, x), axis=-1)
         eta = jnp.take_along_axis(self.linear_predictors(params, x), z[:, None, None, None],
                                   axis=1)[:, 0]  # (N, H, R)
         if self.response == "bernoulli":
@@ -264,31 +437,82 @@ class GLMExperts:
             y = jax.random.categorical(ky, self._class_logits(eta), axis=-1)
         return y.astype(x.dtype)
 
-    def sample_batch(self, key, params: GLMParams, n: int) -> Batch:
-        """n rows: x standard normal (the family models y given x), y ~ p(y | x), unit weights."""
-        kx, ky = jax.random.split(key)
+    def sample_x(self, key, params, n: int) -> Array:
+        """n rows of x: standard normal, the Gaussian gate's columns drawn from
+        sum_k pi_k N(m_k, S_k) instead."""
+        kx, kz, ku = jax.random.split(key, 3)
         x = jax.random.normal(kx, (n, self.n_features), params.coef.dtype)
+        if self.gate != "gaussian":
+            return x
+        z = jax.random.categorical(kz, params.log_weights, shape=(n,))
+        chol = jnp.linalg.cholesky(params.gate_cov)[z]  # (n, G, G)
+        e = jax.random.normal(ku, (n, len(self.gate_cols)), x.dtype)
+        u = params.gate_mean[z] + _p.einsum("nij,nj->ni", chol, e)
+        return x.at[:, list(self.gate_cols)].set(u)
+
+    def sample_batch(self, key, params: GLMParams, n: int) -> Batch:
+        """n rows: x from :meth:`sample_x`, y ~ p(y | x), unit weights."""
+        kx, ky = jax.random.split(key)
+        x = self.sample_x(kx, params, n)
         return Batch(x, self.sample_conditional(ky, params, x), jnp.ones((n,), x.dtype))
 
     def resample_batch(self, key, params: GLMParams, x: Array) -> Batch:
-        """A parametric-bootstrap data set: the rows of ``x`` kept, y ~ p(y | x), unit weights."""
-        return Batch(x, self.sample_conditional(key, params, x), jnp.ones(x.shape[:1], x.dtype))
+        """A parametric-bootstrap data set: the rows of ``x`` kept (a Gaussian gate's columns u
+        redrawn from its mixture, which the family models), y ~ p(y | x), unit weights."""
+        kx, ky = jax.random.split(key)
+        if self.gate == "gaussian":
+            cols = list(self.gate_cols)
+            x = x.at[:, cols].set(self.sample_x(kx, params, x.shape[0])[:, cols])
+        return Batch(x, self.sample_conditional(ky, params, x), jnp.ones(x.shape[:1], x.dtype))
 
     # ------------------------------------------------------------------ EM
+    def _params(self, log_weights, coef, gate=()):
+        """The gate's parameter type from its fields."""
+        if self.gate == "softmax":
+            return GLMSoftmaxParams(log_weights, coef, *gate)
+        if self.gate == "gaussian":
+            return GLMGaussianParams(log_weights, coef, *gate)
+        return GLMParams(log_weights, coef)
+
+    def _gate_init(self, key, dtype, K: int):
+        G = len(self.gate_cols)
+        if self.gate == "softmax":
+            w = 0.1 * jax.random.normal(key, (K, G), dtype)
+            return (w - jnp.mean(w, axis=0, keepdims=True),)
+        if self.gate == "gaussian":
+            return (jax.random.normal(key, (K, G), dtype),
+                    jnp.broadcast_to(jnp.eye(G, dtype=dtype), (K, G, G)))
+        return ()
+
     def init_params(self, key, dtype=None) -> GLMParams:
-        """Random coefficients (standard normal / 2) and equal proportions."""
+        """Random coefficients (standard normal / 2), equal proportions and a random gate (softmax:
+        slopes N(0, 0.1^2), centred; Gaussian: means N(0, 1), unit covariances)."""
         dtype = jnp.dtype(dtype or float_dtype())
         K = self.n_components
-        coef = 0.5 * jax.random.normal(key, (K, self.n_heads, self.n_predictors, self.n_coef), dtype)
-        return GLMParams(jnp.full((K,), -jnp.log(jnp.asarray(K, dtype)), dtype), coef)
+        kc, kg = jax.random.split(key)
+        coef = 0.5 * jax.random.normal(kc, (K, self.n_heads, self.n_predictors, self.n_coef), dtype)
+        return self._params(jnp.full((K,), -jnp.log(jnp.asarray(K, dtype)), dtype), coef,
+                            self._gate_init(kg, dtype, K))
 
     def start_params(self, key, batch: Batch) -> GLMParams:
-        """EM's random start: Dirichlet(1) responsibilities, then one M-step from zero coefficients."""
+        """EM's random start: Dirichlet(1) responsibilities (for a Gaussian gate, averaged with a
+        soft assignment of u to K random rows), then one M-step from zero coefficients."""
         dtype = batch.w.dtype
         K = self.n_components
-        r = jax.random.dirichlet(key, jnp.ones((K,), dtype), (batch.w.shape[0],))
-        zero = GLMParams(jnp.zeros((K,), dtype),
-                         jnp.zeros((K, self.n_heads, self.n_predictors, self.n_coef), dtype))
+        kr, kc = jax.random.split(key)
+        r = jax.random.dirichlet(kr, jnp.ones((K,), dtype), (batch.w.shape[0],))
+        if self.gate == "gaussian":
+            u = self.gate_x(batch.x)
+            rows = jax.random.choice(kc, u.shape[0], (K,), replace=False, p=batch.w / jnp.sum(batch.w))
+            var = jnp.maximum(jnp.mean(jnp.var(u, axis=0)), jnp.finfo(dtype).tiny)
+            d2 = jnp.sum((u[:, None, :] - u[rows][None, :, :]) ** 2, -1)
+            r = 0.5 * r + 0.5 * jax.nn.softmax(-0.5 * d2 / var, axis=-1)
+        G = len(self.gate_cols)
+        gate = {"constant": (), "softmax": (jnp.zeros((K, G), dtype),),
+                "gaussian": (jnp.zeros((K, G), dtype),
+                             jnp.broadcast_to(jnp.eye(G, dtype=dtype), (K, G, G)))}[self.gate]
+        zero = self._params(jnp.zeros((K,), dtype),
+                            jnp.zeros((K, self.n_heads, self.n_predictors, self.n_coef), dtype), gate)
         return self.m_step(zero, batch, r)
 
     def _head_objective(self, beta: Array, phi: Array, y: Array, rw: Array) -> Array:
@@ -324,23 +548,65 @@ class GLMExperts:
 
     def _newton(self, beta0: Array, phi: Array, y: Array, rw: Array) -> Array:
         """``newton_steps`` safeguarded Newton steps on :meth:`_head_objective` from beta0."""
-        f = lambda b: self._head_objective(b, phi, y, rw)  # noqa: E731
-        steps = 2.0 ** -jnp.arange(HALVINGS + 1, dtype=beta0.dtype)
-        eye = jnp.eye(beta0.shape[0], dtype=beta0.dtype)
+        return _safeguarded_newton(lambda b: self._head_objective(b, phi, y, rw),
+                                   lambda b: self._grad_hess(b, phi, y, rw), beta0, self.newton_steps)
 
-        def one(beta, _):
-            g, h = self._grad_hess(beta, phi, y, rw)
-            scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h))), jnp.finfo(beta.dtype).tiny)
-            d = jnp.linalg.solve(h - 1e-10 * scale * eye, -g)  # ascent direction (h is negative)
-            d = jnp.where(jnp.all(jnp.isfinite(d)), d, jnp.zeros_like(d))
-            f0 = f(beta)
-            vals = jax.vmap(lambda t: f(beta + t * d))(steps)
-            ok = jnp.isfinite(vals) & (vals >= f0)
-            t = jnp.where(jnp.any(ok), steps[jnp.argmax(ok)], 0.0)
-            return beta + t * d, None
+    def _gate_objective(self, theta: Array, phi: Array, rw: Array) -> Array:
+        """sum_n sum_k rw_nk log softmax_k(Phi_n . theta_k) - reg / 2 |W|^2, theta = (b, W) flattened
+        (K (1 + G),)."""
+        K = rw.shape[1]
+        t = theta.reshape(K, -1)
+        logp = jax.nn.log_softmax(_p.mm(phi, t.T), axis=-1)
+        return jnp.sum(rw * logp) - 0.5 * jnp.asarray(self.reg, theta.dtype) * jnp.sum(t[:, 1:] ** 2)
 
-        beta, _ = jax.lax.scan(one, beta0, None, length=self.newton_steps)
-        return beta
+    def _gate_grad_hess(self, theta: Array, phi: Array, rw: Array) -> tuple[Array, Array]:
+        """Gradient and Hessian of :meth:`_gate_objective` in closed form, the Hessian made definite
+        along the softmax's common shift (on which the gradient vanishes when sum_k W_k = 0): the
+        Newton step then stays in that subspace."""
+        K = rw.shape[1]
+        Q = phi.shape[1]
+        t = theta.reshape(K, Q)
+        p = jax.nn.softmax(_p.mm(phi, t.T), axis=-1)  # (N, K)
+        w = jnp.sum(rw, axis=1)  # (N,)
+        mask = jnp.concatenate([jnp.zeros((1,), theta.dtype), jnp.ones((Q - 1,), theta.dtype)])
+        reg = jnp.asarray(self.reg, theta.dtype)
+        g = (rw - w[:, None] * p).T @ phi - reg * t * mask[None, :]
+        outer = _p.einsum("n,na,nb->nab", w, phi, phi)
+        diag = _p.einsum("nk,nab->kab", p, outer)
+        cross = _p.einsum("nk,nl,nab->klab", p, p, outer)
+        eyek = jnp.eye(K, dtype=theta.dtype)
+        h = -(eyek[:, :, None, None] * diag[:, None] - cross)
+        h = h - reg * eyek[:, :, None, None] * jnp.diag(mask)[None, None]
+        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h.reshape(K * Q, K * Q)))), 1.0)
+        shift = (jnp.full((K, K), 1.0 / K, theta.dtype)[:, :, None, None]
+                 * jnp.eye(Q, dtype=theta.dtype)[None, None])
+        h = h - scale * shift
+        return g.reshape(-1), jnp.transpose(h, (0, 2, 1, 3)).reshape(K * Q, K * Q)
+
+    def _gate_m_step(self, params, x: Array, rw: Array, log_weights: Array):
+        """The gate's fields from responsibilities rw (N, K) (weighted): the Gaussian gate's in closed
+        form, the softmax gate's by safeguarded Newton steps from ``params`` (module docs)."""
+        if self.gate == "constant":
+            return log_weights, ()
+        u = self.gate_x(x)
+        dtype = rw.dtype
+        K, G = rw.shape[1], u.shape[1]
+        if self.gate == "gaussian":
+            nk = jnp.sum(rw, axis=0)
+            tiny = jnp.finfo(dtype).tiny
+            mean = _p.mm(rw.T, u) / jnp.maximum(nk, tiny)[:, None]
+            diff = u[None, :, :] - mean[:, None, :]  # (K, N, G)
+            scatter = _p.einsum("nk,kna,knb->kab", rw, diff, diff)
+            nu = self.gate_nu(dtype)
+            cov = (scatter + nu * jnp.eye(G, dtype=dtype)[None]) / (nk + nu)[:, None, None]
+            return log_weights, (mean, 0.5 * (cov + jnp.swapaxes(cov, 1, 2)))
+        phi = jnp.concatenate([jnp.ones(u.shape[:1] + (1,), dtype), u], axis=1)
+        theta0 = jnp.concatenate([params.log_weights[:, None], params.gate_weights], axis=1)
+        theta = _safeguarded_newton(lambda t: self._gate_objective(t, phi, rw),
+                                    lambda t: self._gate_grad_hess(t, phi, rw),
+                                    theta0.reshape(-1), self.newton_steps).reshape(K, 1 + G)
+        b = theta[:, 0]
+        return b - logsumexp(b), (theta[:, 1:],)
 
     def m_step(self, params: GLMParams, batch: Batch, r: Array) -> GLMParams:
         """The proportions in closed form; every component's and head's coefficients by safeguarded
@@ -357,12 +623,14 @@ class GLMExperts:
             return jax.vmap(lambda b, y: self._newton(b, phi, y, rw_k), in_axes=(0, 1))(b_k, batch.y)
 
         coef = jax.vmap(per_k, in_axes=(0, 1))(beta0, rw)
-        return GLMParams(log_weights, coef.reshape(K, H, R, P))
+        log_weights, gate = self._gate_m_step(params, batch.x, rw, log_weights)
+        return self._params(log_weights, coef.reshape(K, H, R, P), gate)
 
     @property
     def coef_names(self) -> tuple[str, ...]:
-        """Names of the design's columns: "1" (the intercept), x1, .., xD."""
-        return ("1",) + tuple(f"x{i + 1}" for i in range(self.n_features))
+        """Names of the design's columns: "1" (the intercept), then x1, .., xD (those the experts
+        read)."""
+        return ("1",) + tuple(f"x{i + 1}" for i in self.expert_cols)
 
     @classmethod
     def hyperparameters_from(cls, y) -> dict:
@@ -381,7 +649,11 @@ class GLMExperts:
             coef = coef[:, :, 0]
         if self.n_heads == 1:
             coef = coef[:, 0]
-        return {"coef": coef.tolist(), "response": self.response, "n_classes": self.n_classes}
+        out = {"coef": coef.tolist(), "response": self.response, "n_classes": self.n_classes,
+               "gate": self.gate}
+        for field in self.gate_fields():
+            out[field] = np.asarray(getattr(params, field)).tolist()
+        return out
 
     # ------------------------------------------------------------------ the paper
     def match_cost(self, params_a: GLMParams, head_a, params_b: GLMParams, head_b) -> Array:
@@ -395,42 +667,97 @@ class GLMExperts:
         return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
 
     def relabel_vectors(self, params: GLMParams) -> Array:
-        """One row per component, (K, 1 + H R P): log-weight and every coefficient."""
+        """One row per component: log-weight, every coefficient and the gate's parameters."""
         K = params.coef.shape[0]
-        return jnp.concatenate([params.log_weights[:, None], params.coef.reshape(K, -1)], axis=1)
+        return jnp.concatenate([a.reshape(K, -1) for a in params], axis=1)
 
     # ------------------------------------------------------------------ NumPyro and sites
+    def _full_gate_cov(self) -> bool:
+        return self.gate == "gaussian" and len(self.gate_cols) > 1
+
     def site_names(self) -> tuple[str, ...]:
-        return ("weights", "coef")
+        gate = {"constant": (), "softmax": ("gate_weights",),
+                "gaussian": ("gate_mean", "gate_sd") + (("gate_corr_chol",) if self._full_gate_cov()
+                                                         else ())}[self.gate]
+        return ("weights", "coef") + gate
 
     def to_sites(self, params: GLMParams) -> dict:
-        return {"weights": jax.nn.softmax(params.log_weights), "coef": params.coef}
+        out = {"weights": jax.nn.softmax(params.log_weights), "coef": params.coef}
+        if self.gate == "softmax":
+            out["gate_weights"] = params.gate_weights
+        elif self.gate == "gaussian":
+            sd = jnp.sqrt(jnp.diagonal(params.gate_cov, axis1=-2, axis2=-1))
+            out.update(gate_mean=params.gate_mean, gate_sd=sd)
+            if self._full_gate_cov():
+                out["gate_corr_chol"] = jnp.linalg.cholesky(
+                    params.gate_cov / (sd[..., :, None] * sd[..., None, :]))
+        return out
+
+    @staticmethod
+    def _gate_cov_from_sites(sites: dict) -> Array:
+        sd = sites["gate_sd"]
+        if "gate_corr_chol" not in sites:
+            return jax.vmap(jnp.diag)(sd**2)
+        tril = sd[..., :, None] * sites["gate_corr_chol"]
+        return _p.mm(tril, jnp.swapaxes(tril, -1, -2))
 
     def from_sites(self, sites: dict) -> GLMParams:
         w = sites["weights"]
-        return GLMParams(jnp.log(jnp.maximum(w, jnp.finfo(w.dtype).tiny)), sites["coef"])
+        lw = jnp.log(jnp.maximum(w, jnp.finfo(w.dtype).tiny))
+        if self.gate == "softmax":
+            return self._params(lw, sites["coef"], (sites["gate_weights"],))
+        if self.gate == "gaussian":
+            return self._params(lw, sites["coef"],
+                                (sites["gate_mean"], self._gate_cov_from_sites(sites)))
+        return self._params(lw, sites["coef"])
 
     def batch_model(self, batch: Batch):
         """Dirichlet(1 + reg) proportions (1 when reg is 0), N(0, 1 / reg) coefficients (N(0, 10^2)
-        when reg is 0) and the observed responses, scaled by the row weights."""
+        when reg is 0), the gate (softmax slopes N(0, 5^2); Gaussian means N(0, 10^2), scales
+        HalfNormal(10), LKJ(2) correlations) and the observed data scaled by the row weights: the
+        gate covariates u for a Gaussian gate, then the responses given x."""
         K, H, R, P = self.n_components, self.n_heads, self.n_predictors, self.n_coef
+        G = len(self.gate_cols)
         dtype = batch.w.dtype
         reg = self.reg
         sd = 1.0 / np.sqrt(reg) if reg > 0 else 10.0
-        weights = numpyro.sample("weights", dist.Dirichlet(jnp.full((K,), 1.0 + reg, dtype)))
-        coef = numpyro.sample("coef", dist.Normal(jnp.zeros((K, H, R, P), dtype), sd).to_event(4))
-        params = GLMParams(jnp.log(jnp.maximum(weights, jnp.finfo(dtype).tiny)), coef)
+        sites = {"weights": numpyro.sample("weights", dist.Dirichlet(jnp.full((K,), 1.0 + reg, dtype))),
+                 "coef": numpyro.sample("coef",
+                                        dist.Normal(jnp.zeros((K, H, R, P), dtype), sd).to_event(4))}
+        if self.gate == "softmax":
+            sites["gate_weights"] = numpyro.sample(
+                "gate_weights", dist.Normal(jnp.zeros((K, G), dtype), 5.0).to_event(2))
+        elif self.gate == "gaussian":
+            sites["gate_mean"] = numpyro.sample(
+                "gate_mean", dist.Normal(jnp.zeros((K, G), dtype), 10.0).to_event(2))
+            sites["gate_sd"] = numpyro.sample(
+                "gate_sd", dist.HalfNormal(jnp.full((K, G), 10.0, dtype)).to_event(2))
+            if self._full_gate_cov():
+                sites["gate_corr_chol"] = numpyro.sample(
+                    "gate_corr_chol", dist.LKJCholesky(G, 2.0).expand([K]).to_event(1))
+        params = self.from_sites(sites)
         with numpyro.handlers.scale(scale=batch.w):
+            if self.gate == "gaussian":
+                numpyro.sample("u", self.gate_distribution(params), obs=self.gate_x(batch.x))
             numpyro.sample("y", self.distribution(params, batch.x), obs=batch.y)
 
+    def gate_distribution(self, params: GLMGaussianParams) -> dist.MixtureSameFamily:
+        """The Gaussian gate's marginal of u: sum_k pi_k N(u; m_k, S_k)."""
+        return dist.MixtureSameFamily(
+            dist.Categorical(logits=params.log_weights),
+            dist.MultivariateNormal(params.gate_mean, covariance_matrix=params.gate_cov))
+
     def distribution(self, params: GLMParams, x: Array) -> GLMMixtureDistribution:
-        """The NumPyro distribution of the responses (N, H) given x: the same density as
-        :meth:`batch_component_log_probs`."""
-        return GLMMixtureDistribution(self, params.log_weights, self.linear_predictors(params, x))
+        """The NumPyro distribution of the responses (N, H) given x, with the per-row weights
+        p(k | x): for the constant and softmax gates the density of :meth:`batch_log_likelihood`; for
+        the Gaussian gate its conditional part."""
+        return GLMMixtureDistribution(self, self.log_posterior_k(params, x),
+                                      self.linear_predictors(params, x))
 
 
 class GLMMixtureDistribution(dist.Distribution):
-    """p(y | x) = sum_k pi_k prod_h p(y_h | eta_kh) per row: batch shape (N,), event shape (H,)
+    """p(y | x) = sum_k p(k | x) prod_h p(y_h | eta_kh) per row, with log p(k | x) ``log_weights``
+    (N, K) (or (K,) for every row): batch shape (N,), event shape (H,)
     (a mixture whose components' support depends on C, which NumPyro's MixtureSameFamily refuses)."""
 
     arg_constraints = {}
@@ -453,7 +780,8 @@ class GLMMixtureDistribution(dist.Distribution):
 
     def log_prob(self, value) -> Array:
         lp = jnp.sum(self.model._head_log_probs(self.eta, jnp.asarray(value, self.eta.dtype)), -1)
-        return logsumexp(jax.nn.log_softmax(self.log_weights)[None, :] + lp, axis=-1)
+        lw = jax.nn.log_softmax(self.log_weights, axis=-1)
+        return logsumexp((lw[None, :] if lw.ndim == 1 else lw) + lp, axis=-1)
 
 
 class _ClassProbabilities:
