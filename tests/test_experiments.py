@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import X64
@@ -235,6 +236,8 @@ def test_cli_experiment_errors(capsys):
 
 
 TINY = {
+    "weak-to-strong": ["n_grid=200,400", "replicates=2", "restarts=2", "max_iter=30", "n_test=200",
+                       "n_boot=50"],
     "distinguishability": ["n_grid=40,80", "delta_grid=-1,1", "replicates=2", "restarts=2",
                            "max_iter=30", "n_test=100"],
     "weak-training": ["n=200", "lam_grid=0.5,2", "replicates=2", "restarts=2", "max_iter=30",
@@ -244,7 +247,8 @@ TINY = {
 }
 
 
-HEAVY = {"misspecified", "distinguishability", "weak-training"}  # smoke runs of 20-60 s: test-slow
+# smoke runs of 20-60 s: test-slow
+HEAVY = {"misspecified", "distinguishability", "weak-training", "weak-to-strong"}
 
 
 @pytest.mark.skipif(X64, reason="end-to-end smoke run of the sweeps, run once: in the float32 pass")
@@ -273,3 +277,31 @@ def _floats(tree):
             yield from _floats(v)
     elif isinstance(tree, float):
         yield tree
+
+
+def test_classification_metrics_and_pgr_by_brute_force():
+    """Accuracy against scikit-learn's, ECE against a loop over bins, PGR's end points."""
+    from sklearn.metrics import accuracy_score
+
+    from conceptshift.diagnostics.metrics import classification_metrics, performance_gap_recovered
+    from conceptshift.experiments.weak_to_strong import pgr_table
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=500)
+    y = rng.integers(0, 3, 500)
+    m = classification_metrics(jnp.log(jnp.asarray(p)), jnp.asarray(y, jnp.float32))
+    assert float(m["accuracy"]) == pytest.approx(accuracy_score(y, p.argmax(1)), abs=1e-6)
+    conf, correct = p.max(1), p.argmax(1) == y
+    bins = np.minimum((conf * 10).astype(int), 9)
+    ece = sum(abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(10)) / 500
+    assert float(m["ece"]) == pytest.approx(ece, abs=1e-5)
+    assert float(performance_gap_recovered(0.4, 0.4, 0.1)) == 0.0
+    assert float(performance_gap_recovered(0.4, 0.1, 0.1)) == 1.0
+    assert np.isnan(float(performance_gap_recovered(0.1, 0.2, 0.1)))  # no gap to recover
+    cell = {"weak_labeller": {"error": [0.4, 0.4]}, "oracle": {"error": [0.1, 0.2]},
+            "identification": {"error": [0.25, 0.25]}}
+    t = pgr_table([cell], n_boot=200, seed=0)
+    assert t["identification"]["mean"] == [pytest.approx(0.15 / 0.25)]
+    assert t["oracle"]["mean"] == [1.0] and "weak_labeller" not in t
+    lo, hi = t["identification"]["lower"][0], t["identification"]["upper"][0]
+    assert 0.5 - 1e-9 <= lo <= 0.6 <= hi <= 0.75 + 1e-9  # the ceiling's two values give 0.5 or 0.75 (or 0.6)

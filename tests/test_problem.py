@@ -81,3 +81,36 @@ def test_delta_out_of_reach_is_clear():
 def test_bad_spec(bad, err):
     with pytest.raises(err, match=next(iter(bad))):
         ProblemSpec(**bad)
+
+
+@once  # plumbing: shapes, the latent k the simulator reports, the weak head's bias
+@pytest.mark.parametrize("family", ["logistic", "categorical", "poisson"])
+def test_glm_problems_share_strong_heads_and_simulate_their_law(family):
+    """Ground truth for the classification and count families: both domains share the strong
+    heads, the weak heads are theta + weak_bias u_k (then shifted in the target), Delta is computed
+    from the weak coefficients, and the simulator's labels follow the family's own p(y | x, k) at
+    the k it reports (the empirical mean of y per concept against the model's)."""
+    prob = make_problem(jax.random.key(0), family=family, n_components=2, weak_bias=1.0,
+                        weak_shift=0.2)
+    R = 2 if family == "categorical" else 1
+    assert prob.params_p.coef.shape == (2, 2, R, 2)
+    np.testing.assert_array_equal(prob.params_p.coef[:, 0], prob.params_q.coef[:, 0])
+    bias = np.linalg.norm(np.asarray(prob.params_p.coef[:, 1] - prob.params_p.coef[:, 0]).reshape(2, -1),
+                          axis=1)
+    np.testing.assert_allclose(bias, 1.0, rtol=1e-5)
+    assert np.isfinite(prob.distinguishability())
+    sim = simulate(jax.random.key(1), prob, 20000, 10, 10)
+    m1 = prob.strong_model
+    x, y, k = sim.source.x, np.asarray(sim.source.y), np.asarray(sim.source.k)
+    for c in range(2):
+        one = m1.select_heads(prob.params_p, (0,))._replace(
+            log_weights=jnp.log(jnp.asarray(np.eye(2)[c] + 1e-30, x.dtype)))
+        rows = k == c
+        if family == "categorical":
+            want = np.exp(np.asarray(m1.conditional_log_probs(one, x[rows])))  # (n, C)
+            got = np.eye(3)[y[rows].astype(int)]
+        else:
+            want, got = np.asarray(m1.conditional_mean(one, x[rows])), y[rows]
+        np.testing.assert_allclose(got.mean(0), want.mean(0), rtol=0.1, atol=0.02)
+    with pytest.raises(ValueError, match="degree must be 1"):
+        ProblemSpec(family="logistic", degree=2)

@@ -9,10 +9,12 @@ from . import (
     misspecified,
     posterior,
     refinement_bias,
+    weak_to_strong,  # classification (Burns et al. 2023)
     weak_training,
 )
 
 EXPERIMENTS = {m.NAME: m for m in (consistency, distinguishability, refinement_bias, weak_training,
-                                   misspecified, icl, anchors, posterior)}
+                                   misspecified, icl, anchors, posterior,
+                                   weak_to_strong)}
 
 __all__ = ["EXPERIMENTS"]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..diagnostics.figures import pyplot, savefig  # noqa: F401 (the experiments' figure helpers)
-from ..diagnostics.metrics import categorical_kl, matching_accuracy
+from ..diagnostics.metrics import categorical_kl, classification_metrics, matching_accuracy
 from ..inference.estimators import Data, EMOptions, as_data, estimate_all
 from ..inference.predictor import Predictor
 from ..inference.refinement import refined_icl
@@ -31,6 +31,7 @@ PROBLEM_KNOBS = {
     "weak_shift": 0.3,
     "weak_noise": 1.0,
     "gate_separation": 3.0,
+    "n_classes": 3,
 }
 EM_KNOBS = {"restarts": 8, "max_iter": 200, "tol": 1e-6}
 
@@ -44,6 +45,7 @@ LABELS = {
     "identification": "identification (Alg. 1)",
     "identification_noweak": "identification, no weak source labels",
     "oracle": "oracle (gold target labels)",
+    "weak_labeller": "weak labeller (true q(y'|x))",
 }
 IDENTIFICATION_ONLY = ("weak_only", "identification", "identification_noweak", "oracle")
 # estimators whose predictor is a K-component mixture of the family under constant proportions (their
@@ -77,7 +79,9 @@ class Design:
     demonstration sets), with
     ``strong_demo_head`` also through the strong head (metrics suffixed ``_strong_demo_head``);
     ``source_fit_errors``: the two-head source fit's parameter errors against P as ``source_fit``;
-    ``fit_info``: the source and target fits' BIC as ``fit``."""
+    ``fit_info``: the source and target fits' BIC as ``fit``; ``weak_labeller``: the true weak
+    labeller of Q, q(y' | x) taken as a predictor of y, scored as ``weak_labeller`` (the weak
+    supervisor's own performance, for the performance gap recovered)."""
 
     n_max: int
     n_test: int
@@ -92,6 +96,7 @@ class Design:
     strong_demo_head: bool = False
     source_fit_errors: bool = False
     fit_info: bool = False
+    weak_labeller: bool = False
 
 
 def design_from(cfg: dict, n_max: int, **fields) -> Design:
@@ -106,13 +111,17 @@ def score(pred: Predictor, truth: Predictor, test: Data) -> dict:
     """The metrics of an estimate against the true q(y | x) on the gold test sample, for every
     family: ``excess_nll`` (E[log q - log q̂], a Monte Carlo KL), ``reg_error`` (E_x (q̂(x) -
     q(x))^2) where y has a mean, ``kl`` (exact E_x KL(q || q̂) over the classes) where y is
-    categorical."""
+    categorical, and where y is one class label per row also ``accuracy``, ``error`` and ``ece``
+    (:func:`~conceptshift.diagnostics.metrics.classification_metrics`)."""
     x, y = test.x, test.y
     out = {"excess_nll": jnp.mean(truth.log_prob(x, y) - pred.log_prob(x, y))}
     if hasattr(truth.model, "conditional_mean"):
         out["reg_error"] = jnp.mean((pred.mean(x) - truth.mean(x)) ** 2)
     if hasattr(truth.model, "conditional_log_probs"):
-        out["kl"] = categorical_kl(truth.log_probs(x), pred.log_probs(x))
+        lp = pred.log_probs(x)
+        out["kl"] = categorical_kl(truth.log_probs(x), lp)
+        if lp.ndim == 2 and y.ndim == 1:  # a class label per row
+            out.update(classification_metrics(lp, y))
     return out
 
 
@@ -158,6 +167,9 @@ def replicate(key, n, problem, *, design: Design) -> dict:
         out[name]["matching_margin"] = ident.margin
         out[name]["greedy_bijection"] = ident.greedy_bijection.astype(dtype)
         out[name]["greedy_agrees"] = jnp.all(ident.greedy == ident.assignment).astype(dtype)
+    if design.weak_labeller:
+        out["weak_labeller"] = score(Predictor(m1, m1.select_heads(problem.params_q, (1,))), truth,
+                                     test)
     if design.m_grid:
         m2 = model.with_heads(2)
         s2 = est.fits["source"].params
@@ -229,7 +241,8 @@ def summarise(cells: list[dict], n_grid: list[int]) -> dict:
         for metric in cells[0][name]:
             means, ses = zip(*(mean_se(c[name][metric]) for c in cells), strict=True)
             entry[metric] = {"mean": list(means), "se": list(ses)}
-        if "reg_error" in entry:
-            entry["slope_reg_error"] = loglog_slope(n_grid, entry["reg_error"]["mean"])
+        for metric in ("reg_error", "kl"):
+            if metric in entry:
+                entry[f"slope_{metric}"] = loglog_slope(n_grid, entry[metric]["mean"])
         out[name] = entry
     return out

@@ -75,23 +75,32 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     return sweep.finish(results, plot, "consistency.png")
 
 
+def main_metric(results: dict) -> str:
+    """The error the table and figure rank by: the regression-function error where y has a mean,
+    the exact KL over the classes otherwise (a categorical y)."""
+    return "reg_error" if "reg_error" in results["estimators"]["oracle"] else "kl"
+
+
 def plot(results: dict, path) -> None:
     plt = pyplot()
 
     est = results["estimators"]
+    main = main_metric(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for name, e in est.items():
         n = np.asarray(e["n"], float)
-        for ax, metric in zip(axes, ("reg_error", "excess_nll"), strict=True):
+        for ax, metric in zip(axes, (main, "excess_nll"), strict=True):
             mean = np.asarray(e[metric]["mean"])
             se = np.asarray(e[metric]["se"])
             label = LABELS.get(name, name)
-            if metric == "reg_error":
-                label += f" (slope {e['slope_reg_error']:.2f})"
+            if metric == main:
+                label += f" (slope {e['slope_' + main]:.2f})"
             line, = ax.plot(n, mean, "o-", label=label, lw=1.5, ms=3)
             ax.fill_between(n, mean - 2 * se, mean + 2 * se, color=line.get_color(), alpha=0.15, lw=0)
     axes[0].set(xscale="log", yscale="log", xlabel="n (source = weak target sample size)",
-                ylabel=r"$E_x(\hat q(x) - q(x))^2$", title="regression-function error")
+                ylabel=(r"$E_x(\hat q(x) - q(x))^2$" if main == "reg_error"
+                        else r"$E_x KL(q(\cdot|x) \| \hat q(\cdot|x))$"),
+                title="regression-function error" if main == "reg_error" else "KL over the classes")
     axes[1].set(xscale="log", xlabel="n", ylabel=r"$E[\log q(y|x) - \log \hat q(y|x)]$",
                 title="excess test log-loss")
     axes[1].axhline(0, color="k", lw=0.5)
@@ -133,9 +142,10 @@ def table(results: dict):
     t.add_column("slope", justify="right")
     t.add_column(f"KL n={grid[-1]}", justify="right", min_width=8)
     t.add_column("with n", no_wrap=True)
+    main = main_metric(results)
     for name, e in est.items():
-        mean = e["reg_error"]["mean"]
-        slope = e["slope_reg_error"]
+        mean = e[main]["mean"]
+        slope = e["slope_" + main]
         verdict = "[green]falls[/]" if slope < -0.4 else "[red]levels off[/]"
         t.add_row(SHORT.get(name, name), f"{mean[0]:.3g}", f"{mean[-1]:.3g}", f"{slope:+.2f}",
                   f"{e['excess_nll']['mean'][-1]:.3g}", verdict)
@@ -145,7 +155,8 @@ def table(results: dict):
 def reading(results: dict) -> str:
     est = results["estimators"]
     n = est["oracle"]["n"]
-    ratio = est["refinement"]["reg_error"]["mean"][-1] / est["identification"]["reg_error"]["mean"][-1]
+    main = main_metric(results)
+    ratio = est["refinement"][main]["mean"][-1] / est["identification"][main]["mean"][-1]
     return (
         "error: E_x (q̂(x) - q(x))^2, the squared distance of the estimated regression function from "
         "the true one; KL: excess test log-loss E[log q(y|x) - log q̂(y|x)]; slope: of log error "

@@ -36,7 +36,7 @@ KNOB_BOUNDS = {
     "num_warmup": (1, None), "num_samples": (1, None), "n_boot": (1, None),
     "separation": (0, None), "noise": (0, None), "weak_noise": (0, None), "shift": (0, None),
     "weak_bias": (0, None), "weak_shift": (0, None), "gate_separation": (0, None),
-    "anchor_mass": (0, 1), "hdi_prob": (0, 1), "lam_grid": (0, None),
+    "n_classes": (2, None), "anchor_mass": (0, 1), "hdi_prob": (0, 1), "lam_grid": (0, None),
 }
 
 

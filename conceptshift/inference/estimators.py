@@ -302,8 +302,9 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
     """
     m1, m2 = model.with_heads(1), model.with_heads(2)
     if names is None:
-        names = tuple(n for n in ESTIMATORS
-                      if n != "weak_training_sq" or hasattr(m1, "conditional_mean"))
+        least_squares = hasattr(m1, "conditional_mean") and m1.em_kind in ("closed_form",
+                                                                           "generalized")
+        names = tuple(n for n in ESTIMATORS if n != "weak_training_sq" or least_squares)
     bad = [n for n in names if n not in _NEEDS_FIT]
     if bad:
         raise ValueError(f"names must be among {tuple(_NEEDS_FIT)}, got {bad}")

@@ -327,8 +327,9 @@ class GLMExperts:
         return _p.einsum("np,khrp->nkhr", self.design(x), params.coef)
 
     def _head_log_probs(self, eta: Array, y: Array) -> Array:
-        """log p(y_h | eta_h) summed over nothing: (N, K, H) for eta (N, K, H, R), y (N, H)."""
-        yk = y[:, None, :]
+        """log p(y_h | eta_h) summed over nothing: (N, K, H) for eta (N, K, H, R), y (N, H) (labels
+        of any numeric dtype)."""
+        yk = y[:, None, :].astype(eta.dtype)
         if self.response == "bernoulli":
             e = eta[..., 0]
             return yk * e - jax.nn.softplus(e)
@@ -425,6 +426,10 @@ class GLMExperts:
 
     def sample_conditional(self, key, params: GLMParams, x: Array) -> Array:
         """y ~ p(y | x) for every row and head (one component per row), (N, H)."""
+        return self.sample_with_components(key, params, x)[0]
+
+    def sample_with_components(self, key, params: GLMParams, x: Array) -> tuple[Array, Array]:
+        """(y (N, H), k (N,)): each row's component k ~ p(k | x), then y ~ p(y | x, k)."""
         kz, ky = jax.random.split(key)
         z = jax.random.categorical(kz, self.log_posterior_k(params, x), axis=-1)
         eta = jnp.take_along_axis(self.linear_predictors(params, x), z[:, None, None, None],
@@ -435,7 +440,7 @@ class GLMExperts:
             y = jax.random.poisson(ky, jnp.exp(jnp.minimum(eta[..., 0], MAX_ETA)))
         else:
             y = jax.random.categorical(ky, self._class_logits(eta), axis=-1)
-        return y.astype(x.dtype)
+        return y.astype(x.dtype), z
 
     def sample_x(self, key, params, n: int) -> Array:
         """n rows of x: standard normal, the Gaussian gate's columns drawn from

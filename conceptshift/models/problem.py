@@ -6,9 +6,17 @@ and two parameter sets that share the gates and strong heads theta_k:
 - ``params_p``: proportions pi^p and weak heads theta^{wp} (the source P);
 - ``params_q``: proportions pi^q and weak heads theta^{wq} (the target Q).
 
-For constant gates (mixture of regressions) both domains draw x from the same N(0, x_scale^2 I)
-(Assumption 2.3). For Gaussian gates each domain draws x from its own gate mixture (Assumption 2.4;
-the two assumptions cannot both hold when g is not constant, see the README's notes on the paper).
+For constant gates (mixture of regressions, and the generalized linear experts for classes and
+counts: ``"logistic"``, ``"categorical"``, ``"poisson"``) both domains draw x from the same
+N(0, x_scale^2 I) (Assumption 2.3). For Gaussian gates each domain draws x from its own gate mixture
+(Assumption 2.4; the two assumptions cannot both hold when g is not constant, see the README's notes on
+the paper).
+
+For the generalized linear families the weak labeller is its own head: p(y' | x, k) is the same GLM
+with coefficients theta^{wp}_k = theta_k + weak_bias u_k (a label of the same type as y, biased per
+concept) in the source and theta^{wq}_k = theta^{wp}_k + weak_shift v_k in the target; ``noise`` and
+``weak_noise`` do not apply (the response's own law sets its noise), ``separation`` is in units of the
+linear predictor (logits, log-rates).
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from .._validation import check_float, check_int, check_key, float_dtype
 from ._experts import ExpertsFamily
 from .assignment import assign
 from .gated import GatedExperts, GatedParams
+from .glm import CategoricalMixture, GLMParams, LogisticMixture, PoissonRegressionMixture
 from .regression import RegressionMixture, RegressionParams
 
-FAMILIES = ("regression", "gated")
+FAMILIES = ("regression", "gated", "logistic", "categorical", "poisson")
+GLM_FAMILIES = {"logistic": LogisticMixture, "categorical": CategoricalMixture,
+                "poisson": PoissonRegressionMixture}
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,9 @@ class ProblemSpec:
     """Knobs of a simulated latent-concept-shift problem.
 
     Args:
-      family: ``"regression"`` (constant gates) or ``"gated"`` (Gaussian gates).
+      family: ``"regression"`` (constant gates), ``"gated"`` (Gaussian gates), or the generalized
+        linear experts ``"logistic"`` (y in 0/1), ``"categorical"`` (``n_classes`` classes),
+        ``"poisson"`` (counts), with constant gates (module docs).
       n_components: K.
       n_features: D.
       degree: polynomial degree of the experts' feature map.
@@ -51,6 +64,7 @@ class ProblemSpec:
         this value (see :meth:`Problem.distinguishability`).
       gate_separation: distance between gate means (gated family), in units of x_scale.
       x_scale: standard deviation of x (regression) or of each gate (gated).
+      n_classes: classes of a categorical response (family ``"categorical"``).
     """
 
     family: str = "regression"
@@ -66,6 +80,7 @@ class ProblemSpec:
     delta: float | None = None
     gate_separation: float = 3.0
     x_scale: float = 1.0
+    n_classes: int = 3
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -79,8 +94,16 @@ class ProblemSpec:
             check_float(name, getattr(self, name), nonnegative=True)
         if self.delta is not None:
             check_float("delta", self.delta)
+        check_int("n_classes", self.n_classes, minimum=2)
+        if self.family in GLM_FAMILIES and self.degree != 1:
+            raise ValueError(f"degree must be 1 for family {self.family!r} (generalized linear "
+                             f"experts are linear in x), got {self.degree}")
 
-    def model(self, n_heads: int = 2) -> ExpertsFamily:
+    def model(self, n_heads: int = 2):
+        if self.family in GLM_FAMILIES:
+            extra = {"n_classes": self.n_classes} if self.family == "categorical" else {}
+            return GLM_FAMILIES[self.family](self.n_components, self.n_features, n_heads=n_heads,
+                                             **extra)
         cls = RegressionMixture if self.family == "regression" else GatedExperts
         return cls(self.n_components, self.n_features, n_heads=n_heads, degree=self.degree)
 
@@ -93,8 +116,8 @@ class Problem:
     """
 
     spec: ProblemSpec
-    params_p: RegressionParams | GatedParams
-    params_q: RegressionParams | GatedParams
+    params_p: RegressionParams | GatedParams | GLMParams
+    params_q: RegressionParams | GatedParams | GLMParams
 
     @property
     def model(self) -> ExpertsFamily:
@@ -143,7 +166,9 @@ class Problem:
         permutation: ``coef_error`` sum_k |betâ_{s(k)} - beta_k|^2 and ``weight_error``
         sum_k |pî_{s(k)} - pi_k| (twice the total-variation distance of the proportions)."""
         true = self.params_p if domain == "p" else self.params_q
-        cost = jnp.sum((true.coef[:, None, 0, :] - params.coef[None, :, 0, :]) ** 2, -1)
+        K = true.coef.shape[0]
+        a, b = true.coef[:, 0].reshape(K, -1), params.coef[:, 0].reshape(K, -1)
+        cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
         perm = assign(cost)
         return {"coef_error": jnp.sum(cost[jnp.arange(cost.shape[0]), perm]),
                 "weight_error": jnp.sum(jnp.abs(jnp.exp(params.log_weights[perm])
@@ -153,7 +178,7 @@ class Problem:
         """Draws n covariates from domain ``"p"`` or ``"q"``, shape (n, D)."""
         spec = self.spec
         dtype = self.params_p.coef.dtype
-        if spec.family == "regression":
+        if spec.family != "gated":
             return spec.x_scale * jax.random.normal(key, (n, spec.n_features), dtype)
         params = self.params_p if domain == "p" else self.params_q
         with jax.numpy_rank_promotion("allow"):  # numpyro's MVN sampler broadcasts implicitly
@@ -173,7 +198,13 @@ jax.tree_util.register_pytree_node(
 
 
 def _weak_vectors(params) -> Array:
-    return jnp.concatenate([params.coef[:, 1, :], params.log_scale[:, 1:]], axis=1)
+    """The weak heads' parameters, one row per component: coefficients and, where the family has
+    one, the log-scale."""
+    K = params.coef.shape[0]
+    parts = [params.coef[:, 1].reshape(K, -1)]
+    if hasattr(params, "log_scale"):
+        parts.append(params.log_scale[:, 1:])
+    return jnp.concatenate(parts, axis=1)
 
 
 def _delta(wp: Array, wq: Array) -> Array:
@@ -223,7 +254,8 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
     rng = np.random.default_rng(int(seed))
     K, D = spec.n_components, spec.n_features
     model = spec.model(2)
-    P = model.n_coef
+    R = getattr(model, "n_predictors", 1)  # linear predictors per head (categorical: C - 1)
+    P = R * model.n_coef
     dtype = float_dtype()
 
     theta = _spread(rng, K, P, spec.separation)
@@ -242,7 +274,11 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
         coef_p = np.stack([theta, theta_wp], axis=1)
         coef_q = np.stack([theta, theta_wq], axis=1)
         arr = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-        if spec.family == "regression":
+        if spec.family in GLM_FAMILIES:
+            shape = (K, 2, R, model.n_coef)
+            pp = GLMParams(arr(log_pi_p), arr(coef_p.reshape(shape)))
+            pq = GLMParams(arr(log_pi_q), arr(coef_q.reshape(shape)))
+        elif spec.family == "regression":
             pp = RegressionParams(arr(log_pi_p), arr(coef_p), arr(log_scale))
             pq = RegressionParams(arr(log_pi_q), arr(coef_q), arr(log_scale))
         else:
@@ -288,8 +324,12 @@ def _draw(problem: Problem, key, n: int, domain: str) -> tuple[Array, Array, Arr
     kx, ky = jax.random.split(key)
     params = problem.params_p if domain == "p" else problem.params_q
     x = problem.sample_x(kx, n, domain)
+    model = problem.model
+    if hasattr(model, "sample_with_components"):
+        ys, k = model.sample_with_components(ky, params, x)
+        return x, ys, k
     with jax.numpy_rank_promotion("allow"):  # numpyro's mixture sampler broadcasts implicitly
-        ys, (k,) = problem.model.distribution(params, x).sample_with_intermediates(ky)
+        ys, (k,) = model.distribution(params, x).sample_with_intermediates(ky)
     return x, ys, k
 
 
