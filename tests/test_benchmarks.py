@@ -125,3 +125,19 @@ def test_monotone_quick(tmp_path):
         summary = res[name]["summary"]
         assert summary["problems"] == 8 and len(res[name]["rows"]) == 8
         assert summary["fell"] == summary["fell_degenerate"]  # only degenerate restarts may jitter
+
+
+@float32_only  # the script runs float64 and float32 in processes of their own: run once
+@pytest.mark.slow
+def test_glm_flexmix_smoke(tmp_path):
+    out = tmp_path / "glm_flexmix.json"
+    mod = _load("glm_flexmix")
+    res = mod.main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "glm_flexmix" and saved["n"] == 2000 and saved["flexmix"] is None
+    for name, dtype in (("conceptshift_f64", "float64"), ("conceptshift_f32", "float32")):
+        cs = res[name]
+        assert cs["dtype"] == dtype and cs["fixed"]["ms_per_iter_median"] > 0
+        assert math.isfinite(cs["fixed"]["marginal_ms_per_iter_median"])
+        assert cs["fit"]["n_iter"] >= 1 and cs["fit"]["loglik"] >= cs["loglik_start"] - 1e-3
+    assert "glm_flexmix" in mod.markdown(res)
