@@ -232,7 +232,7 @@ def test_cli_experiment_errors(capsys):
     assert "replicates" in capsys.readouterr().err
     assert main(["experiment", "consistency", "--set", "n_grid=a"]) == 2
     assert set(EXPERIMENTS) == {"consistency", "distinguishability", "refinement-bias", "weak-training",
-                                "misspecified", "posterior", "icl", "anchors"}
+                                "misspecified", "posterior", "icl", "anchors", "weak-to-strong"}
 
 
 TINY = {

@@ -280,3 +280,16 @@ def test_flexmix_concomitant_poisson_fit_reached(data_dir):
     np.testing.assert_allclose(coef[order], ref["coef"], atol=1e-4)
     logits = np.c_[np.asarray(fit.params.log_weights), np.asarray(fit.params.gate_weights)][order]
     np.testing.assert_allclose(logits - logits[0], ref["gate"], atol=1e-3)
+
+
+def test_separating_components_are_flagged_degenerate():
+    """Labels a component separates put its maximum at infinity: every restart is flagged (the
+    result's ``degenerate``), while a fit of labels with noise is clean."""
+    x = np.linspace(-2.0, 2.0, 80)
+    m = LogisticMixture(2, 1, reg=0.0)
+    sep = fit_em(m, jax.random.key(0), x, (x > 0.3).astype(float), restarts=2, max_iter=200, tol=0.0)
+    assert bool(sep.degenerate) and np.all(np.asarray(sep.restart_degenerate))
+    rng = np.random.default_rng(0)
+    noisy = (rng.uniform(size=80) < 1 / (1 + np.exp(-x))).astype(float)
+    ok = fit_em(m, jax.random.key(0), x, noisy, restarts=2, max_iter=200)
+    assert not bool(ok.degenerate)

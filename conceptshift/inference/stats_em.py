@@ -166,14 +166,20 @@ def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: i
     runs = jax.vmap(lambda p: _run(model, blocks, p, tol, max_iter, mesh))(params0)
     params, ll, obj, ll_tr, obj_tr, n_iter, conv = runs
     finite = jnp.isfinite(obj)
-    best = jnp.argmax(jnp.where(finite, ll, -jnp.inf))
+    if hasattr(model, "batch_degenerate_components") and model.em_kind == "responsibilities":
+        degenerate = jax.vmap(lambda p: jnp.any(model.batch_degenerate_components(p, batch)))(params)
+    else:
+        degenerate = jnp.zeros(ll.shape, bool)
+    # a clean restart is preferred to a degenerate one (kept only when every restart is)
+    score = jnp.where(degenerate | ~finite, -jnp.inf, ll)
+    fallback = jnp.where(finite, ll, -jnp.inf)
+    best = jnp.where(jnp.any(jnp.isfinite(score)), jnp.argmax(score), jnp.argmax(fallback))
     pick = jax.tree_util.tree_map(lambda a: a[best], runs)
     n = jnp.sum(batch.w)
     bic = -2.0 * pick[1] + model.n_params * jnp.log(n)
-    no = jnp.zeros(ll.shape, bool)
     return EMResult(pick[0], pick[1], pick[2], pick[3], pick[4], pick[5], pick[6], bic,
-                    jnp.asarray(False), best.astype(jnp.int32), ll, conv, no,
-                    restarts_at_best(ll, finite, best, n), None)
+                    degenerate[best], best.astype(jnp.int32), ll, conv, degenerate,
+                    restarts_at_best(ll, finite & ~degenerate, best, n), None)
 
 
 fit_program = jax.jit(_fit_impl, static_argnames=("model", "restarts", "max_iter", "block_size", "mesh",

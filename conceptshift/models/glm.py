@@ -98,40 +98,45 @@ class GLMGaussianParams(NamedTuple):
 GATES = ("constant", "gaussian", "softmax")
 
 
-def _safeguarded_newton(line, grad_hess, beta0: Array, n_steps: int) -> Array:
-    """``n_steps`` Newton steps on a concave objective from beta0, each with step halving: the
-    largest step 1, 1/2, .., 2^-HALVINGS that does not lower the objective beyond its rounding (4
-    ulps) is taken (none if every one would). ``line(beta, d)`` returns the objective along
-    beta + t d as a function of t; the trials stop at the first step accepted (usually the full
-    one)."""
-    eye = jnp.eye(beta0.shape[0], dtype=beta0.dtype)
-    dtype = beta0.dtype
+def _safeguarded_newton(objective, grad_hess, beta0: Array, n_steps: int) -> Array:
+    """``n_steps`` Newton steps on B independent concave problems at once, each with step halving:
+    for every problem the largest step 1, 1/2, .., 2^-HALVINGS that does not lower its objective
+    beyond the objective's rounding (4 ulps) is taken (none if every one would).
 
-    def one(beta, _):
+    ``objective(beta)`` maps beta (B, M) to the B objectives, ``grad_hess(beta)`` to their gradients
+    (B, M) and Hessians (B, M, M). The problems share each pass over the data (a family's components
+    read the rows once, not once each), and the trials stop when every problem has accepted a step
+    (usually at the first, the full step)."""
+    dtype = beta0.dtype
+    eye = jnp.eye(beta0.shape[1], dtype=dtype)
+    eps = jnp.finfo(dtype).eps
+
+    def one(carry, _):
+        beta, f0 = carry
         g, h = grad_hess(beta)
-        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h))), jnp.finfo(dtype).tiny)
-        d = jnp.linalg.solve(h - 1e-10 * scale * eye, -g)  # ascent direction (h is negative)
-        d = jnp.where(jnp.all(jnp.isfinite(d)), d, jnp.zeros_like(d))
-        along = line(beta, d)
-        f0 = along(jnp.zeros((), dtype))
+        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h, axis1=1, axis2=2)), axis=1),
+                            jnp.finfo(dtype).tiny)
+        d = jnp.linalg.solve(h - 1e-10 * scale[:, None, None] * eye[None], -g[..., None])[..., 0]
+        d = jnp.where(jnp.all(jnp.isfinite(d), axis=1, keepdims=True), d, 0.0)  # ascent directions
         # a step whose change is below the objective's rounding is taken (near the optimum the
         # sign of so small a change is noise, and halving it would only repeat the evaluation)
-        floor = f0 - 4 * jnp.finfo(dtype).eps * jnp.abs(f0)
+        floor = f0 - 4 * eps * jnp.abs(f0)
 
         def trial(c):
-            i, _, _ = c
-            t = jnp.asarray(2.0, dtype) ** -i.astype(dtype)
-            v = along(t)
-            return i + 1, t, jnp.isfinite(v) & (v >= floor)
+            i, t, f, ok = c
+            step = jnp.asarray(2.0, dtype) ** -i.astype(dtype)
+            v = objective(beta + step * d)
+            take = ~ok & jnp.isfinite(v) & (v >= floor)
+            return i + 1, jnp.where(take, step, t), jnp.where(take, v, f), ok | take
 
-        _, t, ok = jax.lax.while_loop(lambda c: ~c[2] & (c[0] <= HALVINGS), trial,
-                                      (jnp.zeros((), jnp.int32), jnp.zeros((), dtype),
-                                       jnp.zeros((), bool)))
-        return beta + jnp.where(ok, t, 0.0) * d, None
+        start = (jnp.zeros((), jnp.int32), jnp.zeros(f0.shape, dtype), f0, jnp.zeros(f0.shape, bool))
+        _, t, f, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[3]) & (c[0] <= HALVINGS), trial, start)
+        return (beta + t[:, None] * d, f), None  # f: the objective there, from the accepted trial
 
-    beta, _ = jax.lax.scan(one, beta0, None, length=n_steps)
+    (beta, _), _ = jax.lax.scan(one, (beta0, objective(beta0)), None, length=n_steps)
     return beta
 GATE_NU = 1e-6  # the Gaussian gate covariance's prior weight when reg is smaller
+SEPARATED_NLL = 1e-4  # a component whose rows' labels it predicts this surely is degenerate (nats)
 
 
 @dataclass(frozen=True)
@@ -484,6 +489,23 @@ class GLMExperts:
             x = x.at[:, cols].set(self.sample_x(kx, params, x.shape[0])[:, cols])
         return Batch(x, self.sample_conditional(ky, params, x), jnp.ones(x.shape[:1], x.dtype))
 
+    def batch_degenerate_components(self, params: GLMParams, batch: Batch) -> Array:
+        """Boolean (K,): components on a maximum at infinity. A component is flagged when one of its
+        heads predicts its own rows' labels almost surely (responsibility-weighted mean
+        -log p(y | x, k) below ``SEPARATED_NLL``; for counts the term -log y! left out): it
+        separates its labels (or holds only zeros), so its coefficients run off without bound as EM
+        goes on (at reg = 0) or rest on the ridge alone."""
+        clp = self.batch_component_log_probs(params, batch)
+        r = jnp.exp(clp - logsumexp(clp, -1, keepdims=True)) * batch.w[:, None]  # (N, K)
+        nll = -self._head_log_probs(self.linear_predictors(params, batch.x), batch.y,
+                                    constant=False)  # (N, K, H)
+        if self.response == "poisson":  # -log p(y | mu) + log y! >= y - y log y: its floor at mu = y
+            y = batch.y[:, None, :]
+            nll = nll - (y - jnp.where(y > 0, y * jnp.log(jnp.where(y > 0, y, 1.0)), 0.0))
+        nk = jnp.sum(r, axis=0)
+        mean_nll = _p.einsum("nk,nkh->kh", r, nll) / jnp.maximum(nk, jnp.finfo(nk.dtype).tiny)[:, None]
+        return jnp.any(mean_nll < SEPARATED_NLL, axis=-1) | (nk < 1.0)
+
     # ------------------------------------------------------------------ EM
     def _params(self, log_weights, coef, gate=()):
         """The gate's parameter type from its fields."""
@@ -536,45 +558,81 @@ class GLMExperts:
 
     def _head_objective(self, beta: Array, phi: Array, y: Array, rw: Array) -> Array:
         """sum_n rw_n log p(y_n | Phi_n beta) - reg / 2 |beta|^2 for one component and head, up to
-        a constant free of beta; beta (R * P,)."""
-        eta = phi @ beta.reshape(self.n_predictors, self.n_coef).T  # (N, R)
-        lp = self._head_log_probs(eta[:, None, None, :], y[:, None], constant=False)[:, 0, 0]
-        return jnp.sum(rw * lp) - 0.5 * jnp.asarray(self.reg, beta.dtype) * jnp.sum(beta**2)
-
-    def _head_line(self, beta: Array, d: Array, phi: Array, y: Array, rw: Array):
-        """t -> :meth:`_head_objective` at beta + t d (the predictors recomputed from the design at
-        each t: on XLA's CPU backend that fuses into one pass, where reusing stored predictors
-        across trials measured 20 times slower)."""
-        return lambda t: self._head_objective(beta + t * d, phi, y, rw)
+        a constant free of beta; beta (R * P,) (:meth:`_objectives` of one component)."""
+        return self._objectives(beta[None], phi.T, y, rw[None])[0]
 
     def _grad_hess(self, beta: Array, phi: Array, y: Array, rw: Array) -> tuple[Array, Array]:
-        """Gradient (R P,) and Hessian (R P, R P) of :meth:`_head_objective`, in closed form: for the
-        Bernoulli and categorical responses (the Bernoulli is the categorical with C = 2) g = sum_n
-        rw_n (e_{y_n} - p_n) (x) Phi_n and H = -sum_n rw_n (diag p_n - p_n p_n^T) (x) Phi_n Phi_n^T;
-        for the Poisson g = Phi^T (rw (y - mu)) and H = -Phi^T diag(rw mu) Phi; minus the ridge."""
-        R, P = self.n_predictors, self.n_coef
-        b = beta.reshape(R, P)
-        eta = phi @ b.T  # (N, R)
+        """Gradient (R P,) and Hessian (R P, R P) of :meth:`_head_objective` (:meth:`_grads_hessians`
+        of one component)."""
+        g, h = self._grads_hessians(beta[None], phi.T, y, rw[None])
+        return g[0], h[0]
+
+    def _predictors_t(self, beta: Array, phiT: Array) -> Array:
+        """eta (K, R, N) for beta (K, R P) and the transposed design phiT (P, N): the rows last, the
+        layout in which XLA's CPU backend fuses the elementwise work over the rows (a (N, K) layout
+        measured 4 to 10 times slower)."""
+        K, R, P = beta.shape[0], self.n_predictors, self.n_coef
+        return _p.mm(beta.reshape(K * R, P), phiT).reshape(K, R, -1)
+
+    def _objectives(self, beta: Array, phiT: Array, y: Array, rwT: Array) -> Array:
+        """:meth:`_head_objective` of K components at once, (K,): beta (K, R P), phiT (P, N), y (N,)
+        one head, rwT (K, N) the components' row weights."""
+        eta = self._predictors_t(beta, phiT)
         if self.response == "poisson":
-            mu = jnp.exp(jnp.minimum(eta[:, 0], MAX_ETA))
-            g = phi.T @ (rw * (y - mu))
-            h = -_p.einsum("n,na,nb->ab", rw * mu, phi, phi)
+            e = jnp.minimum(eta[:, 0], MAX_ETA)
+            lp = y[None, :] * e - jnp.exp(e)
+        elif self.response == "bernoulli":
+            e = eta[:, 0]
+            lp = y[None, :] * e - jax.nn.softplus(e)
         else:
-            p = jax.nn.softmax(self._class_logits(eta), axis=-1)[:, 1:]  # (N, R)
-            onehot = (y[:, None] == jnp.arange(1, R + 1, dtype=y.dtype)[None, :]).astype(p.dtype)
-            g = (((onehot - p) * rw[:, None]).T @ phi).reshape(-1)
-            outer = _p.einsum("n,na,nb->nab", rw, phi, phi)  # (N, P, P)
-            diag = _p.einsum("nr,nab->rab", p, outer)
-            cross = _p.einsum("nr,ns,nab->rsab", p, p, outer)
-            h = -(jnp.eye(R, dtype=p.dtype)[:, :, None, None] * diag[:, None] - cross)
-            h = jnp.transpose(h, (0, 2, 1, 3)).reshape(R * P, R * P)
+            logits = jnp.concatenate([jnp.zeros_like(eta[:, :1]), eta], axis=1)  # (K, C, N)
+            onehot = (y[None, :] == jnp.arange(self.n_classes, dtype=y.dtype)[:, None])  # (C, N)
+            lp = jnp.sum(jnp.where(onehot[None], jax.nn.log_softmax(logits, axis=1), 0.0), axis=1)
         reg = jnp.asarray(self.reg, beta.dtype)
-        return g - reg * beta, h - reg * jnp.eye(R * P, dtype=beta.dtype)
+        return jnp.sum(rwT * lp, axis=1) - 0.5 * reg * jnp.sum(beta**2, axis=1)
+
+    @staticmethod
+    def _outer_rows(phiT: Array) -> Array:
+        """Phi_n Phi_n^T of every row, (P P, N): with it a Hessian is one matrix product."""
+        P = phiT.shape[0]
+        return (phiT[:, None, :] * phiT[None, :, :]).reshape(P * P, -1)
+
+    def _grads_hessians(self, beta: Array, phiT: Array, y: Array, rwT: Array,
+                        outer: Array | None = None) -> tuple[Array, Array]:
+        """Gradients (K, R P) and Hessians (K, R P, R P) of :meth:`_objectives`, in closed form: for
+        the Bernoulli and categorical responses (the Bernoulli is the categorical with C = 2)
+        g = sum_n rw_n (e_{y_n} - p_n) (x) Phi_n and H = -sum_n rw_n (diag p_n - p_n p_n^T) (x)
+        Phi_n Phi_n^T; for the Poisson g = Phi^T (rw (y - mu)) and H = -Phi^T diag(rw mu) Phi; minus
+        the ridge. ``outer``: :meth:`_outer_rows` of phiT (computed here when not given)."""
+        K, R, P = beta.shape[0], self.n_predictors, self.n_coef
+        outer = self._outer_rows(phiT) if outer is None else outer
+        eta = self._predictors_t(beta, phiT)
+        if self.response == "poisson":
+            wmu = rwT * jnp.exp(jnp.minimum(eta[:, 0], MAX_ETA))  # (K, N)
+            g = _p.mm(rwT * y[None, :] - wmu, phiT.T)
+            h = -_p.mm(wmu, outer.T).reshape(K, P, P)
+        else:
+            logits = jnp.concatenate([jnp.zeros_like(eta[:, :1]), eta], axis=1)
+            p = jax.nn.softmax(logits, axis=1)[:, 1:]  # (K, R, N)
+            onehot = (y[None, :] == jnp.arange(1, R + 1, dtype=y.dtype)[:, None]).astype(p.dtype)
+            g = _p.mm((rwT[:, None] * (onehot[None] - p)).reshape(K * R, -1), phiT.T).reshape(K, R * P)
+            wp = rwT[:, None] * p  # (K, R, N)
+            diag = _p.mm(wp.reshape(K * R, -1), outer.T).reshape(K, R, P, P)
+            pp = (wp[:, :, None, :] * p[:, None, :, :]).reshape(K * R * R, -1)
+            cross = _p.mm(pp, outer.T).reshape(K, R, R, P, P)
+            h = -(jnp.eye(R, dtype=p.dtype)[None, :, :, None, None] * diag[:, :, None] - cross)
+            h = jnp.transpose(h, (0, 1, 3, 2, 4)).reshape(K, R * P, R * P)
+        reg = jnp.asarray(self.reg, beta.dtype)
+        return g - reg * beta, h - reg * jnp.eye(R * P, dtype=beta.dtype)[None]
 
     def _newton(self, beta0: Array, phi: Array, y: Array, rw: Array) -> Array:
-        """``newton_steps`` safeguarded Newton steps on :meth:`_head_objective` from beta0."""
-        return _safeguarded_newton(lambda b, d: self._head_line(b, d, phi, y, rw),
-                                   lambda b: self._grad_hess(b, phi, y, rw), beta0, self.newton_steps)
+        """``newton_steps`` safeguarded Newton steps on :meth:`_head_objective` of every component
+        at once: beta0 (K, R P), rw (N, K) the components' row weights, y (N,) one head."""
+        phiT, rwT = phi.T, rw.T
+        outer = self._outer_rows(phiT)
+        return _safeguarded_newton(lambda b: self._objectives(b, phiT, y, rwT),
+                                   lambda b: self._grads_hessians(b, phiT, y, rwT, outer), beta0,
+                                   self.newton_steps)
 
     def _gate_objective(self, theta: Array, phi: Array, rw: Array) -> Array:
         """sum_n sum_k rw_nk log softmax_k(Phi_n . theta_k) - reg / 2 |W|^2, theta = (b, W) flattened
@@ -583,10 +641,6 @@ class GLMExperts:
         t = theta.reshape(K, -1)
         logp = jax.nn.log_softmax(_p.mm(phi, t.T), axis=-1)
         return jnp.sum(rw * logp) - 0.5 * jnp.asarray(self.reg, theta.dtype) * jnp.sum(t[:, 1:] ** 2)
-
-    def _gate_line(self, theta: Array, d: Array, phi: Array, rw: Array):
-        """t -> :meth:`_gate_objective` at theta + t d."""
-        return lambda t: self._gate_objective(theta + t * d, phi, rw)
 
     def _gate_grad_hess(self, theta: Array, phi: Array, rw: Array) -> tuple[Array, Array]:
         """Gradient and Hessian of :meth:`_gate_objective` in closed form, the Hessian made definite
@@ -631,9 +685,10 @@ class GLMExperts:
             return log_weights, (mean, 0.5 * (cov + jnp.swapaxes(cov, 1, 2)))
         phi = jnp.concatenate([jnp.ones(u.shape[:1] + (1,), dtype), u], axis=1)
         theta0 = jnp.concatenate([params.log_weights[:, None], params.gate_weights], axis=1)
-        theta = _safeguarded_newton(lambda t, d: self._gate_line(t, d, phi, rw),
-                                    lambda t: self._gate_grad_hess(t, phi, rw),
-                                    theta0.reshape(-1), self.newton_steps).reshape(K, 1 + G)
+        theta = _safeguarded_newton(lambda t: self._gate_objective(t[0], phi, rw)[None],
+                                    lambda t: jax.tree.map(lambda a: a[None],
+                                                           self._gate_grad_hess(t[0], phi, rw)),
+                                    theta0.reshape(1, -1), self.newton_steps).reshape(K, 1 + G)
         b = theta[:, 0]
         return b - logsumexp(b), (theta[:, 1:],)
 
@@ -648,10 +703,8 @@ class GLMExperts:
         K, H, R, P = params.coef.shape
         beta0 = params.coef.reshape(K, H, R * P)
 
-        # one Newton solve per component and head, written out (not vmapped: a batched step-halving
-        # loop measured about 10 times slower on XLA's CPU backend than K H separate ones)
-        coef = jnp.stack([jnp.stack([self._newton(beta0[k, h], phi, batch.y[:, h], rw[:, k])
-                                     for h in range(H)]) for k in range(K)])
+        # every component's Newton steps together, one head at a time
+        coef = jnp.stack([self._newton(beta0[:, h], phi, batch.y[:, h], rw) for h in range(H)], 1)
         log_weights, gate = self._gate_m_step(params, batch.x, rw, log_weights)
         return self._params(log_weights, coef.reshape(K, H, R, P), gate)
 
