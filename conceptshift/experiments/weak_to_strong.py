@@ -145,6 +145,12 @@ def plot(results: dict, path) -> None:
     axes[1].axhline(1, color="k", lw=0.6, ls=":")
     axes[1].set(xscale="log", xlabel="n", ylabel="performance gap recovered (PGR)",
                 title="PGR from mean errors, 90% bootstrap interval")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for ax in axes:
+        ax.set_xticks(est["oracle"]["n"])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     fig.suptitle("Weak-to-strong classification under latent concept shift")
     savefig(fig, path)
