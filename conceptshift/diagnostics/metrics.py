@@ -46,7 +46,7 @@ def classification_metrics(log_probs: Array, y: Array, n_bins: int = 10) -> dict
     expected calibration error sum_b (n_b / N) |accuracy_b - confidence_b| over ``n_bins``
     equal-width bins of the confidence max_c q̂(c | x) (Guo et al. 2017)."""
     conf = jnp.exp(jnp.max(log_probs, axis=-1))
-    correct = (jnp.argmax(log_probs, axis=-1) == y.astype(jnp.int32)).astype(conf.dtype)
+    correct = (jnp.argmax(log_probs, axis=-1).astype(jnp.int32) == y.astype(jnp.int32)).astype(conf.dtype)
     b = jnp.clip(jnp.floor(conf * n_bins).astype(jnp.int32), 0, n_bins - 1)
     gap = jax.ops.segment_sum(correct - conf, b, num_segments=n_bins)
     acc = jnp.mean(correct)

@@ -100,8 +100,9 @@ GATES = ("constant", "gaussian", "softmax")
 
 def _safeguarded_newton(objective, grad_hess, beta0: Array, n_steps: int) -> Array:
     """``n_steps`` Newton steps on B independent concave problems at once, each with step halving:
-    for every problem the largest step 1, 1/2, .., 2^-HALVINGS that does not lower its objective
-    beyond the objective's rounding (4 ulps) is taken (none if every one would).
+    for every problem the largest step 1, 1/2, .., 2^-HALVINGS that does not lower its objective is
+    taken (none if every one would, or if the step's predicted gain is below the objective's
+    rounding).
 
     ``objective(beta)`` maps beta (B, M) to the B objectives, ``grad_hess(beta)`` to their gradients
     (B, M) and Hessians (B, M, M). The problems share each pass over the data (a family's components
@@ -118,18 +119,18 @@ def _safeguarded_newton(objective, grad_hess, beta0: Array, n_steps: int) -> Arr
                             jnp.finfo(dtype).tiny)
         d = jnp.linalg.solve(h - 1e-10 * scale[:, None, None] * eye[None], -g[..., None])[..., 0]
         d = jnp.where(jnp.all(jnp.isfinite(d), axis=1, keepdims=True), d, 0.0)  # ascent directions
-        # a step whose change is below the objective's rounding is taken (near the optimum the
-        # sign of so small a change is noise, and halving it would only repeat the evaluation)
-        floor = f0 - 4 * eps * jnp.abs(f0)
+        # a step whose predicted gain g.d is below the objective's rounding is not tried (near the
+        # optimum the sign of so small a change is noise: halving would only repeat the evaluation)
+        negligible = jnp.sum(g * d, axis=1) <= eps * jnp.abs(f0)
 
         def trial(c):
             i, t, f, ok = c
             step = jnp.asarray(2.0, dtype) ** -i.astype(dtype)
             v = objective(beta + step * d)
-            take = ~ok & jnp.isfinite(v) & (v >= floor)
+            take = ~ok & jnp.isfinite(v) & (v >= f0)
             return i + 1, jnp.where(take, step, t), jnp.where(take, v, f), ok | take
 
-        start = (jnp.zeros((), jnp.int32), jnp.zeros(f0.shape, dtype), f0, jnp.zeros(f0.shape, bool))
+        start = (jnp.zeros((), jnp.int32), jnp.zeros(f0.shape, dtype), f0, negligible)
         _, t, f, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[3]) & (c[0] <= HALVINGS), trial, start)
         return (beta + t[:, None] * d, f), None  # f: the objective there, from the accepted trial
 
