@@ -176,6 +176,7 @@ def test_fit_summary_of_a_categorical_fit():
     assert s["n_classes"] == 3 and sum(s["size"]) == 200
 
 
+@pytest.mark.skipif(not X64, reason="against autodiff to 1e-10: the float64 pass")
 @pytest.mark.parametrize("cls, extra", [(PoissonRegressionMixture, {}), (LogisticMixture, {}),
                                         (CategoricalMixture, {"n_classes": 4})])
 def test_newton_gradient_and_hessian_are_the_objectives(cls, extra):
@@ -239,7 +240,7 @@ def test_gate_newton_gradient_and_hessian_are_the_objectives():
 
 
 @pytest.mark.skipif(not X64, reason="stationarity to 1e-5 of a converged fit: the float64 pass")
-@pytest.mark.parametrize("gate", ["softmax", "gaussian"])
+@pytest.mark.parametrize("gate", [pytest.param("softmax", marks=pytest.mark.slow), "gaussian"])
 def test_gated_fit_is_a_stationary_point(gate):
     """EM converged (tight tolerance) at a point where autodiff's gradient of the objective
     (log-likelihood plus log prior) vanishes in every parameter: the gates' M-steps maximise the
@@ -299,12 +300,15 @@ def test_separating_components_are_flagged_degenerate():
     assert not bool(ok.degenerate)
 
 
+@pytest.mark.skipif(not X64, reason="8 ulps of float64: the float64 pass (the contract tests check "
+                                     "every family's trace in both precisions)")
 @pytest.mark.parametrize("cls, hyper", [
     (LogisticMixture, {}), (CategoricalMixture, {"n_classes": 3, "gate": "softmax"}),
     (PoissonRegressionMixture, {"gate": "gaussian"})])
 def test_em_objective_never_falls_over_seeded_problems(cls, hyper):
     """Ten seeded problems per family (one compiled program): EM's objective (log-likelihood plus
-    log prior) never falls beyond float resolution, in float32 and float64, whatever the gate."""
+    log prior) never falls beyond 8 ulps, whatever the gate (a 4-ulp acceptance tolerance in the
+    Newton steps once let the Gaussian-gated Poisson fall 51 ulps here)."""
     m = cls(3, 2, n_heads=2, **hyper)
     for seed in range(10):
         truth = m.init_params(jax.random.key(100 + seed))

@@ -84,7 +84,8 @@ def test_bad_spec(bad, err):
 
 
 @once  # plumbing: shapes, the latent k the simulator reports, the weak head's bias
-@pytest.mark.parametrize("family", ["logistic", "categorical", "poisson"])
+@pytest.mark.parametrize("family", ["logistic", "categorical",
+                                    pytest.param("poisson", marks=pytest.mark.slow)])
 def test_glm_problems_share_strong_heads_and_simulate_their_law(family):
     """Ground truth for the classification and count families: both domains share the strong
     heads, the weak heads are theta + weak_bias u_k (then shifted in the target), Delta is computed
