@@ -319,3 +319,19 @@ def test_em_objective_never_falls_over_seeded_problems(cls, hyper):
         eps = float(jnp.finfo(fit.objective.dtype).eps)
         falls = -np.diff(tr) / (eps * (np.abs(tr[1:]) + 300))
         assert np.all(np.isfinite(tr)) and falls.max() <= 8, (seed, falls.max())
+
+
+def test_numpy_float64_covariates_take_the_working_precision_silently():
+    """A user's numpy float64 x given to a fitted predictor: no dtype-truncation warning, the
+    working precision's dtype out."""
+    import warnings
+
+    from conceptshift.inference.predictor import Predictor
+
+    m = LogisticMixture(2, 2, gate="softmax", expert_columns=(0,), gate_columns=(1,))
+    pred = Predictor(m, m.init_params(jax.random.key(0)))
+    x = np.random.default_rng(0).normal(size=(5, 2))  # float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pred.mean(x)
+    assert out.dtype == m.init_params(jax.random.key(0)).coef.dtype and out.shape == (5,)

@@ -334,11 +334,13 @@ class GLMExperts:
 
     def design(self, x: Array) -> Array:
         """Phi(x) = (1, x[:, expert_columns]), (N, P)."""
+        x = jnp.asarray(x)  # numpy input in the working precision
         cols = x if self.expert_columns is None else x[:, list(self.expert_cols)]
         return jnp.concatenate([jnp.ones(x.shape[:1] + (1,), x.dtype), cols], axis=1)
 
     def gate_x(self, x: Array) -> Array:
         """u = x[:, gate_columns], (N, G)."""
+        x = jnp.asarray(x)
         return x if self.gate_columns is None else x[:, list(self.gate_cols)]
 
     # ------------------------------------------------------------------ density
