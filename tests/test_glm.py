@@ -107,9 +107,16 @@ def test_simulated_parameters_recovered(cls, extra):
     batch = m.sample_batch(jax.random.key(1), truth, 6000)
     fit = fit_em(m, jax.random.key(2), batch.x, batch.y, restarts=8)
     perm = np.argsort(-np.asarray(fit.params.coef[:, 0, 0, 1]))  # the component with slope +1.5 first
-    # n = 6000: sampling error, not only optimisation, sets the tolerance (steep logistic slopes are
-    # the least informative)
-    np.testing.assert_allclose(np.asarray(fit.params.coef)[perm], coef, atol=0.3, rtol=0.2)
+    # the optimiser: its restarts reach the optimum that EM started at the truth reaches
+    at_truth = fit_em(m, jax.random.key(3), batch.x, batch.y, init_params=truth, max_iter=2000)
+    assert float(fit.loglik) >= float(at_truth.loglik) - 1e-3
+    np.testing.assert_allclose(np.asarray(fit.params.coef)[perm], np.asarray(at_truth.params.coef),
+                               atol=0.02)
+    # the estimator: n = 6000 sets the tolerance. Steep logistic slopes are the least informative and
+    # biased away from zero in finite samples (this sample's maximum, where EM from the truth ends
+    # too: slopes 4.18 and 6.04 for 3 and 4.5)
+    tol = dict(atol=0.3, rtol=0.45) if cls is LogisticMixture else dict(atol=0.3, rtol=0.2)
+    np.testing.assert_allclose(np.asarray(fit.params.coef)[perm], coef, **tol)
     np.testing.assert_allclose(np.exp(np.asarray(fit.params.log_weights))[perm], [0.4, 0.6], atol=0.05)
     assert float(fit.loglik) >= float(m.batch_log_likelihood(truth, batch)) - 1e-3 * 6000
 
