@@ -204,6 +204,36 @@ def compiled_replicates(design: Design):
     return _COMPILED[design]
 
 
+def check_n_grid(cfg: dict) -> None:
+    """An n sweep's knobs: a non-empty ``n_grid`` with every n >= 2 K, and at least 2 replicates."""
+    grid = cfg["n_grid"]
+    if not grid or any(int(n) < 2 * cfg["n_components"] for n in grid):
+        raise ValueError(f"n_grid must be non-empty with every n >= 2 * n_components, got {grid}")
+    if int(cfg["replicates"]) < 2:
+        raise ValueError(f"replicates must be >= 2 (for standard errors), got {cfg['replicates']}")
+
+
+def sweep_over_n(cfg: dict, out_dir, name: str, problem, *, progress: bool, **design_fields):
+    """The replicates of every n of ``cfg["n_grid"]`` (one compiled program, :func:`design_from` with
+    ``design_fields``), run as a resumable :class:`~.runner.Sweep`; returns (sorted grid, the sweep,
+    the cells in grid order)."""
+    from .runner import Sweep
+
+    grid = sorted(int(n) for n in cfg["n_grid"])
+    sweep = Sweep(out_dir, cfg, name)
+    fn = None
+
+    def cell(item):
+        nonlocal fn
+        i, n = item
+        if fn is None:
+            fn = compiled_replicates(design_from(cfg, max(grid), **design_fields))
+        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problem))
+
+    cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
+    return grid, sweep, [cells[f"n{n}"] for n in grid]
+
+
 def cell_keys(seed: int, cell_index: int, replicates: int):
     return jax.random.split(jax.random.fold_in(jax.random.key(seed), cell_index), replicates)
 

@@ -12,16 +12,14 @@ from .common import (
     EM_KNOBS,
     LABELS,
     PROBLEM_KNOBS,
-    cell_keys,
-    compiled_replicates,
-    design_from,
+    check_n_grid,
     problem_from,
     pyplot,
     savefig,
     summarise,
-    to_lists,
+    sweep_over_n,
 )
-from .runner import Sweep, check_knobs, versions
+from .runner import check_knobs, versions
 
 NAME = "consistency"
 DEFAULTS = {
@@ -38,29 +36,14 @@ DEFAULTS = {
 
 def validate(cfg: dict) -> None:
     check_knobs(cfg, DEFAULTS)
-    grid = cfg["n_grid"]
-    if not grid or any(int(n) < 2 * cfg["n_components"] for n in grid):
-        raise ValueError(f"n_grid must be non-empty with every n >= 2 * n_components, got {grid}")
-    if int(cfg["replicates"]) < 2:
-        raise ValueError(f"replicates must be >= 2 (for standard errors), got {cfg['replicates']}")
+    check_n_grid(cfg)
 
 
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     validate(cfg)
     problem = problem_from(cfg)
-    grid = sorted(int(n) for n in cfg["n_grid"])
-    sweep = Sweep(out_dir, cfg, NAME)
-    fn = None
-
-    def cell(item):
-        nonlocal fn
-        i, n = item
-        if fn is None:
-            fn = compiled_replicates(design_from(cfg, max(grid)))
-        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problem))
-
-    cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
-    estimators = summarise([cells[f"n{n}"] for n in grid], grid)
+    grid, sweep, ordered = sweep_over_n(cfg, out_dir, NAME, problem, progress=progress)
+    estimators = summarise(ordered, grid)
     results = {
         "experiment": NAME,
         "config": cfg,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import cell_keys, compiled_replicates, design_from, mean_se, pyplot, savefig, to_lists
+from .common import mean_se, pyplot, savefig, sweep_over_n
 from .hmm_common import (
     HMM_BASELINES,
     HMM_EM_KNOBS,
@@ -22,7 +22,7 @@ from .hmm_common import (
     hmm_problem_from,
     validate_hmm_knobs,
 )
-from .runner import Sweep, check_knobs, versions
+from .runner import check_knobs, versions
 
 NAME = "icl"
 DEFAULTS = {
@@ -54,23 +54,10 @@ def validate(cfg: dict) -> None:
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     validate(cfg)
     problem = hmm_problem_from(cfg)
-    grid = sorted(int(n) for n in cfg["n_grid"])
-    sweep = Sweep(out_dir, cfg, NAME)
-    fn = None
-
-    def cell(item):
-        nonlocal fn
-        i, n = item
-        if fn is None:
-            fn = compiled_replicates(design_from(
-                cfg, max(grid), estimators=HMM_BASELINES, noweak_match="components",
-                m_grid=tuple(int(m) for m in cfg["m_grid"]), strong_demo_head=True,
-                source_fit_errors=True))
-        keys = cell_keys(cfg["seed"], i, int(cfg["replicates"]))
-        return to_lists(fn(keys, n, problem))
-
-    cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
-    per_n = [cells[f"n{n}"] for n in grid]
+    grid, sweep, per_n = sweep_over_n(
+        cfg, out_dir, NAME, problem, progress=progress, estimators=HMM_BASELINES,
+        noweak_match="components", m_grid=tuple(int(m) for m in cfg["m_grid"]),
+        strong_demo_head=True, source_fit_errors=True)
     names = [k for k in per_n[0] if k != "source_fit" and not k.startswith("icl_M")]
     estimators = {}
     for name in names:

@@ -22,16 +22,14 @@ from .common import (
     EM_KNOBS,
     LABELS,
     PROBLEM_KNOBS,
-    cell_keys,
-    compiled_replicates,
-    design_from,
+    check_n_grid,
     problem_from,
     pyplot,
     savefig,
     summarise,
-    to_lists,
+    sweep_over_n,
 )
-from .runner import Sweep, check_knobs, versions
+from .runner import check_knobs, versions
 
 NAME = "weak-to-strong"
 DEFAULTS = {
@@ -57,11 +55,7 @@ def validate(cfg: dict) -> None:
     if cfg["family"] not in CLASSIFICATION:
         raise ValueError(f"family must be one of {CLASSIFICATION} (a classification task), got "
                          f"{cfg['family']!r}")
-    grid = cfg["n_grid"]
-    if not grid or any(int(n) < 2 * cfg["n_components"] for n in grid):
-        raise ValueError(f"n_grid must be non-empty with every n >= 2 * n_components, got {grid}")
-    if int(cfg["replicates"]) < 2:
-        raise ValueError(f"replicates must be >= 2 (for intervals), got {cfg['replicates']}")
+    check_n_grid(cfg)
 
 
 def _pgr(weak, err, ceil):
@@ -94,19 +88,8 @@ def pgr_table(cells: list[dict], n_boot: int, seed: int) -> dict:
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     validate(cfg)
     problem = problem_from(cfg)
-    grid = sorted(int(n) for n in cfg["n_grid"])
-    sweep = Sweep(out_dir, cfg, NAME)
-    fn = None
-
-    def cell(item):
-        nonlocal fn
-        i, n = item
-        if fn is None:
-            fn = compiled_replicates(design_from(cfg, max(grid), weak_labeller=True))
-        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problem))
-
-    cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
-    ordered = [cells[f"n{n}"] for n in grid]
+    grid, sweep, ordered = sweep_over_n(cfg, out_dir, NAME, problem, progress=progress,
+                                        weak_labeller=True)
     results = {
         "experiment": NAME,
         "config": cfg,

@@ -166,7 +166,7 @@ def _fit_impl(model, key, batch, tol, init_params, *, restarts: int, max_iter: i
     runs = jax.vmap(lambda p: _run(model, blocks, p, tol, max_iter, mesh))(params0)
     params, ll, obj, ll_tr, obj_tr, n_iter, conv = runs
     finite = jnp.isfinite(obj)
-    if hasattr(model, "batch_degenerate_components") and model.em_kind == "responsibilities":
+    if hasattr(model, "batch_degenerate_components"):
         degenerate = jax.vmap(lambda p: jnp.any(model.batch_degenerate_components(p, batch)))(params)
     else:
         degenerate = jnp.zeros(ll.shape, bool)
