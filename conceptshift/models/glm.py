@@ -98,44 +98,50 @@ class GLMGaussianParams(NamedTuple):
 GATES = ("constant", "gaussian", "softmax")
 
 
-def _safeguarded_newton(objective, grad_hess, beta0: Array, n_steps: int) -> Array:
+def _safeguarded_newton(value_grad_hess, beta0: Array, n_steps: int) -> Array:
     """``n_steps`` Newton steps on B independent concave problems at once, each with step halving:
     for every problem the largest step 1, 1/2, .., 2^-HALVINGS that does not lower its objective is
     taken (none if every one would, or if the step's predicted gain is below the objective's
     rounding).
 
-    ``objective(beta)`` maps beta (B, M) to the B objectives, ``grad_hess(beta)`` to their gradients
-    (B, M) and Hessians (B, M, M). The problems share each pass over the data (a family's components
-    read the rows once, not once each), and the trials stop when every problem has accepted a step
-    (usually at the first, the full step)."""
+    ``value_grad_hess(beta)`` maps beta (B, M) to the B objectives (B,), their gradients (B, M) and
+    Hessians (B, M, M), from one pass over the data. Every trial point is evaluated with its
+    gradient and Hessian, so the accepted trial (usually the first, the full step) provides the next
+    step's: an M-step reads the data 1 + n_steps times, not 1 + 2 n_steps. The problems share each
+    pass (a family's components read the rows once, not once each), and the trials stop when every
+    problem has accepted a step."""
     dtype = beta0.dtype
     eye = jnp.eye(beta0.shape[1], dtype=dtype)
     eps = jnp.finfo(dtype).eps
 
     def one(carry, _):
-        beta, f0 = carry
-        g, h = grad_hess(beta)
-        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h, axis1=1, axis2=2)), axis=1),
+        beta, f0, g0, h0 = carry
+        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h0, axis1=1, axis2=2)), axis=1),
                             jnp.finfo(dtype).tiny)
-        d = jnp.linalg.solve(h - 1e-10 * scale[:, None, None] * eye[None], -g[..., None])[..., 0]
+        d = jnp.linalg.solve(h0 - 1e-10 * scale[:, None, None] * eye[None], -g0[..., None])[..., 0]
         d = jnp.where(jnp.all(jnp.isfinite(d), axis=1, keepdims=True), d, 0.0)  # ascent directions
         # a step whose predicted gain g.d is below the objective's rounding is not tried (near the
         # optimum the sign of so small a change is noise: halving would only repeat the evaluation)
-        negligible = jnp.sum(g * d, axis=1) <= eps * jnp.abs(f0)
+        negligible = jnp.sum(g0 * d, axis=1) <= eps * jnp.abs(f0)
 
         def trial(c):
-            i, t, f, ok = c
+            i, t, f, g, h, ok = c
             step = jnp.asarray(2.0, dtype) ** -i.astype(dtype)
-            v = objective(beta + step * d)
+            v, gv, hv = value_grad_hess(beta + step * d)
             take = ~ok & jnp.isfinite(v) & (v >= f0)
-            return i + 1, jnp.where(take, step, t), jnp.where(take, v, f), ok | take
+            return (i + 1, jnp.where(take, step, t), jnp.where(take, v, f),
+                    jnp.where(take[:, None], gv, g), jnp.where(take[:, None, None], hv, h), ok | take)
 
-        start = (jnp.zeros((), jnp.int32), jnp.zeros(f0.shape, dtype), f0, negligible)
-        _, t, f, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[3]) & (c[0] <= HALVINGS), trial, start)
-        return (beta + t[:, None] * d, f), None  # f: the objective there, from the accepted trial
+        start = (jnp.zeros((), jnp.int32), jnp.zeros(f0.shape, dtype), f0, g0, h0, negligible)
+        _, t, f, g, h, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[-1]) & (c[0] <= HALVINGS),
+                                              trial, start)
+        # f, g, h: the objective and its derivatives where the step lands (the accepted trial's)
+        return (beta + t[:, None] * d, f, g, h), None
 
-    (beta, _), _ = jax.lax.scan(one, (beta0, objective(beta0)), None, length=n_steps)
+    (beta, *_), _ = jax.lax.scan(one, (beta0, *value_grad_hess(beta0)), None, length=n_steps)
     return beta
+
+
 GATE_NU = 1e-6  # the Gaussian gate covariance's prior weight when reg is smaller
 SEPARATED_NLL = 1e-4  # a component whose rows' labels it predicts this surely is degenerate (nats)
 
@@ -565,9 +571,9 @@ class GLMExperts:
         return self._objectives(beta[None], phi.T, y, rw[None])[0]
 
     def _grad_hess(self, beta: Array, phi: Array, y: Array, rw: Array) -> tuple[Array, Array]:
-        """Gradient (R P,) and Hessian (R P, R P) of :meth:`_head_objective` (:meth:`_grads_hessians`
+        """Gradient (R P,) and Hessian (R P, R P) of :meth:`_head_objective` (:meth:`_values_grads_hessians`
         of one component)."""
-        g, h = self._grads_hessians(beta[None], phi.T, y, rw[None])
+        _, g, h = self._values_grads_hessians(beta[None], phi.T, y, rw[None])
         return g[0], h[0]
 
     def _predictors_t(self, beta: Array, phiT: Array) -> Array:
@@ -600,25 +606,32 @@ class GLMExperts:
         P = phiT.shape[0]
         return (phiT[:, None, :] * phiT[None, :, :]).reshape(P * P, -1)
 
-    def _grads_hessians(self, beta: Array, phiT: Array, y: Array, rwT: Array,
-                        outer: Array | None = None) -> tuple[Array, Array]:
-        """Gradients (K, R P) and Hessians (K, R P, R P) of :meth:`_objectives`, in closed form: for
-        the Bernoulli and categorical responses (the Bernoulli is the categorical with C = 2)
-        g = sum_n rw_n (e_{y_n} - p_n) (x) Phi_n and H = -sum_n rw_n (diag p_n - p_n p_n^T) (x)
-        Phi_n Phi_n^T; for the Poisson g = Phi^T (rw (y - mu)) and H = -Phi^T diag(rw mu) Phi; minus
-        the ridge. ``outer``: :meth:`_outer_rows` of phiT (computed here when not given)."""
+    def _values_grads_hessians(self, beta: Array, phiT: Array, y: Array, rwT: Array,
+                               outer: Array | None = None) -> tuple[Array, Array, Array]:
+        """:meth:`_objectives` (K,) with their gradients (K, R P) and Hessians (K, R P, R P) in
+        closed form, from one pass over the rows: for the Bernoulli and categorical responses (the
+        Bernoulli is the categorical with C = 2) g = sum_n rw_n (e_{y_n} - p_n) (x) Phi_n and
+        H = -sum_n rw_n (diag p_n - p_n p_n^T) (x) Phi_n Phi_n^T; for the Poisson
+        g = Phi^T (rw (y - mu)) and H = -Phi^T diag(rw mu) Phi; minus the ridge. ``outer``:
+        :meth:`_outer_rows` of phiT (computed here when not given)."""
         K, R, P = beta.shape[0], self.n_predictors, self.n_coef
         outer = self._outer_rows(phiT) if outer is None else outer
         eta = self._predictors_t(beta, phiT)
         if self.response == "poisson":
-            wmu = rwT * jnp.exp(jnp.minimum(eta[:, 0], MAX_ETA))  # (K, N)
+            e = jnp.minimum(eta[:, 0], MAX_ETA)
+            mu = jnp.exp(e)  # (K, N)
+            f = jnp.sum(rwT * (y[None, :] * e - mu), axis=1)
+            wmu = rwT * mu
             g = _p.mm(rwT * y[None, :] - wmu, phiT.T)
             h = -_p.mm(wmu, outer.T).reshape(K, P, P)
         else:
             logits = jnp.concatenate([jnp.zeros_like(eta[:, :1]), eta], axis=1)
-            p = jax.nn.softmax(logits, axis=1)[:, 1:]  # (K, R, N)
-            onehot = (y[None, :] == jnp.arange(1, R + 1, dtype=y.dtype)[:, None]).astype(p.dtype)
-            g = _p.mm((rwT[:, None] * (onehot[None] - p)).reshape(K * R, -1), phiT.T).reshape(K, R * P)
+            logp = jax.nn.log_softmax(logits, axis=1)  # (K, C, N)
+            onehot = (y[None, :] == jnp.arange(R + 1, dtype=y.dtype)[:, None])  # (C, N)
+            f = jnp.sum(rwT * jnp.sum(jnp.where(onehot[None], logp, 0.0), axis=1), axis=1)
+            p = jnp.exp(logp[:, 1:])  # (K, R, N)
+            g = _p.mm((rwT[:, None] * (onehot[None, 1:].astype(p.dtype) - p)).reshape(K * R, -1),
+                      phiT.T).reshape(K, R * P)
             wp = rwT[:, None] * p  # (K, R, N)
             diag = _p.mm(wp.reshape(K * R, -1), outer.T).reshape(K, R, P, P)
             pp = (wp[:, :, None, :] * p[:, None, :, :]).reshape(K * R * R, -1)
@@ -626,16 +639,16 @@ class GLMExperts:
             h = -(jnp.eye(R, dtype=p.dtype)[None, :, :, None, None] * diag[:, :, None] - cross)
             h = jnp.transpose(h, (0, 1, 3, 2, 4)).reshape(K, R * P, R * P)
         reg = jnp.asarray(self.reg, beta.dtype)
-        return g - reg * beta, h - reg * jnp.eye(R * P, dtype=beta.dtype)[None]
+        return (f - 0.5 * reg * jnp.sum(beta**2, axis=1), g - reg * beta,
+                h - reg * jnp.eye(R * P, dtype=beta.dtype)[None])
 
     def _newton(self, beta0: Array, phi: Array, y: Array, rw: Array) -> Array:
         """``newton_steps`` safeguarded Newton steps on :meth:`_head_objective` of every component
         at once: beta0 (K, R P), rw (N, K) the components' row weights, y (N,) one head."""
         phiT, rwT = phi.T, rw.T
         outer = self._outer_rows(phiT)
-        return _safeguarded_newton(lambda b: self._objectives(b, phiT, y, rwT),
-                                   lambda b: self._grads_hessians(b, phiT, y, rwT, outer), beta0,
-                                   self.newton_steps)
+        return _safeguarded_newton(lambda b: self._values_grads_hessians(b, phiT, y, rwT, outer),
+                                   beta0, self.newton_steps)
 
     def _gate_objective(self, theta: Array, phi: Array, rw: Array) -> Array:
         """sum_n sum_k rw_nk log softmax_k(Phi_n . theta_k) - reg / 2 |W|^2, theta = (b, W) flattened
@@ -646,16 +659,23 @@ class GLMExperts:
         return jnp.sum(rw * logp) - 0.5 * jnp.asarray(self.reg, theta.dtype) * jnp.sum(t[:, 1:] ** 2)
 
     def _gate_grad_hess(self, theta: Array, phi: Array, rw: Array) -> tuple[Array, Array]:
-        """Gradient and Hessian of :meth:`_gate_objective` in closed form, the Hessian made definite
-        along the softmax's common shift (on which the gradient vanishes when sum_k W_k = 0): the
-        Newton step then stays in that subspace."""
+        """Gradient and Hessian of :meth:`_gate_objective` (:meth:`_gate_value_grad_hess`)."""
+        return self._gate_value_grad_hess(theta, phi, rw)[1:]
+
+    def _gate_value_grad_hess(self, theta: Array, phi: Array,
+                              rw: Array) -> tuple[Array, Array, Array]:
+        """:meth:`_gate_objective` with its gradient and Hessian in closed form, from one pass over
+        the rows; the Hessian made definite along the softmax's common shift (on which the gradient
+        vanishes when sum_k W_k = 0): the Newton step then stays in that subspace."""
         K = rw.shape[1]
         Q = phi.shape[1]
         t = theta.reshape(K, Q)
-        p = jax.nn.softmax(_p.mm(phi, t.T), axis=-1)  # (N, K)
+        logp = jax.nn.log_softmax(_p.mm(phi, t.T), axis=-1)  # (N, K)
+        p = jnp.exp(logp)
         w = jnp.sum(rw, axis=1)  # (N,)
         mask = jnp.concatenate([jnp.zeros((1,), theta.dtype), jnp.ones((Q - 1,), theta.dtype)])
         reg = jnp.asarray(self.reg, theta.dtype)
+        f = jnp.sum(rw * logp) - 0.5 * reg * jnp.sum(t[:, 1:] ** 2)
         g = (rw - w[:, None] * p).T @ phi - reg * t * mask[None, :]
         outer = _p.einsum("n,na,nb->nab", w, phi, phi)
         diag = _p.einsum("nk,nab->kab", p, outer)
@@ -667,7 +687,7 @@ class GLMExperts:
         shift = (jnp.full((K, K), 1.0 / K, theta.dtype)[:, :, None, None]
                  * jnp.eye(Q, dtype=theta.dtype)[None, None])
         h = h - scale * shift
-        return g.reshape(-1), jnp.transpose(h, (0, 2, 1, 3)).reshape(K * Q, K * Q)
+        return f, g.reshape(-1), jnp.transpose(h, (0, 2, 1, 3)).reshape(K * Q, K * Q)
 
     def _gate_m_step(self, params, x: Array, rw: Array, log_weights: Array):
         """The gate's fields from responsibilities rw (N, K) (weighted): the Gaussian gate's in closed
@@ -688,9 +708,8 @@ class GLMExperts:
             return log_weights, (mean, 0.5 * (cov + jnp.swapaxes(cov, 1, 2)))
         phi = jnp.concatenate([jnp.ones(u.shape[:1] + (1,), dtype), u], axis=1)
         theta0 = jnp.concatenate([params.log_weights[:, None], params.gate_weights], axis=1)
-        theta = _safeguarded_newton(lambda t: self._gate_objective(t[0], phi, rw)[None],
-                                    lambda t: jax.tree.map(lambda a: a[None],
-                                                           self._gate_grad_hess(t[0], phi, rw)),
+        theta = _safeguarded_newton(lambda t: jax.tree.map(lambda a: a[None],
+                                                           self._gate_value_grad_hess(t[0], phi, rw)),
                                     theta0.reshape(1, -1), self.newton_steps).reshape(K, 1 + G)
         b = theta[:, 0]
         return b - logsumexp(b), (theta[:, 1:],)
