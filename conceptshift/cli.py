@@ -44,6 +44,7 @@ FAMILY_FLAGS = {
     "--classes": ("classes", "n_classes"),
     "--gate": ("gate", "gate"),
     "--gate-x": ("gate_x", "gate_columns"),
+    "--trials": ("trials", "trials_column"),
     "--states": ("states", "n_states"),
     "--tokens": ("tokens", "n_tokens"),
 }
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("data", help="CSV file with a header row (hmm: token sequences, text or .npy)")
     f.add_argument("--family", choices=fit_families(), default="regression",
                    help="a registered family (softmax: experts with a softmax gate on x, flexmix's "
-                        "concomitant model; logistic, categorical, poisson: GLM experts for 0/1, "
-                        "class and count responses)")
+                        "concomitant model; logistic, binomial, categorical, poisson: GLM experts for "
+                        "0/1, successes out of --trials, class and count responses)")
     f.add_argument("--components", "-k", type=_int, required=True, help="K")
     f.add_argument("--y", help="response column (required unless --family hmm)")
     f.add_argument("--x", nargs="*", help="covariate column(s); none: intercept only")
@@ -120,12 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--classes", type=_int, help="classes C of a categorical response (--family "
                    "categorical; default: the largest label + 1)")
     f.add_argument("--gate", choices=["constant", "gaussian", "softmax"],
-                   help="the gate p(k | x) of GLM experts (logistic, categorical, poisson): constant "
-                        "proportions (default), a Gaussian law of the gate covariates per component, "
+                   help="the gate p(k | x) of GLM experts (logistic, binomial, categorical, poisson): "
+                        "constant proportions (default), a Gaussian law of the gate covariates per "
+                        "component, "
                         "or softmax logits linear in them (flexmix's concomitant model)")
     f.add_argument("--gate-x", nargs="+", metavar="COL",
                    help="the gate's covariate column(s) (--gate gaussian or softmax; default the --x "
                         "columns)")
+    f.add_argument("--trials", metavar="COL",
+                   help="the column holding each row's number of trials (--family binomial: --y "
+                        "counts the successes out of them; default 1 trial per row)")
     f.add_argument("--states", type=_int, help="hidden states S (--family hmm)")
     f.add_argument("--tokens", type=_int, help="vocabulary size V (--family hmm; default: max + 1)")
 
@@ -222,14 +227,26 @@ def cmd_fit(args) -> int:
     dup = sorted({c for c in gx if gx.count(c) > 1})
     if dup:
         raise UsageError(f"--gate-x names {dup[0]!r} twice")
+    tc = getattr(args, "trials", None)
+    if tc is not None and tc == args.y:
+        raise UsageError(f"--trials {tc!r} is also the response --y")
+    if tc is not None and (tc in xs or tc in gx):
+        raise UsageError(f"--trials {tc!r} is also a covariate (--x or --gate-x)")
     if args.degree is not None and not xs:
         raise UsageError("--degree needs at least one --x column (without --x the fit is "
                          "intercept only)")
     degree = 1 if args.degree is None else args.degree
     check_range("--degree", degree, 1, MAX_DEGREE)
     all_x = xs + [c for c in gx if c not in xs]  # x as the family reads it: --x, then gate-only columns
-    cols = read_csv_columns(args.data, [args.y, *all_x])
+    read = all_x + ([tc] if tc is not None else [])  # the trials column last in x
+    cols = read_csv_columns(args.data, [args.y, *read])
     n = len(cols[args.y])
+    if tc is not None:
+        m = cols[tc]
+        bad = m[~((m >= 1) & (m == m.round()))] if m.size else m
+        if bad.size:
+            raise UsageError(f"--trials {tc!r} must hold a positive whole number of trials in every "
+                             f"row, got {bad[0]:g}")
     if args.components > n:
         raise UsageError(f"--components {args.components} exceeds the {n} data rows")
     D = len(xs)
@@ -260,7 +277,9 @@ def cmd_fit(args) -> int:
     from .models.registry import family_class
 
     fields = _fields(args.family)
-    kw = dict(n_features=len(all_x))
+    kw = dict(n_features=len(read))
+    if tc is not None:
+        kw["trials_column"] = len(all_x)
     if args.gate is not None:
         kw["gate"] = args.gate
     if gx:
@@ -285,7 +304,7 @@ def cmd_fit(args) -> int:
         raise UsageError(f"--family {args.family} needs at least one --x column ({err})") from None
     if getattr(model, "gate_fields", lambda: ())() and not all_x:
         raise UsageError(f"--family {args.family} gates on x: it needs at least one --x column")
-    x = np.stack([cols[c] for c in all_x], axis=1) if all_x else None
+    x = np.stack([cols[c] for c in read], axis=1) if read else None
     y = cols[args.y]
     console = Console(stderr=True)
     with console.status(f"fitting K={args.components} by EM, {args.restarts} restarts...",
@@ -299,6 +318,8 @@ def cmd_fit(args) -> int:
     check_summary_finite(summary, ("loglik", "bic", "weights", "coef", "scale", "gate_mean", "gate_cov",
                                    "gate_weights"), args.float32)
     gated = args.gate not in (None, "constant")
+    if tc is not None:
+        summary["trials"] = tc
     summary.update(data=str(args.data), y=args.y, x=xs, gate_x=(gx or xs) if gated else [],
                    degree=degree, seed=args.seed, restarts=args.restarts)
     if args.out is not None:

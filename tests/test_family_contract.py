@@ -41,6 +41,11 @@ VARIANTS = {"logistic_softmax_gate": ("logistic", {"gate": "softmax"}),
             "poisson_gaussian_gate": ("poisson", {"gate": "gaussian", "n_features": 2,
                                                   "gate_columns": (1, 0), "expert_columns": (0,)})}
 CASES = family_names() + tuple(VARIANTS)  # the density, the sites and EM; the rest is generic plumbing
+# families whose generic plumbing a sibling's cases run through the same code (the binomial is the
+# Bernoulli family with a number of trials): their plumbing cases (SVI, Algorithm 1, the bootstrap)
+# run in test-slow
+COVERED_BY = {"binomial": "logistic"}
+PLUMBING = [pytest.param(n, marks=pytest.mark.slow) if n in COVERED_BY else n for n in family_names()]
 
 
 def _setup(name, seed=0, n=120):
@@ -147,7 +152,7 @@ def test_fit_em_monotone_jit_vmap_and_no_recompile(name):
     np.testing.assert_allclose(np.asarray(ll), _total(model, params, batch), rtol=rtol(1e-5, 1e-12))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", PLUMBING)
 @once  # precision-independent plumbing
 def test_fit_svi_runs_and_relabel_undoes_a_permutation(name):
     model, params, batch = _setup(name)
@@ -164,7 +169,7 @@ def test_fit_svi_runs_and_relabel_undoes_a_permutation(name):
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", PLUMBING)
 def test_algorithm_1_undoes_a_known_relabelling(name):
     """A weak-target 'fit' that is the source fit with its components swapped, its weak head only,
     and other proportions: identify matches component k to its image and moves the proportions."""
@@ -180,7 +185,7 @@ def test_algorithm_1_undoes_a_known_relabelling(name):
                                rtol=rtol(1e-6, 1e-12))
 
 
-@pytest.mark.parametrize("name", family_names())
+@pytest.mark.parametrize("name", PLUMBING)
 @once  # precision-independent plumbing
 def test_parametric_bootstrap_runs(name):
     """bootstrap_em: refits of data redrawn from the fit (the family's resample_batch), one

@@ -1,5 +1,6 @@
-"""Mixtures of generalized linear experts (logistic, categorical, Poisson): one component equals
-scikit-learn's unpenalised GLMs, flexmix's NPreg count fit is reached (Python and CLI), simulated
+"""Mixtures of generalized linear experts (logistic, binomial, categorical, Poisson): one component
+equals scikit-learn's unpenalised GLMs, flexmix's NPreg count fit and a binomial fit with trials per
+row are reached (Python and CLI), simulated
 parameters are recovered, bad responses are refused at the boundary. The protocol's contract tests
 (tests/test_family_contract.py) run on the three families by their registration."""
 
@@ -16,7 +17,14 @@ import pytest
 from conftest import X64, once, rtol
 
 from conceptshift.inference import fit_em
-from conceptshift.models import CategoricalMixture, LogisticMixture, PoissonRegressionMixture
+from conceptshift.models import (
+    BinomialMixture,
+    CategoricalMixture,
+    LogisticMixture,
+    PoissonRegressionMixture,
+)
+
+REFERENCE = Path(__file__).parent / "reference"
 
 
 def _design(n, d, seed):
@@ -342,3 +350,78 @@ def test_numpy_float64_covariates_take_the_working_precision_silently():
         warnings.simplefilter("error")
         out = pred.mean(x)
     assert out.dtype == m.init_params(jax.random.key(0)).coef.dtype and out.shape == (5,)
+
+
+@pytest.mark.skipif(not X64, reason="a 1e-6 comparison: the float64 pass")
+def test_binomial_one_component_equals_sklearn_on_the_expanded_rows():
+    """K = 1 with m trials per row is the logistic regression of the m Bernoulli rows each row
+    stands for (sklearn with the successes and failures as sample weights): coefficients to 1e-6,
+    and the log-likelihood that one plus sum_n log C(m_n, y_n)."""
+    from scipy.special import gammaln
+    from sklearn.linear_model import LogisticRegression
+
+    rng, x = _design(300, 1, 5)
+    m = rng.integers(1, 30, size=300)
+    y = rng.binomial(m, 1 / (1 + np.exp(-(0.4 - 1.2 * x[:, 0])))).astype(float)
+    fit = fit_em(BinomialMixture(1, 2, trials_column=1, reg=0.0), jax.random.key(0),
+                 np.c_[x, m], y, restarts=1, tol=0, max_iter=30)
+    xx = np.r_[x, x]
+    yy = np.r_[np.ones(300), np.zeros(300)]
+    ww = np.r_[y, m - y]
+    ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10000).fit(xx, yy, sample_weight=ww)
+    np.testing.assert_allclose(fit.params.coef[0, 0, 0], np.r_[ref.intercept_, ref.coef_[0]],
+                               rtol=1e-6, atol=1e-8)
+    p1 = ref.predict_proba(x)[:, 1]
+    ll = np.sum(y * np.log(p1) + (m - y) * np.log1p(-p1)
+                + gammaln(m + 1) - gammaln(y + 1) - gammaln(m - y + 1))
+    np.testing.assert_allclose(float(fit.loglik), ll, rtol=1e-9)
+
+
+def test_flexmix_binomial_fit_with_trials_reached(capsys):
+    """flexmix's fit of cbind(successes, trials - successes) ~ x, K = 2, on 300 rows drawn with
+    numpy (best of 40 starts, tests/reference/flexmix_binomial.R): log-likelihood -582.935350157,
+    reached from Python (to 1e-7 nats in float64) and the CLI (--trials); a response above its
+    trials is refused with one line."""
+    ref = json.loads((REFERENCE / "flexmix_binomial.json").read_text())["binomial_trials"]
+    d = pd.read_csv(REFERENCE / "binomial_trials.csv")
+    m = BinomialMixture(2, n_features=2, trials_column=1, reg=0.0)
+    fit = fit_em(m, jax.random.key(0), d[["x", "trials"]].values, d.successes.values, restarts=8,
+                 max_iter=2000, tol=rtol(1e-8, 1e-14))
+    assert float(fit.loglik) >= ref["loglik"] - rtol(2e-3, 1e-7)
+    coef = np.asarray(fit.params.coef)[:, 0, 0]
+    order = np.argsort(-coef[:, 0])  # flexmix's Comp.1 has the larger intercept here
+    np.testing.assert_allclose(coef[order], ref["coef"], atol=rtol(2e-3, 2e-5))
+    np.testing.assert_allclose(np.exp(np.asarray(fit.params.log_weights))[order], ref["weights"],
+                               atol=rtol(1e-3, 1e-6))
+    if X64:
+        return
+    from conceptshift.cli import main
+
+    csv = str(REFERENCE / "binomial_trials.csv")
+    p = subprocess.run([sys.executable, "-m", "conceptshift.cli", "fit", csv, "--family", "binomial",
+                        "-k", "2", "--y", "successes", "--x", "x", "--trials", "trials", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["loglik"] == pytest.approx(ref["loglik"], abs=1e-5) and s["trials"] == "trials"
+    assert np.shape(s["coef"]) == (2, 2) and s["df"] == 5
+    for args, message in [(("--y", "trials", "--trials", "successes"), "--trials 'successes' must"),
+                          (("--y", "successes", "--trials", "successes"), "also the response"),
+                          (("--y", "successes", "--x", "x", "trials", "--trials", "trials"),
+                           "also a covariate")]:
+        assert main(["fit", csv, "--family", "binomial", "-k", "2", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_binomial_trials_are_checked():
+    m = BinomialMixture(1, n_features=2, trials_column=1)
+    x = np.c_[np.zeros(3), [2.0, 3.0, 1.0]]
+    with pytest.raises(ValueError, match="successes 0..m"):
+        m.batch(x, [1.0, 4.0, 0.0])
+    with pytest.raises(ValueError, match="positive integer"):
+        m.batch(np.c_[np.zeros(3), [2.0, 0.0, 1.0]], [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="trials_column"):
+        BinomialMixture(1, n_features=1, trials_column=1)
+    with pytest.raises(ValueError, match="number of trials"):
+        BinomialMixture(1, n_features=2, trials_column=1, expert_columns=(0, 1))

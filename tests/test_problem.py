@@ -115,3 +115,59 @@ def test_glm_problems_share_strong_heads_and_simulate_their_law(family):
         np.testing.assert_allclose(got.mean(0), want.mean(0), rtol=0.1, atol=0.02)
     with pytest.raises(ValueError, match="degree must be 1"):
         ProblemSpec(family="logistic", degree=2)
+
+
+@once  # plumbing and a brute-force sum: precision-independent
+@pytest.mark.parametrize("family, C, flip_to", [("logistic", 2, "other"),
+                                                ("categorical", 3, "other"),
+                                                ("categorical", 3, "class")])
+def test_label_noise_labeller_flips_at_its_rates_and_its_law_is_the_sum(family, C, flip_to):
+    """weak_labeller="noise": y' is y replaced at rate rho_k per concept by a draw from T_k[y, .]
+    (flip_to="other": another class, so the simulator's flips per concept are within 4 binomial
+    standard errors of the rates; "class": every changed label is the concept's class); the
+    labeller's p(y' | x, k) is the brute-force sum over v of p(y = v | x, k) C_k[v, y'];
+    q(y' | x) sums to 1; the unused weak heads say so."""
+    prob = make_problem(jax.random.key(3), family=family, n_components=2, weak_labeller="noise",
+                        flip=0.3, flip_spread=0.5, weak_shift=0.1, flip_to=flip_to)
+    fp, fq = np.asarray(prob.flip_p, float), np.asarray(prob.flip_q, float)
+    T = np.asarray(prob.flip_target, float)
+    np.testing.assert_allclose(np.sort(fp), [0.05, 0.55], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fq - fp), 0.1, rtol=1e-5)  # no rate clipped here
+    np.testing.assert_allclose(T.sum(-1), 1.0)
+    assert prob.distinguishability() == pytest.approx(
+        min(abs(fq[0] - fp[1]), abs(fq[1] - fp[0])) ** 2 - max(abs(fq - fp)) ** 2, rel=1e-4)
+    sim = simulate(jax.random.key(1), prob, 20000, 20000, 10)
+    for smp, flip in ((sim.source, fp), (sim.target, fq)):
+        k, y, yw = (np.asarray(a).astype(int) for a in (smp.k, smp.y, smp.y_weak))
+        for j in range(2):
+            n, rho, changed = np.sum(k == j), flip[j], y[k == j] != yw[k == j]
+            if flip_to == "other":
+                assert abs(np.mean(changed) - rho) < 4 * np.sqrt(rho * (1 - rho) / n)
+            else:
+                assert np.all(yw[k == j][changed] == np.argmax(T[j, 0]))
+    x = sim.target.x[:5]
+    strong = np.exp(np.asarray(prob.model.component_class_log_probs(prob.params_q, x, 0)))
+    want = np.zeros_like(strong)
+    for n in range(5):
+        for j in range(2):
+            for v in range(C):
+                for c in range(C):
+                    want[n, j, c] += strong[n, j, v] * ((1 - fq[j]) * (v == c) + fq[j] * T[j, v, c])
+    np.testing.assert_allclose(np.exp(np.asarray(prob.weak_log_probs(x, "q"))), want, rtol=1e-5)
+    lab = prob.weak_labeller()
+    np.testing.assert_allclose(np.exp(np.asarray(lab.log_probs(x))).sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lab.log_prob(x, jnp.zeros(5, x.dtype))),
+                               np.asarray(lab.log_probs(x)[:, 0]), rtol=1e-6)
+    with pytest.raises(ValueError, match="no weak head"):
+        prob.heads("q", "weak")
+
+
+def test_label_noise_knobs_are_checked():
+    with pytest.raises(ValueError, match="weak_labeller"):
+        ProblemSpec(family="logistic", weak_labeller="confusion")
+    with pytest.raises(ValueError, match="class labels"):
+        ProblemSpec(family="poisson", weak_labeller="noise")
+    with pytest.raises(ValueError, match="flip"):
+        ProblemSpec(family="logistic", weak_labeller="noise", flip=0.9, flip_spread=0.5)
+    with pytest.raises(ValueError, match="flip_to"):
+        ProblemSpec(family="logistic", weak_labeller="noise", flip_to="up")

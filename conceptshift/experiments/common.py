@@ -32,6 +32,10 @@ PROBLEM_KNOBS = {
     "weak_noise": 1.0,
     "gate_separation": 3.0,
     "n_classes": 3,
+    "weak_labeller": "heads",
+    "flip": 0.3,
+    "flip_spread": 0.5,
+    "flip_to": "class",
 }
 EM_KNOBS = {"restarts": 8, "max_iter": 200, "tol": 1e-6}
 
@@ -168,8 +172,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
         out[name]["greedy_bijection"] = ident.greedy_bijection.astype(dtype)
         out[name]["greedy_agrees"] = jnp.all(ident.greedy == ident.assignment).astype(dtype)
     if design.weak_labeller:
-        out["weak_labeller"] = score(Predictor(m1, m1.select_heads(problem.params_q, (1,))), truth,
-                                     test)
+        out["weak_labeller"] = score(problem.weak_labeller(), truth, test)
     if design.m_grid:
         m2 = model.with_heads(2)
         s2 = est.fits["source"].params

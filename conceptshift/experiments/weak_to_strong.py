@@ -2,7 +2,9 @@
 
 A binary (or C-class) task under latent concept shift: the strong label y and a weak supervisor's
 label y' share the concept k; the weak supervisor is a biased copy of the strong experts
-(``weak_bias``, in logits). Every estimator of q(y | x) is scored on gold target labels by accuracy,
+(``weak_bias``, in logits), or with ``weak_labeller=noise`` the strong label flipped at a rate per
+concept (``flip``, ``flip_spread``, ``flip_to``: a weak head the fitted families do not contain; see
+:mod:`conceptshift.models.problem`). Every estimator of q(y | x) is scored on gold target labels by accuracy,
 calibration (ECE) and the excess log-loss, and by the performance gap recovered
 
     PGR = (err_weak - err) / (err_weak - err_ceiling),

@@ -5,6 +5,7 @@ from .basis import Basis
 from .batch import Batch
 from .gated import GatedExperts, GatedParams
 from .glm import (
+    BinomialMixture,
     CategoricalMixture,
     GLMGaussianParams,
     GLMParams,
@@ -67,4 +68,5 @@ __all__ = [
     "GLMSoftmaxParams",
     "LogisticMixture",
     "PoissonRegressionMixture",
+    "BinomialMixture",
 ]

@@ -1,17 +1,20 @@
-"""Mixtures of generalized linear experts for discrete responses: Bernoulli (logit link), categorical
-(softmax over C classes) and Poisson (log link), with a constant, Gaussian or softmax gate, one file on
-the family protocol.
+"""Mixtures of generalized linear experts for discrete responses: Bernoulli (logit link), binomial
+(logit link, a number of trials per row), categorical (softmax over C classes) and Poisson (log link),
+with a constant, Gaussian or softmax gate, one file on the family protocol.
 
 Component k has proportion pi_k and, for each head h (the strong label y, the weak label y', ...), a
 linear predictor on the design Phi(x) = (1, x_1, .., x_D) (intercept first):
 
   bernoulli    p(y = 1 | x, k) = sigmoid(Phi(x) . beta_kh)
+  binomial     y | x, k ~ Binomial(m, sigmoid(Phi(x) . beta_kh)), the trials m a column of x
+               (``trials_column``; flexmix's cbind(successes, failures) ~ x), or a constant ``trials_per_row``
   categorical  p(y = c | x, k) = softmax_c(0, Phi(x) . beta_kh1, .., Phi(x) . beta_kh(C-1))  (class 0 the
                reference)
   poisson      y | x, k ~ Poisson(exp(Phi(x) . beta_kh))
 
-so ``coef`` has shape (K, H, R, P) with R = 1 (Bernoulli, Poisson) or C - 1 (categorical) linear
-predictors per head and P = 1 + D (the experts read the columns ``expert_columns`` of x, default all).
+so ``coef`` has shape (K, H, R, P) with R = 1 (Bernoulli, binomial, Poisson) or C - 1 (categorical)
+linear predictors per head and P = 1 + D (the experts read the columns ``expert_columns`` of x, default
+all but a binomial's trials column).
 
 The gate p(k | x) = softmax_k(log pi_k + f_k(x)) reads the columns ``gate_columns`` of x, u (default
 all):
@@ -96,6 +99,11 @@ class GLMGaussianParams(NamedTuple):
 
 
 GATES = ("constant", "gaussian", "softmax")
+
+
+def _xlogx(a: Array) -> Array:
+    """a log a, 0 at a = 0."""
+    return jnp.where(a > 0, a * jnp.log(jnp.where(a > 0, a, 1.0)), 0.0)
 
 
 def _safeguarded_newton(value_grad_hess, beta0: Array, n_steps: int) -> Array:
@@ -184,8 +192,8 @@ class GLMExperts:
         check_float("reg", self.reg, nonnegative=True)
         check_int("newton_steps", self.newton_steps, minimum=1)
         if not self.response:
-            raise TypeError("GLMExperts is abstract: use LogisticMixture, CategoricalMixture or "
-                            "PoissonRegressionMixture")
+            raise TypeError("GLMExperts is abstract: use LogisticMixture, BinomialMixture, "
+                            "CategoricalMixture or PoissonRegressionMixture")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}, got {self.gate!r}")
         for name in ("gate_columns", "expert_columns"):
@@ -208,17 +216,33 @@ class GLMExperts:
         if any(not 0 <= c < self.n_features for c in out) or len(set(out)) != len(out):
             raise ValueError(f"{name} must hold distinct indices in 0..{self.n_features - 1} (the "
                              f"columns of x, n_features={self.n_features}), got {out}")
+        if set(out) & set(self.reserved_columns):
+            raise ValueError(f"{name} must not hold column {self.reserved_columns[0]}: it holds the "
+                             f"number of trials, got {out}")
         return out
+
+    @property
+    def reserved_columns(self) -> tuple[int, ...]:
+        """Columns of x that are neither the gate's nor the experts' (a binomial's trials)."""
+        return ()
+
+    def trials(self, x: Array) -> Array | None:
+        """The number of trials of each row, (N,) (binomial responses; None otherwise)."""
+        return None
 
     @property
     def gate_cols(self) -> tuple[int, ...]:
         """The columns of x the gate reads."""
-        return tuple(range(self.n_features)) if self.gate_columns is None else self.gate_columns
+        if self.gate_columns is None:
+            return tuple(c for c in range(self.n_features) if c not in self.reserved_columns)
+        return self.gate_columns
 
     @property
     def expert_cols(self) -> tuple[int, ...]:
         """The columns of x the experts' design reads."""
-        return tuple(range(self.n_features)) if self.expert_columns is None else self.expert_columns
+        if self.expert_columns is None:
+            return tuple(c for c in range(self.n_features) if c not in self.reserved_columns)
+        return self.expert_columns
 
     # ------------------------------------------------------------------ bookkeeping
     em_kind: ClassVar[str] = "responsibilities"
@@ -279,6 +303,10 @@ class GLMExperts:
         if self.response == "bernoulli" and not np.all((v == 0) | (v == 1)):
             bad = v[(v != 0) & (v != 1)].ravel()[0]
             raise ValueError(f"y must hold 0 or 1 for a Bernoulli (logistic) family, got {bad:g}")
+        if self.response == "binomial" and not (whole and np.all(v >= 0)):
+            bad = v[(v < 0) | (v != np.round(v))].ravel()[0]
+            raise ValueError(f"y must hold numbers of successes (non-negative integers) for a "
+                             f"binomial family, got {bad:g}")
         if self.response == "poisson" and not (whole and np.all(v >= 0)):
             bad = v[(v < 0) | (v != np.round(v))].ravel()[0]
             raise ValueError(f"y must hold non-negative integer counts for a Poisson family, got {bad:g}")
@@ -286,6 +314,9 @@ class GLMExperts:
             bad = v[(v < 0) | (v >= self.n_classes) | (v != np.round(v))].ravel()[0]
             raise ValueError(f"y must hold class labels 0..{self.n_classes - 1} (n_classes="
                              f"{self.n_classes}), got {bad:g}")
+
+    def _check_y_given_x(self, x, y) -> None:
+        """Checks of y that need x (a binomial's y <= trials); none here."""
 
     def check_data(self, x, y=None, weights=None):
         """(x (N, D), y (N, H) or None, weights (N,)) as arrays of the working dtype, validated:
@@ -317,6 +348,7 @@ class GLMExperts:
             if y.shape != (n, self.n_heads):
                 raise ValueError(f"y must have shape ({n}, {self.n_heads}), got {y.shape}")
             self._check_y(y)
+            self._check_y_given_x(x, y)
             y = jnp.asarray(y, dtype)
         if weights is None:
             w = jnp.ones((n,), dtype)
@@ -341,26 +373,34 @@ class GLMExperts:
     def design(self, x: Array) -> Array:
         """Phi(x) = (1, x[:, expert_columns]), (N, P)."""
         x = jnp.asarray(x)  # numpy input in the working precision
-        cols = x if self.expert_columns is None else x[:, list(self.expert_cols)]
+        full = self.expert_columns is None and not self.reserved_columns
+        cols = x if full else x[:, list(self.expert_cols)]
         return jnp.concatenate([jnp.ones(x.shape[:1] + (1,), x.dtype), cols], axis=1)
 
     def gate_x(self, x: Array) -> Array:
         """u = x[:, gate_columns], (N, G)."""
         x = jnp.asarray(x)
-        return x if self.gate_columns is None else x[:, list(self.gate_cols)]
+        full = self.gate_columns is None and not self.reserved_columns
+        return x if full else x[:, list(self.gate_cols)]
 
     # ------------------------------------------------------------------ density
     def linear_predictors(self, params: GLMParams, x: Array) -> Array:
         """eta (N, K, H, R) = Phi(x) . beta_khr."""
         return _p.einsum("np,khrp->nkhr", self.design(x), params.coef)
 
-    def _head_log_probs(self, eta: Array, y: Array, constant: bool = True) -> Array:
+    def _head_log_probs(self, eta: Array, y: Array, constant: bool = True,
+                        trials: Array | None = None) -> Array:
         """log p(y_h | eta_h) summed over nothing: (N, K, H) for eta (N, K, H, R), y (N, H) (labels
-        of any numeric dtype); ``constant=False`` leaves out the Poisson's -log y! (free of eta)."""
+        of any numeric dtype); ``constant=False`` leaves out the Poisson's -log y! and the
+        binomial's log C(m, y) (free of eta); ``trials`` (N,): a binomial's m."""
         yk = y[:, None, :].astype(eta.dtype)
         if self.response == "bernoulli":
             e = eta[..., 0]
             return yk * e - jax.nn.softplus(e)
+        if self.response == "binomial":
+            e, m = eta[..., 0], trials[:, None, None].astype(eta.dtype)
+            log_choose = gammaln(m + 1) - gammaln(yk + 1) - gammaln(m - yk + 1) if constant else 0.0
+            return yk * e - m * jax.nn.softplus(e) + log_choose
         if self.response == "poisson":
             e = jnp.minimum(eta[..., 0], MAX_ETA)
             return yk * e - jnp.exp(e) - (gammaln(yk + 1) if constant else 0.0)
@@ -374,7 +414,7 @@ class GLMExperts:
 
     def head_log_probs(self, params: GLMParams, x: Array, y: Array) -> Array:
         """log p(y_nh | x_n, k) for every row, component and head, (N, K, H)."""
-        return self._head_log_probs(self.linear_predictors(params, x), y)
+        return self._head_log_probs(self.linear_predictors(params, x), y, trials=self.trials(x))
 
     def _gaussian_gate_log_probs(self, params: GLMGaussianParams, u: Array) -> Array:
         """log N(u_n; m_k, S_k), (N, K), through the Cholesky factors of S_k."""
@@ -464,6 +504,9 @@ class GLMExperts:
                                   axis=1)[:, 0]  # (N, H, R)
         if self.response == "bernoulli":
             y = jax.random.bernoulli(ky, jax.nn.sigmoid(eta[..., 0]))
+        elif self.response == "binomial":
+            m = jnp.broadcast_to(self.trials(x)[:, None], eta.shape[:2])
+            y = jax.random.binomial(ky, m, jax.nn.sigmoid(eta[..., 0]))
         elif self.response == "poisson":
             y = jax.random.poisson(ky, jnp.exp(jnp.minimum(eta[..., 0], MAX_ETA)))
         else:
@@ -507,10 +550,13 @@ class GLMExperts:
         clp = self.batch_component_log_probs(params, batch)
         r = jnp.exp(clp - logsumexp(clp, -1, keepdims=True)) * batch.w[:, None]  # (N, K)
         nll = -self._head_log_probs(self.linear_predictors(params, batch.x), batch.y,
-                                    constant=False)  # (N, K, H)
+                                    constant=False, trials=self.trials(batch.x))  # (N, K, H)
+        y = batch.y[:, None, :]
         if self.response == "poisson":  # -log p(y | mu) + log y! >= y - y log y: its floor at mu = y
-            y = batch.y[:, None, :]
-            nll = nll - (y - jnp.where(y > 0, y * jnp.log(jnp.where(y > 0, y, 1.0)), 0.0))
+            nll = nll - (y - _xlogx(y))
+        if self.response == "binomial":  # -log p(y | p) + log C(m, y) >= its value at p = y / m
+            m = self.trials(batch.x)[:, None, None]
+            nll = nll - (_xlogx(m) - _xlogx(y) - _xlogx(m - y))
         nk = jnp.sum(r, axis=0)
         mean_nll = _p.einsum("nk,nkh->kh", r, nll) / jnp.maximum(nk, jnp.finfo(nk.dtype).tiny)[:, None]
         return jnp.any(mean_nll < SEPARATED_NLL, axis=-1) | (nk < 1.0)
@@ -565,16 +611,28 @@ class GLMExperts:
                             jnp.zeros((K, self.n_heads, self.n_predictors, self.n_coef), dtype), gate)
         return self.m_step(zero, batch, r)
 
-    def _head_objective(self, beta: Array, phi: Array, y: Array, rw: Array) -> Array:
+    def _head_objective(self, beta: Array, phi: Array, y: Array, rw: Array,
+                        trials: Array | None = None) -> Array:
         """sum_n rw_n log p(y_n | Phi_n beta) - reg / 2 |beta|^2 for one component and head, up to
         a constant free of beta; beta (R * P,) (:meth:`_objectives` of one component)."""
-        return self._objectives(beta[None], phi.T, y, rw[None])[0]
+        return self._objectives(beta[None], phi.T, y, rw[None], trials)[0]
 
-    def _grad_hess(self, beta: Array, phi: Array, y: Array, rw: Array) -> tuple[Array, Array]:
-        """Gradient (R P,) and Hessian (R P, R P) of :meth:`_head_objective` (:meth:`_values_grads_hessians`
-        of one component)."""
-        _, g, h = self._values_grads_hessians(beta[None], phi.T, y, rw[None])
+    def _grad_hess(self, beta: Array, phi: Array, y: Array, rw: Array,
+                   trials: Array | None = None) -> tuple[Array, Array]:
+        """Gradient (R P,) and Hessian (R P, R P) of :meth:`_head_objective`
+        (:meth:`_values_grads_hessians` of one component)."""
+        _, g, h = self._values_grads_hessians(beta[None], phi.T, y, rw[None], trials=trials)
         return g[0], h[0]
+
+    def _class_counts(self, y: Array, trials: Array | None, dtype) -> tuple[Array, Array]:
+        """(counts (C, N), totals (N,)) of the class responses: one-hot labels with total 1, or for
+        the binomial (m - y, y) with total m."""
+        if self.response == "binomial":
+            m = trials.astype(dtype)
+            yv = y.astype(dtype)
+            return jnp.stack([m - yv, yv]), m
+        onehot = y[None, :] == jnp.arange(self.n_predictors + 1, dtype=y.dtype)[:, None]
+        return onehot.astype(dtype), jnp.ones(y.shape, dtype)
 
     def _predictors_t(self, beta: Array, phiT: Array) -> Array:
         """eta (K, R, N) for beta (K, R P) and the transposed design phiT (P, N): the rows last, the
@@ -583,7 +641,8 @@ class GLMExperts:
         K, R, P = beta.shape[0], self.n_predictors, self.n_coef
         return _p.mm(beta.reshape(K * R, P), phiT).reshape(K, R, -1)
 
-    def _objectives(self, beta: Array, phiT: Array, y: Array, rwT: Array) -> Array:
+    def _objectives(self, beta: Array, phiT: Array, y: Array, rwT: Array,
+                    trials: Array | None = None) -> Array:
         """:meth:`_head_objective` of K components at once, (K,): beta (K, R P), phiT (P, N), y (N,)
         one head, rwT (K, N) the components' row weights."""
         eta = self._predictors_t(beta, phiT)
@@ -595,8 +654,9 @@ class GLMExperts:
             lp = y[None, :] * e - jax.nn.softplus(e)
         else:
             logits = jnp.concatenate([jnp.zeros_like(eta[:, :1]), eta], axis=1)  # (K, C, N)
-            onehot = (y[None, :] == jnp.arange(self.n_classes, dtype=y.dtype)[:, None])  # (C, N)
-            lp = jnp.sum(jnp.where(onehot[None], jax.nn.log_softmax(logits, axis=1), 0.0), axis=1)
+            counts, _ = self._class_counts(y, trials, beta.dtype)  # (C, N)
+            lp = jnp.sum(jnp.where(counts[None] > 0, counts[None] * jax.nn.log_softmax(logits, axis=1),
+                                   0.0), axis=1)
         reg = jnp.asarray(self.reg, beta.dtype)
         return jnp.sum(rwT * lp, axis=1) - 0.5 * reg * jnp.sum(beta**2, axis=1)
 
@@ -607,11 +667,13 @@ class GLMExperts:
         return (phiT[:, None, :] * phiT[None, :, :]).reshape(P * P, -1)
 
     def _values_grads_hessians(self, beta: Array, phiT: Array, y: Array, rwT: Array,
-                               outer: Array | None = None) -> tuple[Array, Array, Array]:
+                               outer: Array | None = None,
+                               trials: Array | None = None) -> tuple[Array, Array, Array]:
         """:meth:`_objectives` (K,) with their gradients (K, R P) and Hessians (K, R P, R P) in
-        closed form, from one pass over the rows: for the Bernoulli and categorical responses (the
-        Bernoulli is the categorical with C = 2) g = sum_n rw_n (e_{y_n} - p_n) (x) Phi_n and
-        H = -sum_n rw_n (diag p_n - p_n p_n^T) (x) Phi_n Phi_n^T; for the Poisson
+        closed form, from one pass over the rows: for the Bernoulli, binomial and categorical
+        responses (the Bernoulli is the categorical with C = 2, the binomial its sum over m_n trials)
+        g = sum_n rw_n (c_n - m_n p_n) (x) Phi_n and H = -sum_n rw_n m_n (diag p_n - p_n p_n^T) (x)
+        Phi_n Phi_n^T, c_n the class counts (e_{y_n} for a label); for the Poisson
         g = Phi^T (rw (y - mu)) and H = -Phi^T diag(rw mu) Phi; minus the ridge. ``outer``:
         :meth:`_outer_rows` of phiT (computed here when not given)."""
         K, R, P = beta.shape[0], self.n_predictors, self.n_coef
@@ -627,12 +689,13 @@ class GLMExperts:
         else:
             logits = jnp.concatenate([jnp.zeros_like(eta[:, :1]), eta], axis=1)
             logp = jax.nn.log_softmax(logits, axis=1)  # (K, C, N)
-            onehot = (y[None, :] == jnp.arange(R + 1, dtype=y.dtype)[:, None])  # (C, N)
-            f = jnp.sum(rwT * jnp.sum(jnp.where(onehot[None], logp, 0.0), axis=1), axis=1)
+            counts, total = self._class_counts(y, trials, beta.dtype)  # (C, N), (N,)
+            f = jnp.sum(rwT * jnp.sum(jnp.where(counts[None] > 0, counts[None] * logp, 0.0), axis=1),
+                        axis=1)
             p = jnp.exp(logp[:, 1:])  # (K, R, N)
-            g = _p.mm((rwT[:, None] * (onehot[None, 1:].astype(p.dtype) - p)).reshape(K * R, -1),
+            g = _p.mm((rwT[:, None] * (counts[None, 1:] - total[None, None] * p)).reshape(K * R, -1),
                       phiT.T).reshape(K, R * P)
-            wp = rwT[:, None] * p  # (K, R, N)
+            wp = (rwT * total[None])[:, None] * p  # (K, R, N)
             diag = _p.mm(wp.reshape(K * R, -1), outer.T).reshape(K, R, P, P)
             pp = (wp[:, :, None, :] * p[:, None, :, :]).reshape(K * R * R, -1)
             cross = _p.mm(pp, outer.T).reshape(K, R, R, P, P)
@@ -642,13 +705,15 @@ class GLMExperts:
         return (f - 0.5 * reg * jnp.sum(beta**2, axis=1), g - reg * beta,
                 h - reg * jnp.eye(R * P, dtype=beta.dtype)[None])
 
-    def _newton(self, beta0: Array, phi: Array, y: Array, rw: Array) -> Array:
+    def _newton(self, beta0: Array, phi: Array, y: Array, rw: Array,
+                trials: Array | None = None) -> Array:
         """``newton_steps`` safeguarded Newton steps on :meth:`_head_objective` of every component
         at once: beta0 (K, R P), rw (N, K) the components' row weights, y (N,) one head."""
         phiT, rwT = phi.T, rw.T
         outer = self._outer_rows(phiT)
-        return _safeguarded_newton(lambda b: self._values_grads_hessians(b, phiT, y, rwT, outer),
-                                   beta0, self.newton_steps)
+        return _safeguarded_newton(
+            lambda b: self._values_grads_hessians(b, phiT, y, rwT, outer, trials), beta0,
+            self.newton_steps)
 
     def _gate_objective(self, theta: Array, phi: Array, rw: Array) -> Array:
         """sum_n sum_k rw_nk log softmax_k(Phi_n . theta_k) - reg / 2 |W|^2, theta = (b, W) flattened
@@ -726,7 +791,9 @@ class GLMExperts:
         beta0 = params.coef.reshape(K, H, R * P)
 
         # every component's Newton steps together, one head at a time
-        coef = jnp.stack([self._newton(beta0[:, h], phi, batch.y[:, h], rw) for h in range(H)], 1)
+        trials = self.trials(batch.x)
+        coef = jnp.stack([self._newton(beta0[:, h], phi, batch.y[:, h], rw, trials)
+                          for h in range(H)], 1)
         log_weights, gate = self._gate_m_step(params, batch.x, rw, log_weights)
         return self._params(log_weights, coef.reshape(K, H, R, P), gate)
 
@@ -856,7 +923,7 @@ class GLMExperts:
         p(k | x): for the constant and softmax gates the density of :meth:`batch_log_likelihood`; for
         the Gaussian gate its conditional part."""
         return GLMMixtureDistribution(self, self.log_posterior_k(params, x),
-                                      self.linear_predictors(params, x))
+                                      self.linear_predictors(params, x), self.trials(x))
 
 
 class GLMMixtureDistribution(dist.Distribution):
@@ -865,11 +932,12 @@ class GLMMixtureDistribution(dist.Distribution):
     (a mixture whose components' support depends on C, which NumPyro's MixtureSameFamily refuses)."""
 
     arg_constraints = {}
-    pytree_data_fields = ("log_weights", "eta")
+    pytree_data_fields = ("log_weights", "eta", "trials")
     pytree_aux_fields = ("model",)
 
-    def __init__(self, model: GLMExperts, log_weights: Array, eta: Array, *, validate_args=None):
-        self.model, self.log_weights, self.eta = model, log_weights, eta
+    def __init__(self, model: GLMExperts, log_weights: Array, eta: Array,
+                 trials: Array | None = None, *, validate_args=None):
+        self.model, self.log_weights, self.eta, self.trials = model, log_weights, eta, trials
         super().__init__(batch_shape=eta.shape[:1], event_shape=eta.shape[2:3],
                          validate_args=validate_args)
 
@@ -883,7 +951,8 @@ class GLMMixtureDistribution(dist.Distribution):
         return constraints.independent(constraints.nonnegative_integer, 1)
 
     def log_prob(self, value) -> Array:
-        lp = jnp.sum(self.model._head_log_probs(self.eta, jnp.asarray(value, self.eta.dtype)), -1)
+        lp = jnp.sum(self.model._head_log_probs(self.eta, jnp.asarray(value, self.eta.dtype),
+                                                trials=self.trials), -1)
         lw = jax.nn.log_softmax(self.log_weights, axis=-1)
         return logsumexp((lw[None, :] if lw.ndim == 1 else lw) + lp, axis=-1)
 
@@ -891,14 +960,18 @@ class GLMMixtureDistribution(dist.Distribution):
 class _ClassProbabilities:
     """q(y = c | x) for every class c of a discrete response with finitely many values."""
 
-    def conditional_log_probs(self, params: GLMParams, x: Array, head: int = 0) -> Array:
-        """log q(y = c | x) for every class c, (N, C) (C = 2 for the Bernoulli family)."""
+    def component_class_log_probs(self, params: GLMParams, x: Array, head: int = 0) -> Array:
+        """log p(y = c | x, k) for every component k and class c, (N, K, C)."""
         eta = self.linear_predictors(self.select_heads(params, (head,)), x)[:, :, 0]  # (N, K, R)
         logits = self._class_logits(eta)
         if self.response == "bernoulli":  # p(1) = sigmoid(eta): logits (0, eta)
             logits = logits[..., :2]
+        return jax.nn.log_softmax(logits, -1)
+
+    def conditional_log_probs(self, params: GLMParams, x: Array, head: int = 0) -> Array:
+        """log q(y = c | x) for every class c, (N, C) (C = 2 for the Bernoulli family)."""
         return logsumexp(self.log_posterior_k(params, x)[:, :, None]
-                         + jax.nn.log_softmax(logits, -1), axis=1)
+                         + self.component_class_log_probs(params, x, head), axis=1)
 
 
 @dataclass(frozen=True)
@@ -931,6 +1004,75 @@ class CategoricalMixture(_ClassProbabilities, GLMExperts):
         v = np.asarray(y, dtype=float)
         top = np.max(v[np.isfinite(v)]) if np.any(np.isfinite(v)) else 1
         return {"n_classes": max(2, int(top) + 1)} if top == int(top) and top >= 0 else {}
+
+
+@dataclass(frozen=True)
+class BinomialMixture(GLMExperts):
+    """A mixture of binomial regressions (logit link): y successes out of m trials per row, m the
+    column ``trials_column`` of x (neither the experts' nor the gate's covariate by default) or the
+    constant ``trials_per_row`` (module docs). flexmix's ``FLXMRglm(cbind(y, m - y) ~ x, family =
+    "binomial")``.
+
+    Args (beyond :class:`GLMExperts`'):
+      trials_column: the column of x holding each row's number of trials (None: ``trials_per_row``).
+      trials_per_row: the number of trials of every row when there is no trials column.
+    """
+
+    trials_column: int | None = None
+    trials_per_row: int = 1
+
+    response: ClassVar[str] = "binomial"
+
+    def __post_init__(self):
+        if self.trials_column is not None:
+            if isinstance(self.trials_column, bool) or not isinstance(self.trials_column,
+                                                                      (int, np.integer)):
+                raise TypeError(f"trials_column must be a column index of x, got "
+                                f"{self.trials_column!r}")
+            if not 0 <= int(self.trials_column) < self.n_features:
+                raise ValueError(f"trials_column must be in 0..{self.n_features - 1} (the columns "
+                                 f"of x, n_features={self.n_features}), got {self.trials_column}")
+        check_int("trials_per_row", self.trials_per_row, minimum=1)
+        super().__post_init__()
+
+    @property
+    def reserved_columns(self) -> tuple[int, ...]:
+        return () if self.trials_column is None else (int(self.trials_column),)
+
+    def trials(self, x: Array) -> Array:
+        x = jnp.asarray(x)
+        if self.trials_column is None:
+            return jnp.full(x.shape[:1], self.trials_per_row, x.dtype)
+        return x[:, int(self.trials_column)]
+
+    def sample_x(self, key, params, n: int) -> Array:
+        """:meth:`GLMExperts.sample_x`, with the trials column (if any) uniform on
+        1..2 ``trials_per_row``."""
+        kx, km = jax.random.split(key)
+        x = super().sample_x(kx, params, n)
+        if self.trials_column is None:
+            return x
+        m = jax.random.randint(km, (n,), 1, 2 * self.trials_per_row + 1)
+        return x.at[:, int(self.trials_column)].set(m.astype(x.dtype))
+
+    def _check_y_given_x(self, x, y) -> None:
+        if is_traced(x) or is_traced(y):
+            return
+        m = np.asarray(self.trials(np.asarray(x)))
+        if not np.all((m >= 1) & (m == np.round(m))):
+            bad = m[(m < 1) | (m != np.round(m))].ravel()[0]
+            raise ValueError(f"the number of trials (column {self.trials_column} of x) must be a "
+                             f"positive integer in every row, got {bad:g}")
+        v = np.asarray(y)
+        if not np.all(v <= m[:, None]):
+            row = int(np.argwhere(v > m[:, None])[0, 0])
+            raise ValueError(f"y must hold successes 0..m (m the number of trials), got "
+                             f"{v[row].max():g} with m = {m[row]:g} in row {row}")
+
+    def conditional_mean(self, params: GLMParams, x: Array, head: int = 0) -> Array:
+        """E[y | x] = m sum_k p(k | x) sigmoid(Phi(x) . beta_k), (N,)."""
+        eta = self.linear_predictors(self.select_heads(params, (head,)), x)[:, :, 0, 0]
+        return self.trials(x) * jnp.sum(self.posterior_k(params, x) * jax.nn.sigmoid(eta), axis=-1)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,19 @@ with coefficients theta^{wp}_k = theta_k + weak_bias u_k (a label of the same ty
 concept) in the source and theta^{wq}_k = theta^{wp}_k + weak_shift v_k in the target; ``noise`` and
 ``weak_noise`` do not apply (the response's own law sets its noise), ``separation`` is in units of the
 linear predictor (logits, log-rates).
+
+For the class families (``"logistic"``, ``"categorical"``) the weak labeller may instead be a
+label-noise (confusion) model, ``weak_labeller="noise"``: y' is the strong label y, replaced with
+probability rho_k (a flip rate per concept: ``flip_p`` in the source, ``flip_q`` in the target) by a
+label drawn from T_k[y, .] (``flip_target``, (K, C, C)): the confusion matrix is C_k = (1 - rho_k) I +
+rho_k T_k. ``flip_to="class"`` sends every flip of concept k to one class c_k (drawn per concept; a
+supervisor that says c_k when unsure, which moves its decision boundary), ``flip_to="other"`` to one
+of the other classes uniformly (symmetric noise: below rho_k = 1/2 it leaves each concept's decisions
+those of y, so the weak labeller's errors barely differ from the strong labels'). The rates are
+spread over the concepts, rho^p_k = flip + flip_spread c_k (c evenly spaced in [-1/2, 1/2], in random
+order); rho^q = rho^p + weak_shift v, v a unit vector in R^K, clipped to [0, 1]. The weak heads of the
+fitted families (a GLM per concept) then do not contain the truth: p(y' | x, k) =
+sum_v p(y = v | x, k) C_k[v, y'] is not a GLM in x, and y' depends on y given (x, k).
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.scipy.special import logsumexp
 
 from .._validation import check_float, check_int, check_key, float_dtype
 from ._experts import ExpertsFamily
@@ -38,6 +52,9 @@ from .glm import CategoricalMixture, GLMParams, LogisticMixture, PoissonRegressi
 from .regression import RegressionMixture, RegressionParams
 
 FAMILIES = ("regression", "gated", "logistic", "categorical", "poisson")
+WEAK_LABELLERS = ("heads", "noise")
+FLIP_TO = ("class", "other")
+CLASS_FAMILIES = ("logistic", "categorical")
 GLM_FAMILIES = {"logistic": LogisticMixture, "categorical": CategoricalMixture,
                 "poisson": PoissonRegressionMixture}
 
@@ -65,6 +82,12 @@ class ProblemSpec:
       gate_separation: distance between gate means (gated family), in units of x_scale.
       x_scale: standard deviation of x (regression) or of each gate (gated).
       n_classes: classes of a categorical response (family ``"categorical"``).
+      weak_labeller: ``"heads"`` (the weak label is its own head of the family) or ``"noise"``
+        (class families: the strong label flipped at a per-concept rate; module docs).
+      flip: mean flip rate of the label-noise labeller over the concepts (source).
+      flip_spread: range of the source flip rates over the concepts.
+      flip_to: where a flipped label goes: ``"class"`` (one class per concept) or ``"other"``
+        (another class, uniformly).
     """
 
     family: str = "regression"
@@ -81,6 +104,10 @@ class ProblemSpec:
     gate_separation: float = 3.0
     x_scale: float = 1.0
     n_classes: int = 3
+    weak_labeller: str = "heads"
+    flip: float = 0.3
+    flip_spread: float = 0.5
+    flip_to: str = "class"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -95,6 +122,21 @@ class ProblemSpec:
         if self.delta is not None:
             check_float("delta", self.delta)
         check_int("n_classes", self.n_classes, minimum=2)
+        if self.weak_labeller not in WEAK_LABELLERS:
+            raise ValueError(f"weak_labeller must be one of {WEAK_LABELLERS}, got "
+                             f"{self.weak_labeller!r}")
+        if self.weak_labeller == "noise":
+            if self.family not in CLASS_FAMILIES:
+                raise ValueError(f"weak_labeller='noise' (label noise) needs class labels: family "
+                                 f"must be one of {CLASS_FAMILIES}, got {self.family!r}")
+            if self.flip_to not in FLIP_TO:
+                raise ValueError(f"flip_to must be one of {FLIP_TO}, got {self.flip_to!r}")
+            check_float("flip", self.flip, nonnegative=True)
+            check_float("flip_spread", self.flip_spread, nonnegative=True)
+            lo, hi = self.flip - self.flip_spread / 2, self.flip + self.flip_spread / 2
+            if lo < 0 or hi > 1:
+                raise ValueError(f"flip +- flip_spread / 2 must lie in [0, 1] (flip rates), got "
+                                 f"flip={self.flip}, flip_spread={self.flip_spread}")
         if self.family in GLM_FAMILIES and self.degree != 1:
             raise ValueError(f"degree must be 1 for family {self.family!r} (generalized linear "
                              f"experts are linear in x), got {self.degree}")
@@ -118,6 +160,9 @@ class Problem:
     spec: ProblemSpec
     params_p: RegressionParams | GatedParams | GLMParams
     params_q: RegressionParams | GatedParams | GLMParams
+    flip_p: Array | None = None  # (K,) flip rates of a label-noise weak labeller (source)
+    flip_q: Array | None = None  # (K,) ... (target)
+    flip_target: Array | None = None  # (K, C, C): T_k[v, c], where a flipped label v goes
 
     @property
     def model(self) -> ExpertsFamily:
@@ -128,10 +173,33 @@ class Problem:
     def strong_model(self) -> ExpertsFamily:
         return self.spec.model(1)
 
+    @property
+    def label_noise(self) -> bool:
+        """Whether the weak labeller is a label-noise model (``weak_labeller="noise"``)."""
+        return self.flip_p is not None
+
     def heads(self, domain: str, which: str):
         """Single-head parameters: ``which`` is ``"strong"`` or ``"weak"``, domain ``"p"``/``"q"``."""
+        if which != "strong" and self.label_noise:
+            raise ValueError("a label-noise weak labeller has no weak head: use weak_log_probs "
+                             "or weak_labeller()")
         params = {"p": self.params_p, "q": self.params_q}[domain]
         return self.model.select_heads(params, (0,) if which == "strong" else (1,))
+
+    def weak_log_probs(self, x: Array, domain: str) -> Array:
+        """log p(y' = c | x, k) of the true weak labeller in ``domain``, (N, K, C) (class families):
+        the weak head's, or for label noise log sum_v p(y = v | x, k) C_k[v, c]."""
+        params = self.params_p if domain == "p" else self.params_q
+        if not self.label_noise:
+            return self.model.component_class_log_probs(params, x, head=1)
+        strong = self.model.component_class_log_probs(params, x, head=0)  # (N, K, V)
+        log_c = _log_confusion(self.flip_p if domain == "p" else self.flip_q, self.flip_target)
+        return logsumexp(strong[:, :, :, None] + log_c[None], axis=2)
+
+    def weak_labeller(self):
+        """The true weak labeller of Q, q(y' | x), as a predictor of y (``log_prob``,
+        ``log_probs``, ``mean``): what weak-to-strong experiments score as the weak supervisor."""
+        return WeakLabeller(self)
 
     def true_mean(self, x: Array) -> Array:
         """q(x) = E_Q[y | x], shape (N,)."""
@@ -147,7 +215,10 @@ class Problem:
 
     def distinguishability(self) -> float:
         """Delta of Assumption 4.5: min_k min_{k' != k} |theta^wq_k - theta^wp_k'|^2
-        - max_k |theta^wq_k - theta^wp_k|^2 (coefficients and log-scales of the weak heads)."""
+        - max_k |theta^wq_k - theta^wp_k|^2 (coefficients and log-scales of the weak heads; for a
+        label-noise labeller, its flip rates)."""
+        if self.label_noise:
+            return float(_delta(self.flip_p[:, None], self.flip_q[:, None]))
         return float(_delta(_weak_vectors(self.params_p), _weak_vectors(self.params_q)))
 
     def simulate_data(self, key, n_source: int, n_target: int, n_test: int) -> Simulation:
@@ -159,6 +230,15 @@ class Problem:
         assignment of the fit's ``head`` against head ``true_head`` (0: y, 1: y') of the truth in
         ``domain``, by the family's matching cost."""
         true = self.params_p if domain == "p" else self.params_q
+        if true_head == 1 and self.label_noise:
+            # no weak head to compare coefficients with: the fitted head's class probabilities
+            # against the labeller's, averaged over a fixed sample of x
+            x = self.sample_x(jax.random.key(0), MATCH_GRID, domain)
+            fit = self.model.with_heads(params.coef.shape[1])
+            a = jnp.exp(fit.component_class_log_probs(params, x, head))  # (N, K, C)
+            b = jnp.exp(self.weak_log_probs(x, domain))
+            cost = jnp.mean(jnp.sum((a[:, :, None] - b[:, None]) ** 2, -1), 0)  # (K_fit, K_true)
+            return assign(cost)
         return assign(self.model.match_cost(params, head, true, true_head))
 
     def param_errors(self, params, domain: str) -> dict:
@@ -185,11 +265,65 @@ class Problem:
             return self.model.x_distribution(params).sample(key, (n,))
 
 
+class WeakLabeller:
+    """The true weak labeller of a problem's target, q(y' | x), as a predictor of y (the methods of
+    :class:`~conceptshift.inference.Predictor` that scoring uses): the family's weak head, or for
+    label noise q(y' = c | x) = sum_k q(k | x) sum_v p(y = v | x, k) C^q_k[v, c] (module docs)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.model = problem.strong_model
+        self._weak = self.model.select_heads(problem.params_q, (1,))
+
+    def log_probs(self, x: Array) -> Array:
+        """log q(y' = c | x), (N, C) (class labels)."""
+        p = self.problem
+        if not p.label_noise:
+            return self.model.conditional_log_probs(self._weak, x)
+        lpk = p.model.log_posterior_k(p.params_q, x)
+        return logsumexp(lpk[:, :, None] + p.weak_log_probs(x, "q"), axis=1)
+
+    def log_prob(self, x: Array, y: Array) -> Array:
+        """log q(y' = y | x), (N,)."""
+        if not self.problem.label_noise:
+            return self.model.conditional_log_prob(self._weak, x, y)
+        idx = jnp.asarray(y).astype(jnp.int32)[:, None]
+        return jnp.take_along_axis(self.log_probs(x), idx, axis=1)[:, 0]
+
+    def mean(self, x: Array) -> Array:
+        """E_q[y' | x] (q(y' = 1 | x) for binary labels), (N,)."""
+        if not self.problem.label_noise:
+            return self.model.conditional_mean(self._weak, x)
+        lp = self.log_probs(x)
+        if lp.shape[1] != 2:
+            raise TypeError("a categorical label has no mean: use log_probs")
+        return jnp.exp(lp[:, 1])
+
+
+MATCH_GRID = 512  # rows of x over which truth_labels compares a label-noise labeller's heads
+
+
+def _log_confusion(flip: Array, target: Array) -> Array:
+    """log C_k[v, c], (K, C, C), C_k = (1 - rho_k) I + rho_k T_k."""
+    eye = jnp.eye(target.shape[-1], dtype=target.dtype)
+    rho = flip[:, None, None]
+    return jnp.log((1.0 - rho) * eye[None] + rho * target)
+
+
+def _flip_labels(key, y: Array, k: Array, flip: Array, target: Array) -> Array:
+    """y' from y (N,): with probability flip[k] a label drawn from target[k, y]."""
+    ku, kc = jax.random.split(key)
+    yi = y.astype(jnp.int32)
+    other = jax.random.categorical(kc, jnp.log(target[k, yi]), axis=-1)
+    flipped = jax.random.uniform(ku, yi.shape, flip.dtype) < flip[k]
+    return jnp.where(flipped, other, yi).astype(y.dtype)
+
+
 def _problem_flatten(p: Problem):
     # delta and weak_shift only matter when the problem is drawn: keep them out of the static part
     # so that problems of different Delta share one compiled program
     spec = dataclasses.replace(p.spec, delta=None, weak_shift=0.0)
-    return (p.params_p, p.params_q), spec
+    return (p.params_p, p.params_q, p.flip_p, p.flip_q, p.flip_target), spec
 
 
 jax.tree_util.register_pytree_node(
@@ -266,13 +400,32 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
     theta_wp = theta + spec.weak_bias * _unit(rng, K, P)
     direction = _unit(rng, K, P)
     means = _spread(rng, K, D, spec.gate_separation * spec.x_scale) if K > 1 else np.zeros((1, D))
+    noisy = spec.weak_labeller == "noise"
+    if noisy:  # drawn after the rest: problems with weak heads are what they were
+        spread = np.linspace(-0.5, 0.5, K) if K > 1 else np.zeros(1)
+        flip_p = spec.flip + spec.flip_spread * spread[rng.permutation(K)]
+        flip_dir = _unit(rng, 1, K)[0]
+        C = 2 if spec.family == "logistic" else spec.n_classes
+        if spec.flip_to == "class":
+            to = np.eye(C)[rng.integers(0, C, K)]  # (K, C): each concept's class
+            flip_target = np.broadcast_to(to[:, None, :], (K, C, C))
+        else:
+            flip_target = np.broadcast_to((1.0 - np.eye(C)) / (C - 1), (K, C, C))
 
     def build(weak_shift: float):
         theta_wq = theta_wp + weak_shift * direction
+        flips = {}
+        if noisy:  # the weak heads are unused: keep them equal to the strong ones
+            theta_wp_, theta_wq_ = theta, theta
+            flips = {"flip_p": jnp.asarray(flip_p, dtype),
+                     "flip_q": jnp.asarray(np.clip(flip_p + weak_shift * flip_dir, 0.0, 1.0), dtype),
+                     "flip_target": jnp.asarray(flip_target, dtype)}
+        else:
+            theta_wp_, theta_wq_ = theta_wp, theta_wq
         log_s = np.log(np.array([spec.noise, spec.weak_noise]))
         log_scale = np.broadcast_to(log_s, (K, 2))
-        coef_p = np.stack([theta, theta_wp], axis=1)
-        coef_q = np.stack([theta, theta_wq], axis=1)
+        coef_p = np.stack([theta, theta_wp_], axis=1)
+        coef_q = np.stack([theta, theta_wq_], axis=1)
         arr = lambda a: jnp.asarray(a, dtype)  # noqa: E731
         if spec.family in GLM_FAMILIES:
             shape = (K, 2, R, model.n_coef)
@@ -285,7 +438,7 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
             cov = np.broadcast_to(np.eye(D) * spec.x_scale**2, (K, D, D))
             pp = GatedParams(arr(log_pi_p), arr(coef_p), arr(log_scale), arr(means), arr(cov))
             pq = GatedParams(arr(log_pi_q), arr(coef_q), arr(log_scale), arr(means), arr(cov))
-        return Problem(spec, pp, pq)
+        return Problem(spec, pp, pq, **flips)
 
     if spec.delta is None:
         return build(spec.weak_shift)
@@ -301,6 +454,9 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
         )
     while delta_of(hi) > spec.delta:
         hi *= 2
+        if hi > 1e6:  # clipped flip rates: the distinguishability stops falling
+            raise ValueError(f"delta={spec.delta} is out of reach: the smallest distinguishability "
+                             f"of this problem is about {delta_of(hi):.4g}")
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if delta_of(mid) > spec.delta else (lo, mid)
@@ -326,7 +482,12 @@ def _draw(problem: Problem, key, n: int, domain: str) -> tuple[Array, Array, Arr
     x = problem.sample_x(kx, n, domain)
     model = problem.model
     if hasattr(model, "sample_with_components"):
+        if problem.label_noise:
+            ky, kf = jax.random.split(ky)
         ys, k = model.sample_with_components(ky, params, x)
+        if problem.label_noise:
+            flip = problem.flip_p if domain == "p" else problem.flip_q
+            ys = ys.at[:, 1].set(_flip_labels(kf, ys[:, 0], k, flip, problem.flip_target))
         return x, ys, k
     with jax.numpy_rank_promotion("allow"):  # numpyro's mixture sampler broadcasts implicitly
         ys, (k,) = model.distribution(params, x).sample_with_intermediates(ky)

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from .gated import GatedExperts
-from .glm import CategoricalMixture, LogisticMixture, PoissonRegressionMixture
+from .glm import BinomialMixture, CategoricalMixture, LogisticMixture, PoissonRegressionMixture
 from .hmm import HMMMixture
 from .regression import RegressionMixture
 from .softmax_gated import SoftmaxGatedExperts
@@ -97,3 +97,5 @@ register_family("hmm", HMMMixture, example={"n_states": 2, "n_tokens": 4})
 register_family("logistic", LogisticMixture)
 register_family("categorical", CategoricalMixture, example={"n_classes": 3})
 register_family("poisson", PoissonRegressionMixture)
+register_family("binomial", BinomialMixture,
+                example={"n_features": 2, "trials_column": 1, "trials_per_row": 5})
