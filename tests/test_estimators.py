@@ -102,6 +102,7 @@ def test_em_options_hashable():
 
 
 @once  # precision-independent plumbing
+@once  # plumbing: the fits handed back
 def test_identification_returns_the_fits_it_made():
     """Algorithm 1 run end to end hands back both EM fits (log-likelihood, convergence,
     degeneracy, restarts at the best optimum), not only the matching."""

@@ -232,10 +232,13 @@ def test_cli_experiment_errors(capsys):
     assert "replicates" in capsys.readouterr().err
     assert main(["experiment", "consistency", "--set", "n_grid=a"]) == 2
     assert set(EXPERIMENTS) == {"consistency", "distinguishability", "refinement-bias", "weak-training",
-                                "misspecified", "posterior", "icl", "anchors", "weak-to-strong"}
+                                "misspecified", "posterior", "icl", "anchors", "weak-to-strong",
+                                "label-shift"}
 
 
 TINY = {
+    "label-shift": ["n_grid=60,120", "shift_grid=0,1", "replicates=2", "restarts=2", "max_iter=30",
+                    "n_test=100"],
     "weak-to-strong": ["n_grid=200,400", "replicates=2", "restarts=2", "max_iter=30", "n_test=200",
                        "n_boot=50"],
     "distinguishability": ["n_grid=40,80", "delta_grid=-1,1", "replicates=2", "restarts=2",
@@ -248,7 +251,7 @@ TINY = {
 
 
 # smoke runs of 20-60 s: test-slow
-HEAVY = {"misspecified", "distinguishability", "weak-training", "weak-to-strong"}
+HEAVY = {"misspecified", "distinguishability", "weak-training", "weak-to-strong", "label-shift"}
 
 
 @pytest.mark.skipif(X64, reason="end-to-end smoke run of the sweeps, run once: in the float32 pass")

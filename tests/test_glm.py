@@ -383,19 +383,19 @@ def test_flexmix_binomial_fit_with_trials_reached(capsys):
     reached from Python (to 1e-7 nats in float64) and the CLI (--trials); a response above its
     trials is refused with one line."""
     ref = json.loads((REFERENCE / "flexmix_binomial.json").read_text())["binomial_trials"]
-    d = pd.read_csv(REFERENCE / "binomial_trials.csv")
-    m = BinomialMixture(2, n_features=2, trials_column=1, reg=0.0)
-    fit = fit_em(m, jax.random.key(0), d[["x", "trials"]].values, d.successes.values, restarts=8,
-                 max_iter=2000, tol=rtol(1e-8, 1e-14))
-    assert float(fit.loglik) >= ref["loglik"] - rtol(2e-3, 1e-7)
-    coef = np.asarray(fit.params.coef)[:, 0, 0]
-    order = np.argsort(-coef[:, 0])  # flexmix's Comp.1 has the larger intercept here
-    np.testing.assert_allclose(coef[order], ref["coef"], atol=rtol(2e-3, 2e-5))
-    np.testing.assert_allclose(np.exp(np.asarray(fit.params.log_weights))[order], ref["weights"],
-                               atol=rtol(1e-3, 1e-6))
-    if X64:
+    if X64:  # the 1e-7 comparison in Python
+        d = pd.read_csv(REFERENCE / "binomial_trials.csv")
+        m = BinomialMixture(2, n_features=2, trials_column=1, reg=0.0)
+        fit = fit_em(m, jax.random.key(0), d[["x", "trials"]].values, d.successes.values,
+                     restarts=8, max_iter=2000, tol=1e-14)
+        assert float(fit.loglik) >= ref["loglik"] - 1e-7
+        coef = np.asarray(fit.params.coef)[:, 0, 0]
+        order = np.argsort(-coef[:, 0])  # flexmix's Comp.1 has the larger intercept here
+        np.testing.assert_allclose(coef[order], ref["coef"], atol=2e-5)
+        np.testing.assert_allclose(np.exp(np.asarray(fit.params.log_weights))[order],
+                                   ref["weights"], atol=1e-6)
         return
-    from conceptshift.cli import main
+    from conceptshift.cli import main  # the CLI sets its own precision: once, in the float32 pass
 
     csv = str(REFERENCE / "binomial_trials.csv")
     p = subprocess.run([sys.executable, "-m", "conceptshift.cli", "fit", csv, "--family", "binomial",

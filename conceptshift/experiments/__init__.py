@@ -6,6 +6,7 @@ from . import (
     consistency,
     distinguishability,
     icl,  # mixture of HMMs (Example 2.7)
+    label_shift,  # EMQ and BBSE against Algorithm 1
     misspecified,
     posterior,
     refinement_bias,
@@ -15,6 +16,6 @@ from . import (
 
 EXPERIMENTS = {m.NAME: m for m in (consistency, distinguishability, refinement_bias, weak_training,
                                    misspecified, icl, anchors, posterior,
-                                   weak_to_strong)}
+                                   weak_to_strong, label_shift)}
 
 __all__ = ["EXPERIMENTS"]

@@ -49,13 +49,15 @@ LABELS = {
     "identification": "identification (Alg. 1)",
     "identification_noweak": "identification, no weak source labels",
     "oracle": "oracle (gold target labels)",
+    "proportions_em": "EMQ (target proportions by EM)",
+    "bbse": "BBSE (confusion-matrix inversion)",
     "weak_labeller": "weak labeller (true q(y'|x))",
 }
 IDENTIFICATION_ONLY = ("weak_only", "identification", "identification_noweak", "oracle")
 # estimators whose predictor is a K-component mixture of the family under constant proportions (their
 # parameter errors are reported); the refinements' proportions depend on x
 MIXTURE_ESTIMATORS = ("source_only", "weak_only", "weak_training_ll", "identification",
-                      "identification_noweak", "oracle")
+                      "identification_noweak", "oracle", "proportions_em", "bbse")
 
 
 def problem_from(cfg: dict, **override) -> Problem:

@@ -11,6 +11,12 @@ refinement        q_re = sum_k p(y | x, k) E_y' p(k | x, y'), scored exactly    
 refinement_icl    the same with p(k | x, V), V = M weak demonstrations from Q'      Ex. 3.3, (3.1)
 identification    MLE on P and on Q', optimal matching of weak heads, pi^q to P     Algorithm 1
 oracle            the mixture on gold target labels                                 reference
+proportions_em    pi^q by EM with the source's components and weak heads fixed      label shift
+bbse              pi^q by inverting the source posterior's confusion matrix         label shift
+
+The last two (:mod:`.label_shift`: EMQ, Saerens et al. 2002; BBSE, Lipton et al. 2018) are baselines
+that run only when asked for by name (``estimate_all(names=...)``): consistent when the weak heads do
+not shift between domains, biased when they do.
 
 Every estimator but ``weak_training_sq`` (a conditional mean: families whose y has one) works for
 every registered family through the protocol (``fit_em``, ``with_heads``, ``select_heads``,
@@ -48,6 +54,7 @@ from ..models.batch import pad_tokens
 from ..models.registry import check_family
 from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise
+from .label_shift import bbse, proportions_em
 from .matching import assign_traced, assignment_margin, greedy_assignment
 from .predictor import Predictor, strong_predictor, with_proportions
 from .refinement import RefinedPredictor, refined, refined_icl
@@ -283,7 +290,10 @@ _NEEDS_FIT = {  # which shared fits each estimator reads
     "identification": ("source", "target"),
     "identification_noweak": ("source_strong", "target"),
     "oracle": ("oracle",),
+    "proportions_em": ("source",),
+    "bbse": ("source",),
 }
+LABEL_SHIFT = ("proportions_em", "bbse")  # run only when named
 
 
 def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
@@ -349,6 +359,12 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
         elif name == "refinement_icl":
             preds[name] = refined_icl(keys[4], m2, fits["source"].params, target.x, target.y_weak,
                                       target.w, n_demos=n_demos, n_draws=n_draws)
+        elif name == "proportions_em":
+            preds[name] = proportions_em(m2, fits["source"].params, target.x, target.y_weak,
+                                         target.w)
+        elif name == "bbse":
+            preds[name] = bbse(m2, fits["source"].params, source.x, source.y, source.y_weak,
+                               source.w, target.x, target.y_weak, target.w)
         elif name == "identification":
             ident = identify(fits["source"].params, fits["target"].params, m1, match="weak",
                              source_fit=fits["source"], target_fit=fits["target"])
