@@ -140,31 +140,66 @@ def test_responses_the_family_cannot_have_are_refused(cls, y, message):
         fit_em(m, jax.random.key(0), np.arange(4.0), np.asarray(y, float))
 
 
+CLI_RUNS = """
+import contextlib, io, json, sys
+from conceptshift.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            rc = main(argv)
+        except SystemExit as ex:
+            rc = ex.code
+    out.append([rc, o.getvalue(), e.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def cli_runs(*argvs):
+    """(exit code, stdout, stderr) of each CLI invocation, all in one subprocess (the CLI sets
+    the process's precision; one interpreter and one JAX import for all of them)."""
+    p = subprocess.run([sys.executable, "-c", CLI_RUNS, json.dumps([list(a) for a in argvs])],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [tuple(r) for r in json.loads(p.stdout.strip().splitlines()[-1])]
+
+
 @once
-def test_cli_fits_flexmix_poisson_and_refuses_bad_responses(data_dir, capsys):
+def test_cli_fits_flexmix_references_and_refuses_bad_responses(data_dir, capsys):
+    """From the command line: flexmix's NPreg Poisson fit, its concomitant-gate fit and the binomial
+    fit with trials per row (tests/reference) are reached; bad responses and options are one line
+    on stderr with exit code 2."""
     csv = str(data_dir / "NPreg.csv")
-
-    def cli(*args):
-        p = subprocess.run([sys.executable, "-m", "conceptshift.cli", "fit", csv, *args],
-                           capture_output=True, text=True, timeout=300)
-        return p.returncode, p.stdout, p.stderr
-
-    rc, out, err = cli("--family", "poisson", "-k", "2", "--y", "yp", "--x", "x", "--json")
+    bin_csv = str(REFERENCE / "binomial_trials.csv")
+    runs = cli_runs(["fit", csv, "--family", "poisson", "-k", "2", "--y", "yp", "--x", "x", "--json"],
+                    ["fit", csv, "--family", "logistic", "-k", "2", "--y", "yn", "--x", "x"],
+                    ["fit", csv, "--family", "poisson", "-k", "2", "--y", "yp", "--x", "x", "--gate",
+                     "softmax", "--json"],
+                    ["fit", bin_csv, "--family", "binomial", "-k", "2", "--y", "successes", "--x",
+                     "x", "--trials", "trials", "--json"])
+    rc, out, err = runs[0]
     assert rc == 0, err
     s = json.loads(out)
     assert s["loglik"] == pytest.approx(-440.640294375, abs=1e-5)
     assert np.asarray(s["coef"]).shape == (2, 2) and s["restarts_at_best"] >= 1
     assert {"bic", "weights", "converged", "n_iter"} <= set(s) and "scale" not in s
-    rc, out, err = cli("--family", "logistic", "-k", "2", "--y", "yn", "--x", "x")
+    rc, out, err = runs[1]
     assert rc == 2 and err.count("\n") == 1 and "0 or 1" in err and "Traceback" not in err
     # the concomitant (softmax) gate: flexmix's FLXPmultinom optimum (tests/reference)
-    rc, out, err = cli("--family", "poisson", "-k", "2", "--y", "yp", "--x", "x", "--gate", "softmax",
-                       "--json")
+    rc, out, err = runs[2]
     assert rc == 0, err
     s = json.loads(out)
     assert s["loglik"] == pytest.approx(-440.551290067, abs=1e-5)
     assert s["gate"] == "softmax" and s["gate_x"] == ["x"] and np.shape(s["gate_weights"]) == (2, 1)
     assert s["df"] == 6 and len(s["gate_intercept"]) == 2
+    # binomial responses with trials: flexmix's cbind(successes, trials - successes) ~ x optimum
+    rc, out, err = runs[3]
+    assert rc == 0, err
+    s = json.loads(out)
+    ref = json.loads((REFERENCE / "flexmix_binomial.json").read_text())["binomial_trials"]
+    assert s["loglik"] == pytest.approx(ref["loglik"], abs=1e-5) and s["trials"] == "trials"
+    assert np.shape(s["coef"]) == (2, 2) and s["df"] == 5
     # refused before anything is read or compiled: in process
     from conceptshift.cli import main
 
@@ -317,23 +352,33 @@ def test_separating_components_are_flagged_degenerate():
 
 @pytest.mark.skipif(not X64, reason="8 ulps of float64: the float64 pass (the contract tests check "
                                      "every family's trace in both precisions)")
+@pytest.mark.parametrize("seeds", [range(10), pytest.param(range(10, 40), marks=pytest.mark.slow)])
 @pytest.mark.parametrize("cls, hyper", [
     (LogisticMixture, {}), (CategoricalMixture, {"n_classes": 3, "gate": "softmax"}),
     (PoissonRegressionMixture, {"gate": "gaussian"})])
-def test_em_objective_never_falls_over_seeded_problems(cls, hyper):
-    """Ten seeded problems per family (one compiled program): EM's objective (log-likelihood plus
-    log prior) never falls beyond 8 ulps, whatever the gate (a 4-ulp acceptance tolerance in the
-    Newton steps once let the Gaussian-gated Poisson fall 51 ulps here)."""
+def test_em_objective_never_falls_over_seeded_problems(cls, hyper, seeds):
+    """Seeded problems per family, 10 in the default run and 30 more in test-slow (one compiled
+    program): EM's objective (log-likelihood plus log prior) never falls beyond 8 ulps, whatever
+    the gate (a 4-ulp acceptance tolerance in the Newton steps once let the Gaussian-gated Poisson
+    fall 51 ulps here). A fit flagged degenerate (a component collapsing: seed 18 of the
+    Gaussian-gated Poisson, whose objective then jitters by 25-45 ulps, 3e-11 nats) is left out, as
+    in tests/test_equivariance.py; most fits are clean."""
     m = cls(3, 2, n_heads=2, **hyper)
-    for seed in range(10):
+    clean = 0
+    for seed in seeds:
         truth = m.init_params(jax.random.key(100 + seed))
         truth = truth._replace(coef=3.0 * truth.coef)
         batch = m.sample_batch(jax.random.key(seed), truth, 300)
         fit = fit_em(m, jax.random.key(seed), batch.x, batch.y, restarts=1, max_iter=150, tol=0.0)
         tr = np.r_[np.asarray(fit.objective_trace, np.float64)[: int(fit.n_iter)], float(fit.objective)]
+        assert np.all(np.isfinite(tr)), seed
+        if bool(fit.degenerate):
+            continue
+        clean += 1
         eps = float(jnp.finfo(fit.objective.dtype).eps)
         falls = -np.diff(tr) / (eps * (np.abs(tr[1:]) + 300))
-        assert np.all(np.isfinite(tr)) and falls.max() <= 8, (seed, falls.max())
+        assert falls.max() <= 8, (seed, falls.max())
+    assert clean >= 2 * len(seeds) // 3  # measured: 26 and 27 clean of 30 (logistic, Poisson)
 
 
 def test_numpy_float64_covariates_take_the_working_precision_silently():
@@ -380,8 +425,9 @@ def test_binomial_one_component_equals_sklearn_on_the_expanded_rows():
 def test_flexmix_binomial_fit_with_trials_reached(capsys):
     """flexmix's fit of cbind(successes, trials - successes) ~ x, K = 2, on 300 rows drawn with
     numpy (best of 40 starts, tests/reference/flexmix_binomial.R): log-likelihood -582.935350157,
-    reached from Python (to 1e-7 nats in float64) and the CLI (--trials); a response above its
-    trials is refused with one line."""
+    reached from Python to 1e-7 nats in float64 (the CLI's fit: the CLI reference test); a --trials
+    column that is not a number of trials, or is the response or a covariate, is one line and exit
+    code 2."""
     ref = json.loads((REFERENCE / "flexmix_binomial.json").read_text())["binomial_trials"]
     if X64:  # the 1e-7 comparison in Python
         d = pd.read_csv(REFERENCE / "binomial_trials.csv")
@@ -395,16 +441,9 @@ def test_flexmix_binomial_fit_with_trials_reached(capsys):
         np.testing.assert_allclose(np.exp(np.asarray(fit.params.log_weights))[order],
                                    ref["weights"], atol=1e-6)
         return
-    from conceptshift.cli import main  # the CLI sets its own precision: once, in the float32 pass
+    from conceptshift.cli import main  # refused before any fit: in process, once
 
     csv = str(REFERENCE / "binomial_trials.csv")
-    p = subprocess.run([sys.executable, "-m", "conceptshift.cli", "fit", csv, "--family", "binomial",
-                        "-k", "2", "--y", "successes", "--x", "x", "--trials", "trials", "--json"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    s = json.loads(p.stdout)
-    assert s["loglik"] == pytest.approx(ref["loglik"], abs=1e-5) and s["trials"] == "trials"
-    assert np.shape(s["coef"]) == (2, 2) and s["df"] == 5
     for args, message in [(("--y", "trials", "--trials", "successes"), "--trials 'successes' must"),
                           (("--y", "successes", "--trials", "successes"), "also the response"),
                           (("--y", "successes", "--x", "x", "trials", "--trials", "trials"),
