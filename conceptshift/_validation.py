@@ -35,6 +35,11 @@ class PrecisionWarning(UserWarning):
         self.problem = problem
 
 
+class OptimumWarning(UserWarning):
+    """Only one of several EM restarts reached the best log-likelihood found: a higher optimum
+    may exist that no restart reached (run more restarts)."""
+
+
 def is_traced(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 

@@ -182,12 +182,18 @@ def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
     only roughly there is one warning line on stderr."""
     import warnings
 
-    from ._validation import DiscreteResponseWarning, PrecisionWarning, UnrepresentableFitError
+    from ._validation import (
+        DiscreteResponseWarning,
+        OptimumWarning,
+        PrecisionWarning,
+        UnrepresentableFitError,
+    )
 
     advice = "rescale the data" + (" or drop --float32" if float32 else "")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrecisionWarning)
         warnings.simplefilter("always", DiscreteResponseWarning)
+        warnings.simplefilter("always", OptimumWarning)
         try:
             result = fit(model, key, x, y, **kw)
         except UnrepresentableFitError as err:
@@ -195,7 +201,7 @@ def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
     for w in caught:
         if issubclass(w.category, PrecisionWarning):
             sys.stderr.write(f"warning: {w.message.problem}; {advice}\n")
-        elif issubclass(w.category, DiscreteResponseWarning):
+        elif issubclass(w.category, (DiscreteResponseWarning, OptimumWarning)):
             sys.stderr.write(f"warning: {w.message}\n")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

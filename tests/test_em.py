@@ -454,3 +454,27 @@ def test_tol_zero_runs_every_iteration():
     fit = fit_em(RegressionMixture(2), jax.random.key(0), x, y, max_iter=40, tol=0.0)
     assert int(fit.n_iter) == 40 and not bool(fit.converged)
     assert int(fit_em(RegressionMixture(2), jax.random.key(0), x, y, max_iter=40, tol=1e-6).n_iter) < 40
+
+
+@once  # plumbing: a warning at the boundary
+def test_a_single_restart_at_the_best_optimum_warns():
+    """restarts_at_best == 1 of several restarts is an OptimumWarning naming the count; two or more
+    at the best, a single-run fit, or a traced result (inside jit) say nothing."""
+    import warnings
+
+    from conceptshift._validation import OptimumWarning
+    from conceptshift.inference.em import warn_single_optimum
+
+    m = RegressionMixture(2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=120)
+    y = np.where(rng.random(120) < 0.5, 1 + 2 * x, -1 - x) + 0.2 * rng.normal(size=120)
+    fit = fit_em(m, jax.random.key(0), x, y, restarts=3, max_iter=50)
+    one = fit._replace(restarts_at_best=jnp.asarray(1, jnp.int32))
+    with pytest.warns(OptimumWarning, match="only 1 of 3 EM restarts"):
+        warn_single_optimum(one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OptimumWarning)
+        warn_single_optimum(one._replace(restarts_at_best=jnp.asarray(2, jnp.int32)))
+        warn_single_optimum(one._replace(restart_loglik=one.restart_loglik[:1]))
+        jax.jit(warn_single_optimum)(one)

@@ -5,7 +5,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import X64
+from conftest import X64, once
 
 from conceptshift.cli import main
 from conceptshift.experiments import EXPERIMENTS, consistency, refinement_bias
@@ -163,6 +163,7 @@ def test_savefig_leaves_no_temporary_file(tmp_path):
 SMALL_RB = ["n_x=41", "n_quad=60", "mc_draws=60000"]
 
 
+@once  # Monte Carlo and quadrature tolerances, not the precision's
 def test_refinement_bias_bound_and_prop32_identity(tmp_path):
     cfg = load_config(refinement_bias.DEFAULTS, None, SMALL_RB)
     res = refinement_bias.run(cfg, tmp_path, progress=False)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import once, rtol
+from conftest import X64, once, rtol
 from numpyro import handlers
 
 from conceptshift.inference import EMResult, fit_em
@@ -40,11 +40,13 @@ DTYPE = jnp.zeros((), dtype=float).dtype
 VARIANTS = {"logistic_softmax_gate": ("logistic", {"gate": "softmax"}),
             "poisson_gaussian_gate": ("poisson", {"gate": "gaussian", "n_features": 2,
                                                   "gate_columns": (1, 0), "expert_columns": (0,)})}
-CASES = family_names() + tuple(VARIANTS)  # the density, the sites and EM; the rest is generic plumbing
-# families whose generic plumbing a sibling's cases run through the same code (the binomial is the
-# Bernoulli family with a number of trials): their plumbing cases (SVI, Algorithm 1, the bootstrap)
-# run in test-slow
+# families whose code a sibling's cases run too (the binomial is the Bernoulli family with a number
+# of trials): their density, sites and EM cases run in the float64 pass only (the tight tolerances;
+# the sibling runs in both), their plumbing cases (SVI, Algorithm 1, the bootstrap) in test-slow
 COVERED_BY = {"binomial": "logistic"}
+_F64_ONLY = pytest.mark.skipif(not X64, reason="covered in float32 by its sibling family's cases")
+CASES = tuple(pytest.param(n, marks=_F64_ONLY) if n in COVERED_BY else n
+              for n in family_names() + tuple(VARIANTS))  # the density, the sites and EM
 PLUMBING = [pytest.param(n, marks=pytest.mark.slow) if n in COVERED_BY else n for n in family_names()]
 
 

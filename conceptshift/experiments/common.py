@@ -171,6 +171,12 @@ def replicate(key, n, problem, *, design: Design) -> dict:
             tgt_truth = problem.truth_labels(target_fit.params, 0, "q", 1)
             out[name]["matching_accuracy"] = matching_accuracy(ident.assignment, src_truth, tgt_truth)
         out[name]["matching_margin"] = ident.margin
+        # the share of replicates whose fits look unreliable: a fit with a single restart at its
+        # best optimum (of several), degenerate or not converged
+        need = min(2, design.opts.restarts)
+        flags = [(f.restarts_at_best < need) | f.degenerate | ~f.converged
+                 for f in (ident.source_fit, ident.target_fit)]
+        out[name]["unreliable_fit"] = (flags[0] | flags[1]).astype(dtype)
         out[name]["greedy_bijection"] = ident.greedy_bijection.astype(dtype)
         out[name]["greedy_agrees"] = jnp.all(ident.greedy == ident.assignment).astype(dtype)
     if design.weak_labeller:

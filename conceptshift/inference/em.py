@@ -17,6 +17,7 @@ from jax import Array
 from jax.scipy.special import logsumexp
 
 from .._validation import (
+    OptimumWarning,
     PrecisionWarning,
     UnrepresentableFitError,
     check_float,
@@ -594,12 +595,13 @@ def fit_em(
         if kind == "generalized":
             from .gem import fit_gem
 
-            return fit_gem(model, key, x, y, weights=weights, restarts=restarts,
-                           max_iter=max_iter, tol=tol, init_params=init_params)
+            return warn_single_optimum(fit_gem(model, key, x, y, weights=weights, restarts=restarts,
+                                               max_iter=max_iter, tol=tol, init_params=init_params))
         from .stats_em import fit_stats_em
 
-        return fit_stats_em(model, key, x, y, weights=weights, restarts=restarts, max_iter=max_iter,
-                            tol=tol, init_params=init_params, block_size=block_size, mesh=mesh)
+        return warn_single_optimum(fit_stats_em(
+            model, key, x, y, weights=weights, restarts=restarts, max_iter=max_iter, tol=tol,
+            init_params=init_params, block_size=block_size, mesh=mesh))
     x, y, w = check_fit_data(model, x, y, weights)
     if init_params is not None:
         init_params = check_init_params(model, init_params)
@@ -614,4 +616,19 @@ def fit_em(
         model, key, z, u, w, std, tol, init_params, restarts=restarts, max_iter=max_iter, init=init,
         block_size=block_size, mesh=mesh, backend=backend,
     )
-    return check_finite_fit(result, map_error, u.dtype)
+    return warn_single_optimum(check_finite_fit(result, map_error, u.dtype))
+
+
+def warn_single_optimum(result: EMResult) -> EMResult:
+    """Warns (:class:`OptimumWarning`) when several restarts ran and only one reached the best
+    log-likelihood (``restarts_at_best == 1``): nothing confirms that optimum, and a higher one
+    may exist. Passes traced results (inside ``jit`` / ``vmap`` the count is in the result)."""
+    runs, best = result.restart_loglik, result.restarts_at_best
+    if is_traced(best) or is_traced(runs) or runs.ndim != 1 or runs.shape[0] < 2:
+        return result
+    if int(best) == 1:
+        warnings.warn(OptimumWarning(
+            f"only 1 of {runs.shape[0]} EM restarts reached the best log-likelihood "
+            f"({float(result.loglik):.6g}): a higher optimum may exist; run more restarts"),
+            stacklevel=3)
+    return result
