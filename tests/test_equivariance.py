@@ -188,6 +188,8 @@ def objective_falls(fit) -> float:
     return float(falls.max()) if falls.size else 0.0
 
 
+@pytest.mark.skipif(X64, reason="float32, where standardisation decides it; every family's float64 "
+                                "trace is checked to 8 ulps by the contract tests")
 def test_objective_never_falls_beyond_float_resolution():
     """Seeded problems, a quarter far from the origin: no clean fit's objective falls by more than
     8 ulps, and each converges, in float32 and float64 (before standardisation, 41 of 320 such

@@ -103,6 +103,7 @@ def test_em_options_hashable():
 
 
 @once  # precision-independent plumbing
+@pytest.mark.slow  # the experiments' replicates read these fits in the default run (unreliable_fit)
 @once  # plumbing: the fits handed back
 def test_identification_returns_the_fits_it_made():
     """Algorithm 1 run end to end hands back both EM fits (log-likelihood, convergence,

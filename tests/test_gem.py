@@ -134,6 +134,7 @@ def test_softmax_gate_degrees_of_freedom_as_flexmix():
         assert m.n_params == K * (m.n_coef + 1) + (K - 1) * (1 + D)
 
 
+@pytest.mark.slow  # the bootstrap's refits start so: tests/test_family_contract.py runs them
 @once  # precision-independent plumbing
 def test_init_params_start_one_run_there():
     """fit_em(softmax, init_params=optimum) is one run that stays at the optimum (a bootstrap refit
