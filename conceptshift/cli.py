@@ -249,7 +249,7 @@ def cmd_fit(args) -> int:
     n = len(cols[args.y])
     if tc is not None:
         m = cols[tc]
-        bad = m[~((m >= 1) & (m == m.round()))] if m.size else m
+        bad = m[~((m >= 1) & (m == m.round()))]
         if bad.size:
             raise UsageError(f"--trials {tc!r} must hold a positive whole number of trials in every "
                              f"row, got {bad[0]:g}")

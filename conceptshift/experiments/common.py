@@ -224,25 +224,59 @@ def check_n_grid(cfg: dict) -> None:
         raise ValueError(f"replicates must be >= 2 (for standard errors), got {cfg['replicates']}")
 
 
-def sweep_over_n(cfg: dict, out_dir, name: str, problem, *, progress: bool, **design_fields):
-    """The replicates of every n of ``cfg["n_grid"]`` (one compiled program, :func:`design_from` with
-    ``design_fields``), run as a resumable :class:`~.runner.Sweep`; returns (sorted grid, the sweep,
-    the cells in grid order)."""
+def sweep_over_problems(cfg: dict, out_dir, name: str, problems: dict, *, progress: bool,
+                        **design_fields):
+    """The replicates of every problem of ``problems`` ({label: problem}, in sweep order) at every n
+    of ``cfg["n_grid"]`` (one compiled program, :func:`design_from` with ``design_fields``), run as
+    a resumable :class:`~.runner.Sweep` of cells ``{label}_n{n}`` (``n{n}`` for the label "");
+    returns (sorted n grid, the sweep, {label: its cells in n order})."""
     from .runner import Sweep
 
     grid = sorted(int(n) for n in cfg["n_grid"])
     sweep = Sweep(out_dir, cfg, name)
     fn = None
 
+    def key(label, n):
+        return f"{label}_n{n}" if label else f"n{n}"
+
     def cell(item):
         nonlocal fn
-        i, n = item
+        i, label, n = item
         if fn is None:
             fn = compiled_replicates(design_from(cfg, max(grid), **design_fields))
-        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problem))
+        return to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problems[label]))
 
-    cells = sweep.run([(f"n{n}", (i, n)) for i, n in enumerate(grid)], cell, progress=progress)
-    return grid, sweep, [cells[f"n{n}"] for n in grid]
+    items = list(enumerate((label, n) for label in problems for n in grid))
+    cells = sweep.run([(key(label, n), (i, label, n)) for i, (label, n) in items], cell,
+                      progress=progress)
+    return grid, sweep, {label: [cells[key(label, n)] for n in grid] for label in problems}
+
+
+def sweep_over_n(cfg: dict, out_dir, name: str, problem, *, progress: bool, **design_fields):
+    """:func:`sweep_over_problems` of one problem: (sorted grid, the sweep, the cells in grid
+    order)."""
+    grid, sweep, cells = sweep_over_problems(cfg, out_dir, name, {"": problem}, progress=progress,
+                                             **design_fields)
+    return grid, sweep, cells[""]
+
+
+def grid_tables(cells: dict, names, metrics) -> dict:
+    """{estimator: {metric: {"mean", "se", "median"}}} as [problem][n] tables from
+    :func:`sweep_over_problems`' cells (metrics an estimator lacks are left out)."""
+    out = {}
+    first = next(iter(cells.values()))[0]
+    for name in names:
+        entry = {}
+        for metric in metrics:
+            if metric not in first[name]:
+                continue
+            vals = [[np.asarray(c[name][metric], float) for c in row] for row in cells.values()]
+            table = [[mean_se(v) for v in row] for row in vals]
+            entry[metric] = {"mean": [[m for m, _ in row] for row in table],
+                             "se": [[e for _, e in row] for row in table],
+                             "median": [[float(np.median(v)) for v in row] for row in vals]}
+        out[name] = entry
+    return out
 
 
 def cell_keys(seed: int, cell_index: int, replicates: int):

@@ -16,16 +16,14 @@ from .common import (
     EM_KNOBS,
     IDENTIFICATION_ONLY,
     PROBLEM_KNOBS,
-    cell_keys,
-    compiled_replicates,
-    design_from,
-    mean_se,
+    check_n_grid,
+    grid_tables,
     problem_from,
     pyplot,
     savefig,
-    to_lists,
+    sweep_over_problems,
 )
-from .runner import Sweep, check_knobs, versions
+from .runner import check_knobs, versions
 
 NAME = "distinguishability"
 DEFAULTS = {
@@ -45,47 +43,23 @@ def validate(cfg: dict) -> None:
     check_knobs(cfg, DEFAULTS)
     if not cfg["delta_grid"]:
         raise ValueError("delta_grid must not be empty")
-    if not cfg["n_grid"] or any(int(n) < 2 * cfg["n_components"] for n in cfg["n_grid"]):
-        raise ValueError(f"n_grid must be non-empty with every n >= 2 * n_components, got {cfg['n_grid']}")
-    if int(cfg["replicates"]) < 2:
-        raise ValueError(f"replicates must be >= 2, got {cfg['replicates']}")
+    check_n_grid(cfg)
 
 
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     validate(cfg)
-    grid_n = sorted(int(n) for n in cfg["n_grid"])
     grid_d = sorted(float(d) for d in cfg["delta_grid"])
-    problems = {d: problem_from(cfg, delta=d) for d in grid_d}
-    sweep = Sweep(out_dir, cfg, NAME)
-    fn = None
-
-    def cell(item):
-        nonlocal fn
-        i, d, n = item
-        if fn is None:
-            fn = compiled_replicates(design_from(cfg, max(grid_n), estimators=IDENTIFICATION_ONLY,
-                                                  fit_info=True))
-        res = to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problems[d]))
-        res["delta_realised"] = problems[d].distinguishability()
-        return res
-
-    items = [(i, d, n) for i, (d, n) in enumerate((d, n) for d in grid_d for n in grid_n)]
-    cells = sweep.run([(f"delta{d:+g}_n{n}", (i, d, n)) for i, d, n in items], cell, progress=progress)
-    estimators = {}
-    for name in ("identification", "identification_noweak", "oracle"):
-        entry = {"delta": grid_d, "n": grid_n}
-        for metric in METRICS:
-            if metric not in cells[f"delta{grid_d[0]:+g}_n{grid_n[0]}"][name]:
-                continue
-            table = [[mean_se(cells[f"delta{d:+g}_n{n}"][name][metric]) for n in grid_n] for d in grid_d]
-            entry[metric] = {"mean": [[m for m, _ in row] for row in table],
-                             "se": [[s for _, s in row] for row in table]}
-        estimators[name] = entry
+    problems = {f"delta{d:+g}": problem_from(cfg, delta=d) for d in grid_d}
+    grid_n, sweep, cells = sweep_over_problems(cfg, out_dir, NAME, problems, progress=progress,
+                                               estimators=IDENTIFICATION_ONLY, fit_info=True)
+    estimators = grid_tables(cells, ("identification", "identification_noweak", "oracle"), METRICS)
+    for entry in estimators.values():
+        entry.update(delta=grid_d, n=grid_n)
     results = {
         "experiment": NAME, "config": cfg, "versions": versions(),
-        "delta_realised": [problems[d].distinguishability() for d in grid_d],
+        "delta_realised": [p.distinguishability() for p in problems.values()],
         "estimators": estimators,
-        "layout": "metric mean/se are [delta][n] tables",
+        "layout": "metric mean/se/median are [delta][n] tables",
     }
     return sweep.finish(results, plot, "distinguishability.png")
 

@@ -17,16 +17,14 @@ from .common import (
     EM_KNOBS,
     LABELS,
     PROBLEM_KNOBS,
-    cell_keys,
-    compiled_replicates,
-    design_from,
-    mean_se,
+    check_n_grid,
+    grid_tables,
     problem_from,
     pyplot,
     savefig,
-    to_lists,
+    sweep_over_problems,
 )
-from .runner import Sweep, check_knobs, versions
+from .runner import check_knobs, versions
 
 NAME = "label-shift"
 DEFAULTS = {
@@ -47,53 +45,21 @@ def validate(cfg: dict) -> None:
     grid = [float(s) for s in cfg["shift_grid"]]
     if not grid or any(s < 0 for s in grid):
         raise ValueError(f"shift_grid must be non-empty with every weak shift >= 0, got {grid}")
-    if not cfg["n_grid"] or any(int(n) < 2 * cfg["n_components"] for n in cfg["n_grid"]):
-        raise ValueError(f"n_grid must be non-empty with every n >= 2 * n_components, got "
-                         f"{cfg['n_grid']}")
-    if int(cfg["replicates"]) < 2:
-        raise ValueError(f"replicates must be >= 2, got {cfg['replicates']}")
-
-
-def _key(s: float, n: int) -> str:
-    return f"shift{s:g}_n{n}"
+    check_n_grid(cfg)
 
 
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     validate(cfg)
-    grid_n = sorted(int(n) for n in cfg["n_grid"])
     grid_s = sorted(float(s) for s in cfg["shift_grid"])
-    problems = {s: problem_from(cfg, weak_shift=s) for s in grid_s}
-    sweep = Sweep(out_dir, cfg, NAME)
-    fn = None
-
-    def cell(item):
-        nonlocal fn
-        i, s, n = item
-        if fn is None:
-            fn = compiled_replicates(design_from(cfg, max(grid_n), estimators=ESTIMATORS))
-        res = to_lists(fn(cell_keys(cfg["seed"], i, int(cfg["replicates"])), n, problems[s]))
-        res["delta"] = problems[s].distinguishability()
-        return res
-
-    items = [(i, s, n) for i, (s, n) in enumerate((s, n) for s in grid_s for n in grid_n)]
-    cells = sweep.run([(_key(s, n), (i, s, n)) for i, s, n in items], cell, progress=progress)
-    estimators = {}
-    first = cells[_key(grid_s[0], grid_n[0])]
-    for name in ESTIMATORS:
-        entry = {"weak_shift": grid_s, "n": grid_n}
-        for metric in METRICS:
-            if metric not in first[name]:
-                continue
-            vals = [[np.asarray(cells[_key(s, n)][name][metric], float) for n in grid_n]
-                    for s in grid_s]
-            table = [[mean_se(v) for v in row] for row in vals]
-            entry[metric] = {"mean": [[m for m, _ in row] for row in table],
-                             "se": [[e for _, e in row] for row in table],
-                             "median": [[float(np.median(v)) for v in row] for row in vals]}
-        estimators[name] = entry
+    problems = {f"shift{s:g}": problem_from(cfg, weak_shift=s) for s in grid_s}
+    grid_n, sweep, cells = sweep_over_problems(cfg, out_dir, NAME, problems, progress=progress,
+                                               estimators=ESTIMATORS)
+    estimators = grid_tables(cells, ESTIMATORS, METRICS)
+    for entry in estimators.values():
+        entry.update(weak_shift=grid_s, n=grid_n)
     results = {
         "experiment": NAME, "config": cfg, "versions": versions(),
-        "delta": [problems[s].distinguishability() for s in grid_s],
+        "delta": [p.distinguishability() for p in problems.values()],
         "estimators": estimators,
         "layout": "metric mean/se/median are [weak_shift][n] tables",
     }

@@ -614,8 +614,8 @@ class GLMExperts:
     def _head_objective(self, beta: Array, phi: Array, y: Array, rw: Array,
                         trials: Array | None = None) -> Array:
         """sum_n rw_n log p(y_n | Phi_n beta) - reg / 2 |beta|^2 for one component and head, up to
-        a constant free of beta; beta (R * P,) (:meth:`_objectives` of one component)."""
-        return self._objectives(beta[None], phi.T, y, rw[None], trials)[0]
+        a constant free of beta; beta (R * P,) (:meth:`_values_grads_hessians` of one component)."""
+        return self._values_grads_hessians(beta[None], phi.T, y, rw[None], trials=trials)[0][0]
 
     def _grad_hess(self, beta: Array, phi: Array, y: Array, rw: Array,
                    trials: Array | None = None) -> tuple[Array, Array]:
@@ -641,25 +641,6 @@ class GLMExperts:
         K, R, P = beta.shape[0], self.n_predictors, self.n_coef
         return _p.mm(beta.reshape(K * R, P), phiT).reshape(K, R, -1)
 
-    def _objectives(self, beta: Array, phiT: Array, y: Array, rwT: Array,
-                    trials: Array | None = None) -> Array:
-        """:meth:`_head_objective` of K components at once, (K,): beta (K, R P), phiT (P, N), y (N,)
-        one head, rwT (K, N) the components' row weights."""
-        eta = self._predictors_t(beta, phiT)
-        if self.response == "poisson":
-            e = jnp.minimum(eta[:, 0], MAX_ETA)
-            lp = y[None, :] * e - jnp.exp(e)
-        elif self.response == "bernoulli":
-            e = eta[:, 0]
-            lp = y[None, :] * e - jax.nn.softplus(e)
-        else:
-            logits = jnp.concatenate([jnp.zeros_like(eta[:, :1]), eta], axis=1)  # (K, C, N)
-            counts, _ = self._class_counts(y, trials, beta.dtype)  # (C, N)
-            lp = jnp.sum(jnp.where(counts[None] > 0, counts[None] * jax.nn.log_softmax(logits, axis=1),
-                                   0.0), axis=1)
-        reg = jnp.asarray(self.reg, beta.dtype)
-        return jnp.sum(rwT * lp, axis=1) - 0.5 * reg * jnp.sum(beta**2, axis=1)
-
     @staticmethod
     def _outer_rows(phiT: Array) -> Array:
         """Phi_n Phi_n^T of every row, (P P, N): with it a Hessian is one matrix product."""
@@ -669,9 +650,10 @@ class GLMExperts:
     def _values_grads_hessians(self, beta: Array, phiT: Array, y: Array, rwT: Array,
                                outer: Array | None = None,
                                trials: Array | None = None) -> tuple[Array, Array, Array]:
-        """:meth:`_objectives` (K,) with their gradients (K, R P) and Hessians (K, R P, R P) in
-        closed form, from one pass over the rows: for the Bernoulli, binomial and categorical
-        responses (the Bernoulli is the categorical with C = 2, the binomial its sum over m_n trials)
+        """:meth:`_head_objective` of K components at once (K,) with their gradients (K, R P) and
+        Hessians (K, R P, R P) in closed form, from one pass over the rows: for the Bernoulli,
+        binomial and categorical responses (the Bernoulli is the categorical with C = 2, the binomial
+        its sum over m_n trials)
         g = sum_n rw_n (c_n - m_n p_n) (x) Phi_n and H = -sum_n rw_n m_n (diag p_n - p_n p_n^T) (x)
         Phi_n Phi_n^T, c_n the class counts (e_{y_n} for a label); for the Poisson
         g = Phi^T (rw (y - mu)) and H = -Phi^T diag(rw mu) Phi; minus the ridge. ``outer``:
@@ -717,11 +699,8 @@ class GLMExperts:
 
     def _gate_objective(self, theta: Array, phi: Array, rw: Array) -> Array:
         """sum_n sum_k rw_nk log softmax_k(Phi_n . theta_k) - reg / 2 |W|^2, theta = (b, W) flattened
-        (K (1 + G),)."""
-        K = rw.shape[1]
-        t = theta.reshape(K, -1)
-        logp = jax.nn.log_softmax(_p.mm(phi, t.T), axis=-1)
-        return jnp.sum(rw * logp) - 0.5 * jnp.asarray(self.reg, theta.dtype) * jnp.sum(t[:, 1:] ** 2)
+        (K (1 + G),) (:meth:`_gate_value_grad_hess`)."""
+        return self._gate_value_grad_hess(theta, phi, rw)[0]
 
     def _gate_grad_hess(self, theta: Array, phi: Array, rw: Array) -> tuple[Array, Array]:
         """Gradient and Hessian of :meth:`_gate_objective` (:meth:`_gate_value_grad_hess`)."""
