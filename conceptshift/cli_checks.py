@@ -3,11 +3,13 @@ options and results, and the precision switch. No science here."""
 
 from __future__ import annotations
 
+import sys
+
 from ._validation import MAX_INT, MAX_SEED
 from .files import non_finite_keys
 
 __all__ = ["MAX_INT", "MAX_SEED", "UsageError", "FitError", "setup_precision", "check_range",
-           "check_summary_finite"]
+           "check_summary_finite", "wide_console"]
 
 
 class UsageError(ValueError):
@@ -40,3 +42,11 @@ def check_summary_finite(summary: dict, keys, float32: bool) -> None:
         where = "overflowed float32" if float32 else "is not finite in float64"
         raise FitError(f"the fit {where} ({', '.join(bad)} not finite); rescale the data"
                        + (" or drop --float32" if float32 else ""))
+
+
+def wide_console():
+    """A rich Console for standard output; when that is not a terminal (a pipe, a file, a CI log),
+    200 columns wide, so that tables print whole instead of cut to the default 80."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)

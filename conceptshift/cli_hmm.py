@@ -9,9 +9,15 @@ import sys
 
 def cmd_fit_hmm(args) -> int:
     """Runs after :func:`conceptshift.cli.check_fit_args` (the checks every family shares)."""
-    from rich.console import Console
 
-    from .cli_checks import MAX_INT, UsageError, check_range, check_summary_finite, setup_precision
+    from .cli_checks import (
+        MAX_INT,
+        UsageError,
+        check_range,
+        check_summary_finite,
+        setup_precision,
+        wide_console,
+    )
     from .files import dumps_strict, write_json_atomic
     from .token_files import MAX_TOKENS, read_sequences
 
@@ -62,7 +68,7 @@ def cmd_fit_hmm(args) -> int:
         return 0
     from rich.table import Table
 
-    out = Console()
+    out = wide_console()
     t = Table(title=f"mixture of {args.components} HMM(s), {args.states} states, {V} tokens: "
                     f"{x.shape[0]} sequences", title_justify="left")
     t.add_column("concept")

@@ -143,7 +143,8 @@ def test_weak_label_refinement_is_prop_3_2_by_quadrature():
         want[i] = np.trapezoid(post * dens[:, None], grid, axis=0)
     np.testing.assert_allclose(want.sum(1), 1.0, atol=1e-6)
     got = np.asarray(pred.posterior_k(x))
-    np.testing.assert_allclose(got, want, atol=0.02)  # Monte Carlo over 8192 draws of y'
+    # Monte Carlo over 8192 draws of y' per target component (the sum over components is exact)
+    np.testing.assert_allclose(got, want, atol=0.01)
     strong = m2.select_heads(prob.params_p, (0,))
     mu = np.asarray(m1.expert_mean(strong, x)[:, :, 0])
     np.testing.assert_allclose(pred.mean(x), np.sum(got * mu, 1), rtol=rtol(1e-5, 1e-10), atol=1e-6)

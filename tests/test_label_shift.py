@@ -64,3 +64,27 @@ def test_label_shift_baselines_are_consistent_only_without_a_weak_shift():
     assert errs[0.0]["proportions_em"] < 20 * floor and errs[0.0]["bbse"] < 20 * floor
     for name in ("proportions_em", "bbse"):
         assert errs[1.0][name] > 50 * errs[1.0]["identification"], errs
+
+
+@once  # what x alone says about pi^q: precision-independent
+def test_x_only_proportions_recover_gated_pi_q_and_nothing_for_constant_gates():
+    """The x-only estimate reads no label: with the true Gaussian gates (g(x | eta_k) = p(x | k)) it
+    recovers pi^q from the target's x (6000 rows: within 0.05 in sum |pî - pi|, where pi^p is far),
+    at EM's fixed point (the mean responsibility of each component is its proportion); with
+    constant gates it returns the source's proportions unchanged."""
+    from conceptshift.inference.label_shift import gate_terms, proportions_x
+
+    prob = make_problem(jax.random.key(0), family="gated", n_components=3)
+    sim = simulate(jax.random.key(1), prob, 10, 6000, 10)
+    t = as_data(sim.target)
+    pred = proportions_x(prob.model, prob.params_p, t.x, t.w)
+    pi_hat, pi_q = np.asarray(pred.params.weights), np.asarray(prob.params_q.weights)
+    assert np.abs(pi_hat - pi_q).sum() < 0.05 < np.abs(np.asarray(prob.params_p.weights) - pi_q).sum()
+    terms = gate_terms(prob.strong_model, prob.model.select_heads(prob.params_p, (0,)), t.x)
+    r = jax.nn.softmax(jnp.log(pred.params.weights)[None] + terms, 1)
+    np.testing.assert_allclose(np.asarray(jnp.mean(r, 0)), pi_hat, atol=1e-4)
+    flat = make_problem(jax.random.key(0), n_components=3)
+    sim = simulate(jax.random.key(1), flat, 10, 500, 10)
+    t = as_data(sim.target)
+    got = proportions_x(flat.model, flat.params_p, t.x, t.w).params.weights
+    np.testing.assert_allclose(np.asarray(got), np.asarray(flat.params_p.weights), rtol=1e-5)

@@ -16,7 +16,7 @@ from ..diagnostics.figures import pyplot, savefig  # noqa: F401 (the experiments
 from ..diagnostics.metrics import categorical_kl, classification_metrics, matching_accuracy
 from ..inference.estimators import Data, EMOptions, as_data, estimate_all
 from ..inference.predictor import Predictor
-from ..inference.refinement import refined_icl
+from ..inference.refinement import refined, refined_icl
 from ..models.problem import Problem, ProblemSpec, make_problem
 
 PROBLEM_KNOBS = {
@@ -51,13 +51,16 @@ LABELS = {
     "oracle": "oracle (gold target labels)",
     "proportions_em": "EMQ (target proportions by EM)",
     "bbse": "BBSE (confusion-matrix inversion)",
+    "proportions_x": "x only (target proportions from x, no label)",
     "weak_labeller": "weak labeller (true q(y'|x))",
+    "refinement_population": "label refinement, population (true source model)",
 }
 IDENTIFICATION_ONLY = ("weak_only", "identification", "identification_noweak", "oracle")
 # estimators whose predictor is a K-component mixture of the family under constant proportions (their
 # parameter errors are reported); the refinements' proportions depend on x
 MIXTURE_ESTIMATORS = ("source_only", "weak_only", "weak_training_ll", "identification",
-                      "identification_noweak", "oracle", "proportions_em", "bbse")
+                      "identification_noweak", "oracle", "proportions_em", "bbse",
+                      "proportions_x")
 
 
 def problem_from(cfg: dict, **override) -> Problem:
@@ -87,7 +90,10 @@ class Design:
     ``source_fit_errors``: the two-head source fit's parameter errors against P as ``source_fit``;
     ``fit_info``: the source and target fits' BIC as ``fit``; ``weak_labeller``: the true weak
     labeller of Q, q(y' | x) taken as a predictor of y, scored as ``weak_labeller`` (the weak
-    supervisor's own performance, for the performance gap recovered)."""
+    supervisor's own performance, for the performance gap recovered); ``population_refinement``:
+    label refinement's q_re from the true source model and the true weak labeller of Q (what the
+    plug-in ``refinement`` converges to), scored as ``refinement_population`` (problems whose weak
+    label is a head of the family)."""
 
     n_max: int
     n_test: int
@@ -103,6 +109,7 @@ class Design:
     source_fit_errors: bool = False
     fit_info: bool = False
     weak_labeller: bool = False
+    population_refinement: bool = False
 
 
 def design_from(cfg: dict, n_max: int, **fields) -> Design:
@@ -181,6 +188,11 @@ def replicate(key, n, problem, *, design: Design) -> dict:
         out[name]["greedy_agrees"] = jnp.all(ident.greedy == ident.assignment).astype(dtype)
     if design.weak_labeller:
         out["weak_labeller"] = score(problem.weak_labeller(), truth, test)
+    if design.population_refinement and not getattr(problem, "label_noise", False):
+        m2 = problem.model.with_heads(2)
+        pop = refined(jax.random.fold_in(key, 7), m2, problem.params_p,
+                      m2.select_heads(problem.params_q, (1,)), n_draws=LABEL_DRAWS)
+        out["refinement_population"] = score(pop, truth, test)
     if design.m_grid:
         m2 = model.with_heads(2)
         s2 = est.fits["source"].params
@@ -201,6 +213,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     return out
 
 
+LABEL_DRAWS = 512  # draws of y' per component in refinement's expectation (estimate_all's default)
 _COMPILED: dict = {}
 
 
@@ -306,8 +319,16 @@ def loglog_slope(n, err) -> float:
     return float(np.polyfit(np.log(n[ok]), np.log(err[ok]), 1)[0])
 
 
+def quantiles(values, q=(0.5, 0.1, 0.9)) -> list[float]:
+    """Quantiles of the finite values (nan where none)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return [float(a) for a in np.quantile(v, q)] if v.size else [float("nan")] * len(q)
+
+
 def summarise(cells: list[dict], n_grid: list[int]) -> dict:
-    """{estimator: {"n": grid, metric: {"mean": [...], "se": [...]}}} over replicates per cell."""
+    """{estimator: {"n": grid, metric: {"mean", "se", "median", "q10", "q90": [...]}}} over the
+    replicates of each cell (the quantiles: a band that one failed replicate does not drag)."""
     out = {}
     for name in cells[0]:
         if name in ("fit", "source_fit"):
@@ -315,9 +336,68 @@ def summarise(cells: list[dict], n_grid: list[int]) -> dict:
         entry = {"n": list(n_grid)}
         for metric in cells[0][name]:
             means, ses = zip(*(mean_se(c[name][metric]) for c in cells), strict=True)
-            entry[metric] = {"mean": list(means), "se": list(ses)}
+            med, lo, hi = zip(*(quantiles(c[name][metric]) for c in cells), strict=True)
+            entry[metric] = {"mean": list(means), "se": list(ses), "median": list(med),
+                             "q10": list(lo), "q90": list(hi)}
         for metric in ("reg_error", "kl"):
             if metric in entry:
                 entry[f"slope_{metric}"] = loglog_slope(n_grid, entry[metric]["mean"])
         out[name] = entry
+    return out
+
+
+def slope_interval(n_grid, values, n_boot: int, seed: int, level: float = 0.9) -> dict:
+    """The log-log slope of the mean error against n (the exponent alpha of error ~ n^alpha), of
+    the median error, and a percentile bootstrap interval of the first: ``values`` [n][replicate];
+    each bootstrap draw resamples every n's replicates (independent data sets) and refits the slope
+    of the resampled means."""
+    rng = np.random.default_rng(seed)
+    vals = [np.asarray(v, dtype=np.float64) for v in values]
+    means = [v[np.isfinite(v)].mean() if np.isfinite(v).any() else np.nan for v in vals]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a cell without finite values: nan
+        m = np.stack([np.nanmean(v[rng.integers(0, v.size, (n_boot, v.size))], axis=1)
+                      for v in vals], axis=1)  # (n_boot, n)
+        ok = np.isfinite(m) & (m > 0)
+        x = np.broadcast_to(np.log(np.asarray(n_grid, float)), m.shape)
+        y = np.where(ok, np.log(np.where(ok, m, 1.0)), 0.0)
+        c = ok.sum(1)
+        xm, ym = (ok * x).sum(1) / c, y.sum(1) / c
+        dx = np.where(ok, x - xm[:, None], 0.0)
+        boots = np.where(c >= 2, (dx * (y - ym[:, None])).sum(1) / (dx * dx).sum(1), np.nan)
+    tail = 100 * (1 - level) / 2
+    ok = np.isfinite(boots)
+    lo, hi = np.percentile(boots[ok], [tail, 100 - tail]) if ok.any() else (np.nan, np.nan)
+    return {"slope": loglog_slope(n_grid, means), "lower": float(lo), "upper": float(hi),
+            "median_slope": loglog_slope(n_grid, [quantiles(v, (0.5,))[0] for v in vals]),
+            "level": level}
+
+
+def _pgr(weak, err, ceil):
+    """PGR of the mean errors over the last axis (replicates)."""
+    gap = weak.mean(-1) - ceil.mean(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gap > 0, (weak.mean(-1) - err.mean(-1)) / gap, np.nan)
+
+
+def pgr_table(cells: list[dict], n_boot: int, seed: int, metric: str = "error") -> dict:
+    """{estimator: {"mean": [...], "lower": [...], "upper": [...]}}: the performance gap recovered
+    PGR = (err_weak - err) / (err_weak - err_oracle) per n, from the mean of ``metric`` over
+    replicates (err_weak: the true weak labeller's, ``weak_labeller``; err_oracle: the oracle's),
+    with a 90% percentile bootstrap interval (replicates resampled jointly: the estimators of one
+    replicate share its data). nan where the weak labeller is no worse than the oracle."""
+    rng = np.random.default_rng(seed)
+    names = [n for n in cells[0] if n not in ("weak_labeller", "fit", "source_fit")
+             and metric in cells[0][n]]
+    out = {n: {"mean": [], "lower": [], "upper": []} for n in names}
+    for cell in cells:
+        err = {n: np.asarray(cell[n][metric], float) for n in cells[0] if metric in cell[n]}
+        R = err["oracle"].shape[0]
+        idx = rng.integers(0, R, size=(n_boot, R))
+        weak, ceil = err["weak_labeller"], err["oracle"]
+        for n in names:
+            boot = _pgr(weak[idx], err[n][idx], ceil[idx])
+            lo, hi = np.nanpercentile(boot, [5, 95]) if np.isfinite(boot).any() else (np.nan, np.nan)
+            out[n]["mean"].append(float(_pgr(weak, err[n], ceil)))
+            out[n]["lower"].append(float(lo))
+            out[n]["upper"].append(float(hi))
     return out

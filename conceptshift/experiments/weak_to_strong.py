@@ -25,6 +25,7 @@ from .common import (
     LABELS,
     PROBLEM_KNOBS,
     check_n_grid,
+    pgr_table,
     problem_from,
     pyplot,
     savefig,
@@ -58,33 +59,6 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"family must be one of {CLASSIFICATION} (a classification task), got "
                          f"{cfg['family']!r}")
     check_n_grid(cfg)
-
-
-def _pgr(weak, err, ceil):
-    """PGR of the mean errors over the last axis (replicates)."""
-    gap = weak.mean(-1) - ceil.mean(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gap > 0, (weak.mean(-1) - err.mean(-1)) / gap, np.nan)
-
-
-def pgr_table(cells: list[dict], n_boot: int, seed: int) -> dict:
-    """{estimator: {"mean": [...], "lower": [...], "upper": [...]}}: PGR per n from the mean errors
-    over replicates, with a 90% percentile bootstrap interval (replicates resampled jointly)."""
-    rng = np.random.default_rng(seed)
-    names = [n for n in cells[0] if n not in ("weak_labeller", "fit", "source_fit")]
-    out = {n: {"mean": [], "lower": [], "upper": []} for n in names}
-    for cell in cells:
-        err = {n: np.asarray(cell[n]["error"], float) for n in cells[0] if "error" in cell[n]}
-        R = err["oracle"].shape[0]
-        idx = rng.integers(0, R, size=(n_boot, R))
-        weak, ceil = err["weak_labeller"], err["oracle"]
-        for n in names:
-            boot = _pgr(weak[idx], err[n][idx], ceil[idx])
-            lo, hi = np.nanpercentile(boot, [5, 95]) if np.isfinite(boot).any() else (np.nan, np.nan)
-            out[n]["mean"].append(float(_pgr(weak, err[n], ceil)))
-            out[n]["lower"].append(float(lo))
-            out[n]["upper"].append(float(hi))
-    return out
 
 
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:

@@ -13,10 +13,12 @@ identification    MLE on P and on Q', optimal matching of weak heads, pi^q to P 
 oracle            the mixture on gold target labels                                 reference
 proportions_em    pi^q by EM with the source's components and weak heads fixed      label shift
 bbse              pi^q by inverting the source posterior's confusion matrix         label shift
+proportions_x     pi^q by EM on the target's x alone, the source's gates fixed      diagnostic
 
-The last two (:mod:`.label_shift`: EMQ, Saerens et al. 2002; BBSE, Lipton et al. 2018) are baselines
-that run only when asked for by name (``estimate_all(names=...)``): consistent when the weak heads do
-not shift between domains, biased when they do.
+The last three (:mod:`.label_shift`: EMQ, Saerens et al. 2002; BBSE, Lipton et al. 2018; the x-only
+estimate) are baselines that run only when asked for by name (``estimate_all(names=...)``): the
+first two consistent when the weak heads do not shift between domains, biased when they do; the
+third reads no label at all and is consistent exactly when x alone identifies pi^q (gates on x).
 
 Every estimator but ``weak_training_sq`` (a conditional mean: families whose y has one) works for
 every registered family through the protocol (``fit_em``, ``with_heads``, ``select_heads``,
@@ -54,7 +56,7 @@ from ..models.batch import pad_tokens
 from ..models.registry import check_family
 from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise
-from .label_shift import bbse, proportions_em
+from .label_shift import bbse, proportions_em, proportions_x
 from .matching import assign_traced, assignment_margin, greedy_assignment
 from .predictor import Predictor, strong_predictor, with_proportions
 from .refinement import RefinedPredictor, refined, refined_icl
@@ -292,14 +294,15 @@ _NEEDS_FIT = {  # which shared fits each estimator reads
     "oracle": ("oracle",),
     "proportions_em": ("source",),
     "bbse": ("source",),
+    "proportions_x": ("source",),
 }
-LABEL_SHIFT = ("proportions_em", "bbse")  # run only when named
+LABEL_SHIFT = ("proportions_em", "bbse", "proportions_x")  # run only when named
 
 
 def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
                  opts: EMOptions = EMOptions(), names: tuple[str, ...] | None = None,
                  noweak_match: str = "strong", n_draws: int = 8,
-                 label_draws: int = 128) -> Estimates:
+                 label_draws: int = 512) -> Estimates:
     """The estimators ``names`` (default: every one of the table above that the family supports)
     on one data set, sharing the source and target fits; for every family.
 
@@ -362,6 +365,8 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
         elif name == "proportions_em":
             preds[name] = proportions_em(m2, fits["source"].params, target.x, target.y_weak,
                                          target.w)
+        elif name == "proportions_x":
+            preds[name] = proportions_x(m2, fits["source"].params, target.x, target.w)
         elif name == "bbse":
             preds[name] = bbse(m2, fits["source"].params, source.x, source.y, source.y_weak,
                                source.w, target.x, target.y_weak, target.w)

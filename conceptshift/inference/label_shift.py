@@ -13,6 +13,12 @@ concept shift that the paper draws; Algorithm 1 refits the target's weak heads i
   heads, mu_i = E_Q'[h_i] on the target sample, and pi^q solves C pi^q = mu (clipped at 0 and
   normalised). The columns of C sum to 1, so the solution sums to 1 before clipping.
 
+- ``proportions_x`` (a diagnostic, not a label-shift method): pi^q by EM on the proportions from the
+  target's x alone, the source's gates fixed (no label read): r_nk ∝ pi_k g(x_n | eta_k). Where the
+  gate depends on x (a Gaussian gate: g(x | eta_k) = p(x | k)), x alone identifies pi^q, so a
+  weak-to-strong experiment on such a family measures little about the weak labels; with constant
+  gates it returns the source's proportions (x carries nothing about k).
+
 Every family's fit carries its proportions as ``log_weights`` and its E-step quantity as
 ``component_log_probs(params, x, y)`` = log pi_k + log p(row | k); the term free of the proportions
 is that minus ``log_weights``. For a softmax gate, whose p(k | x) is not pi_k times a term free of
@@ -63,6 +69,21 @@ def proportions_em(model, source_params, target_x, target_y_weak, target_w, *,
     docs); the estimate is the source's strong heads under pi^q."""
     m1, weak = _weak_head(model, source_params)
     terms = proportion_free_terms(m1, weak, target_x, target_y_weak[:, None])
+    log_pi = em_proportions(terms, target_w, source_params.log_weights, n_steps)
+    return with_proportions(strong_predictor(model, source_params, 0), log_pi)
+
+
+def gate_terms(model, params, x) -> Array:
+    """log p(k | x) without the proportion term, (N, K), up to a constant per row (which EM on the
+    proportions ignores): ``log_posterior_k`` minus ``log_weights`` (module docs)."""
+    return model.log_posterior_k(params, x) - params.log_weights[None, :]
+
+
+def proportions_x(model, source_params, target_x, target_w, *, n_steps: int = EM_STEPS) -> Predictor:
+    """pi^q from the target's x alone (module docs): EM on the proportions with the source fit's
+    gates fixed; the estimate is the source's strong heads under it."""
+    m1 = model.with_heads(1)
+    terms = gate_terms(m1, model.select_heads(source_params, (0,)), target_x)
     log_pi = em_proportions(terms, target_w, source_params.log_weights, n_steps)
     return with_proportions(strong_predictor(model, source_params, 0), log_pi)
 

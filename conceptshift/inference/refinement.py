@@ -129,12 +129,28 @@ class LabelWeights:
             values = jnp.arange(lq.shape[1], dtype=jnp.int32)
             per = jax.vmap(lambda v: post(jnp.full(x.shape[:1], v, jnp.int32)))(values)  # (V, N, K)
             return logsumexp(lq.T[:, :, None] + per, axis=0)
-        # common random numbers: every row uses the same keys, so q̂(k | x) is a function of x
-        def draw(k):
-            return jax.vmap(lambda xi: target.sample(k, xi[None])[0])(x)
+        # Rao-Blackwellised over the target's component k': q̂(k | x) = sum_k' q̂'(k' | x)
+        # E_{y' ~ p̂'(y' | x, k')} p̂(k | x, y'), the sum exact and only y' within a component drawn
+        # (the draws of a mixture would pick one k' per draw for every row alike, a noise that does
+        # not average out over x). Common random numbers: every row uses the same keys, so q̂(k | x)
+        # is a function of x.
+        n_k = self.weak_target.log_weights.shape[0]
+        onehot = jnp.where(jnp.eye(n_k, dtype=bool), 0.0, -jnp.inf).astype(
+            self.weak_target.log_weights.dtype)
 
-        per = jax.vmap(lambda k: post(draw(k)))(jax.random.split(self.key, self.n_draws))
-        return logsumexp(per, axis=0) - jnp.log(jnp.asarray(self.n_draws, per.dtype))
+        def within(lw, keys):  # log E_{y' ~ component} p̂(k | x, y'), (N, K)
+            comp = Predictor(m, self.weak_target._replace(log_weights=lw))
+
+            def draw(k):
+                return jax.vmap(lambda xi: comp.sample(k, xi[None])[0])(x)
+
+            per = jax.vmap(lambda k: post(draw(k)))(keys)
+            return logsumexp(per, axis=0) - jnp.log(jnp.asarray(self.n_draws, per.dtype))
+
+        keys = jax.random.split(self.key, self.n_draws)
+        per_k = jax.vmap(within, in_axes=(0, None))(onehot, keys)  # (K', N, K)
+        lq = m.log_posterior_k(self.weak_target, x, **data)  # log q̂'(k' | x), (N, K')
+        return logsumexp(lq.T[:, :, None] + per_k, axis=0)
 
 
 @jax.tree_util.register_pytree_node_class
