@@ -141,3 +141,15 @@ def test_glm_flexmix_smoke(tmp_path):
         assert math.isfinite(cs["fixed"]["marginal_ms_per_iter_median"])
         assert cs["fit"]["n_iter"] >= 1 and cs["fit"]["loglik"] >= cs["loglik_start"] - 1e-3
     assert "glm_flexmix" in mod.markdown(res)
+
+
+@pytest.mark.slow
+def test_glm_gpu_quick(tmp_path):
+    """The GLM mixtures' per-iteration timing (run on a GPU for the committed figures) end to end at
+    toy sizes on whatever device there is: every point measured, with a finite log-likelihood."""
+    out = tmp_path / "glm_gpu.json"
+    res = _load("glm_gpu").main(["--quick", "--out", str(out)])
+    points = res["rows"]
+    assert points and all(p["status"] == "measured" for p in points)
+    assert all(math.isfinite(p["loglik"]) and p["ms_per_iter_median"] > 0 for p in points)
+    assert out.is_file()
