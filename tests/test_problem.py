@@ -171,3 +171,67 @@ def test_label_noise_knobs_are_checked():
         ProblemSpec(family="logistic", weak_labeller="noise", flip=0.9, flip_spread=0.5)
     with pytest.raises(ValueError, match="flip_to"):
         ProblemSpec(family="logistic", weak_labeller="noise", flip_to="up")
+
+
+@once  # brute force over permutations: precision-independent
+def test_population_margin_against_every_permutation_and_the_swap_knob():
+    """The population matching margin equals the brute-force minimum over the K! - 1 wrong
+    matchings of the weak heads' squared distances less the identity's; moving each target weak
+    head towards the next concept's source weak head (weak_swap) takes it from positive to negative
+    between 0 and 1, while Delta < 0 with a positive margin is common (Delta is sufficient only)."""
+    import itertools
+
+    from conceptshift.models.problem import _weak_vectors
+
+    margins = []
+    for swap in (0.0, 0.25, 0.75, 1.0):
+        prob = make_problem(jax.random.key(0), n_components=4, weak_swap=swap)
+        wp, wq = np.asarray(_weak_vectors(prob.params_p)), np.asarray(_weak_vectors(prob.params_q))
+        cost = ((wq[:, None] - wp[None]) ** 2).sum(-1)
+        wrong = min(cost[np.arange(4), p].sum() for p in itertools.permutations(range(4))
+                    if p != (0, 1, 2, 3))
+        want = wrong - np.trace(cost)
+        assert prob.population_margin() == pytest.approx(want, rel=1e-4, abs=1e-4)
+        margins.append(want)
+    assert margins[0] > 0 > margins[-1]
+    assert make_problem(jax.random.key(0), delta=-4.0).population_margin() > 0
+    with pytest.raises(ValueError, match="weak_swap"):
+        make_problem(jax.random.key(0), family="logistic", weak_labeller="noise", weak_swap=0.5)
+
+
+@once  # the construction's identities: precision-independent
+def test_two_truths_share_their_observable_laws_but_not_q():
+    """permute_target_concepts: the target's weak law Q'(y' | x) and P are unchanged, q(y | x) moves,
+    and the permuted truth violates Assumption 4.5; gated problems and bad permutations refused."""
+    from conceptshift.models import permute_target_concepts
+
+    a = make_problem(jax.random.key(0), n_components=3)
+    b = permute_target_concepts(a, [1, 2, 0])
+    x = jnp.repeat(jnp.linspace(-3.0, 3.0, 40), 40)[:, None]
+    yw = jnp.tile(jnp.linspace(-6.0, 6.0, 40), 40)
+    m1 = a.model.with_heads(1)
+    weak = [t.model.select_heads(t.params_q, (1,)) for t in (a, b)]
+    np.testing.assert_allclose(m1.conditional_log_prob(weak[0], x, yw),
+                               m1.conditional_log_prob(weak[1], x, yw), atol=rtol(1e-5, 1e-12))
+    assert b.params_p is a.params_p
+    assert float(jnp.mean((a.true_mean(x) - b.true_mean(x)) ** 2)) > 1.0
+    assert a.distinguishability() > 0 > b.distinguishability()
+    assert a.population_margin() > 0 > b.population_margin()
+    with pytest.raises(ValueError, match="perm"):
+        permute_target_concepts(a, [0, 0, 1])
+    with pytest.raises(ValueError, match="constant gates"):
+        permute_target_concepts(make_problem(jax.random.key(0), family="gated"), [1, 2, 0])
+
+
+@once  # knob checks
+def test_given_proportions_one_hot_included():
+    """pi_p / pi_q replace the shift construction; a one-hot pi^q draws one concept only and keeps
+    every density finite; bad proportions are refused naming the knob."""
+    prob = make_problem(jax.random.key(0), n_components=3, pi_p=(0.2, 0.3, 0.5), pi_q=(1.0, 0.0, 0.0))
+    np.testing.assert_allclose(prob.params_p.weights, [0.2, 0.3, 0.5], rtol=1e-6)
+    sim = simulate(jax.random.key(1), prob, 50, 500, 50)
+    assert set(np.asarray(sim.target.k).tolist()) == {0}
+    assert np.all(np.isfinite(np.asarray(prob.true_log_prob(sim.test.x, sim.test.y))))
+    for bad in ((0.5, 0.5), (0.5, 0.6, -0.1), (0.2, 0.2, 0.2)):
+        with pytest.raises(ValueError, match="pi_q"):
+            make_problem(jax.random.key(0), n_components=3, pi_q=bad)

@@ -36,6 +36,9 @@ PROBLEM_KNOBS = {
     "flip": 0.3,
     "flip_spread": 0.5,
     "flip_to": "class",
+    "weak_swap": 0.0,
+    "pi_p": [],
+    "pi_q": [],
 }
 EM_KNOBS = {"restarts": 8, "max_iter": 200, "tol": 1e-6}
 
@@ -65,6 +68,9 @@ MIXTURE_ESTIMATORS = ("source_only", "weak_only", "weak_training_ll", "identific
 
 def problem_from(cfg: dict, **override) -> Problem:
     knobs = {k: cfg[k] for k in PROBLEM_KNOBS if k in cfg}
+    for name in ("pi_p", "pi_q"):  # [] (the default): from the shift construction
+        if name in knobs:
+            knobs[name] = tuple(knobs[name]) or None
     knobs.update(override)
     if cfg.get("delta") is not None and "delta" not in override:
         knobs["delta"] = cfg["delta"]

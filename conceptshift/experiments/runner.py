@@ -37,6 +37,7 @@ KNOB_BOUNDS = {
     "separation": (0, None), "noise": (0, None), "weak_noise": (0, None), "shift": (0, None),
     "weak_bias": (0, None), "weak_shift": (0, None), "gate_separation": (0, None),
     "n_classes": (2, None), "anchor_mass": (0, 1), "hdi_prob": (0, 1), "lam_grid": (0, None),
+    "weak_swap": (0, None), "swap_grid": (0, None), "pi_p": (0, 1), "pi_q": (0, 1),
 }
 
 
@@ -70,7 +71,8 @@ def _check_value(name: str, value, default, where: str):
     """Type of the default (an int where the default is an int, any finite real where a float, a
     list of those where a list), and the bounds of KNOB_BOUNDS."""
     if isinstance(default, list):
-        if not isinstance(value, list) or not value:
+        # an empty default means "not given" (e.g. pi_q: the shift construction): empty allowed
+        if not isinstance(value, list) or (not value and default):
             raise ValueError(f"{where}{name} must be a non-empty list, got {value!r}")
         item = default[0] if default else 0.0
         return [_check_value(f"{name}[{i}]", v, item, where) for i, v in enumerate(value)]

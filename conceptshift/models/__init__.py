@@ -15,7 +15,15 @@ from .glm import (
 )
 from .hmm import HMMMixture, HMMParams
 from .hmm_problem import HMMProblem, HMMProblemSpec, make_hmm_problem, simulate_hmm
-from .problem import Problem, ProblemSpec, Sample, Simulation, make_problem, simulate
+from .problem import (
+    Problem,
+    ProblemSpec,
+    Sample,
+    Simulation,
+    make_problem,
+    permute_target_concepts,
+    simulate,
+)
 from .registry import (
     FAMILIES,
     check_family,
@@ -51,6 +59,7 @@ __all__ = [
     "Sample",
     "Simulation",
     "make_problem",
+    "permute_target_concepts",
     "simulate",
     "RegressionMixture",
     "RegressionParams",

@@ -88,6 +88,13 @@ class ProblemSpec:
       flip_spread: range of the source flip rates over the concepts.
       flip_to: where a flipped label goes: ``"class"`` (one class per concept) or ``"other"``
         (another class, uniformly).
+      weak_swap: fraction of the way each target weak head moves towards the next concept's source
+        weak head (cyclically, k -> k + 1 mod K), on top of ``weak_shift``: 0 leaves it, 1/2 puts it
+        halfway (the matching of Algorithm 1 has no margin left, see
+        :meth:`Problem.population_margin`), 1 gives the target concept k the weak head of source
+        concept k + 1, where the optimal matching is wrong even with the population.
+      pi_p, pi_q: the proportions of P and of Q (K values >= 0 summing to 1; zeros allowed, e.g. a
+        one-hot pi^q); when given they replace the ``shift`` construction for that domain.
     """
 
     family: str = "regression"
@@ -108,6 +115,9 @@ class ProblemSpec:
     flip: float = 0.3
     flip_spread: float = 0.5
     flip_to: str = "class"
+    weak_swap: float = 0.0
+    pi_p: tuple[float, ...] | None = None
+    pi_q: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -122,6 +132,17 @@ class ProblemSpec:
         if self.delta is not None:
             check_float("delta", self.delta)
         check_int("n_classes", self.n_classes, minimum=2)
+        check_float("weak_swap", self.weak_swap, nonnegative=True)
+        for name in ("pi_p", "pi_q"):
+            pi = getattr(self, name)
+            if pi is None:
+                continue
+            v = np.asarray(pi, dtype=np.float64)
+            if v.shape != (self.n_components,) or not np.all(np.isfinite(v)) or np.any(v < 0) \
+                    or abs(v.sum() - 1.0) > 1e-6:
+                raise ValueError(f"{name} must be {self.n_components} proportions (n_components) "
+                                 f">= 0 summing to 1, got {pi!r}")
+            object.__setattr__(self, name, tuple(float(a) for a in v))
         if self.weak_labeller not in WEAK_LABELLERS:
             raise ValueError(f"weak_labeller must be one of {WEAK_LABELLERS}, got "
                              f"{self.weak_labeller!r}")
@@ -131,6 +152,9 @@ class ProblemSpec:
                                  f"must be one of {CLASS_FAMILIES}, got {self.family!r}")
             if self.flip_to not in FLIP_TO:
                 raise ValueError(f"flip_to must be one of {FLIP_TO}, got {self.flip_to!r}")
+            if self.weak_swap:
+                raise ValueError("weak_swap moves weak heads: it does not apply to "
+                                 "weak_labeller='noise'")
             check_float("flip", self.flip, nonnegative=True)
             check_float("flip_spread", self.flip_spread, nonnegative=True)
             lo, hi = self.flip - self.flip_spread / 2, self.flip + self.flip_spread / 2
@@ -220,6 +244,30 @@ class Problem:
         if self.label_noise:
             return float(_delta(self.flip_p[:, None], self.flip_q[:, None]))
         return float(_delta(_weak_vectors(self.params_p), _weak_vectors(self.params_q)))
+
+    def population_margin(self) -> float:
+        """The matching margin of Algorithm 1 with the population's weak heads: the least total
+        cost of a matching other than the identity minus the identity's, with cost[k, k'] =
+        |theta^wq_k - theta^wp_k'|^2 (the space of :meth:`distinguishability`). Positive: the
+        optimal assignment is right at the truth (by that much); negative: it is wrong however
+        many data there are. Delta > 0 implies a positive margin, not conversely."""
+        if self.label_noise:
+            wp, wq = self.flip_p[:, None], self.flip_q[:, None]
+        else:
+            wp, wq = _weak_vectors(self.params_p), _weak_vectors(self.params_q)
+        cost = np.asarray(jnp.sum((wq[:, None, :] - wp[None, :, :]) ** 2, -1), np.float64)
+        K = cost.shape[0]
+        if K == 1:
+            return float("inf")
+        ident = np.trace(cost)
+        big = (np.abs(cost).max() + 1.0) * (K + 1)
+        best = np.inf
+        for k in range(K):  # the best matching that leaves k's own pair out
+            c = cost.copy()
+            c[k, k] = big
+            perm = np.asarray(assign(jnp.asarray(c)))
+            best = min(best, c[np.arange(K), perm].sum())
+        return float(best - ident)
 
     def simulate_data(self, key, n_source: int, n_target: int, n_test: int) -> Simulation:
         """:func:`simulate` (the truth's side of the experiments' protocol; traceable)."""
@@ -322,7 +370,8 @@ def _flip_labels(key, y: Array, k: Array, flip: Array, target: Array) -> Array:
 def _problem_flatten(p: Problem):
     # delta and weak_shift only matter when the problem is drawn: keep them out of the static part
     # so that problems of different Delta share one compiled program
-    spec = dataclasses.replace(p.spec, delta=None, weak_shift=0.0)
+    spec = dataclasses.replace(p.spec, delta=None, weak_shift=0.0, weak_swap=0.0, pi_p=None,
+                               pi_q=None)
     return (p.params_p, p.params_q, p.flip_p, p.flip_q, p.flip_target), spec
 
 
@@ -397,8 +446,15 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
     c = np.linspace(-1.0, 1.0, K) if K > 1 else np.zeros(1)
     log_pi_p = jax.nn.log_softmax(jnp.asarray(spec.shift / 2 * c))
     log_pi_q = jax.nn.log_softmax(jnp.asarray(-spec.shift / 2 * c))
+    # a proportion of 0 is kept as float32's smallest normal number (log -87.3; every density stays
+    # finite and the concept is never drawn in practice)
+    if spec.pi_p is not None:
+        log_pi_p = jnp.asarray(np.log(np.maximum(spec.pi_p, np.finfo(np.float32).tiny)))
+    if spec.pi_q is not None:
+        log_pi_q = jnp.asarray(np.log(np.maximum(spec.pi_q, np.finfo(np.float32).tiny)))
     theta_wp = theta + spec.weak_bias * _unit(rng, K, P)
     direction = _unit(rng, K, P)
+    swap = np.roll(theta_wp, -1, axis=0) - theta_wp  # towards the next concept's source weak head
     means = _spread(rng, K, D, spec.gate_separation * spec.x_scale) if K > 1 else np.zeros((1, D))
     noisy = spec.weak_labeller == "noise"
     if noisy:  # drawn after the rest: problems with weak heads are what they were
@@ -413,7 +469,7 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
             flip_target = np.broadcast_to((1.0 - np.eye(C)) / (C - 1), (K, C, C))
 
     def build(weak_shift: float):
-        theta_wq = theta_wp + weak_shift * direction
+        theta_wq = theta_wp + weak_shift * direction + spec.weak_swap * swap
         flips = {}
         if noisy:  # the weak heads are unused: keep them equal to the strong ones
             theta_wp_, theta_wq_ = theta, theta
@@ -461,6 +517,32 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if delta_of(mid) > spec.delta else (lo, mid)
     return build(0.5 * (lo + hi))
+
+
+def permute_target_concepts(problem: Problem, perm) -> Problem:
+    """The second of two truths that no data can tell apart (constant gates): the target's weak
+    heads and proportions permuted together, concept k of Q given the weak head and the proportion
+    of concept perm[k] of the first truth, while P and the strong heads stay.
+
+    Q'(x, y') = sum_k pi^q_k p(y' | x, theta^wq_k) is then unchanged (a sum over the same pairs), and
+    so is P(x, y, y'); but q(y | x) = sum_k pi^q_perm[k] p(y | x, theta_k) is not: any estimator of
+    q(y | x) from P and Q' errs by at least E_x(q_A(x) - q_B(x))^2 / 4 on one of the two truths.
+    Assumption 4.5 excludes the second for a perm that moves a concept (its own weak head moved
+    onto another concept's), which is the one Algorithm 1 then gets wrong."""
+    if problem.spec.family == "gated" or problem.label_noise:
+        raise ValueError("permute_target_concepts needs constant gates and weak heads (a Gaussian "
+                         "gate ties x to the concept, so permuting Q's concepts changes Q'(x, y'))")
+    K = problem.spec.n_components
+    perm = np.asarray(perm)
+    if sorted(perm.tolist()) != list(range(K)):
+        raise ValueError(f"perm must be a permutation of range({K}) (n_components), got "
+                         f"{perm.tolist()}")
+    q = problem.params_q
+    coef = q.coef.at[:, 1].set(q.coef[perm, 1])
+    fields = {"log_weights": q.log_weights[perm], "coef": coef}
+    if hasattr(q, "log_scale"):
+        fields["log_scale"] = q.log_scale.at[:, 1].set(q.log_scale[perm, 1])
+    return dataclasses.replace(problem, params_q=q._replace(**fields))
 
 
 class Sample(NamedTuple):
