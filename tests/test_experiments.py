@@ -172,6 +172,8 @@ def test_refinement_bias_bound_and_prop32_identity(tmp_path):
         q = np.asarray(b["qhat"])
         np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-4)
         assert b["max_wrong_mass"] > 1e-3  # refinement leaves mass on wrong concepts
+    # the paper's form p(k|x) e^{-c Delta^2} fails where p(k|x) is small (README notes on the paper)
+    assert max(b["paper_form_max_ratio"] for b in res["bias"]) > 1
     for point in res["identity"]["points"]:
         assert point["max_abs_z_k"] < 4.5 and abs(point["z_mean"]) < 4.5
         assert point["ks_p_value"] > 1e-3

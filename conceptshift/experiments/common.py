@@ -5,6 +5,7 @@ replicates, log-log slopes, and plotting helpers."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -99,7 +100,8 @@ class Design:
     supervisor's own performance, for the performance gap recovered); ``population_refinement``:
     label refinement's q_re from the true source model and the true weak labeller of Q (what the
     plug-in ``refinement`` converges to), scored as ``refinement_population`` (problems whose weak
-    label is a head of the family)."""
+    label is a head of the family); ``target_scale``: the weak target sample (and the oracle's
+    gold sample) has ``target_scale`` times the source's n rows (n_Q' != n_P)."""
 
     n_max: int
     n_test: int
@@ -116,6 +118,7 @@ class Design:
     fit_info: bool = False
     weak_labeller: bool = False
     population_refinement: bool = False
+    target_scale: float = 1.0
 
 
 def design_from(cfg: dict, n_max: int, **fields) -> Design:
@@ -123,7 +126,8 @@ def design_from(cfg: dict, n_max: int, **fields) -> Design:
     and the EM knobs) with ``fields`` on top."""
     return Design(n_max=int(n_max), n_test=int(cfg["n_test"]), opts=em_options(cfg),
                   lam=float(cfg.get("lam", 1.0)), n_demos=int(cfg.get("n_demos", 8)),
-                  n_draws=int(cfg.get("n_draws", 8)), **fields)
+                  n_draws=int(cfg.get("n_draws", 8)),
+                  target_scale=float(cfg.get("target_scale", 1.0)), **fields)
 
 
 def score(pred: Predictor, truth: Predictor, test: Data) -> dict:
@@ -154,19 +158,22 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     problem of the same shapes: its parameters are traced) shares one compiled program.
     """
     ksim, kest, kicl = jax.random.split(key, 3)
-    sim = problem.simulate_data(ksim, design.n_max, design.n_max, design.n_test)
+    n_target_max = max(1, math.ceil(design.n_max * design.target_scale))
+    sim = problem.simulate_data(ksim, design.n_max, n_target_max, design.n_test)
     m1 = problem.strong_model
     dtype = problem.params_p.log_weights.dtype
     w = (jnp.arange(design.n_max) < n).astype(dtype)
-    s, t = as_data(sim.source, w), as_data(sim.target, w)
-    src, tgt, gold = s, Data(t.x, None, t.y_weak, w), Data(t.x, t.y, None, w)
+    wt = w if n_target_max == design.n_max and design.target_scale == 1.0 else \
+        (jnp.arange(n_target_max) < n * design.target_scale).astype(dtype)
+    s, t = as_data(sim.source, w), as_data(sim.target, wt)
+    src, tgt, gold = s, Data(t.x, None, t.y_weak, wt), Data(t.x, t.y, None, wt)
     test = as_data(sim.test)
     model = m1
     if design.n_components is not None:
         model = dataclasses.replace(model, n_components=design.n_components)
     est = estimate_all(kest, model, src, tgt, gold, lam=design.lam, n_demos=design.n_demos,
                        opts=design.opts, names=design.estimators, noweak_match=design.noweak_match,
-                       n_draws=design.n_draws)
+                       n_draws=design.n_draws, label_draws=LABEL_DRAWS)
     truth = Predictor(m1, m1.select_heads(problem.params_q, (0,)))
     same_k = model.n_components == m1.n_components
     out = {}
@@ -204,7 +211,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
         s2 = est.fits["source"].params
         for M in design.m_grid:
             def icl(head, M=M):
-                return refined_icl(kicl, m2, s2, tgt.x, tgt.y_weak, w, n_demos=M,
+                return refined_icl(kicl, m2, s2, tgt.x, tgt.y_weak, wt, n_demos=M,
                                    n_draws=design.n_draws, m_pool=max(design.m_grid),
                                    demo_head=head)
 
@@ -219,7 +226,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     return out
 
 
-LABEL_DRAWS = 512  # draws of y' per component in refinement's expectation (estimate_all's default)
+LABEL_DRAWS = 512  # draws of y' per target component in refinement's expectation (experiments)
 _COMPILED: dict = {}
 
 

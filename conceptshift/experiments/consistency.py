@@ -46,6 +46,7 @@ DEFAULTS = {
     "lam": 1.0,
     "n_demos": 8,
     "n_draws": 8,
+    "target_scale": 1.0,
     **EM_KNOBS,
 }
 
@@ -53,6 +54,10 @@ DEFAULTS = {
 def validate(cfg: dict) -> None:
     check_knobs(cfg, DEFAULTS)
     check_n_grid(cfg)
+    scale = float(cfg["target_scale"])
+    if not scale > 0 or min(cfg["n_grid"]) * scale < 2 * cfg["n_components"]:
+        raise ValueError(f"target_scale must be > 0 with every n * target_scale >= 2 * n_components "
+                         f"(the weak target sample has n * target_scale rows), got {scale}")
 
 
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:

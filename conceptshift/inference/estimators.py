@@ -302,7 +302,7 @@ LABEL_SHIFT = ("proportions_em", "bbse", "proportions_x")  # run only when named
 def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
                  opts: EMOptions = EMOptions(), names: tuple[str, ...] | None = None,
                  noweak_match: str = "strong", n_draws: int = 8,
-                 label_draws: int = 512) -> Estimates:
+                 label_draws: int = 128) -> Estimates:
     """The estimators ``names`` (default: every one of the table above that the family supports)
     on one data set, sharing the source and target fits; for every family.
 
@@ -311,7 +311,7 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
     heads against the target's weak heads) or ``"components"`` (head-free signatures: an HMM's
     transitions). ``weak_training_sq`` is left out by default for a family without a conditional
     mean. ``n_draws``: demonstration sets per query of ``refinement_icl``; ``label_draws``: draws
-    of y' in ``refinement``'s expectation (a categorical y' is summed exactly).
+    of y' per target component in ``refinement``'s expectation (a categorical y' is summed exactly).
     """
     m1, m2 = model.with_heads(1), model.with_heads(2)
     if names is None:

@@ -12,7 +12,8 @@ labels, which cannot represent it and would score a projection of q_re):
 - ``refinement`` (one weak label at a time, Example 3.4): q̂(k | x) = E_{y' ~ q̂'(y'|x)} p̂(k | x, y'),
   with p̂(k | x, y') the source fit's posterior through its weak head and q̂'(y' | x) the weak target
   fit (the plug-in estimate of Q(y' | x)). The expectation is a sum over the values of a categorical
-  y' (exact) and a Monte Carlo average of ``n_draws`` draws otherwise.
+  y' (exact); otherwise a sum over the weak target fit's components k' (exact, weighted by
+  q̂'(k' | x)) of a Monte Carlo average of ``n_draws`` draws of y' from each component.
 - ``refinement_icl`` (in context, Example 3.3 and eq. 3.1): q̂(k | x) = E_V p̂(k | x, V), V = M weak
   pairs (x_j, y'_j) drawn from D_Q', p̂(k | x, V) proportional to p̂(k | x) prod_j p̂(x_j, y'_j | k)
   (demonstrations independent given k, as in Example 3.3); E_V is averaged over ``n_draws`` sets.
