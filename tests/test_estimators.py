@@ -129,7 +129,7 @@ def test_weak_label_refinement_is_prop_3_2_by_quadrature():
     prob = make_problem(jax.random.key(0), n_components=3)
     m2 = prob.model
     weak_q = m2.select_heads(prob.params_q, (1,))
-    pred = refined(jax.random.key(1), m2, prob.params_p, weak_q, n_draws=4096)
+    pred = refined(jax.random.key(1), m2, prob.params_p, weak_q, n_draws=2048)
     x = jnp.linspace(-2.0, 2.0, 5, dtype=weak_q.coef.dtype)[:, None]
     grid = np.linspace(-60.0, 60.0, 9601)
     m1 = m2.with_heads(1)
@@ -143,8 +143,8 @@ def test_weak_label_refinement_is_prop_3_2_by_quadrature():
         want[i] = np.trapezoid(post * dens[:, None], grid, axis=0)
     np.testing.assert_allclose(want.sum(1), 1.0, atol=1e-6)
     got = np.asarray(pred.posterior_k(x))
-    # Monte Carlo over 4096 draws of y' per target component (the sum over components is exact)
-    np.testing.assert_allclose(got, want, atol=0.01)
+    # Monte Carlo over 2048 draws of y' per target component (the sum over components is exact)
+    np.testing.assert_allclose(got, want, atol=0.015)
     strong = m2.select_heads(prob.params_p, (0,))
     mu = np.asarray(m1.expert_mean(strong, x)[:, :, 0])
     np.testing.assert_allclose(pred.mean(x), np.sum(got * mu, 1), rtol=rtol(1e-5, 1e-10), atol=1e-6)

@@ -69,13 +69,13 @@ def test_label_shift_baselines_are_consistent_only_without_a_weak_shift():
 @once  # what x alone says about pi^q: precision-independent
 def test_x_only_proportions_recover_gated_pi_q_and_nothing_for_constant_gates():
     """The x-only estimate reads no label: with the true Gaussian gates (g(x | eta_k) = p(x | k)) it
-    recovers pi^q from the target's x (6000 rows: within 0.05 in sum |pî - pi|, where pi^p is far),
+    recovers pi^q from the target's x (3000 rows: within 0.05 in sum |pî - pi|, where pi^p is far),
     at EM's fixed point (the mean responsibility of each component is its proportion); with
     constant gates it returns the source's proportions unchanged."""
     from conceptshift.inference.label_shift import gate_terms, proportions_x
 
     prob = make_problem(jax.random.key(0), family="gated", n_components=3)
-    sim = simulate(jax.random.key(1), prob, 10, 6000, 10)
+    sim = simulate(jax.random.key(1), prob, 10, 3000, 10)
     t = as_data(sim.target)
     pred = proportions_x(prob.model, prob.params_p, t.x, t.w)
     pi_hat, pi_q = np.asarray(pred.params.weights), np.asarray(prob.params_q.weights)

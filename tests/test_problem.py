@@ -235,3 +235,24 @@ def test_given_proportions_one_hot_included():
     for bad in ((0.5, 0.5), (0.5, 0.6, -0.1), (0.2, 0.2, 0.2)):
         with pytest.raises(ValueError, match="pi_q"):
             make_problem(jax.random.key(0), n_components=3, pi_q=bad)
+
+
+@once  # knob checks
+def test_covariate_shift_and_strong_drift_knobs():
+    """covariate_shift moves the target's x (and the gold test sample's) along the first coordinate
+    and leaves the source's; strong_drift moves each target strong head by exactly that distance;
+    at 0 both leave the default problem as it was; a covariate shift of a gated problem is refused."""
+    base = make_problem(jax.random.key(0), n_components=3)
+    same = make_problem(jax.random.key(0), n_components=3, strong_drift=0.0, covariate_shift=0.0)
+    np.testing.assert_array_equal(base.params_q.coef, same.params_q.coef)
+    shifted = make_problem(jax.random.key(0), n_components=3, covariate_shift=2.0)
+    sim = simulate(jax.random.key(1), shifted, 4000, 4000, 4000)
+    assert float(jnp.mean(sim.target.x[:, 0])) == pytest.approx(2.0, abs=0.1)
+    assert float(jnp.mean(sim.test.x[:, 0])) == pytest.approx(2.0, abs=0.1)
+    assert float(jnp.mean(sim.source.x[:, 0])) == pytest.approx(0.0, abs=0.1)
+    drift = make_problem(jax.random.key(0), n_components=3, strong_drift=1.5)
+    moved = np.linalg.norm(np.asarray(drift.params_q.coef[:, 0] - drift.params_p.coef[:, 0]), axis=-1)
+    np.testing.assert_allclose(moved, 1.5, rtol=1e-5)
+    np.testing.assert_array_equal(drift.params_p.coef, base.params_p.coef)
+    with pytest.raises(ValueError, match="covariate_shift"):
+        make_problem(jax.random.key(0), family="gated", covariate_shift=1.0)

@@ -38,6 +38,8 @@ PROBLEM_KNOBS = {
     "flip_spread": 0.5,
     "flip_to": "class",
     "weak_swap": 0.0,
+    "covariate_shift": 0.0,
+    "strong_drift": 0.0,
     "pi_p": [],
     "pi_q": [],
 }

@@ -6,6 +6,9 @@ and two parameter sets that share the gates and strong heads theta_k:
 - ``params_p``: proportions pi^p and weak heads theta^{wp} (the source P);
 - ``params_q``: proportions pi^q and weak heads theta^{wq} (the target Q).
 
+(Knobs that break the assumptions on purpose: ``strong_drift`` moves the target's strong heads,
+``covariate_shift`` the target's x, ``weak_swap`` the target's weak heads towards other concepts'.)
+
 For constant gates (mixture of regressions, and the generalized linear experts for classes and
 counts: ``"logistic"``, ``"categorical"``, ``"poisson"``) both domains draw x from the same
 N(0, x_scale^2 I) (Assumption 2.3). For Gaussian gates each domain draws x from its own gate mixture
@@ -95,6 +98,12 @@ class ProblemSpec:
         concept k + 1, where the optimal matching is wrong even with the population.
       pi_p, pi_q: the proportions of P and of Q (K values >= 0 summing to 1; zeros allowed, e.g. a
         one-hot pi^q); when given they replace the ``shift`` construction for that domain.
+      covariate_shift: constant gates only: the target's x is drawn around covariate_shift *
+        x_scale along the first coordinate instead of 0 (a shift of p(x) between the domains; the
+        gold test sample follows the target).
+      strong_drift: the target's strong heads move from the source's, theta^q_k = theta_k +
+        strong_drift w_k with w_k unit vectors (the components are then not shared: Assumption 2.1
+        fails by that much).
     """
 
     family: str = "regression"
@@ -116,6 +125,8 @@ class ProblemSpec:
     flip_spread: float = 0.5
     flip_to: str = "class"
     weak_swap: float = 0.0
+    covariate_shift: float = 0.0
+    strong_drift: float = 0.0
     pi_p: tuple[float, ...] | None = None
     pi_q: tuple[float, ...] | None = None
 
@@ -133,6 +144,11 @@ class ProblemSpec:
             check_float("delta", self.delta)
         check_int("n_classes", self.n_classes, minimum=2)
         check_float("weak_swap", self.weak_swap, nonnegative=True)
+        check_float("covariate_shift", self.covariate_shift)
+        check_float("strong_drift", self.strong_drift, nonnegative=True)
+        if self.covariate_shift and self.family == "gated":
+            raise ValueError("covariate_shift applies to constant gates: a Gaussian gate's x is drawn "
+                             "from its own mixture in each domain already")
         for name in ("pi_p", "pi_q"):
             pi = getattr(self, name)
             if pi is None:
@@ -307,7 +323,10 @@ class Problem:
         spec = self.spec
         dtype = self.params_p.coef.dtype
         if spec.family != "gated":
-            return spec.x_scale * jax.random.normal(key, (n, spec.n_features), dtype)
+            x = spec.x_scale * jax.random.normal(key, (n, spec.n_features), dtype)
+            if domain == "q" and spec.covariate_shift:
+                x = x.at[:, 0].add(spec.covariate_shift * spec.x_scale)
+            return x
         params = self.params_p if domain == "p" else self.params_q
         with jax.numpy_rank_promotion("allow"):  # numpyro's MVN sampler broadcasts implicitly
             return self.model.x_distribution(params).sample(key, (n,))
@@ -371,7 +390,7 @@ def _problem_flatten(p: Problem):
     # delta and weak_shift only matter when the problem is drawn: keep them out of the static part
     # so that problems of different Delta share one compiled program
     spec = dataclasses.replace(p.spec, delta=None, weak_shift=0.0, weak_swap=0.0, pi_p=None,
-                               pi_q=None)
+                               pi_q=None, strong_drift=0.0)
     return (p.params_p, p.params_q, p.flip_p, p.flip_q, p.flip_target), spec
 
 
@@ -468,6 +487,9 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
         else:
             flip_target = np.broadcast_to((1.0 - np.eye(C)) / (C - 1), (K, C, C))
 
+    # drawn after the rest: problems without a drift are what they were
+    theta_q = theta + spec.strong_drift * _unit(rng, K, P) if spec.strong_drift else theta
+
     def build(weak_shift: float):
         theta_wq = theta_wp + weak_shift * direction + spec.weak_swap * swap
         flips = {}
@@ -481,7 +503,7 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
         log_s = np.log(np.array([spec.noise, spec.weak_noise]))
         log_scale = np.broadcast_to(log_s, (K, 2))
         coef_p = np.stack([theta, theta_wp_], axis=1)
-        coef_q = np.stack([theta, theta_wq_], axis=1)
+        coef_q = np.stack([theta_q, theta_wq_], axis=1)
         arr = lambda a: jnp.asarray(a, dtype)  # noqa: E731
         if spec.family in GLM_FAMILIES:
             shape = (K, 2, R, model.n_coef)
