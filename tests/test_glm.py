@@ -165,6 +165,7 @@ def cli_runs(*argvs):
     return [tuple(r) for r in json.loads(p.stdout.strip().splitlines()[-1])]
 
 
+@pytest.mark.slow  # 12 s (a CLI subprocess); the same flexmix optima are checked in Python by default
 @once
 def test_cli_fits_flexmix_references_and_refuses_bad_responses(data_dir, capsys):
     """From the command line: flexmix's NPreg Poisson fit, its concomitant-gate fit and the binomial
@@ -200,8 +201,15 @@ def test_cli_fits_flexmix_references_and_refuses_bad_responses(data_dir, capsys)
     ref = json.loads((REFERENCE / "flexmix_binomial.json").read_text())["binomial_trials"]
     assert s["loglik"] == pytest.approx(ref["loglik"], abs=1e-5) and s["trials"] == "trials"
     assert np.shape(s["coef"]) == (2, 2) and s["df"] == 5
-    # refused before anything is read or compiled: in process
+
+
+@once
+def test_cli_refuses_gate_options_in_one_line(data_dir, capsys):
+    """Gate options that do not apply are refused before anything is read or compiled: one line on
+    stderr, exit code 2 (in process)."""
     from conceptshift.cli import main
+
+    csv = str(data_dir / "NPreg.csv")
 
     for args, message in [(("--gate-x", "x"), "needs --gate gaussian"),
                           (("--gate", "softmax", "--gate-x", "yp"), "also the response"),

@@ -53,6 +53,7 @@ def test_blocked_statistics_equal_one_block(family):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=rtol(1e-4, 1e-10), atol=1e-6)
 
 
+@pytest.mark.slow  # 18 s (4 host devices)
 @pytest.mark.skipif(not X64, reason="checked where its tolerance is tight: the float64 pass")
 def test_sharded_fit_equals_single_device():
     """Four host devices (a subprocess: the device count is fixed when JAX starts)."""

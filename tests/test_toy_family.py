@@ -36,6 +36,7 @@ def test_contract(check):
     check(NAME)
 
 
+@pytest.mark.slow  # 10 s (NUTS); the contract tests run on the toy family in the default run
 @once  # precision-independent plumbing
 def test_em_recovers_the_rates_and_nuts_agrees():
     """Two well separated Poisson components: EM finds their rates; NUTS from EM's fit gives a

@@ -92,6 +92,8 @@ class Design:
     (None: every one the family supports); ``noweak_match``: the matching of
     ``identification_noweak`` (``"strong"`` heads, or ``"components"``: an HMM's transitions);
     ``n_components``: fit that many components instead of the truth's (misspecification);
+    ``degree``: fit experts of that polynomial degree instead of the truth's (misspecified experts;
+    families with a ``degree``);
     ``n_draws``: demonstration sets per query of in-context refinement; ``m_grid``: in-context
     refinement also at these numbers of demonstrations M, scored as ``icl_M{M}`` (nested
     demonstration sets), with
@@ -113,6 +115,7 @@ class Design:
     n_demos: int = 8
     noweak_match: str = "strong"
     n_components: int | None = None
+    degree: int | None = None
     m_grid: tuple[int, ...] = ()
     n_draws: int = 8
     strong_demo_head: bool = False
@@ -173,11 +176,15 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     model = m1
     if design.n_components is not None:
         model = dataclasses.replace(model, n_components=design.n_components)
+    if design.degree is not None:
+        model = dataclasses.replace(model, degree=design.degree)
     est = estimate_all(kest, model, src, tgt, gold, lam=design.lam, n_demos=design.n_demos,
                        opts=design.opts, names=design.estimators, noweak_match=design.noweak_match,
                        n_draws=design.n_draws, label_draws=LABEL_DRAWS)
     truth = Predictor(m1, m1.select_heads(problem.params_q, (0,)))
-    same_k = model.n_components == m1.n_components
+    # parameter errors and matchings against the truth need the truth's shapes
+    same_k = model.n_components == m1.n_components and \
+        getattr(model, "degree", None) == getattr(m1, "degree", None)
     out = {}
     for name, pred in est.predictors.items():
         out[name] = score(pred, truth, test)

@@ -47,6 +47,7 @@ DEFAULTS = {
     "n_demos": 8,
     "n_draws": 8,
     "target_scale": 1.0,
+    "fit_degree": 0,
     **EM_KNOBS,
 }
 
@@ -54,6 +55,9 @@ DEFAULTS = {
 def validate(cfg: dict) -> None:
     check_knobs(cfg, DEFAULTS)
     check_n_grid(cfg)
+    if cfg["fit_degree"] and cfg["family"] not in ("regression", "gated"):
+        raise ValueError(f"fit_degree (0: the truth's degree) applies to the polynomial experts of "
+                         f"families 'regression' and 'gated', got family {cfg['family']!r}")
     scale = float(cfg["target_scale"])
     if not scale > 0 or min(cfg["n_grid"]) * scale < 2 * cfg["n_components"]:
         raise ValueError(f"target_scale must be > 0 with every n * target_scale >= 2 * n_components "
@@ -64,7 +68,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     validate(cfg)
     problem = problem_from(cfg)
     grid, sweep, ordered = sweep_over_n(cfg, out_dir, NAME, problem, progress=progress,
-                                        weak_labeller=True, population_refinement=True)
+                                        weak_labeller=True, population_refinement=True,
+                                        degree=int(cfg["fit_degree"]) or None)
     estimators = summarise(ordered, grid)
     main = "reg_error" if "reg_error" in ordered[0]["oracle"] else "kl"
     pgr = pgr_table(ordered, int(cfg["n_boot"]), int(cfg["seed"]), metric=main)
