@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import X64, rtol
+from conftest import X64, once, rtol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -127,6 +127,7 @@ def _base_loglik(model) -> float:
     return float(_fit(model, x, y).loglik)
 
 
+@once  # 2 examples x 3 families of compiles: the float32 pass (where the shifts cost most digits)
 @settings(max_examples=2, deadline=None, derandomize=True)
 @given(log_sx=st.floats(-8, 8), tx=st.floats(-1e8, 1e8), log_sy=st.floats(-8, 8),
        ty=st.floats(-1e8, 1e8), flip=st.booleans())
