@@ -256,3 +256,23 @@ def test_covariate_shift_and_strong_drift_knobs():
     np.testing.assert_array_equal(drift.params_p.coef, base.params_p.coef)
     with pytest.raises(ValueError, match="covariate_shift"):
         make_problem(jax.random.key(0), family="gated", covariate_shift=1.0)
+
+
+@once  # a simulation check
+def test_softmax_gated_truth_shares_p_x_and_draws_k_from_its_gate():
+    """family="softmax": both domains draw x from one N(0, I) and k from softmax(b + W x) with the
+    slopes W shared and the intercepts b = log pi per domain; the drawn concepts' frequencies match
+    E_x p(k | x) within 4 binomial s.e."""
+    prob = make_problem(jax.random.key(0), family="softmax", n_components=3)
+    np.testing.assert_array_equal(prob.params_p.gate_weights, prob.params_q.gate_weights)
+    n = 20000
+    sim = simulate(jax.random.key(1), prob, n, n, 10)
+    for sample, params in ((sim.source, prob.params_p), (sim.target, prob.params_q)):
+        assert abs(float(jnp.mean(sample.x))) < 4 / np.sqrt(n)
+        freq = np.bincount(np.asarray(sample.k), minlength=3) / n
+        want = np.asarray(jnp.mean(jnp.exp(prob.model.log_posterior_k(params, sample.x)), 0))
+        assert np.all(np.abs(freq - want) < 4 * np.sqrt(want * (1 - want) / n)), (freq, want)
+    with pytest.raises(ValueError, match="constant gates"):
+        from conceptshift.models import permute_target_concepts
+
+        permute_target_concepts(prob, [1, 2, 0])

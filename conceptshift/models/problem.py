@@ -53,8 +53,9 @@ from .assignment import assign
 from .gated import GatedExperts, GatedParams
 from .glm import CategoricalMixture, GLMParams, LogisticMixture, PoissonRegressionMixture
 from .regression import RegressionMixture, RegressionParams
+from .softmax_gated import SoftmaxGatedExperts, SoftmaxGatedParams
 
-FAMILIES = ("regression", "gated", "logistic", "categorical", "poisson")
+FAMILIES = ("regression", "gated", "softmax", "logistic", "categorical", "poisson")
 WEAK_LABELLERS = ("heads", "noise")
 FLIP_TO = ("class", "other")
 CLASS_FAMILIES = ("logistic", "categorical")
@@ -67,7 +68,10 @@ class ProblemSpec:
     """Knobs of a simulated latent-concept-shift problem.
 
     Args:
-      family: ``"regression"`` (constant gates), ``"gated"`` (Gaussian gates), or the generalized
+      family: ``"regression"`` (constant gates), ``"gated"`` (Gaussian gates), ``"softmax"``
+        (softmax gates p(k | x) = softmax(b + W x) over one p(x) = N(0, x_scale^2 I) shared by both
+        domains: b carries the proportions, W (spread by ``gate_separation``) is shared, so x says
+        nothing about pi^q), or the generalized
         linear experts ``"logistic"`` (y in 0/1), ``"categorical"`` (``n_classes`` classes),
         ``"poisson"`` (counts), with constant gates (module docs).
       n_components: K.
@@ -186,7 +190,8 @@ class ProblemSpec:
             extra = {"n_classes": self.n_classes} if self.family == "categorical" else {}
             return GLM_FAMILIES[self.family](self.n_components, self.n_features, n_heads=n_heads,
                                              **extra)
-        cls = RegressionMixture if self.family == "regression" else GatedExperts
+        cls = {"regression": RegressionMixture, "gated": GatedExperts,
+               "softmax": SoftmaxGatedExperts}[self.family]
         return cls(self.n_components, self.n_features, n_heads=n_heads, degree=self.degree)
 
 
@@ -512,6 +517,10 @@ def make_problem(key, spec: ProblemSpec | None = None, **knobs) -> Problem:
         elif spec.family == "regression":
             pp = RegressionParams(arr(log_pi_p), arr(coef_p), arr(log_scale))
             pq = RegressionParams(arr(log_pi_q), arr(coef_q), arr(log_scale))
+        elif spec.family == "softmax":  # the slopes W shared, the intercepts b = log pi
+            slopes = means / spec.x_scale
+            pp = SoftmaxGatedParams(arr(log_pi_p), arr(coef_p), arr(log_scale), arr(slopes))
+            pq = SoftmaxGatedParams(arr(log_pi_q), arr(coef_q), arr(log_scale), arr(slopes))
         else:
             cov = np.broadcast_to(np.eye(D) * spec.x_scale**2, (K, D, D))
             pp = GatedParams(arr(log_pi_p), arr(coef_p), arr(log_scale), arr(means), arr(cov))
@@ -551,9 +560,9 @@ def permute_target_concepts(problem: Problem, perm) -> Problem:
     q(y | x) from P and Q' errs by at least E_x(q_A(x) - q_B(x))^2 / 4 on one of the two truths.
     Assumption 4.5 excludes the second for a perm that moves a concept (its own weak head moved
     onto another concept's), which is the one Algorithm 1 then gets wrong."""
-    if problem.spec.family == "gated" or problem.label_noise:
-        raise ValueError("permute_target_concepts needs constant gates and weak heads (a Gaussian "
-                         "gate ties x to the concept, so permuting Q's concepts changes Q'(x, y'))")
+    if problem.spec.family in ("gated", "softmax") or problem.label_noise:
+        raise ValueError("permute_target_concepts needs constant gates and weak heads (a gate on x "
+                         "ties x to the concept, so permuting Q's concepts changes Q'(x, y'))")
     K = problem.spec.n_components
     perm = np.asarray(perm)
     if sorted(perm.tolist()) != list(range(K)):
