@@ -395,7 +395,7 @@ def cmd_demo(args) -> int:
     intro = (
         "[bold]conceptshift demo[/]: a source domain P and a target domain Q mix the same K = 3 "
         "linear regressions in different proportions; a weak labeller, biased and noisy, labels Q. "
-        "Eight estimators of the target's q(y|x) are fitted for sample sizes n = 250 .. 8000 "
+        "Nine estimators of the target's q(y|x) are fitted for sample sizes n = 250 .. 8000 "
         "(6 simulated replicates each) and scored against the true q(y|x) on gold test data, and by "
         "the performance gap they recover between the weak labeller and the oracle (PGR)."
     )

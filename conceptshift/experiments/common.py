@@ -243,7 +243,8 @@ def compiled_replicates(design: Design):
     """jit(vmap(replicate)) over replicate keys, called as ``fn(keys, n, problem)``; n and the
     problem's parameters are traced, so one compile serves every n and every problem with the same
     static part (its shapes; for regression problems also the knobs kept in their spec, all but
-    ``delta`` and ``weak_shift``), and repeated runs in one process reuse it."""
+    those that only matter when the problem is drawn: see ``problem._problem_flatten``), and
+    repeated runs in one process reuse it."""
     if design not in _COMPILED:
         fn = partial(replicate, design=design)
         _COMPILED[design] = jax.jit(jax.vmap(fn, in_axes=(0, None, None)))
@@ -375,6 +376,7 @@ def slope_interval(n_grid, values, n_boot: int, seed: int, level: float = 0.9) -
     of the resampled means."""
     rng = np.random.default_rng(seed)
     vals = [np.asarray(v, dtype=np.float64) for v in values]
+    vals = [np.where(np.isfinite(v), v, np.nan) for v in vals]  # +-inf left out like nan
     means = [v[np.isfinite(v)].mean() if np.isfinite(v).any() else np.nan for v in vals]
     with np.errstate(invalid="ignore", divide="ignore"):  # a cell without finite values: nan
         m = np.stack([np.nanmean(v[rng.integers(0, v.size, (n_boot, v.size))], axis=1)

@@ -55,9 +55,9 @@ DEFAULTS = {
 def validate(cfg: dict) -> None:
     check_knobs(cfg, DEFAULTS)
     check_n_grid(cfg)
-    if cfg["fit_degree"] and cfg["family"] not in ("regression", "gated"):
-        raise ValueError(f"fit_degree (0: the truth's degree) applies to the polynomial experts of "
-                         f"families 'regression' and 'gated', got family {cfg['family']!r}")
+    if cfg["fit_degree"] and getattr(problem_from(cfg).strong_model, "degree", None) is None:
+        raise ValueError(f"fit_degree (0: the truth's degree) applies to families with polynomial "
+                         f"experts (a degree), not to family {cfg['family']!r}")
     scale = float(cfg["target_scale"])
     if not scale > 0 or min(cfg["n_grid"]) * scale < 2 * cfg["n_components"]:
         raise ValueError(f"target_scale must be > 0 with every n * target_scale >= 2 * n_components "
@@ -213,6 +213,11 @@ def reading(results: dict) -> str:
         return f"{p['mean'][-1]:.2f} [{p['lower'][-1]:.2f}, {p['upper'][-1]:.2f}]"
 
     ratio = est["refinement"][main]["mean"][-1] / est["identification"][main]["mean"][-1]
+    falls = {name: est[name]["slope_interval"]["upper"] < -0.25
+             for name in ("identification", "oracle")}
+    verdict = ("are consistent" if all(falls.values()) else
+               "do not both fall with n here (" + ", ".join(
+                   f"{k} {'falls' if v else 'levels off'}" for k, v in falls.items()) + ")")
     text = (
         "error: E_x (q̂(x) - q(x))^2, the squared distance of the estimated regression function from "
         "the true one (mean and median over replicates); slope: of log mean error against log n over "
@@ -220,7 +225,7 @@ def reading(results: dict) -> str:
         "err_oracle), 0 at the true weak labeller's error, 1 at the oracle's. Identification "
         "(Algorithm 1: fit both domains, match components through the weak labels, move the "
         "target's proportions onto the source's components) and the oracle, which sees gold target "
-        f"labels, are consistent: at n = {n[-1]} identification's PGR is {pgr('identification')}. "
+        f"labels, {verdict}: at n = {n[-1]} identification's PGR is {pgr('identification')}. "
         f"Weak training (PGR {pgr('weak_training_ll')}) and label refinement (PGR "
         f"{pgr('refinement')}) recover part of the gap and stay biased however much data they "
         f"get: at the largest n refinement's error is {ratio:.0f} times identification's"

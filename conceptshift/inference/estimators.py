@@ -18,7 +18,8 @@ proportions_x     pi^q by EM on the target's x alone, the source's gates fixed  
 The last three (:mod:`.label_shift`: EMQ, Saerens et al. 2002; BBSE, Lipton et al. 2018; the x-only
 estimate) are baselines that run only when asked for by name (``estimate_all(names=...)``): the
 first two consistent when the weak heads do not shift between domains, biased when they do; the
-third reads no label at all and is consistent exactly when x alone identifies pi^q (gates on x).
+third reads no label at all and is consistent exactly when x alone identifies pi^q (Gaussian
+gates, where each domain draws x from its own gate mixture; not a softmax gate over a shared p(x)).
 
 Every estimator but ``weak_training_sq`` (a conditional mean: families whose y has one) works for
 every registered family through the protocol (``fit_em``, ``with_heads``, ``select_heads``,

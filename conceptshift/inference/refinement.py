@@ -104,8 +104,9 @@ class LabelWeights:
     ``weak_model`` is the one-head family, ``weak_head`` the source fit restricted to its weak head
     (p̂(k | x, y') is the posterior of its ``component_log_probs``), ``weak_target`` the fit of
     (x, y') on Q'. A categorical y' (the family has ``conditional_log_probs``) is summed over its
-    values; otherwise ``n_draws`` draws of y' are averaged (``key`` draws them, the same for
-    every row: q̂(k | x) is then a deterministic function of x)."""
+    values; otherwise it is summed over the weak target fit's components k' (weights q̂'(k' | x))
+    of the average over ``n_draws`` draws of y' from each component (``key`` draws them, the same
+    for every row: q̂(k | x) is then a deterministic function of x)."""
 
     def __init__(self, weak_model, weak_head, weak_target, key, n_draws: int = 128):
         self.weak_model, self.weak_head, self.weak_target = weak_model, weak_head, weak_target
@@ -196,7 +197,8 @@ def _source_heads(model, source_params, head: int):
 
 def refined(key, model, source_params, target_params, *, n_draws: int = 128) -> RefinedPredictor:
     """Weak-label refinement's q_re (Example 3.4) from a two-head source fit (y, y') and the weak
-    target fit of (x, y') on Q' (one head)."""
+    target fit of (x, y') on Q' (one head); ``n_draws``: draws of a continuous y' per component of
+    the weak target fit (:class:`LabelWeights`)."""
     m1, strong, weak = _source_heads(model, source_params, 1)
     return RefinedPredictor(m1, strong, LabelWeights(m1, weak, target_params, key, n_draws))
 

@@ -102,9 +102,10 @@ class ProblemSpec:
         concept k + 1, where the optimal matching is wrong even with the population.
       pi_p, pi_q: the proportions of P and of Q (K values >= 0 summing to 1; zeros allowed, e.g. a
         one-hot pi^q); when given they replace the ``shift`` construction for that domain.
-      covariate_shift: constant gates only: the target's x is drawn around covariate_shift *
-        x_scale along the first coordinate instead of 0 (a shift of p(x) between the domains; the
-        gold test sample follows the target).
+      covariate_shift: families whose x is not drawn from their gates (constant and softmax
+        gates): the target's x is drawn around covariate_shift * x_scale along the first coordinate
+        instead of 0 (a shift of p(x) between the domains; the gold test sample follows the
+        target).
       strong_drift: the target's strong heads move from the source's, theta^q_k = theta_k +
         strong_drift w_k with w_k unit vectors (the components are then not shared: Assumption 2.1
         fails by that much).
@@ -392,7 +393,8 @@ def _flip_labels(key, y: Array, k: Array, flip: Array, target: Array) -> Array:
 
 
 def _problem_flatten(p: Problem):
-    # delta and weak_shift only matter when the problem is drawn: keep them out of the static part
+    # knobs that only matter when the problem is drawn (delta, weak_shift, weak_swap, pi_p, pi_q,
+    # strong_drift) are kept out of the static part
     # so that problems of different Delta share one compiled program
     spec = dataclasses.replace(p.spec, delta=None, weak_shift=0.0, weak_swap=0.0, pi_p=None,
                                pi_q=None, strong_drift=0.0)
@@ -565,7 +567,7 @@ def permute_target_concepts(problem: Problem, perm) -> Problem:
                          "ties x to the concept, so permuting Q's concepts changes Q'(x, y'))")
     K = problem.spec.n_components
     perm = np.asarray(perm)
-    if sorted(perm.tolist()) != list(range(K)):
+    if not np.issubdtype(perm.dtype, np.integer) or sorted(perm.tolist()) != list(range(K)):
         raise ValueError(f"perm must be a permutation of range({K}) (n_components), got "
                          f"{perm.tolist()}")
     q = problem.params_q
