@@ -52,7 +52,7 @@ test-slow: $(STAMP)
 	JAX_ENABLE_X64=1 $(PY) -m pytest -q -m slow -p no:cacheprovider || [ $$? -eq 5 ]
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check conceptshift tests benchmarks
+	$(VENV)/bin/ruff check conceptshift tests benchmarks scripts
 
 # every benchmark, full size (tens of minutes on 2 cores); each writes benchmarks/results/NAME.json
 bench: $(STAMP)
