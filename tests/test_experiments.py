@@ -244,6 +244,14 @@ def test_slope_interval_and_quantiles_against_a_loop():
     law; summarise's median and 10/90% quantiles against numpy's."""
     from conceptshift.experiments.common import loglog_slope, slope_interval, summarise
 
+    # the vectorised least squares against numpy's polyfit, with a non-positive value left out
+    curves = np.array([[1.0, 0.5, 0.2], [3.0, -1.0, 0.1]])
+    want = [np.polyfit(np.log([100, 1000, 10000]), np.log(curves[0]), 1)[0],
+            np.polyfit(np.log([100, 10000]), np.log([3.0, 0.1]), 1)[0]]
+    np.testing.assert_allclose(loglog_slope([100, 1000, 10000], curves), want, rtol=1e-12)
+    assert isinstance(loglog_slope([100, 1000], [1.0, 0.1]), float)
+    assert np.isnan(loglog_slope([100, 1000], [1.0, 0.0]))
+
     n = [100, 1000, 10000]
     exact = slope_interval(n, [[2.0 / k] * 5 for k in n], n_boot=50, seed=0)
     assert exact["slope"] == pytest.approx(-1.0) and exact["median_slope"] == pytest.approx(-1.0)
@@ -251,7 +259,9 @@ def test_slope_interval_and_quantiles_against_a_loop():
     rng = np.random.default_rng(0)
     vals = [np.exp(rng.normal(np.log(1.0 / k), 0.5, 8)) for k in n]
     got = slope_interval(n, vals, n_boot=4000, seed=1)
-    loop = [loglog_slope(n, [v[rng.integers(0, 8, 8)].mean() for v in vals]) for _ in range(4000)]
+    logn = np.log(n)
+    loop = [np.polyfit(logn, np.log([v[rng.integers(0, 8, 8)].mean() for v in vals]), 1)[0]
+            for _ in range(4000)]
     assert got["lower"] == pytest.approx(np.percentile(loop, 5), abs=0.02)
     assert got["upper"] == pytest.approx(np.percentile(loop, 95), abs=0.02)
     cells = [{"a": {"m": list(v)}} for v in vals]

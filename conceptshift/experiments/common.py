@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -168,8 +169,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     m1 = problem.strong_model
     dtype = problem.params_p.log_weights.dtype
     w = (jnp.arange(design.n_max) < n).astype(dtype)
-    wt = w if n_target_max == design.n_max and design.target_scale == 1.0 else \
-        (jnp.arange(n_target_max) < n * design.target_scale).astype(dtype)
+    wt = (jnp.arange(n_target_max) < n * design.target_scale).astype(dtype)
     s, t = as_data(sim.source, w), as_data(sim.target, wt)
     src, tgt, gold = s, Data(t.x, None, t.y_weak, wt), Data(t.x, t.y, None, wt)
     test = as_data(sim.test)
@@ -183,19 +183,19 @@ def replicate(key, n, problem, *, design: Design) -> dict:
                        n_draws=design.n_draws, label_draws=LABEL_DRAWS)
     truth = Predictor(m1, m1.select_heads(problem.params_q, (0,)))
     # parameter errors and matchings against the truth need the truth's shapes
-    same_k = model.n_components == m1.n_components and \
+    comparable = model.n_components == m1.n_components and \
         getattr(model, "degree", None) == getattr(m1, "degree", None)
     out = {}
     for name, pred in est.predictors.items():
         out[name] = score(pred, truth, test)
-        if name in MIXTURE_ESTIMATORS and same_k:
+        if name in MIXTURE_ESTIMATORS and comparable:
             out[name].update(problem.param_errors(pred.params, "q"))
     target_fit = est.fits.get("target")
     for name, ident in (("identification", est.identification),
                         ("identification_noweak", est.identification_noweak)):
         if ident is None:
             continue
-        if same_k:
+        if comparable:
             src_truth = problem.truth_labels(ident.predictor.params, 0, "p", 0)
             tgt_truth = problem.truth_labels(target_fit.params, 0, "q", 1)
             out[name]["matching_accuracy"] = matching_accuracy(ident.assignment, src_truth, tgt_truth)
@@ -228,7 +228,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
             if design.strong_demo_head:
                 out[f"icl_M{M}"].update({f"{k}_strong_demo_head": v
                                          for k, v in score(icl(0), truth, test).items()})
-    if design.source_fit_errors and same_k:
+    if design.source_fit_errors and comparable:
         out["source_fit"] = problem.param_errors(est.fits["source"].params, "p")
     if design.fit_info:
         out["fit"] = {"source_bic": est.fits["source"].bic, "target_bic": target_fit.bic}
@@ -310,7 +310,7 @@ def grid_tables(cells: dict, names, metrics) -> dict:
             table = [[mean_se(v) for v in row] for row in vals]
             entry[metric] = {"mean": [[m for m, _ in row] for row in table],
                              "se": [[e for _, e in row] for row in table],
-                             "median": [[float(np.median(v)) for v in row] for row in vals]}
+                             "median": [[quantiles(v, (0.5,))[0] for v in row] for row in vals]}
         out[name] = entry
     return out
 
@@ -333,13 +333,20 @@ def mean_se(values) -> tuple[float, float]:
     return float(v.mean()), se
 
 
-def loglog_slope(n, err) -> float:
-    """Least-squares slope of log(err) against log(n)."""
-    n, err = np.asarray(n, float), np.asarray(err, float)
-    ok = (err > 0) & np.isfinite(err)
-    if ok.sum() < 2:
-        return float("nan")
-    return float(np.polyfit(np.log(n[ok]), np.log(err[ok]), 1)[0])
+def loglog_slope(n, err):
+    """Least-squares slope of log(err) against log(n) along the last axis of ``err`` (values <= 0
+    or not finite left out; nan with fewer than 2 left): a float for one curve, an array for a
+    stack of them."""
+    x = np.log(np.asarray(n, float))
+    e = np.asarray(err, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(e) & (e > 0)
+        y = np.where(ok, np.log(np.where(ok, e, 1.0)), 0.0)
+        c = ok.sum(-1)
+        xm, ym = (ok * x).sum(-1) / c, y.sum(-1) / c
+        dx = np.where(ok, x - xm[..., None], 0.0)
+        slope = np.where(c >= 2, (dx * (y - ym[..., None])).sum(-1) / (dx * dx).sum(-1), np.nan)
+    return float(slope) if slope.ndim == 0 else slope
 
 
 def quantiles(values, q=(0.5, 0.1, 0.9)) -> list[float]:
@@ -378,16 +385,11 @@ def slope_interval(n_grid, values, n_boot: int, seed: int, level: float = 0.9) -
     vals = [np.asarray(v, dtype=np.float64) for v in values]
     vals = [np.where(np.isfinite(v), v, np.nan) for v in vals]  # +-inf left out like nan
     means = [v[np.isfinite(v)].mean() if np.isfinite(v).any() else np.nan for v in vals]
-    with np.errstate(invalid="ignore", divide="ignore"):  # a cell without finite values: nan
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():  # an all-nan cell: nan
+        warnings.simplefilter("ignore", RuntimeWarning)
         m = np.stack([np.nanmean(v[rng.integers(0, v.size, (n_boot, v.size))], axis=1)
                       for v in vals], axis=1)  # (n_boot, n)
-        ok = np.isfinite(m) & (m > 0)
-        x = np.broadcast_to(np.log(np.asarray(n_grid, float)), m.shape)
-        y = np.where(ok, np.log(np.where(ok, m, 1.0)), 0.0)
-        c = ok.sum(1)
-        xm, ym = (ok * x).sum(1) / c, y.sum(1) / c
-        dx = np.where(ok, x - xm[:, None], 0.0)
-        boots = np.where(c >= 2, (dx * (y - ym[:, None])).sum(1) / (dx * dx).sum(1), np.nan)
+    boots = loglog_slope(n_grid, m)
     tail = 100 * (1 - level) / 2
     ok = np.isfinite(boots)
     lo, hi = np.percentile(boots[ok], [tail, 100 - tail]) if ok.any() else (np.nan, np.nan)

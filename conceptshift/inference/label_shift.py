@@ -1,6 +1,6 @@
 """Label-shift baselines for the target proportions: the source's components and weak heads are kept,
-only pi^q is estimated from the weak target sample (x, y'). Both are consistent when the weak heads
-do not move between domains (theta^wq = theta^wp: prior shift of the latent k alone, the classic
+only pi^q is estimated from the weak target sample (x, y'). The first two are consistent when the
+weak heads do not move between domains (theta^wq = theta^wp: prior shift of the latent k alone, the classic
 label-shift setting) and biased when they do, which is the line between label shift and latent
 concept shift that the paper draws; Algorithm 1 refits the target's weak heads instead.
 
@@ -17,7 +17,8 @@ concept shift that the paper draws; Algorithm 1 refits the target's weak heads i
   target's x alone, the source's gates fixed (no label read): r_nk ∝ pi_k g(x_n | eta_k). Where the
   gate depends on x (a Gaussian gate: g(x | eta_k) = p(x | k)), x alone identifies pi^q, so a
   weak-to-strong experiment on such a family measures little about the weak labels; with constant
-  gates it returns the source's proportions (x carries nothing about k).
+  gates it returns the source's proportions (x carries nothing about k), and with a softmax gate over
+  one p(x) shared by the domains it learns nothing about pi^q either.
 
 Every family's fit carries its proportions as ``log_weights`` and its E-step quantity as
 ``component_log_probs(params, x, y)`` = log pi_k + log p(row | k); the term free of the proportions
@@ -25,7 +26,7 @@ is that minus ``log_weights``. For a softmax gate, whose p(k | x) is not pi_k ti
 pi, that difference is log p(k | x) - log_weights_k + log p(y' | x, k): EMQ's prior-shift
 adjustment of the gate's posterior with exp(log_weights) as the source priors.
 
-Both are pure functions of arrays: they run under ``jit`` and ``vmap``.
+All three are pure functions of arrays: they run under ``jit`` and ``vmap``.
 """
 
 from __future__ import annotations
