@@ -85,6 +85,46 @@ def test_icl_posterior_concentrates_with_more_demonstrations():
     assert ent[1] < 0.5 * ent[0]
 
 
+@once  # eager draws, precision-independent
+def test_icl_with_demonstrations_from_the_query_concept_is_prop_3_2():
+    """Prop. 3.2's reading: q̂(k | x) = sum_k' q̂'(k' | x) E_{V ~ k'} p̂(k | x, V), written out with
+    the same draws; at the true models it recovers q(y | x) as M grows, where demonstrations from
+    all of Q' (eq. 3.1) concentrate on one concept and move away from it."""
+    prob = make_problem(jax.random.key(0), n_components=3)
+    _, _, tgt = _data(prob, 400)
+    m1 = prob.model.with_heads(1)
+    tq = prob.model.select_heads(prob.params_q, (1,))
+    truth = Predictor(m1, m1.select_heads(prob.params_q, (0,)))
+    xq = tgt.x[:60]
+    key = jax.random.key(2)
+    pred = refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=3,
+                       n_draws=4, m_pool=5, demos="concept", target_params=tq)
+    weak = prob.model.select_heads(prob.params_p, (1,))
+    demo = m1.component_log_probs(weak, tgt.x, y=tgt.y_weak[:, None]) - weak.log_weights[None]
+    resp = jax.nn.softmax(m1.component_log_probs(tq, tgt.x, y=tgt.y_weak[:, None]), -1)
+    lp = m1.log_posterior_k(weak, xq)
+    want = 0.0
+    for kk, k in enumerate(jax.random.split(key, 3)):
+        p = tgt.w * resp[:, kk]
+        idx = jax.random.choice(k, p.shape[0], (60, 4, 5), p=p / jnp.sum(p))
+        post = jax.nn.softmax(lp[:, None, :] + jnp.sum(demo[idx[:, :, :3]], 2), -1).mean(1)
+        want = want + m1.posterior_k(tq, xq)[:, kk, None] * post
+    np.testing.assert_allclose(pred.posterior_k(xq), want, rtol=rtol(1e-4, 1e-10), atol=1e-6)
+
+    def err(demos):
+        p = refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=32,
+                        n_draws=4, demos=demos, target_params=tq)
+        return float(jnp.mean((p.mean(xq) - truth.mean(xq)) ** 2))
+
+    assert err("concept") < 1e-3 < 0.1 < err("pool")
+    with pytest.raises(ValueError, match="target_params"):
+        refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=1,
+                    demos="concept")
+    with pytest.raises(ValueError, match="demos"):
+        refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=1,
+                    demos="query")
+
+
 def test_predictor_pytree_and_density():
     m = RegressionMixture(2)
     params = m.init_params(jax.random.key(0))

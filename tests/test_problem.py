@@ -276,3 +276,46 @@ def test_softmax_gated_truth_shares_p_x_and_draws_k_from_its_gate():
         from conceptshift.models import permute_target_concepts
 
         permute_target_concepts(prob, [1, 2, 0])
+
+
+@once  # densities against scipy, a simulation check
+def test_heavy_tailed_truth_is_students_t_and_the_fits_stay_gaussian():
+    """noise_df = nu: every head of the truth is Student's t (log-densities against scipy, through
+    both code paths), the simulated residuals have its tails, and the estimators fit the Gaussian
+    family (EM refuses the t truth with a message); 0 is the Gaussian default."""
+    from scipy import stats
+
+    from conceptshift.inference import fit_em
+    from conceptshift.models import RegressionMixture
+
+    prob = make_problem(jax.random.key(0), n_components=3, noise_df=3.0)
+    m2 = prob.model
+    assert type(prob.fit_model) is RegressionMixture and prob.fit_model.n_heads == 1
+    assert type(make_problem(jax.random.key(0)).model) is RegressionMixture
+    x = jnp.linspace(-2.0, 2.0, 7)[:, None]
+    y = jnp.stack([jnp.linspace(-6.0, 6.0, 7), jnp.linspace(5.0, -5.0, 7)], 1)
+    p = prob.params_q
+    mean = np.asarray(m2.expert_mean(p, x), np.float64)  # (N, K, H)
+    scale = np.exp(np.asarray(p.log_scale, np.float64))
+    want = np.log(np.asarray(p.weights, np.float64))[None] + np.sum(
+        stats.t.logpdf(np.asarray(y, np.float64)[:, None, :], 3.0, mean, scale), -1)
+    np.testing.assert_allclose(m2.component_log_probs(p, x, y), want, rtol=rtol(1e-5, 1e-12))
+    strong = m2.with_heads(1)
+    np.testing.assert_allclose(strong.conditional_log_prob(m2.select_heads(p, (0,)), x, y[:, 0]),
+                               prob.true_log_prob(x, y[:, 0]), rtol=rtol(1e-5, 1e-12))
+    want0 = np.log(np.sum(np.asarray(p.weights)[None] * stats.t.pdf(
+        np.asarray(y[:, :1], np.float64), 3.0, mean[..., 0], scale[None, :, 0]), -1))
+    np.testing.assert_allclose(prob.true_log_prob(x, y[:, 0]), want0, rtol=rtol(1e-5, 1e-12))
+    sim = simulate(jax.random.key(1), prob, 20000, 10, 10)
+    params = m2.select_heads(prob.params_p, (0,))
+    mu = jnp.take_along_axis(strong.expert_mean(params, sim.source.x)[..., 0],
+                             sim.source.k[:, None], 1)[:, 0]
+    z = np.asarray((sim.source.y - mu) / jnp.exp(params.log_scale[sim.source.k, 0]), np.float64)
+    assert stats.kstest(z, stats.t(3.0).cdf).pvalue > 1e-3
+    assert stats.kstest(z, stats.norm.cdf).pvalue < 1e-6
+    with pytest.raises(NotImplementedError, match="fit_model"):
+        fit_em(strong, jax.random.key(2), sim.source.x[:50], sim.source.y[:50])
+    for bad, match in ((dict(noise_df=1.0), "exceed 1"), (dict(noise_df=-1.0), "noise_df"),
+                       (dict(noise_df=4.0, family="gated"), "regression")):
+        with pytest.raises(ValueError, match=match):
+            make_problem(jax.random.key(0), **bad)

@@ -43,6 +43,7 @@ PROBLEM_KNOBS = {
     "strong_drift": 0.0,
     "pi_p": [],
     "pi_q": [],
+    "noise_df": 0.0,
 }
 EM_KNOBS = {"restarts": 8, "max_iter": 200, "tol": 1e-6}
 
@@ -53,6 +54,7 @@ LABELS = {
     "weak_training_ll": "weak training (likelihood)",
     "refinement": "label refinement",
     "refinement_icl": "in-context refinement",
+    "refinement_icl_concept": "in-context refinement, demos from the query's concept",
     "identification": "identification (Alg. 1)",
     "identification_noweak": "identification, no weak source labels",
     "oracle": "oracle (gold target labels)",
@@ -98,7 +100,9 @@ class Design:
     ``n_draws``: demonstration sets per query of in-context refinement; ``m_grid``: in-context
     refinement also at these numbers of demonstrations M, scored as ``icl_M{M}`` (nested
     demonstration sets), with
-    ``strong_demo_head`` also through the strong head (metrics suffixed ``_strong_demo_head``);
+    ``strong_demo_head`` also through the strong head (metrics suffixed ``_strong_demo_head``) and
+    with ``concept_demos`` also with the demonstrations drawn from the query's own concept (Prop.
+    3.2's reading, the concepts those of the weak target fit; metrics suffixed ``_concept``);
     ``source_fit_errors``: the two-head source fit's parameter errors against P as ``source_fit``;
     ``fit_info``: the source and target fits' BIC as ``fit``; ``weak_labeller``: the true weak
     labeller of Q, q(y' | x) taken as a predictor of y, scored as ``weak_labeller`` (the weak
@@ -120,6 +124,7 @@ class Design:
     m_grid: tuple[int, ...] = ()
     n_draws: int = 8
     strong_demo_head: bool = False
+    concept_demos: bool = False
     source_fit_errors: bool = False
     fit_info: bool = False
     weak_labeller: bool = False
@@ -158,7 +163,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     """Every estimator of ``design`` and its metrics on one simulated data set with n source and n
     target rows, for every family (``problem``: a :class:`~conceptshift.models.Problem` or
     :class:`~conceptshift.models.hmm_problem.HMMProblem`, through ``simulate_data``,
-    ``strong_model``, ``truth_labels`` and ``param_errors``).
+    ``strong_model``, ``fit_model``, ``truth_labels`` and ``param_errors``).
 
     The sample is drawn at size ``n_max`` and rows past ``n`` get weight 0, so every n (and every
     problem of the same shapes: its parameters are traced) shares one compiled program.
@@ -169,11 +174,11 @@ def replicate(key, n, problem, *, design: Design) -> dict:
     m1 = problem.strong_model
     dtype = problem.params_p.log_weights.dtype
     w = (jnp.arange(design.n_max) < n).astype(dtype)
-    wt = (jnp.arange(n_target_max) < n * design.target_scale).astype(dtype)
+    wt = (jnp.arange(n_target_max, dtype=dtype) < jnp.asarray(n, dtype) * design.target_scale).astype(dtype)
     s, t = as_data(sim.source, w), as_data(sim.target, wt)
     src, tgt, gold = s, Data(t.x, None, t.y_weak, wt), Data(t.x, t.y, None, wt)
     test = as_data(sim.test)
-    model = m1
+    model = problem.fit_model  # the truth's family, Gaussian where the truth's noise is not
     if design.n_components is not None:
         model = dataclasses.replace(model, n_components=design.n_components)
     if design.degree is not None:
@@ -228,6 +233,12 @@ def replicate(key, n, problem, *, design: Design) -> dict:
             if design.strong_demo_head:
                 out[f"icl_M{M}"].update({f"{k}_strong_demo_head": v
                                          for k, v in score(icl(0), truth, test).items()})
+            if design.concept_demos:
+                own = refined_icl(kicl, m2, s2, tgt.x, tgt.y_weak, wt, n_demos=M,
+                                  n_draws=design.n_draws, m_pool=max(design.m_grid),
+                                  demos="concept", target_params=target_fit.params)
+                out[f"icl_M{M}"].update({f"{k}_concept": v
+                                         for k, v in score(own, truth, test).items()})
     if design.source_fit_errors and comparable:
         out["source_fit"] = problem.param_errors(est.fits["source"].params, "p")
     if design.fit_info:

@@ -5,7 +5,8 @@ For each n (source = weak target sample size) and replicate the source mixture i
 head; in-context refinement re-weights the source's concepts by M weak demonstrations (x_j, y'_j) drawn
 from D_Q' (eq. 3.2) and predicts q_re(y|x) = sum_k p̂(y|x,k) q̂(k|x, V). The demonstrations' labels are
 scored with the source fit's weak head (``kl``) and, as eq. 3.2 displays it, with the strong emission
-(``kl_strong_demo_head``). Errors are the exact expected
+(``kl_strong_demo_head``); and with the demonstrations drawn from the query's own concept (Prop.
+3.2's q(v | x, k'), the concepts those of the weak target fit: ``kl_concept``). Errors are the exact expected
 next-token KL E_x KL(q(.|x) || q̂(.|x)) on gold test queries. ``target_concept = k*`` gives Example
 3.3's q(k) = 1{k = k*}; -1 (default) keeps the mixture pi^q.
 """
@@ -57,7 +58,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     grid, sweep, per_n = sweep_over_n(
         cfg, out_dir, NAME, problem, progress=progress, estimators=HMM_BASELINES,
         noweak_match="components", m_grid=tuple(int(m) for m in cfg["m_grid"]),
-        strong_demo_head=True, source_fit_errors=True)
+        strong_demo_head=True, concept_demos=True, source_fit_errors=True)
     names = [k for k in per_n[0] if k != "source_fit" and not k.startswith("icl_M")]
     estimators = {}
     for name in names:
@@ -93,7 +94,7 @@ LABELS = {"identification": "Algorithm 1 (weak heads)",
 
 def plot(results: dict, path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
     est = results["estimators"]
     for name, e in est.items():
         n = np.asarray(e["n"], float)
@@ -102,7 +103,8 @@ def plot(results: dict, path) -> None:
         axes[0].fill_between(n, mean - 2 * se, mean + 2 * se, color=line.get_color(), alpha=0.15, lw=0)
     axes[0].set(xscale="log", yscale="log", xlabel="n (source = weak target records)",
                 ylabel=r"$E_x\,KL(q(\cdot|x)\,\|\,\hat q(\cdot|x))$", title="error against n")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                   frameon=False)
     for n, e in results["icl"].items():
         M = np.asarray(e["M"], float)
         line, = axes[1].plot(np.maximum(M, 0.5), e["kl"]["mean"], "o-", ms=3,
@@ -110,13 +112,17 @@ def plot(results: dict, path) -> None:
         if "kl_strong_demo_head" in e and n == max(results["icl"], key=int):
             axes[1].plot(np.maximum(M, 0.5), e["kl_strong_demo_head"]["mean"], "s--", ms=3,
                          color=line.get_color(), label=f"demos scored by tau (eq. 3.2), n = {n}")
+        if "kl_concept" in e:
+            axes[1].plot(np.maximum(M, 0.5), e["kl_concept"]["mean"], "^-.", ms=3,
+                         color=line.get_color(), label=f"demos from the query's concept, n = {n}")
     last = str(max(int(n) for n in results["icl"]))
     for name, style in (("identification", "--"), ("oracle", ":")):
         axes[1].axhline(est[name]["kl"]["mean"][-1], ls=style, color="k", lw=1,
                         label=f"{LABELS[name]}, n = {last}")
     axes[1].set(xscale="log", yscale="log", xlabel="M demonstrations (0 plotted at 0.5)",
                 ylabel="next-token KL", title="in-context refinement against M")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                   frameon=False)
     fig.suptitle("Mixture of HMMs: in-context refinement vs Algorithm 1 (mean ± 2 s.e.)")
     savefig(fig, path)
     plt.close(fig)
@@ -141,6 +147,10 @@ def table(results: dict):
         if "kl_strong_demo_head" in e:
             for M, v in zip(e["M"], e["kl_strong_demo_head"]["mean"], strict=True):
                 t.add_row(f"ICL, demos scored by tau, M={M}", *([""] * (len(grid) - 1)), f"{v:.4f}")
+        if "kl_concept" in e:
+            for M, v in zip(e["M"], e["kl_concept"]["mean"], strict=True):
+                t.add_row(f"ICL, demos from the query's concept, M={M}", *([""] * (len(grid) - 1)),
+                          f"{v:.4f}")
     return t
 
 
@@ -156,5 +166,10 @@ def reading(results: dict) -> str:
         f"through the weak heads) goes from {ident[0]:.4f} to {ident[-1]:.4f} as n grows, the oracle "
         f"from {est['oracle']['kl']['mean'][0]:.4f} to {est['oracle']['kl']['mean'][-1]:.4f}. In-context "
         f"refinement at n = {last}: {kl[0]:.4f} with M = 0 (the source fit), best {kl[best]:.4f} at "
-        f"M = {icl['M'][best]}, {kl[-1]:.4f} at M = {icl['M'][-1]}."
+        f"M = {icl['M'][best]}, {kl[-1]:.4f} at M = {icl['M'][-1]} (demonstrations from all of Q', "
+        "eq. 3.1)."
+        + (f" With the demonstrations from the query's own concept (Prop. 3.2's reading, concepts of "
+           f"the weak target fit): {icl['kl_concept']['mean'][0]:.4f} at M = 0, "
+           f"{icl['kl_concept']['mean'][-1]:.4f} at M = {icl['M'][-1]}."
+           if "kl_concept" in icl else "")
     )

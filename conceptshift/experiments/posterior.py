@@ -64,7 +64,7 @@ def _data(cfg):
 def _em(cfg, problem, sim):
     from ..inference import fit_em
 
-    m1 = problem.strong_model
+    m1 = problem.fit_model
     m2 = m1.with_heads(2)
     key = jax.random.fold_in(jax.random.key(cfg["seed"]), 2)
     ks, kt = jax.random.split(key)

@@ -39,6 +39,7 @@ KNOB_BOUNDS = {
     "n_classes": (2, None), "anchor_mass": (0, 1), "hdi_prob": (0, 1), "lam_grid": (0, None),
     "weak_swap": (0, None), "swap_grid": (0, None), "pi_p": (0, 1), "pi_q": (0, 1),
     "target_scale": (0, None), "strong_drift": (0, None), "fit_degree": (0, 10),
+    "noise_df": (0, None),
 }
 
 

@@ -62,7 +62,7 @@ def _replicate(key, lam, problem, *, n, n_test, opts):
     w = jnp.ones((n,), sim.source.x.dtype)
     src = Data(sim.source.x, sim.source.y, sim.source.y_weak, w)
     tgt = Data(sim.target.x, None, sim.target.y_weak, w)
-    m1 = problem.strong_model
+    m1 = problem.fit_model
     x = sim.test.x
     return {
         "weak_training_sq": reg_error(weak_training_sq(m1, src, tgt, lam), problem, x),

@@ -9,14 +9,16 @@ weak_training_sq  least squares on sum_Q' (f - y')^2 + lam sum_P (f - y)^2      
 weak_training_ll  the mixture by EM on Q' (weight 1) and P (weight lam) pooled      Prop. 3.1
 refinement        q_re = sum_k p(y | x, k) E_y' p(k | x, y'), scored exactly        Ex. 3.4, Prop. 3.2
 refinement_icl    the same with p(k | x, V), V = M weak demonstrations from Q'      Ex. 3.3, (3.1)
+refinement_icl_concept  the same, V from the query's own concept (the weak target fit's)  Prop. 3.2
 identification    MLE on P and on Q', optimal matching of weak heads, pi^q to P     Algorithm 1
 oracle            the mixture on gold target labels                                 reference
 proportions_em    pi^q by EM with the source's components and weak heads fixed      label shift
 bbse              pi^q by inverting the source posterior's confusion matrix         label shift
 proportions_x     pi^q by EM on the target's x alone, the source's gates fixed      diagnostic
 
-The last three (:mod:`.label_shift`: EMQ, Saerens et al. 2002; BBSE, Lipton et al. 2018; the x-only
-estimate) are baselines that run only when asked for by name (``estimate_all(names=...)``): the
+``refinement_icl_concept`` and the last three run only when asked for by name
+(``estimate_all(names=...)``). The last three (:mod:`.label_shift`: EMQ, Saerens et al. 2002; BBSE,
+Lipton et al. 2018; the x-only estimate) are baselines: the
 first two consistent when the weak heads do not shift between domains, biased when they do; the
 third reads no label at all and is consistent exactly when x alone identifies pi^q (Gaussian
 gates, where each domain draws x from its own gate mixture; not a softmax gate over a shared p(x)).
@@ -199,14 +201,21 @@ def refinement(key, model, source: Data, target: Data, opts: EMOptions = EMOptio
 
 
 def refinement_icl(key, model, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
-                   n_demos: int = 8, n_draws: int = 8, demo_head: int = 1) -> RefinedPredictor:
-    """In-context refinement (Example 3.3, eq. 3.1) scored exactly: q̂(k | x) = E_V p̂(k | x, V) with
-    V = ``n_demos`` weak pairs drawn from D_Q' (:mod:`.refinement`), from the two-head source fit."""
-    ks, kd = jax.random.split(key)
+                   n_demos: int = 8, n_draws: int = 8, demo_head: int = 1,
+                   demos: str = "pool") -> RefinedPredictor:
+    """In-context refinement (Example 3.3) scored exactly: q̂(k | x) = E_V p̂(k | x, V) with V =
+    ``n_demos`` weak pairs drawn from D_Q' (``demos="pool"``, eq. 3.1) or from the query's own
+    concept (``demos="concept"``, Prop. 3.2; the concepts are those of the weak target fit, fitted
+    here), from the two-head source fit (:mod:`.refinement`)."""
+    ks, kd, kt = jax.random.split(key, 3)
     y = jnp.stack([source.y, source.y_weak], axis=1)
     s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
+    t1 = None
+    if demos == "concept":
+        t1 = fit_em_with(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts).params
     return refined_icl(kd, model.with_heads(2), s2, target.x, target.y_weak, target.w,
-                       n_demos=n_demos, n_draws=n_draws, demo_head=demo_head)
+                       n_demos=n_demos, n_draws=n_draws, demo_head=demo_head, demos=demos,
+                       target_params=t1)
 
 
 # ---------------------------------------------------------------------------------- Algorithm 1
@@ -290,6 +299,7 @@ _NEEDS_FIT = {  # which shared fits each estimator reads
     "weak_training_ll": (),
     "refinement": ("source", "target"),
     "refinement_icl": ("source",),
+    "refinement_icl_concept": ("source", "target"),
     "identification": ("source", "target"),
     "identification_noweak": ("source_strong", "target"),
     "oracle": ("oracle",),
@@ -297,7 +307,8 @@ _NEEDS_FIT = {  # which shared fits each estimator reads
     "bbse": ("source",),
     "proportions_x": ("source",),
 }
-LABEL_SHIFT = ("proportions_em", "bbse", "proportions_x")  # run only when named
+# run only when named: not in ESTIMATORS, the default set
+ON_REQUEST = ("refinement_icl_concept", "proportions_em", "bbse", "proportions_x")
 
 
 def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
@@ -363,6 +374,10 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
         elif name == "refinement_icl":
             preds[name] = refined_icl(keys[4], m2, fits["source"].params, target.x, target.y_weak,
                                       target.w, n_demos=n_demos, n_draws=n_draws)
+        elif name == "refinement_icl_concept":
+            preds[name] = refined_icl(keys[4], m2, fits["source"].params, target.x, target.y_weak,
+                                      target.w, n_demos=n_demos, n_draws=n_draws, demos="concept",
+                                      target_params=fits["target"].params)
         elif name == "proportions_em":
             preds[name] = proportions_em(m2, fits["source"].params, target.x, target.y_weak,
                                          target.w)

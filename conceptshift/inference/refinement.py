@@ -17,6 +17,9 @@ labels, which cannot represent it and would score a projection of q_re):
 - ``refinement_icl`` (in context, Example 3.3 and eq. 3.1): q̂(k | x) = E_V p̂(k | x, V), V = M weak
   pairs (x_j, y'_j) drawn from D_Q', p̂(k | x, V) proportional to p̂(k | x) prod_j p̂(x_j, y'_j | k)
   (demonstrations independent given k, as in Example 3.3); E_V is averaged over ``n_draws`` sets.
+- ``refinement_icl_concept`` (Prop. 3.2's q(v | x, k')): the same with the demonstrations drawn from
+  the query's own concept k', q̂(k | x) = sum_k' q̂'(k' | x) E_{V ~ k'} p̂(k | x, V), the concepts
+  k' those of the weak target fit.
 
 Both use the protocol alone (``log_posterior_k``, ``component_log_probs``, ``select_heads``,
 ``with_heads`` and the predictor's forwarding), in log space throughout: the weights q̂(k | x) enter
@@ -190,6 +193,59 @@ class DemoWeights:
         return logsumexp(post, axis=1) - jnp.log(jnp.asarray(self.n_draws, post.dtype))
 
 
+@jax.tree_util.register_pytree_node_class
+class ConceptDemoWeights:
+    """Prop. 3.2's reading of in-context refinement: the demonstrations come from the query's own
+    concept. q̂(k | x) = sum_k' q̂'(k' | x) E_{V ~ Q'(. | k')} p̂(k | x, V), with the concepts k' those of
+    the weak target fit ``weak_target`` (one-head family ``weak_model``): the query's concept
+    weights are its posterior q̂'(k' | x), and the demonstrations of concept k' are drawn from the
+    pool with weights w_j q̂'(k' | x_j, y'_j) (``pool_concepts``, (N_pool, K'), log). As M grows,
+    p̂(k | x, V) concentrates on the source concept whose (x, y') law is closest to concept k', so
+    q̂(k | x) tends to the target's concept weights carried to the source components by a
+    likelihood matching (where the pool reading, eq. 3.1, concentrates on one concept for all of
+    Q'). Draws as :class:`DemoWeights` (nested in M, per row), with one key per concept k'."""
+
+    def __init__(self, demo, pool_w, pool_concepts, weak_model, weak_target, key, n_demos: int,
+                 n_draws: int = 8, m_pool: int | None = None):
+        self.demo, self.pool_w, self.pool_concepts = demo, pool_w, pool_concepts
+        self.weak_model, self.weak_target, self.key = weak_model, weak_target, key
+        self.n_demos, self.n_draws = int(n_demos), int(n_draws)
+        self.m_pool = max(int(m_pool if m_pool is not None else n_demos), self.n_demos)
+
+    def tree_flatten(self):
+        return ((self.demo, self.pool_w, self.pool_concepts, self.weak_target, self.key),
+                (self.weak_model, self.n_demos, self.n_draws, self.m_pool))
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        demo, pool_w, pool_concepts, weak_target, key = children
+        weak_model, n_demos, n_draws, m_pool = aux
+        return cls(demo, pool_w, pool_concepts, weak_model, weak_target, key, n_demos, n_draws,
+                   m_pool)
+
+    def log_q_k(self, model, params, x, **data) -> Array:
+        lp = model.log_posterior_k(params, x, **data)  # log p̂(k | x), (N, K)
+        if self.n_demos == 0:
+            return lp
+        n = lp.shape[0]
+        lq = self.weak_model.log_posterior_k(self.weak_target, x, **data)  # log q̂'(k' | x), (N, K')
+        pool = jnp.log(self.pool_w)[:, None] + self.pool_concepts  # (N_pool, K')
+        probs = jax.nn.softmax(pool, axis=0)  # padding rows (w = 0) get probability 0
+
+        def per_concept(p, key):  # log E_{V ~ concept} p̂(k | x, V), (N, K)
+            idx = jax.random.choice(key, p.shape[0], (n, self.n_draws, self.m_pool), p=p)
+            logits = lp[:, None, :] + jnp.sum(self.demo[idx[:, :, : self.n_demos]], axis=2)
+            post = jax.nn.log_softmax(logits, axis=-1)
+            return logsumexp(post, axis=1) - jnp.log(jnp.asarray(self.n_draws, post.dtype))
+
+        keys = jax.random.split(self.key, probs.shape[1])
+        per = jax.vmap(per_concept, in_axes=(1, 0))(probs, keys)  # (K', N, K)
+        return logsumexp(lq.T[:, :, None] + per, axis=0)
+
+
+DEMOS = ("pool", "concept")
+
+
 def _source_heads(model, source_params, head: int):
     m1 = model.with_heads(1)
     return m1, model.select_heads(source_params, (0,)), model.select_heads(source_params, (head,))
@@ -204,14 +260,32 @@ def refined(key, model, source_params, target_params, *, n_draws: int = 128) -> 
 
 
 def refined_icl(key, model, source_params, target_x, target_y_weak, target_w, *, n_demos: int,
-                n_draws: int = 8, demo_head: int = 1, m_pool: int | None = None) -> RefinedPredictor:
+                n_draws: int = 8, demo_head: int = 1, m_pool: int | None = None,
+                demos: str = "pool", target_params=None) -> RefinedPredictor:
     """In-context refinement's q_re (Example 3.3) from a two-head source fit and the pool of weak
     demonstrations (x_j, y'_j) with weights. ``demo_head``: the source head that scores the
     demonstrations' labels, 1 (the weak head p̂(y' | x, k), default) or 0 (the strong head, as eq.
-    3.2 displays it for HMMs: the strong model reads the weak labels as its own)."""
+    3.2 displays it for HMMs: the strong model reads the weak labels as its own).
+
+    ``demos``: where the demonstrations come from, ``"pool"`` (all of Q', eq. 3.1:
+    :class:`DemoWeights`) or ``"concept"`` (the query's own concept, Prop. 3.2's q(v | x, k'):
+    :class:`ConceptDemoWeights`, whose concepts are those of ``target_params``, the one-head fit of
+    (x, y') on Q', required then)."""
     if demo_head not in (0, 1):
         raise ValueError(f"demo_head must be 0 (strong) or 1 (weak), got {demo_head!r}")
+    if demos not in DEMOS:
+        raise ValueError(f"demos must be one of {DEMOS}, got {demos!r}")
+    if demos == "concept" and target_params is None:
+        raise ValueError("demos='concept' needs target_params, the weak target fit whose "
+                         "components are the concepts k'")
     m1, strong, scorer = _source_heads(model, source_params, demo_head)
-    demo = m1.component_log_probs(scorer, target_x, y=target_y_weak[:, None]) \
+    y_demo = target_y_weak[:, None]
+    demo = m1.component_log_probs(scorer, target_x, y=y_demo) \
         - scorer.log_weights[None, :]  # log p̂(x_j, y'_j | k)
-    return RefinedPredictor(m1, strong, DemoWeights(demo, target_w, key, n_demos, n_draws, m_pool))
+    if demos == "pool":
+        weights = DemoWeights(demo, target_w, key, n_demos, n_draws, m_pool)
+    else:
+        concepts = jax.nn.log_softmax(m1.component_log_probs(target_params, target_x, y=y_demo), -1)
+        weights = ConceptDemoWeights(demo, target_w, concepts, m1, target_params, key, n_demos,
+                                     n_draws, m_pool)
+    return RefinedPredictor(m1, strong, weights)

@@ -107,7 +107,7 @@ class HMMProblem:
     A pytree whose leaves are the parameters (and the anchor flags): a compiled function takes
     problems as arguments, and problems of the same shapes share it (the knobs that only shape the
     parameters, such as ``anchors`` or ``shift``, are left out of the static part). It offers the
-    truth's side of the experiments' protocol: ``model``, ``strong_model``, ``simulate_data``,
+    truth's side of the experiments' protocol: ``model``, ``strong_model``, ``fit_model``, ``simulate_data``,
     ``param_errors`` and ``truth_labels``. Inside a compiled function the problem's ``spec`` holds
     its shapes only (the other knobs read 0 or their default): read knobs outside."""
 
@@ -124,6 +124,11 @@ class HMMProblem:
     @property
     def strong_model(self) -> HMMMixture:
         return self.model.with_heads(1)
+
+    @property
+    def fit_model(self) -> HMMMixture:
+        """The family the estimators fit: the truth's own."""
+        return self.strong_model
 
     def true_log_probs(self, x, lengths=None, head: int = 0) -> Array:
         """log q(y = v | x) under the target domain, (N, V) (head 1: q(y' | x))."""

@@ -52,7 +52,7 @@ from ._experts import ExpertsFamily
 from .assignment import assign
 from .gated import GatedExperts, GatedParams
 from .glm import CategoricalMixture, GLMParams, LogisticMixture, PoissonRegressionMixture
-from .regression import RegressionMixture, RegressionParams
+from .regression import RegressionMixture, RegressionParams, StudentRegressionMixture
 from .softmax_gated import SoftmaxGatedExperts, SoftmaxGatedParams
 
 FAMILIES = ("regression", "gated", "softmax", "logistic", "categorical", "poisson")
@@ -78,12 +78,12 @@ class ProblemSpec:
       n_features: D.
       degree: polynomial degree of the experts' feature map.
       separation: smallest distance between two components' strong coefficient vectors.
-      noise: standard deviation of the strong heads.
+      noise: standard deviation of the strong heads (the t scale with ``noise_df``).
       shift: size of the proportion shift; pi^p = softmax(+shift/2 c), pi^q = softmax(-shift/2 c)
         with c evenly spaced in [-1, 1].
       weak_bias: distance between theta_k and the weak source head theta^{wp}_k.
       weak_shift: distance between theta^{wp}_k and theta^{wq}_k (Assumption 4.5 (ii): c > this^2).
-      weak_noise: standard deviation of the weak heads.
+      weak_noise: standard deviation of the weak heads (the t scale with ``noise_df``).
       delta: if given, ``weak_shift`` is chosen so that the distinguishability of Assumption 4.5 equals
         this value (see :meth:`Problem.distinguishability`).
       gate_separation: distance between gate means (gated family), in units of x_scale.
@@ -109,6 +109,11 @@ class ProblemSpec:
       strong_drift: the target's strong heads move from the source's, theta^q_k = theta_k +
         strong_drift w_k with w_k unit vectors (the components are then not shared: Assumption 2.1
         fails by that much).
+      noise_df: 0 (default) for Gaussian noise; nu > 1 for Student's t noise with nu degrees of
+        freedom in every head of both domains (family ``"regression"``; :meth:`model` is then a
+        :class:`~conceptshift.models.regression.StudentRegressionMixture`, while the estimators
+        fit :meth:`fit_model`, the Gaussian family: a heavy-tailed truth under a misspecified
+        noise law).
     """
 
     family: str = "regression"
@@ -134,6 +139,7 @@ class ProblemSpec:
     strong_drift: float = 0.0
     pi_p: tuple[float, ...] | None = None
     pi_q: tuple[float, ...] | None = None
+    noise_df: float = 0.0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -182,6 +188,14 @@ class ProblemSpec:
             if lo < 0 or hi > 1:
                 raise ValueError(f"flip +- flip_spread / 2 must lie in [0, 1] (flip rates), got "
                                  f"flip={self.flip}, flip_spread={self.flip_spread}")
+        check_float("noise_df", self.noise_df, nonnegative=True)
+        if self.noise_df:
+            if self.family != "regression":
+                raise ValueError(f"noise_df (heavy-tailed noise) applies to family 'regression', "
+                                 f"got family {self.family!r}")
+            if not self.noise_df > 1:
+                raise ValueError(f"noise_df must be 0 (Gaussian noise) or exceed 1 (Student's t "
+                                 f"with a mean), got {self.noise_df}")
         if self.family in GLM_FAMILIES and self.degree != 1:
             raise ValueError(f"degree must be 1 for family {self.family!r} (generalized linear "
                              f"experts are linear in x), got {self.degree}")
@@ -191,6 +205,16 @@ class ProblemSpec:
             extra = {"n_classes": self.n_classes} if self.family == "categorical" else {}
             return GLM_FAMILIES[self.family](self.n_components, self.n_features, n_heads=n_heads,
                                              **extra)
+        if self.noise_df:
+            return StudentRegressionMixture(self.n_components, self.n_features, n_heads=n_heads,
+                                            degree=self.degree, noise_df=self.noise_df)
+        return self.fit_model(n_heads)
+
+    def fit_model(self, n_heads: int = 1):
+        """The family the estimators fit to the problem's data: :meth:`model`'s, with Gaussian
+        noise where the truth's is heavy-tailed (``noise_df``)."""
+        if self.family in GLM_FAMILIES:
+            return self.model(n_heads)
         cls = {"regression": RegressionMixture, "gated": GatedExperts,
                "softmax": SoftmaxGatedExperts}[self.family]
         return cls(self.n_components, self.n_features, n_heads=n_heads, degree=self.degree)
@@ -218,6 +242,12 @@ class Problem:
     @property
     def strong_model(self) -> ExpertsFamily:
         return self.spec.model(1)
+
+    @property
+    def fit_model(self) -> ExpertsFamily:
+        """The one-head family the estimators fit (the truth's, or its Gaussian-noise counterpart
+        for a heavy-tailed truth, ``noise_df``)."""
+        return self.spec.fit_model(1)
 
     @property
     def label_noise(self) -> bool:

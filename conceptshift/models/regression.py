@@ -7,8 +7,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jax import Array
+from jax.scipy.special import gammaln
 
+from .. import _precision as _p
+from .._validation import check_float
 from ._experts import DataStats, ExpertsFamily
 
 
@@ -76,3 +80,46 @@ class RegressionMixture(ExpertsFamily):
 
     def _params_from_sites(self, log_weights, coef, log_scale, gate_sites):
         return RegressionParams(log_weights, coef, log_scale)
+
+
+@dataclass(frozen=True)
+class StudentRegressionMixture(RegressionMixture):
+    """A simulation truth with heavy-tailed noise: p(y | x) = sum_k pi_k t_nu(y; Phi(x) . beta_k,
+    sigma_k), Student's t with ``noise_df`` = nu degrees of freedom and scale sigma_k =
+    exp(log_scale) (its standard deviation is sigma_k sqrt(nu / (nu - 2)) for nu > 2; the mean
+    exists for nu > 1, which the problems require).
+
+    It evaluates and samples every head with t noise (``component_log_probs``, ``distribution``,
+    ``conditional_log_prob``, ``sample_conditional``) and shares the parameters of
+    :class:`RegressionMixture`, which is what the estimators fit to its data (Gaussian noise: a
+    misspecified noise law). It has no M-step of its own: EM refuses it (``m_step_from_stats``).
+    """
+
+    noise_df: float = 5.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_float("noise_df", self.noise_df, positive=True)
+        if not self.noise_df > 1:
+            raise ValueError(f"noise_df must exceed 1 (a t law with a mean), got {self.noise_df}")
+
+    def head_distribution(self, params, x: Array) -> dist.Distribution:
+        mean = self.expert_mean(params, x)
+        scale = jnp.broadcast_to(jnp.exp(params.log_scale), mean.shape)
+        return dist.StudentT(jnp.asarray(self.noise_df, mean.dtype), mean, scale).to_event(1)
+
+    def _head_log_probs_t(self, params, phiT: Array, yT: Array):
+        K, H, P = params.coef.shape
+        mu = _p.mm(params.coef.reshape(K * H, P), phiT).reshape(K, H, -1)
+        e = yT[None, :, :] - mu
+        nu = jnp.asarray(self.noise_df, e.dtype)
+        z2 = (e * jnp.exp(-params.log_scale)[:, :, None]) ** 2
+        const = gammaln((nu + 1) / 2) - gammaln(nu / 2) - 0.5 * jnp.log(nu * jnp.pi)
+        lp = jnp.sum(const - params.log_scale[:, :, None] - 0.5 * (nu + 1) * jnp.log1p(z2 / nu),
+                     axis=1)
+        return lp, e
+
+    def m_step_from_stats(self, ss, stats: DataStats):
+        raise NotImplementedError(
+            "StudentRegressionMixture is a simulation truth (heavy-tailed noise) without an EM of "
+            "its own: fit its data with RegressionMixture (Problem.fit_model)")
