@@ -30,6 +30,7 @@ from .files import (
     parse_integer,
     parse_number,
     read_csv_columns,
+    write_atomic,
     write_json_atomic,
 )
 
@@ -65,6 +66,13 @@ def fit_families() -> list[str]:
     from .models.registry import family_names
 
     return [n for n in family_names() if _fields(n) & {"n_features", "n_tokens"}]
+
+
+def identify_families() -> list[str]:
+    """The registered families `identify` reads tables for: covariates, and no column beyond x and
+    the labels (a trials column, token sequences)."""
+    return [n for n in fit_families() if "n_features" in _fields(n)
+            and not _fields(n) & {"trials_column", "n_tokens"}]
 
 
 def _flag_families(field: str) -> list[str]:
@@ -134,6 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "counts the successes out of them; default 1 trial per row)")
     f.add_argument("--states", type=_int, help="hidden states S (--family hmm)")
     f.add_argument("--tokens", type=_int, help="vocabulary size V (--family hmm; default: max + 1)")
+
+    i = sub.add_parser("identify", help="Algorithm 1 on your own files: q(y|x) of a weakly labelled "
+                                        "target from a labelled source")
+    i.add_argument("--source", type=Path, required=True,
+                   help="CSV of the source domain: columns --y, --x and (optionally) --y-weak")
+    i.add_argument("--target", type=Path, required=True,
+                   help="CSV of the target domain: columns --y-weak and --x")
+    i.add_argument("--y", required=True, help="the strong label's column (source)")
+    i.add_argument("--y-weak", required=True,
+                   help="the weak label's column (target; in the source too, unless it has none: "
+                        "then the source's strong heads are matched)")
+    i.add_argument("--x", nargs="*", help="covariate column(s), in every file; none: intercept only")
+    i.add_argument("--components", "-k", type=_int, required=True, help="K, latent concepts")
+    i.add_argument("--family", choices=identify_families(), default="regression",
+                   help="regression (Gaussian experts), logistic (0/1), categorical (classes), "
+                        "poisson (counts), gated / softmax (experts with a gate on x)")
+    i.add_argument("--degree", type=_int, help="polynomial degree in x (families that have one; "
+                                               "default 1)")
+    i.add_argument("--restarts", type=_int, default=10)
+    i.add_argument("--max-iter", type=_int, default=1000)
+    i.add_argument("--tol", type=_float, default=1e-10, help="relative tolerance on the objective")
+    i.add_argument("--seed", type=_int, default=0, help=f"0..{MAX_SEED}")
+    i.add_argument("--predict", type=Path, metavar="NEW.csv",
+                   help="CSV with the --x columns: print the mean of q(y|x) for each row")
+    i.add_argument("--bootstrap", type=_int, metavar="B",
+                   help="B parametric-bootstrap refits of both domains (and the matching): 90%% "
+                        "intervals for --predict and the share of draws that keep the matching")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--out", type=Path, help="folder for identify.json, predictions.csv and, with "
+                                             "one --x column, identify.png (written atomically)")
+    i.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
 
     e = sub.add_parser("experiment", help="run one of the paper's experiments (a resumable sweep)")
     e.add_argument("name", help="experiment name (see `conceptshift experiment list`)")
@@ -343,6 +382,228 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _csv_header(path: Path) -> list[str]:
+    import csv
+
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            return [h.strip() for h in next(csv.reader(fh), [])]
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path.name} is not UTF-8 text ({err.reason}); save it as UTF-8") from None
+
+
+def cmd_identify(args) -> int:
+    for flag, value, lo in (("--components", args.components, 1), ("--restarts", args.restarts, 1),
+                            ("--max-iter", args.max_iter, 1), ("--seed", args.seed, 0)):
+        check_range(flag, value, lo, MAX_SEED if flag == "--seed" else MAX_INT)
+    check_range("--tol", args.tol, 0)
+    if args.bootstrap is not None:
+        check_range("--bootstrap", args.bootstrap, 2, MAX_INT)
+    if args.out is not None:
+        check_out_dir(args.out)
+    fields = _fields(args.family)
+    xs = list(args.x or [])
+    if args.degree is not None:
+        if "degree" not in fields:
+            raise UsageError(f"--degree does not apply to --family {args.family} (its experts are "
+                             f"linear in x)")
+        if not xs:
+            raise UsageError("--degree needs at least one --x column")
+        check_range("--degree", args.degree, 1, MAX_DEGREE)
+    for col in (args.y, args.y_weak):
+        if col in xs:
+            raise UsageError(f"--x {col!r} is also a label column (--y or --y-weak)")
+    if args.y == args.y_weak:
+        raise UsageError(f"--y and --y-weak name the same column {args.y!r}")
+    dup = sorted({c for c in xs if xs.count(c) > 1})
+    if dup:
+        raise UsageError(f"--x names {dup[0]!r} twice")
+    weak_source = args.y_weak in _csv_header(args.source)
+    src = read_csv_columns(args.source, [args.y, *xs] + ([args.y_weak] if weak_source else []))
+    tgt = read_csv_columns(args.target, [args.y_weak, *xs])
+    new = read_csv_columns(args.predict, xs) if args.predict is not None and xs else None
+    if args.predict is not None and not xs:
+        raise UsageError("--predict needs --x columns (without them q(y|x) is one constant)")
+    n_s, n_t = len(src[args.y]), len(tgt[args.y_weak])
+    for name, n in (("--source", n_s), ("--target", n_t)):
+        if args.components > n:
+            raise UsageError(f"--components {args.components} exceeds the {n} rows of {name}")
+    degree = 1 if args.degree is None else args.degree
+    if args.float32:
+        import numpy as np
+
+        limit = float(np.finfo(np.float32).max)
+        for file, cols in ((args.source, src), (args.target, tgt), (args.predict, new or {})):
+            for c, v in cols.items():
+                if float(np.max(np.abs(v))) > limit:
+                    raise UsageError(f"column {c!r} of {file} holds values beyond float32's range; "
+                                     f"rescale the data or drop --float32")
+
+    setup_precision(args.float32)
+    import jax
+    import numpy as np
+
+    from .inference import fit_target
+    from .models import family
+    from .models.registry import family_class
+
+    kw = {"n_features": len(xs)}
+    if "degree" in fields:
+        kw["degree"] = degree if xs else 0
+    derive = getattr(family_class(args.family), "hyperparameters_from", None)
+    if derive is not None:
+        labels = [src[args.y], tgt[args.y_weak]] + ([src[args.y_weak]] if weak_source else [])
+        kw.update(derive(np.concatenate(labels)))
+    try:
+        model = family(args.family, n_components=args.components, **kw)
+    except ValueError as err:
+        if xs:
+            raise
+        raise UsageError(f"--family {args.family} needs at least one --x column ({err})") from None
+
+    def table(cols, n):
+        return np.stack([cols[c] for c in xs], axis=1) if xs else np.zeros((n, 0))
+
+    def fit(model, key, x, y, **kw):
+        return fit_target(model, key, x[0], y[0], x[1], y[1], source_y_weak=y[2], **kw)
+
+    xs_, xt_ = table(src, n_s), table(tgt, n_t)
+    ys = (src[args.y], tgt[args.y_weak], src[args.y_weak] if weak_source else None)
+    from rich.console import Console
+
+    quiet = args.json or not sys.stderr.isatty()
+    with _null() if quiet else Console(stderr=True).status(
+            f"fitting both domains (K={args.components}) by EM, {args.restarts} restarts...",
+            spinner="dots"):
+        result = _fit_reporting_precision(fit, model, jax.random.key(args.seed), (xs_, xt_), ys,
+                                          args.float32, restarts=args.restarts,
+                                          max_iter=args.max_iter, tol=args.tol)
+    summary = result.summary()
+    check_summary_finite({"loglik": [summary["source"]["loglik"], summary["target"]["loglik"]],
+                          "target_weights": summary["target_weights"]},
+                         ("loglik", "target_weights"), args.float32)
+    boot = None
+    if args.bootstrap is not None:
+        with _null() if quiet else Console(stderr=True).status(
+                f"bootstrap: {args.bootstrap} refits of both domains...", spinner="dots"):
+            boot = result.bootstrap(jax.random.fold_in(jax.random.key(args.seed), 1), args.bootstrap)
+        summary["bootstrap"] = {"n_boot": args.bootstrap, "agreement": boot.agreement}
+    predict = None
+    if new is not None:
+        xn = table(new, len(new[xs[0]]))
+        mean = result.predict(xn)
+        predict = {"mean": mean.tolist()}
+        if boot is not None:
+            lower, upper = boot.interval(xn, 0.9)
+            predict.update(lower=lower.tolist(), upper=upper.tolist())
+        summary["predict"] = predict
+    summary.update(family=args.family, components=args.components, source=dict(
+        summary["source"], data=str(args.source), rows=n_s), target=dict(
+        summary["target"], data=str(args.target), rows=n_t), y=args.y, y_weak=args.y_weak, x=xs,
+        degree=degree if "degree" in fields else None, seed=args.seed, restarts=args.restarts)
+    written = []
+    if args.out is not None:
+        write_json_atomic(args.out / "identify.json", summary)
+        written.append(args.out / "identify.json")
+        if predict is not None:
+            write_atomic(args.out / "predictions.csv", _predictions_csv(xs, new, predict))
+            written.append(args.out / "predictions.csv")
+        if len(xs) == 1:
+            _identify_figure(args.out / "identify.png", result, boot, xs[0], args.y_weak,
+                             xt_[:, 0], tgt[args.y_weak], new, xs_[:, 0], src[args.y])
+            written.append(args.out / "identify.png")
+    if args.json:
+        print(dumps_strict(summary))
+        return 0
+    out = wide_console()
+    _print_identify(out, summary, result, boot, xs, new, predict)
+    for path in written:
+        out.print(f"written: {path}")
+    return 0
+
+
+def _predictions_csv(xs, new, predict) -> str:
+    cols = list(xs) + [k for k in ("mean", "lower", "upper") if k in predict]
+    rows = [",".join(cols)]
+    n = len(predict["mean"])
+    for r in range(n):
+        vals = [repr(float(new[c][r])) for c in xs] + [repr(float(predict[k][r]))
+                                                        for k in ("mean", "lower", "upper")
+                                                        if k in predict]
+        rows.append(",".join(vals))
+    return "\n".join(rows) + "\n"
+
+
+def _print_identify(out, summary, result, boot, xs, new, predict) -> None:
+    import numpy as np
+    from rich.table import Table
+
+    t = Table(title="The two EM fits", title_justify="left")
+    for col in ("domain", "file", "rows", "log-likelihood", "converged", "restarts at best"):
+        t.add_column(col, justify="left" if col in ("domain", "file") else "right")
+    for name in ("source", "target"):
+        f = summary[name]
+        t.add_row(name, f["data"], str(f["rows"]), f"{f['loglik']:.4f}", "yes" if f["converged"]
+                  else "NO", f"{f['restarts_at_best']} of {summary['restarts']}")
+    out.print(t)
+    m = Table(title=f"Matching ({'weak heads' if result.match == 'weak' else 'source strong heads'}"
+                    f" against the target's weak heads)", title_justify="left")
+    for col in ("source component k", "target component a(k)", "source pi^p_k", "target pi^q_k"):
+        m.add_column(col, justify="right")
+    wp = np.exp(np.asarray(result.source_fit.params.log_weights, np.float64))
+    for k, a in enumerate(summary["assignment"]):
+        m.add_row(str(k), str(a), f"{wp[k]:.4f}", f"{summary['target_weights'][k]:.4f}")
+    out.print(m)
+    line = (f"matching margin {summary['margin']:.4g} (the second-best matching's cost minus the "
+            f"best's; 0 is a tie)")
+    if boot is not None:
+        line += (f"; the matching held in {boot.agreement:.0%} of {boot.n_boot} bootstrap draws")
+    out.print(line)
+    if predict is None:
+        return
+    p = Table(title="Mean of q(y|x)" + (" with 90% bootstrap intervals" if "lower" in predict
+                                          else ""), title_justify="left")
+    for c in xs:
+        p.add_column(c, justify="right")
+    for k in ("mean", "lower", "upper"):
+        if k in predict:
+            p.add_column(k, justify="right")
+    n = len(predict["mean"])
+    shown = min(n, 20)
+    for r in range(shown):
+        p.add_row(*(f"{new[c][r]:.6g}" for c in xs),
+                  *(f"{predict[k][r]:.6g}" for k in ("mean", "lower", "upper") if k in predict))
+    out.print(p)
+    if shown < n:
+        out.print(f"... {n - shown} more rows: --json or --out (predictions.csv) has them all")
+
+
+def _identify_figure(path, result, boot, x_name, yw_name, xt, ywt, new, xs, ys) -> None:
+    import numpy as np
+
+    from .diagnostics.figures import pyplot, savefig
+
+    plt = pyplot()
+    lo, hi = float(min(xt.min(), xs.min())), float(max(xt.max(), xs.max()))
+    grid = np.linspace(lo, hi, 200)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(xs, ys, s=4, color="0.7", label="source (x, y)", rasterized=True)
+    ax.scatter(xt, ywt, s=4, color="tab:orange", alpha=0.35, label=f"target (x, {yw_name})",
+               rasterized=True)
+    if boot is not None:
+        lower, upper = boot.interval(grid[:, None], 0.9)
+        ax.fill_between(grid, lower, upper, color="tab:blue", alpha=0.25, lw=0,
+                        label="90% bootstrap interval")
+    ax.plot(grid, result.predict(grid[:, None]), color="tab:blue", lw=2,
+            label="mean of q̂(y | x), Algorithm 1")
+    ax.set(xlabel=x_name, ylabel="y", title="Algorithm 1: the target's q(y | x) from the two files")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    savefig(fig, path)
+    plt.close(fig)
+
+
 DEMO_SETTINGS = ["n_grid=250,500,1000,2000,4000,8000", "replicates=6", "n_test=1000"]
 
 
@@ -470,7 +731,8 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"fit": cmd_fit, "demo": cmd_demo, "experiment": cmd_experiment,
+    handlers = {"fit": cmd_fit, "identify": cmd_identify, "demo": cmd_demo,
+                "experiment": cmd_experiment,
                 "bench": cmd_bench, "diagnose": cmd_diagnose}
     import threading
 

@@ -26,6 +26,7 @@ def _hmm_sample(n, seed=1):
     return HMMMixture(2, 3, 6, n_heads=1), x, np.asarray(sim.source.y)
 
 
+@pytest.mark.slow  # 12 s; the blocked sums of the regression family stay in the default run
 @once  # plumbing: the sums are the same in either precision
 def test_hmm_blocked_fit_equals_one_block():
     """The generic driver sums the expected counts over row blocks (padding rows add nothing)."""

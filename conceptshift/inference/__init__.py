@@ -5,6 +5,8 @@ from .em import EMResult, e_step, fit_em
 from .gem import fit_gem
 from .mcmc import fit_nuts, relabel
 from .svi import fit_svi
+from .target import TargetBootstrap, TargetFit, fit_target
 
 __all__ = ["EMResult", "e_step", "fit_em", "HMMEMResult", "fit_hmm_em"]
 __all__ += ["fit_gem", "fit_nuts", "fit_svi", "relabel"]
+__all__ += ["TargetBootstrap", "TargetFit", "fit_target"]

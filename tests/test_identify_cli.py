@@ -1,0 +1,119 @@
+"""`conceptshift identify`: Algorithm 1 on CSV files drawn with plain numpy (not the package's
+simulator), its JSON contract, its outputs and its one-line refusals."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import X64
+
+from conceptshift.cli import main
+
+# the CLI chooses its own precision (float64 unless --float32): the float64 pass would repeat it
+pytestmark = pytest.mark.skipif(X64, reason="the CLI sets its own precision; run once")
+
+BETA = np.array([[-3.0, 1.0], [0.0, -2.0], [3.0, 0.5]])
+WEAK = np.array([[-2.0, 0.5], [1.0, -1.0], [2.5, 1.5]])
+PI_P, PI_Q = np.array([0.6, 0.3, 0.1]), np.array([0.1, 0.3, 0.6])
+
+
+def _draw(rng, n, pi):
+    k = rng.choice(3, n, p=pi)
+    x = rng.normal(size=n)
+    return x, BETA[k, 0] + BETA[k, 1] * x + 0.5 * rng.normal(size=n), \
+        WEAK[k, 0] + WEAK[k, 1] * x + rng.normal(size=n)
+
+
+def _truth(x):
+    return (PI_Q[None] * (BETA[:, 0][None] + BETA[:, 1][None] * x[:, None])).sum(1)
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(7)
+    x, y, yw = _draw(rng, 1000, PI_P)
+    np.savetxt(tmp_path / "source.csv", np.c_[x, y, yw], delimiter=",", header="dose,response,proxy",
+               comments="")
+    x, _, yw = _draw(rng, 1000, PI_Q)
+    np.savetxt(tmp_path / "target.csv", np.c_[x, yw], delimiter=",", header="dose,proxy",
+               comments="")
+    np.savetxt(tmp_path / "new.csv", np.linspace(-2, 2, 9)[:, None], delimiter=",", header="dose",
+               comments="")
+    return tmp_path
+
+
+def _args(d, *extra):
+    return ["identify", "--source", str(d / "source.csv"), "--target", str(d / "target.csv"),
+            "--y", "response", "--y-weak", "proxy", "--x", "dose", "-k", "3", *extra]
+
+
+def run_cli(*args):
+    """In a subprocess: the CLI switches JAX to float64, which must not leak into other tests."""
+    proc = subprocess.run([sys.executable, "-m", "conceptshift.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_identify_json_predicts_q(files):
+    """One object with both fits, the matching, pi^q on the source components and a mean of
+    q(y | x) per row of NEW.csv, within 0.15 of the truth (n = 1000 per domain)."""
+    code, out, err = run_cli(*_args(files, "--predict", str(files / "new.csv"), "--json",
+                                    "--restarts", "4"))
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("assignment", "margin", "source", "target", "target_weights", "predict"):
+        assert key in res
+    assert sorted(res["assignment"]) == [0, 1, 2] and res["margin"] > 0
+    assert res["source"]["converged"] and res["source"]["rows"] == 1000
+    assert res["source"]["restarts_at_best"] >= 1 and "loglik" in res["target"]
+    np.testing.assert_allclose(np.sort(res["target_weights"]), np.sort(PI_Q), atol=0.06)
+    mean = np.asarray(res["predict"]["mean"])
+    assert mean.shape == (9,) and np.max(np.abs(mean - _truth(np.linspace(-2, 2, 9)))) < 0.15
+
+
+@pytest.mark.slow
+def test_identify_bootstrap_intervals_cover_q_and_out_writes_everything(files):
+    out_dir = files / "out"
+    code, out, err = run_cli(*_args(files, "--predict", str(files / "new.csv"), "--bootstrap",
+                                    "100", "--out", str(out_dir)))
+    assert code == 0, err
+    assert "matching held in" in out and "written:" in out
+    res = json.loads((out_dir / "identify.json").read_text())
+    p = res["predict"]
+    truth = _truth(np.linspace(-2, 2, 9))
+    covered = (np.asarray(p["lower"]) <= truth) & (truth <= np.asarray(p["upper"]))
+    assert covered.mean() >= 0.75 and res["bootstrap"]["agreement"] > 0.9
+    rows = (out_dir / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "dose,mean,lower,upper" and len(rows) == 10
+    assert (out_dir / "identify.png").stat().st_size > 10_000
+    assert not list(out_dir.glob(".*tmp"))
+    # without the weak column in the source: the strong heads are matched
+    src = np.loadtxt(files / "source.csv", delimiter=",", skiprows=1)
+    np.savetxt(files / "strong.csv", src[:, :2], delimiter=",", header="dose,response", comments="")
+    args = _args(files, "--json", "--restarts", "4")
+    args[2] = str(files / "strong.csv")
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert json.loads(out)["match"] == "strong"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--bootstrap", "1"], "--bootstrap must be >= 2"),
+    (["--degree", "2", "--family", "logistic"], "--degree does not apply"),
+    (["--components", "0"], "--components must be >= 1"),
+    (["--x", "proxy"], "also a label column"),
+    (["--y-weak", "zzz"], "'zzz' not in target.csv"),
+    (["--y-weak", "response"], "name the same column"),
+    (["--predict", "missing.csv"], "not found"),
+])
+def test_identify_refuses_bad_input_in_one_line(files, capsys, extra, needle):
+    args = _args(files)
+    if extra[0] in ("--x", "--y-weak"):
+        i = args.index(extra[0])
+        args[i + 1] = extra[1]
+        extra = []
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err, err
