@@ -97,7 +97,7 @@ CASES = [
     ("covariance", lambda: GatedExperts(2, covariance="tied"), ValueError, r"^covariance must be"),
     ("lam-neg", lambda: weak_training_sq(REG, SRC, TGT, -1.0), ValueError, r"^lam must be finite and >= 0"),
     ("lam-nan", lambda: weak_training_sq(REG, SRC, TGT, float("nan")), ValueError, r"^lam must be finite"),
-    ("lam-inf-ll", lambda: weak_training_ll(KEY, REG, SRC, TGT, float("inf")), ValueError, r"^lam must"),
+    ("lam-inf-ll", lambda: weak_training_ll(REG, KEY, SRC, TGT, float("inf")), ValueError, r"^lam must"),
     ("lam-str", lambda: weak_training_sq(REG, SRC, TGT, "1"), TypeError, r"^lam must be a real number"),
     ("weak-source-type", lambda: weak_training_sq(REG, (X, Y), TGT, 1.0), TypeError,
      r"^source must be a Data"),

@@ -50,7 +50,7 @@ def test_identify_recovers_known_permutation(weak_source):
     m1 = prob.strong_model
     target = prob.model.permute(prob.model.select_heads(prob.params_q, (1,)), perm)
     source = prob.params_p if weak_source else prob.model.select_heads(prob.params_p, (0,))
-    ident = identify(source, target, m1, weak_source=weak_source)
+    ident = identify(m1, source, target, weak_source=weak_source)
     np.testing.assert_array_equal(perm[np.asarray(ident.assignment)], np.arange(4))
     x = jnp.linspace(-2.0, 2.0, 7)[:, None]
     np.testing.assert_allclose(ident.predictor.mean(x), prob.true_mean(x), rtol=1e-5, atol=1e-5)
@@ -65,7 +65,7 @@ def test_identify_under_jit_and_vmap():
     tq = prob.model.select_heads(prob.params_q, (1,))
     perms = jnp.asarray([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
     targets = jax.vmap(lambda p: prob.model.permute(tq, p))(perms)
-    f = jax.jit(jax.vmap(lambda t: identify(prob.params_p, t, prob.strong_model).assignment))
+    f = jax.jit(jax.vmap(lambda t: identify(prob.strong_model, prob.params_p, t).assignment))
     a = np.asarray(f(targets))
     for p, ai in zip(np.asarray(perms), a, strict=True):
         np.testing.assert_array_equal(p[ai], np.arange(3))
@@ -78,7 +78,7 @@ def test_icl_posterior_concentrates_with_more_demonstrations():
     _, _, tgt = _data(prob, 400)
     ent = []
     for m in (1, 32):
-        pred = refined_icl(jax.random.key(2), prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w,
+        pred = refined_icl(prob.model, jax.random.key(2), prob.params_p, tgt.x, tgt.y_weak, tgt.w,
                            n_demos=m, n_draws=1)
         p = pred.posterior_k(tgt.x)
         ent.append(float(jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), -1))))
@@ -97,7 +97,7 @@ def test_icl_with_demonstrations_from_the_query_concept_is_prop_3_2():
     truth = Predictor(m1, m1.select_heads(prob.params_q, (0,)))
     xq = tgt.x[:60]
     key = jax.random.key(2)
-    pred = refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=3,
+    pred = refined_icl(prob.model, key, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=3,
                        n_draws=4, m_pool=5, demos="concept", target_params=tq)
     weak = prob.model.select_heads(prob.params_p, (1,))
     demo = m1.component_log_probs(weak, tgt.x, y=tgt.y_weak[:, None]) - weak.log_weights[None]
@@ -112,16 +112,16 @@ def test_icl_with_demonstrations_from_the_query_concept_is_prop_3_2():
     np.testing.assert_allclose(pred.posterior_k(xq), want, rtol=rtol(1e-4, 1e-10), atol=1e-6)
 
     def err(demos):
-        p = refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=32,
+        p = refined_icl(prob.model, key, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=32,
                         n_draws=4, demos=demos, target_params=tq)
         return float(jnp.mean((p.mean(xq) - truth.mean(xq)) ** 2))
 
     assert err("concept") < 1e-3 < 0.1 < err("pool")
     with pytest.raises(ValueError, match="target_params"):
-        refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=1,
+        refined_icl(prob.model, key, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=1,
                     demos="concept")
     with pytest.raises(ValueError, match="demos"):
-        refined_icl(key, prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=1,
+        refined_icl(prob.model, key, prob.params_p, tgt.x, tgt.y_weak, tgt.w, n_demos=1,
                     demos="query")
 
 
@@ -153,12 +153,12 @@ def test_identification_returns_the_fits_it_made():
 
     prob = make_problem(jax.random.key(3), n_components=2, delta=1.0)
     _, src, tgt = _data(prob, 300)
-    ident = identification(jax.random.key(0), prob.strong_model, src, tgt,
+    ident = identification(prob.strong_model, jax.random.key(0), src, tgt,
                            EMOptions(restarts=2, max_iter=100))
     for fit, heads in ((ident.source_fit, 2), (ident.target_fit, 1)):
         assert isinstance(fit, EMResult) and fit.params.coef.shape[1] == heads
         assert np.isfinite(float(fit.loglik)) and 1 <= int(fit.restarts_at_best) <= 2
-    assert identify(prob.params_p, prob.params_q, prob.strong_model).source_fit is None
+    assert identify(prob.strong_model, prob.params_p, prob.params_q).source_fit is None
 
 
 @once  # Monte Carlo against quadrature: its tolerance is the draws', not the precision's
@@ -169,7 +169,7 @@ def test_weak_label_refinement_is_prop_3_2_by_quadrature():
     prob = make_problem(jax.random.key(0), n_components=3)
     m2 = prob.model
     weak_q = m2.select_heads(prob.params_q, (1,))
-    pred = refined(jax.random.key(1), m2, prob.params_p, weak_q, n_draws=2048)
+    pred = refined(m2, jax.random.key(1), prob.params_p, weak_q, n_draws=2048)
     x = jnp.linspace(-2.0, 2.0, 5, dtype=weak_q.coef.dtype)[:, None]
     grid = np.linspace(-60.0, 60.0, 9601)
     m1 = m2.with_heads(1)
@@ -189,7 +189,7 @@ def test_weak_label_refinement_is_prop_3_2_by_quadrature():
     mu = np.asarray(m1.expert_mean(strong, x)[:, :, 0])
     np.testing.assert_allclose(pred.mean(x), np.sum(got * mu, 1), rtol=rtol(1e-5, 1e-10), atol=1e-6)
     # the density of q_re integrates to one (common random numbers: q̂(k | x) is one function of x)
-    small = refined(jax.random.key(1), m2, prob.params_p, weak_q, n_draws=16)
+    small = refined(m2, jax.random.key(1), prob.params_p, weak_q, n_draws=16)
     yg = jnp.asarray(grid, x.dtype)
     mass = [np.trapezoid(np.exp(np.asarray(small.log_prob(jnp.broadcast_to(x[i], (grid.size, 1)),
                                                           yg))), grid) for i in range(2)]
@@ -203,8 +203,8 @@ def test_refined_predictors_are_pytrees_under_jit_and_vmap():
     _, src, tgt = _data(prob, 200)
     weak_q = prob.model.select_heads(prob.params_q, (1,))
     x = tgt.x[:7]
-    for pred in (refined(jax.random.key(1), prob.model, prob.params_p, weak_q, n_draws=16),
-                 refined_icl(jax.random.key(2), prob.model, prob.params_p, tgt.x, tgt.y_weak, tgt.w,
+    for pred in (refined(prob.model, jax.random.key(1), prob.params_p, weak_q, n_draws=16),
+                 refined_icl(prob.model, jax.random.key(2), prob.params_p, tgt.x, tgt.y_weak, tgt.w,
                              n_demos=4)):
         leaves, tree = jax.tree_util.tree_flatten(pred)
         back = jax.tree_util.tree_unflatten(tree, leaves)
@@ -212,6 +212,21 @@ def test_refined_predictors_are_pytrees_under_jit_and_vmap():
                                    rtol=rtol(1e-5, 1e-12))
         assert pred.sample(jax.random.key(3), x).shape == (7,)
     keys = jax.random.split(jax.random.key(4), 3)
-    means = jax.jit(jax.vmap(lambda k: refined(k, prob.model, prob.params_p, weak_q,
+    means = jax.jit(jax.vmap(lambda k: refined(prob.model, k, prob.params_p, weak_q,
                                                n_draws=16).mean(x)))(keys)
     assert means.shape == (3, 7) and bool(jnp.all(jnp.isfinite(means)))
+
+
+def test_swapped_model_and_key_is_a_clear_type_error():
+    """One convention: the model, then the key, then data; swapped, a TypeError says so."""
+    from conceptshift.inference.estimators import estimate_all, identification, refinement
+
+    model, key = RegressionMixture(2), jax.random.key(0)
+    for fn, args in ((identification, (key, model, None, None)),
+                     (estimate_all, (key, model, None, None, None)),
+                     (refinement, (key, model, None, None)),
+                     (refined, (key, model, None, None))):
+        with pytest.raises(TypeError, match="the model comes first, then the key"):
+            fn(*args)
+    with pytest.raises(TypeError, match="registered family"):
+        identify(None, None, model)

@@ -180,7 +180,7 @@ def test_algorithm_1_undoes_a_known_relabelling(name):
     model, params, _ = _setup(name)
     swapped = model.select_heads(model.permute(params, jnp.asarray([1, 0])), (1,))
     target = swapped._replace(log_weights=jnp.log(jnp.asarray([0.8, 0.2], DTYPE)))
-    ident = identify(params, target, model, match="weak")
+    ident = identify(model, params, target, match="weak")
     np.testing.assert_array_equal(np.asarray(ident.assignment), [1, 0])
     assert bool(ident.greedy_bijection) and float(ident.margin) > 0
     np.testing.assert_allclose(np.exp(np.asarray(ident.predictor.params.log_weights)), [0.2, 0.8],

@@ -292,7 +292,7 @@ def test_identification_recovers_a_concept_permutation_and_moves_target_weights(
     tgt = tgt._replace(log_out=jnp.log(0.9 * jnp.exp(tgt.log_out) + 0.1 / 6),
                        log_weights=jnp.log(jnp.array([0.7, 0.3], tgt.log_weights.dtype)))
     for match in ("weak", "components"):
-        ident = identify(fit.params, tgt, m2, match=match)
+        ident = identify(m2, fit.params, tgt, match=match)
         np.testing.assert_array_equal(ident.assignment, [1, 0])  # source k <-> target perm^-1(k)
         assert bool(ident.greedy_bijection) and float(ident.margin) > 0
         np.testing.assert_allclose(jnp.exp(ident.predictor.params.log_weights), [0.3, 0.7], rtol=1e-6)
@@ -317,7 +317,7 @@ def test_icl_refinement_equals_eq_3_2_written_out(anchored):
     m2, tgt = prob.model, as_data(sim.source)  # demonstrations from the source sample itself
     xq = pad_tokens(sim.source.x[:40], sim.source.lengths[:40])
     grid = (0, 1, 3, 200)
-    preds = [refined_icl(jax.random.key(2), m2, fit.params, tgt.x, tgt.y_weak, tgt.w, n_demos=M,
+    preds = [refined_icl(m2, jax.random.key(2), fit.params, tgt.x, tgt.y_weak, tgt.w, n_demos=M,
                          n_draws=4, m_pool=200) for M in grid]
     n = tgt.w.shape[0]
     idx = jax.random.choice(jax.random.key(2), n, (40, 4, 200), p=tgt.w / jnp.sum(tgt.w))

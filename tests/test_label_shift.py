@@ -55,7 +55,7 @@ def test_label_shift_baselines_are_consistent_only_without_a_weak_shift():
         prob = make_problem(jax.random.key(0), weak_shift=ws)
         sim = simulate(jax.random.key(1), prob, 4000, 4000, 2000)
         s, t = as_data(sim.source), as_data(sim.target)
-        est = estimate_all(jax.random.key(2), prob.strong_model, s, Data(t.x, None, t.y_weak, t.w),
+        est = estimate_all(prob.strong_model, jax.random.key(2), s, Data(t.x, None, t.y_weak, t.w),
                            Data(t.x, t.y, None, t.w), opts=EMOptions(8, 300, 1e-7),
                            names=("identification", "proportions_em", "bbse", "oracle"))
         q = prob.true_mean(sim.test.x)

@@ -168,7 +168,7 @@ def test_identification_draws_are_algorithm_1_draw_by_draw():
     tgt = _jitter(M1.init_params(jax.random.key(2)), jax.random.key(3), (2, 3), scale=0.3)
     q, a = identification_draws(M1, src, tgt)
     assert q.coef.shape == (2, 3, 2, 1, 2) and a.shape == (2, 3, 2)
-    one_fn = jax.jit(lambda s_, t_: identify(s_, t_, M1))
+    one_fn = jax.jit(lambda s_, t_: identify(M1, s_, t_))
     def pick(tree, c, s):
         return jax.tree_util.tree_map(lambda v: v[c, s], tree)
 

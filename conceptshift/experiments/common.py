@@ -183,7 +183,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
         model = dataclasses.replace(model, n_components=design.n_components)
     if design.degree is not None:
         model = dataclasses.replace(model, degree=design.degree)
-    est = estimate_all(kest, model, src, tgt, gold, lam=design.lam, n_demos=design.n_demos,
+    est = estimate_all(model, kest, src, tgt, gold, lam=design.lam, n_demos=design.n_demos,
                        opts=design.opts, names=design.estimators, noweak_match=design.noweak_match,
                        n_draws=design.n_draws, label_draws=LABEL_DRAWS)
     truth = Predictor(m1, m1.select_heads(problem.params_q, (0,)))
@@ -217,7 +217,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
         out["weak_labeller"] = score(problem.weak_labeller(), truth, test)
     if design.population_refinement and not getattr(problem, "label_noise", False):
         m2 = problem.model.with_heads(2)
-        pop = refined(jax.random.fold_in(key, 7), m2, problem.params_p,
+        pop = refined(m2, jax.random.fold_in(key, 7), problem.params_p,
                       m2.select_heads(problem.params_q, (1,)), n_draws=LABEL_DRAWS)
         out["refinement_population"] = score(pop, truth, test)
     if design.m_grid:
@@ -225,7 +225,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
         s2 = est.fits["source"].params
         for M in design.m_grid:
             def icl(head, M=M):
-                return refined_icl(kicl, m2, s2, tgt.x, tgt.y_weak, wt, n_demos=M,
+                return refined_icl(m2, kicl, s2, tgt.x, tgt.y_weak, wt, n_demos=M,
                                    n_draws=design.n_draws, m_pool=max(design.m_grid),
                                    demo_head=head)
 
@@ -234,7 +234,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
                 out[f"icl_M{M}"].update({f"{k}_strong_demo_head": v
                                          for k, v in score(icl(0), truth, test).items()})
             if design.concept_demos:
-                own = refined_icl(kicl, m2, s2, tgt.x, tgt.y_weak, wt, n_demos=M,
+                own = refined_icl(m2, kicl, s2, tgt.x, tgt.y_weak, wt, n_demos=M,
                                   n_draws=design.n_draws, m_pool=max(design.m_grid),
                                   demos="concept", target_params=target_fit.params)
                 out[f"icl_M{M}"].update({f"{k}_concept": v

@@ -66,7 +66,7 @@ def _replicate(key, lam, problem, *, n, n_test, opts):
     x = sim.test.x
     return {
         "weak_training_sq": reg_error(weak_training_sq(m1, src, tgt, lam), problem, x),
-        "weak_training_ll": reg_error(weak_training_ll(kfit, m1, src, tgt, lam, opts), problem, x),
+        "weak_training_ll": reg_error(weak_training_ll(m1, kfit, src, tgt, lam, opts), problem, x),
     }
 
 

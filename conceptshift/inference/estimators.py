@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from .._validation import float_dtype, is_traced
+from .._validation import check_key, float_dtype, is_traced
 from ..models import ExpertsFamily
 from ..models.batch import pad_tokens
 from ..models.registry import check_family
@@ -63,6 +63,14 @@ from .label_shift import bbse, proportions_em, proportions_x
 from .matching import assign_traced, assignment_margin, greedy_assignment
 from .predictor import Predictor, strong_predictor, with_proportions
 from .refinement import RefinedPredictor, refined, refined_icl
+
+
+def _entry(model, key, caller: str):
+    """The package's argument order, model first, then key, then data: a swapped call is a clear
+    TypeError before anything is traced."""
+    check_family(model, caller)
+    return check_key("key", key)
+
 
 ESTIMATORS = (
     "source_only",
@@ -115,19 +123,22 @@ def fit_em_with(model, key, x, y, w, opts: EMOptions) -> EMResult:
 
 
 # ---------------------------------------------------------------------------------- baselines
-def source_only(key, model, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
+def source_only(model, key, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
+    key = _entry(model, key, "source_only")
     fit = fit_em_with(model.with_heads(1), key, source.x, source.y, source.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
-def weak_only(key, model, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
+def weak_only(model, key, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
+    key = _entry(model, key, "weak_only")
     fit = fit_em_with(model.with_heads(1), key, target.x, target.y_weak, target.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
-def oracle(key, model, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
+def oracle(model, key, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
     """The mixture fitted on gold target labels (x, y) ~ Q: the reference no estimator can see."""
-    return source_only(key, model, gold, opts)
+    key = _entry(model, key, "oracle")
+    return source_only(model, key, gold, opts)
 
 
 def _pooled(source: Data, target: Data, lam):
@@ -178,9 +189,10 @@ def _check_weak_training(model, source: Data, target: Data, lam) -> None:
             raise ValueError(f"lam must be finite and >= 0, got {float(value)}")
 
 
-def weak_training_ll(key, model, source: Data, target: Data, lam,
+def weak_training_ll(model, key, source: Data, target: Data, lam,
                      opts: EMOptions = EMOptions()) -> Predictor:
     """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
+    key = _entry(model, key, "weak_training_ll")
     _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, lam)
     fit = fit_em_with(model.with_heads(1), key, x, y, w, opts)
@@ -188,32 +200,34 @@ def weak_training_ll(key, model, source: Data, target: Data, lam,
 
 
 # ---------------------------------------------------------------------------------- refinement
-def refinement(key, model, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
+def refinement(model, key, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
                n_draws: int = 128) -> RefinedPredictor:
     """Weak-label refinement (Example 3.4) scored exactly: q_re(y | x) = sum_k p̂(y | x, k) q̂(k | x)
     with q̂(k | x) = E_{y' ~ q̂'(y'|x)} p̂(k | x, y') (:mod:`.refinement`), from the two-head source fit
     and the weak target fit."""
+    key = _entry(model, key, "refinement")
     ks, kt, kd = jax.random.split(key, 3)
     y = jnp.stack([source.y, source.y_weak], axis=1)
     s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
     t1 = fit_em_with(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts).params
-    return refined(kd, model.with_heads(2), s2, t1, n_draws=n_draws)
+    return refined(model.with_heads(2), kd, s2, t1, n_draws=n_draws)
 
 
-def refinement_icl(key, model, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
+def refinement_icl(model, key, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
                    n_demos: int = 8, n_draws: int = 8, demo_head: int = 1,
                    demos: str = "pool") -> RefinedPredictor:
     """In-context refinement (Example 3.3) scored exactly: q̂(k | x) = E_V p̂(k | x, V) with V =
     ``n_demos`` weak pairs drawn from D_Q' (``demos="pool"``, eq. 3.1) or from the query's own
     concept (``demos="concept"``, Prop. 3.2; the concepts are those of the weak target fit, fitted
     here), from the two-head source fit (:mod:`.refinement`)."""
+    key = _entry(model, key, "refinement_icl")
     ks, kd, kt = jax.random.split(key, 3)
     y = jnp.stack([source.y, source.y_weak], axis=1)
     s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
     t1 = None
     if demos == "concept":
         t1 = fit_em_with(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts).params
-    return refined_icl(kd, model.with_heads(2), s2, target.x, target.y_weak, target.w,
+    return refined_icl(model.with_heads(2), kd, s2, target.x, target.y_weak, target.w,
                        n_demos=n_demos, n_draws=n_draws, demo_head=demo_head, demos=demos,
                        target_params=t1)
 
@@ -244,14 +258,14 @@ def _match(match: str, weak_source: bool | None) -> str:
     return match
 
 
-def identify(source_params, target_params, model, *, match: str = "weak", weak_source: bool | None = None,
+def identify(model, source_params, target_params, *, match: str = "weak", weak_source: bool | None = None,
              source_fit: EMResult | None = None, target_fit: EMResult | None = None) -> Identification:
     """Steps 3-4 of Algorithm 1 from a source fit and a weak-target fit, for every family.
 
     Args:
+      model: the family (any number of heads; the estimate is its one-head version).
       source_params: two-head (y, y') source fit, or one-head (y) unless ``match="weak"``.
       target_params: one-head fit of (x, y') on Q'.
-      model: the family (any number of heads; the estimate is its one-head version).
       match: ``"weak"`` matches thetâ^wp to thetâ^wq (Algorithm 1); ``"strong"`` the strong heads
         thetâ to thetâ^wq (a source without weak labels); ``"components"`` the components' head-free
         signatures (the HMM's transition matrices). The cost is the family's ``match_cost``.
@@ -269,10 +283,11 @@ def identify(source_params, target_params, model, *, match: str = "weak", weak_s
                           target_fit)
 
 
-def identification(key, model, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
+def identification(model, key, source: Data, target: Data, opts: EMOptions = EMOptions(), *,
                    match: str = "weak", weak_source: bool | None = None) -> Identification:
     """Algorithm 1, for every family: MLE on D_P (with the weak head when ``match="weak"``), MLE on
     D_Q', matching (:func:`identify`), pi^q onto P's components."""
+    key = _entry(model, key, "identification")
     match = _match(match, weak_source)
     ks, kt = jax.random.split(key)
     if match == "weak":
@@ -281,7 +296,7 @@ def identification(key, model, source: Data, target: Data, opts: EMOptions = EMO
     else:
         sfit = fit_em_with(model.with_heads(1), ks, source.x, source.y, source.w, opts)
     tfit = fit_em_with(model.with_heads(1), kt, target.x, target.y_weak, target.w, opts)
-    return identify(sfit.params, tfit.params, model, match=match, source_fit=sfit, target_fit=tfit)
+    return identify(model, sfit.params, tfit.params, match=match, source_fit=sfit, target_fit=tfit)
 
 
 # ---------------------------------------------------------------------------------- all at once
@@ -311,7 +326,7 @@ _NEEDS_FIT = {  # which shared fits each estimator reads
 ON_REQUEST = ("refinement_icl_concept", "proportions_em", "bbse", "proportions_x")
 
 
-def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
+def estimate_all(model, key, source: Data, target: Data, gold: Data, *, lam=1.0, n_demos: int = 8,
                  opts: EMOptions = EMOptions(), names: tuple[str, ...] | None = None,
                  noweak_match: str = "strong", n_draws: int = 8,
                  label_draws: int = 128) -> Estimates:
@@ -325,6 +340,7 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
     mean. ``n_draws``: demonstration sets per query of ``refinement_icl``; ``label_draws``: draws
     of y' per target component in ``refinement``'s expectation (a categorical y' is summed exactly).
     """
+    key = _entry(model, key, "estimate_all")
     m1, m2 = model.with_heads(1), model.with_heads(2)
     if names is None:
         least_squares = hasattr(m1, "conditional_mean") and m1.em_kind in ("closed_form",
@@ -367,15 +383,15 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
         elif name == "weak_training_sq":
             preds[name] = weak_training_sq(m1, source, target, lam)
         elif name == "weak_training_ll":
-            preds[name] = weak_training_ll(keys[5], m1, source, target, lam, opts)
+            preds[name] = weak_training_ll(m1, keys[5], source, target, lam, opts)
         elif name == "refinement":
-            preds[name] = refined(keys[3], m2, fits["source"].params, fits["target"].params,
+            preds[name] = refined(m2, keys[3], fits["source"].params, fits["target"].params,
                                   n_draws=label_draws)
         elif name == "refinement_icl":
-            preds[name] = refined_icl(keys[4], m2, fits["source"].params, target.x, target.y_weak,
+            preds[name] = refined_icl(m2, keys[4], fits["source"].params, target.x, target.y_weak,
                                       target.w, n_demos=n_demos, n_draws=n_draws)
         elif name == "refinement_icl_concept":
-            preds[name] = refined_icl(keys[4], m2, fits["source"].params, target.x, target.y_weak,
+            preds[name] = refined_icl(m2, keys[4], fits["source"].params, target.x, target.y_weak,
                                       target.w, n_demos=n_demos, n_draws=n_draws, demos="concept",
                                       target_params=fits["target"].params)
         elif name == "proportions_em":
@@ -387,11 +403,11 @@ def estimate_all(key, model, source: Data, target: Data, gold: Data, *, lam=1.0,
             preds[name] = bbse(m2, fits["source"].params, source.x, source.y, source.y_weak,
                                source.w, target.x, target.y_weak, target.w)
         elif name == "identification":
-            ident = identify(fits["source"].params, fits["target"].params, m1, match="weak",
+            ident = identify(m1, fits["source"].params, fits["target"].params, match="weak",
                              source_fit=fits["source"], target_fit=fits["target"])
             preds[name] = ident.predictor
         else:  # identification_noweak: the source fitted without its weak labels
-            ident_nw = identify(fits["source_strong"].params, fits["target"].params, m1,
+            ident_nw = identify(m1, fits["source_strong"].params, fits["target"].params,
                                 match=noweak_match, source_fit=fits["source_strong"],
                                 target_fit=fits["target"])
             preds[name] = ident_nw.predictor

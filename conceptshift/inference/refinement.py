@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax import Array
 from jax.scipy.special import logsumexp
 
+from .._validation import check_key
+from ..models.registry import check_family
 from .predictor import Predictor
 
 
@@ -251,15 +253,17 @@ def _source_heads(model, source_params, head: int):
     return m1, model.select_heads(source_params, (0,)), model.select_heads(source_params, (head,))
 
 
-def refined(key, model, source_params, target_params, *, n_draws: int = 128) -> RefinedPredictor:
+def refined(model, key, source_params, target_params, *, n_draws: int = 128) -> RefinedPredictor:
     """Weak-label refinement's q_re (Example 3.4) from a two-head source fit (y, y') and the weak
     target fit of (x, y') on Q' (one head); ``n_draws``: draws of a continuous y' per component of
     the weak target fit (:class:`LabelWeights`)."""
+    check_family(model, "refined")
+    key = check_key("key", key)
     m1, strong, weak = _source_heads(model, source_params, 1)
     return RefinedPredictor(m1, strong, LabelWeights(m1, weak, target_params, key, n_draws))
 
 
-def refined_icl(key, model, source_params, target_x, target_y_weak, target_w, *, n_demos: int,
+def refined_icl(model, key, source_params, target_x, target_y_weak, target_w, *, n_demos: int,
                 n_draws: int = 8, demo_head: int = 1, m_pool: int | None = None,
                 demos: str = "pool", target_params=None) -> RefinedPredictor:
     """In-context refinement's q_re (Example 3.3) from a two-head source fit and the pool of weak
@@ -271,6 +275,8 @@ def refined_icl(key, model, source_params, target_x, target_y_weak, target_w, *,
     :class:`DemoWeights`) or ``"concept"`` (the query's own concept, Prop. 3.2's q(v | x, k'):
     :class:`ConceptDemoWeights`, whose concepts are those of ``target_params``, the one-head fit of
     (x, y') on Q', required then)."""
+    check_family(model, "refined_icl")
+    key = check_key("key", key)
     if demo_head not in (0, 1):
         raise ValueError(f"demo_head must be 0 (strong) or 1 (weak), got {demo_head!r}")
     if demos not in DEMOS:

@@ -169,14 +169,14 @@ def _draw_means(model, params, x):
 
 @partial(jax.jit, static_argnames=("model", "match"))
 def _identify(model, match, source_fit, target_fit):
-    return identify(source_fit.params, target_fit.params, model, match=match,
+    return identify(model, source_fit.params, target_fit.params, match=match,
                     source_fit=source_fit, target_fit=target_fit)
 
 
 @partial(jax.jit, static_argnames=("model", "match"))
 def _match_draws(model, match, source_draws, target_draws):
     def one(s, t):
-        ident = identify(s, t, model, match=match)
+        ident = identify(model, s, t, match=match)
         return ident.predictor.params, ident.assignment
 
     return jax.vmap(one)(source_draws, target_draws)

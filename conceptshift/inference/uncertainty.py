@@ -39,7 +39,7 @@ def identification_draws(model: ExpertsFamily, source_draws, target_draws, *, n_
 
 
 def _ident(model, s, t):
-    ident = identify(s, t, model, match="weak")
+    ident = identify(model, s, t, match="weak")
     return ident.predictor.params, ident.assignment
 
 

@@ -367,7 +367,8 @@ class ExpertsFamily(EStepScheduling):
 
     def gate_log_probs_t(self, params, xT: Array) -> Array:
         """:meth:`gate_log_probs` in the E-step's layout: x (D, N) -> (K, N)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define gate_log_probs_t: an "
+                                  "ExpertsFamily subclass defines its gate (see conceptshift.models.gated)")
 
     def marginal_x_log_prob(self, params, x: Array) -> Array:
         """log p(x) under the model, shape (N,); zero for families that do not model x."""
@@ -689,7 +690,8 @@ class ExpertsFamily(EStepScheduling):
 
     def m_step_from_stats(self, ss: SuffStats, stats: DataStats):
         """Parameters maximising the expected penalised log-likelihood given the statistics."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define m_step_from_stats: an "
+                                  "ExpertsFamily subclass defines its gate (see conceptshift.models.gated)")
 
     def _log_prior_heads(self, params, stats: DataStats) -> Array:
         dtype = params.coef.dtype
@@ -712,7 +714,8 @@ class ExpertsFamily(EStepScheduling):
 
     def log_prior(self, params, stats: DataStats) -> Array:
         """The weak prior's log-density (up to a constant); EM maximises loglik + this."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define log_prior: an "
+                                  "ExpertsFamily subclass defines its gate (see conceptshift.models.gated)")
 
     def degenerate_components(self, params, x: Array, y: Array, w: Array, stats: DataStats):
         """Boolean (K,): components that sit on a spurious, unbounded-likelihood solution.
@@ -814,4 +817,5 @@ class ExpertsFamily(EStepScheduling):
         pass
 
     def _params_from_sites(self, log_weights, coef, log_scale, gate_sites):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define _params_from_sites: an "
+                                  "ExpertsFamily subclass defines its gate (see conceptshift.models.gated)")

@@ -67,8 +67,12 @@ def check_family(model, caller: str, *, em_kinds: tuple[str, ...] | None = None,
       TypeError: naming the argument, the caller and what was expected.
     """
     if not isinstance(model, tuple(FAMILIES.values())):
+        hint = ""
+        dtype = getattr(model, "dtype", None)
+        if dtype is not None and "key" in str(dtype):
+            hint = f": the model comes first, then the key ({caller}(model, key, ...))"
         raise TypeError(f"model must be an instance of a registered family ({', '.join(FAMILIES)}; "
-                        f"see conceptshift.models.registry), got {type(model).__name__}")
+                        f"see conceptshift.models.registry), got {type(model).__name__}{hint}")
     name = type(model).__name__
     if em_kinds is not None and model.em_kind not in em_kinds:
         raise TypeError(f"model must be a family fitted by {' or '.join(em_kinds)} EM for {caller}; "
