@@ -230,3 +230,31 @@ def test_swapped_model_and_key_is_a_clear_type_error():
             fn(*args)
     with pytest.raises(TypeError, match="registered family"):
         identify(None, None, model)
+
+
+@once  # shapes only
+def test_one_dimensional_x_and_y_and_default_weights():
+    """x may be (N,) for one covariate and y (N,) for one head wherever they are taken; Data's
+    weights default to 1."""
+    from conceptshift.models import GatedExperts, LogisticMixture, PoissonRegressionMixture
+
+    x = jnp.linspace(-1.0, 1.0, 5)
+    for m in (RegressionMixture(2), GatedExperts(2), LogisticMixture(2, 1),
+              PoissonRegressionMixture(2, 1)):
+        p = m.init_params(jax.random.key(0))
+        pred = Predictor(m, p)
+        y = jnp.ones(5, jnp.int32) if hasattr(m, "response") else jnp.ones(5)
+        np.testing.assert_array_equal(pred.mean(x), pred.mean(x[:, None]))
+        np.testing.assert_array_equal(pred.log_prob(x, y), pred.log_prob(x[:, None], y))
+        np.testing.assert_array_equal(pred.posterior_k(x), pred.posterior_k(x[:, None]))
+        assert pred.sample(jax.random.key(1), x).shape == (5,)
+        np.testing.assert_array_equal(m.component_log_probs(p, x, y),
+                                      m.component_log_probs(p, x[:, None], y[:, None]))
+    m = RegressionMixture(2)
+    p = m.init_params(jax.random.key(0))
+    np.testing.assert_array_equal(m.log_likelihood(p, x, jnp.ones(5)),
+                                  m.log_likelihood(p, x[:, None], jnp.ones((5, 1))))
+    d = Data(x[:, None], jnp.ones(5))
+    assert d.y_weak is None and d.weighted().w.shape == (5,) and float(d.weighted().w.sum()) == 5.0
+    w = jnp.arange(5.0)
+    assert Data(x, w=w).weighted().w is w

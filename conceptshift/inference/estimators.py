@@ -72,6 +72,10 @@ def _entry(model, key, caller: str):
     return check_key("key", key)
 
 
+def _weighted(*samples):
+    return tuple(None if d is None else Data(*d).weighted() for d in samples)
+
+
 ESTIMATORS = (
     "source_only",
     "weak_only",
@@ -96,12 +100,20 @@ class EMOptions:
 
 class Data(NamedTuple):
     """One sample: x (N, D) (sequences: tokens (N, T), -1 as trailing padding), labels (N,) or
-    None, per-row weights (N,)."""
+    None, per-row weights (N,) (None, the default: every row weighs 1)."""
 
     x: Array
-    y: Array | None
-    y_weak: Array | None
-    w: Array
+    y: Array | None = None
+    y_weak: Array | None = None
+    w: Array | None = None
+
+    def weighted(self) -> Data:
+        """The same sample with its weights filled in (unit weights where ``w`` is None)."""
+        if self.w is not None:
+            return self
+        x = jnp.asarray(self.x)
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else float_dtype()
+        return self._replace(w=jnp.ones(x.shape[:1], dtype))
 
 
 def as_data(sample, w=None) -> Data:
@@ -125,12 +137,14 @@ def fit_em_with(model, key, x, y, w, opts: EMOptions) -> EMResult:
 # ---------------------------------------------------------------------------------- baselines
 def source_only(model, key, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
     key = _entry(model, key, "source_only")
+    source, = _weighted(source)
     fit = fit_em_with(model.with_heads(1), key, source.x, source.y, source.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
 def weak_only(model, key, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
     key = _entry(model, key, "weak_only")
+    target, = _weighted(target)
     fit = fit_em_with(model.with_heads(1), key, target.x, target.y_weak, target.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
@@ -138,6 +152,7 @@ def weak_only(model, key, target: Data, opts: EMOptions = EMOptions()) -> Predic
 def oracle(model, key, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
     """The mixture fitted on gold target labels (x, y) ~ Q: the reference no estimator can see."""
     key = _entry(model, key, "oracle")
+    gold, = _weighted(gold)
     return source_only(model, key, gold, opts)
 
 
@@ -157,6 +172,7 @@ def weak_training_sq(model: ExpertsFamily, source: Data, target: Data, lam) -> P
     least squares on Phi; the predictive density is N(f(x), weighted mean squared residual).
     For the regression families (a conditional mean linear in their design)."""
     check_family(model, "weak_training_sq", em_kinds=("closed_form", "generalized"))
+    source, target = _weighted(source, target)
     _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, lam)
     ls = RegressionMixture(1, model.n_features, degree=model.degree, basis_fn=model.basis_fn,
@@ -193,6 +209,7 @@ def weak_training_ll(model, key, source: Data, target: Data, lam,
                      opts: EMOptions = EMOptions()) -> Predictor:
     """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
     key = _entry(model, key, "weak_training_ll")
+    source, target = _weighted(source, target)
     _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, lam)
     fit = fit_em_with(model.with_heads(1), key, x, y, w, opts)
@@ -206,6 +223,7 @@ def refinement(model, key, source: Data, target: Data, opts: EMOptions = EMOptio
     with q̂(k | x) = E_{y' ~ q̂'(y'|x)} p̂(k | x, y') (:mod:`.refinement`), from the two-head source fit
     and the weak target fit."""
     key = _entry(model, key, "refinement")
+    source, target = _weighted(source, target)
     ks, kt, kd = jax.random.split(key, 3)
     y = jnp.stack([source.y, source.y_weak], axis=1)
     s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
@@ -221,6 +239,7 @@ def refinement_icl(model, key, source: Data, target: Data, opts: EMOptions = EMO
     concept (``demos="concept"``, Prop. 3.2; the concepts are those of the weak target fit, fitted
     here), from the two-head source fit (:mod:`.refinement`)."""
     key = _entry(model, key, "refinement_icl")
+    source, target = _weighted(source, target)
     ks, kd, kt = jax.random.split(key, 3)
     y = jnp.stack([source.y, source.y_weak], axis=1)
     s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
@@ -288,6 +307,7 @@ def identification(model, key, source: Data, target: Data, opts: EMOptions = EMO
     """Algorithm 1, for every family: MLE on D_P (with the weak head when ``match="weak"``), MLE on
     D_Q', matching (:func:`identify`), pi^q onto P's components."""
     key = _entry(model, key, "identification")
+    source, target = _weighted(source, target)
     match = _match(match, weak_source)
     ks, kt = jax.random.split(key)
     if match == "weak":
@@ -341,6 +361,7 @@ def estimate_all(model, key, source: Data, target: Data, gold: Data, *, lam=1.0,
     of y' per target component in ``refinement``'s expectation (a categorical y' is summed exactly).
     """
     key = _entry(model, key, "estimate_all")
+    source, target, gold = _weighted(source, target, gold)
     m1, m2 = model.with_heads(1), model.with_heads(2)
     if names is None:
         least_squares = hasattr(m1, "conditional_mean") and m1.em_kind in ("closed_form",

@@ -189,6 +189,18 @@ class ExpertsFamily(EStepScheduling):
     shared_scale: bool = False
     reg: float = 1e-6
 
+    def rows(self, x):
+        """x as (N, D): a 1-D x of N rows is one covariate per row when D == 1."""
+        if getattr(x, "ndim", 2) == 1 and self.n_features == 1:
+            return x[:, None]
+        return x
+
+    def response_rows(self, y):
+        """y as (N, H): a 1-D y of N rows is one head's labels when H == 1."""
+        if getattr(y, "ndim", 2) == 1 and self.n_heads == 1:
+            return y[:, None]
+        return y
+
     def __post_init__(self):
         check_int("n_components", self.n_components, minimum=1)
         check_int("n_features", self.n_features, minimum=0)
@@ -410,18 +422,24 @@ class ExpertsFamily(EStepScheduling):
         It equals ``distribution(params, x).component_log_probs(y) + marginal_x_log_prob`` (tested);
         it is computed in the (K, N) layout, where the reductions over K and D are fast.
         """
+        x = self.rows(x)
+        y = self.response_rows(y)
         return self.component_log_probs_t(params, x.T, y.T).T
 
     def log_likelihood(self, params, x: Array, y: Array) -> Array:
         """Per-sample log p(x, y) (log p(y | x) when the family does not model x), shape (N,)."""
+        x = self.rows(x)
+        y = self.response_rows(y)
         return logsumexp(self.component_log_probs(params, x, y), axis=-1)
 
     def log_posterior_k(self, params, x: Array) -> Array:
         """log p(k | x), shape (N, K), in log space (no underflow to log 0)."""
+        x = self.rows(x)
         return jax.nn.log_softmax(self.gate_log_probs(params, x), axis=-1)
 
     def posterior_k(self, params, x: Array) -> Array:
         """p(k | x), shape (N, K): the gate probabilities."""
+        x = self.rows(x)
         return jax.nn.softmax(self.gate_log_probs(params, x), axis=-1)
 
     def distribution(self, params, x: Array) -> dist.MixtureSameFamily:
@@ -431,16 +449,19 @@ class ExpertsFamily(EStepScheduling):
         Its ``component_log_probs(y)`` is ``log p(k | x) + log phi_k(y)``; adding
         ``marginal_x_log_prob`` gives :meth:`component_log_probs`.
         """
+        x = self.rows(x)
         mixing = dist.Categorical(logits=jax.nn.log_softmax(self.gate_log_probs(params, x), -1))
         return dist.MixtureSameFamily(mixing, self.head_distribution(params, x))
 
     # conditional q(y|x) helpers, one head at a time
     def conditional_mean(self, params, x: Array, head: int = 0) -> Array:
         """E[y_head | x] = sum_k p(k | x) mu(x; theta_k), shape (N,)."""
+        x = self.rows(x)
         return jnp.sum(self.posterior_k(params, x) * self.expert_mean(params, x)[..., head], -1)
 
     def conditional_log_prob(self, params, x: Array, y: Array, head: int = 0) -> Array:
         """log p(y_head | x), shape (N,), for y of shape (N,)."""
+        x = self.rows(x)
         sub = self.select_heads(params, (head,))
         return logsumexp(
             jax.nn.log_softmax(self.gate_log_probs(params, x), -1)
@@ -450,6 +471,7 @@ class ExpertsFamily(EStepScheduling):
 
     def sample_conditional(self, key, params, x: Array) -> Array:
         """Draws y ~ p(y | x) for each row of x, shape (N, H)."""
+        x = self.rows(x)
         return self.distribution(params, x).sample(key)
 
     def select_heads(self, params, heads: tuple[int, ...]):

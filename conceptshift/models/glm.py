@@ -184,6 +184,18 @@ class GLMExperts:
 
     response: ClassVar[str] = ""
 
+    def rows(self, x):
+        """x as (N, D): a 1-D x of N rows is one covariate per row when D == 1."""
+        if getattr(x, "ndim", 2) == 1 and self.n_features == 1:
+            return x[:, None]
+        return x
+
+    def response_rows(self, y):
+        """y as (N, H): a 1-D y of N rows is one head's labels when H == 1."""
+        if getattr(y, "ndim", 2) == 1 and self.n_heads == 1:
+            return y[:, None]
+        return y
+
     def __post_init__(self):
         check_int("n_components", self.n_components, minimum=1)
         check_int("n_features", self.n_features, minimum=0)
@@ -452,6 +464,8 @@ class GLMExperts:
 
     def component_log_probs(self, params: GLMParams, x, y) -> Array:
         """:meth:`batch_component_log_probs` of arrays x (N, D) and y (N, H) (unchecked)."""
+        x = self.rows(x)
+        y = self.response_rows(y)
         return self.batch_component_log_probs(params, Batch(x, y, jnp.ones(x.shape[:1], x.dtype)))
 
     def batch_log_likelihood(self, params: GLMParams, batch: Batch) -> Array:
@@ -481,19 +495,23 @@ class GLMExperts:
 
     def log_posterior_k(self, params: GLMParams, x: Array) -> Array:
         """log p(k | x) = log softmax_k(log pi_k + f_k(x)), (N, K) (module docs)."""
+        x = self.rows(x)
         lw = jnp.broadcast_to(params.log_weights, x.shape[:1] + params.log_weights.shape[-1:])
         return jax.nn.log_softmax(lw + self.gate_log_terms(params, x), axis=-1)
 
     def posterior_k(self, params: GLMParams, x: Array) -> Array:
+        x = self.rows(x)
         return jnp.exp(self.log_posterior_k(params, x))
 
     def conditional_log_prob(self, params: GLMParams, x: Array, y: Array, head: int = 0) -> Array:
         """log q(y | x) of head ``head`` for y (N,), (N,)."""
+        x = self.rows(x)
         lp = self.head_log_probs(self.select_heads(params, (head,)), x, y[:, None])[..., 0]
         return logsumexp(self.log_posterior_k(params, x) + lp, axis=-1)
 
     def sample_conditional(self, key, params: GLMParams, x: Array) -> Array:
         """y ~ p(y | x) for every row and head (one component per row), (N, H)."""
+        x = self.rows(x)
         return self.sample_with_components(key, params, x)[0]
 
     def sample_with_components(self, key, params: GLMParams, x: Array) -> tuple[Array, Array]:
@@ -901,6 +919,7 @@ class GLMExperts:
         """The NumPyro distribution of the responses (N, H) given x, with the per-row weights
         p(k | x): for the constant and softmax gates the density of :meth:`batch_log_likelihood`; for
         the Gaussian gate its conditional part."""
+        x = self.rows(x)
         return GLMMixtureDistribution(self, self.log_posterior_k(params, x),
                                       self.linear_predictors(params, x), self.trials(x))
 
@@ -941,6 +960,7 @@ class _ClassProbabilities:
 
     def component_class_log_probs(self, params: GLMParams, x: Array, head: int = 0) -> Array:
         """log p(y = c | x, k) for every component k and class c, (N, K, C)."""
+        x = self.rows(x)
         eta = self.linear_predictors(self.select_heads(params, (head,)), x)[:, :, 0]  # (N, K, R)
         logits = self._class_logits(eta)
         if self.response == "bernoulli":  # p(1) = sigmoid(eta): logits (0, eta)
@@ -949,6 +969,7 @@ class _ClassProbabilities:
 
     def conditional_log_probs(self, params: GLMParams, x: Array, head: int = 0) -> Array:
         """log q(y = c | x) for every class c, (N, C) (C = 2 for the Bernoulli family)."""
+        x = self.rows(x)
         return logsumexp(self.log_posterior_k(params, x)[:, :, None]
                          + self.component_class_log_probs(params, x, head), axis=1)
 
@@ -967,6 +988,7 @@ class LogisticMixture(_ClassProbabilities, GLMExperts):
 
     def conditional_mean(self, params: GLMParams, x: Array, head: int = 0) -> Array:
         """q(y = 1 | x), (N,)."""
+        x = self.rows(x)
         return jnp.exp(self.conditional_log_probs(params, x, head)[:, 1])
 
 
@@ -1050,6 +1072,7 @@ class BinomialMixture(GLMExperts):
 
     def conditional_mean(self, params: GLMParams, x: Array, head: int = 0) -> Array:
         """E[y | x] = m sum_k p(k | x) sigmoid(Phi(x) . beta_k), (N,)."""
+        x = self.rows(x)
         eta = self.linear_predictors(self.select_heads(params, (head,)), x)[:, :, 0, 0]
         return self.trials(x) * jnp.sum(self.posterior_k(params, x) * jax.nn.sigmoid(eta), axis=-1)
 
@@ -1062,6 +1085,7 @@ class PoissonRegressionMixture(GLMExperts):
 
     def conditional_mean(self, params: GLMParams, x: Array, head: int = 0) -> Array:
         """E[y | x] = sum_k pi_k exp(Phi(x) . beta_k), (N,)."""
+        x = self.rows(x)
         eta = jnp.minimum(self.linear_predictors(self.select_heads(params, (head,)), x)[:, :, 0, 0],
                           MAX_ETA)
         return jnp.sum(self.posterior_k(params, x) * jnp.exp(eta), axis=-1)
