@@ -100,7 +100,10 @@ def _float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="conceptshift", description=__doc__.splitlines()[0])
+    p = _Parser(prog="conceptshift", description=(
+        "Latent-concept-shift mixtures: fit them (fit), estimate a weakly labelled target's "
+        "q(y|x) from your own files (identify), run the paper's experiments (experiment, demo), "
+        "read saved posteriors (diagnose) and time the fits (bench)."))
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fit", help="fit a mixture to a CSV file (or token sequences: --family hmm) by EM")
@@ -175,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
 
     e = sub.add_parser("experiment", help="run one of the paper's experiments (a resumable sweep)")
-    e.add_argument("name", help="experiment name (see `conceptshift experiment list`)")
+    e.add_argument("name", help="experiment name; `list` lists them, `describe NAME` gives an "
+                                "experiment's knobs, defaults and run time")
+    e.add_argument("describe", nargs="?", metavar="NAME", help=argparse.SUPPRESS)
     e.add_argument("--config", type=Path, help="TOML file of knobs")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="override a knob (repeatable); lists are comma-separated")
@@ -611,14 +616,56 @@ def cmd_experiment(args) -> int:
     from .experiments import EXPERIMENTS
 
     if args.name == "list":
+        from rich.table import Table
+
+        from .experiments.knobs import RUNTIMES, summary
+
+        t = Table(title="Experiments (conceptshift experiment describe NAME: knobs and defaults)",
+                  title_justify="left", show_lines=False)
+        t.add_column("name", no_wrap=True)
+        t.add_column("what it measures")
+        t.add_column("run time (2 cores)")
         for name, mod in EXPERIMENTS.items():
-            print(f"{name:20s} {mod.__doc__.strip().splitlines()[0]}")
+            t.add_row(name, summary(mod), RUNTIMES.get(name, ""))
+        wide_console().print(t)
         return 0
+    if args.name == "describe":
+        return _describe_experiment(args.overrides, args.describe)
+    if args.describe is not None:
+        raise UsageError(f"unexpected argument {args.describe!r} after the experiment name")
     if args.name not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {args.name!r}; known: {', '.join(EXPERIMENTS)}")
     return _run_experiment(args.name, args.config, args.overrides,
                            args.out or Path("runs") / args.name, not args.no_progress,
                            float64=args.float64)
+
+
+def _describe_experiment(overrides, name) -> int:
+    from rich.table import Table
+
+    from .experiments import EXPERIMENTS
+    from .experiments.knobs import RUNTIMES, knob_help, summary
+
+    if name is None:
+        raise UsageError("describe needs an experiment name: conceptshift experiment describe NAME "
+                         f"({', '.join(EXPERIMENTS)})")
+    if name not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    mod = EXPERIMENTS[name]
+    out = wide_console()
+    out.print(f"[bold]{name}[/]: {summary(mod)}", width=min(out.width, 100))
+    if name in RUNTIMES:
+        out.print(f"Run time with the defaults: {RUNTIMES[name]} on 2 cores.")
+    hmm = "n_states" in mod.DEFAULTS
+    t = Table(title="Knobs (--set NAME=VALUE; lists comma-separated)", title_justify="left")
+    t.add_column("knob", no_wrap=True)
+    t.add_column("default")
+    t.add_column("meaning")
+    for knob, default in mod.DEFAULTS.items():
+        shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        t.add_row(knob, shown if shown else "[]", knob_help(knob, hmm))
+    out.print(t)
+    return 0
 
 
 def _run_experiment(name, config, overrides, out, progress, *, float64=False, intro=None) -> int:

@@ -113,3 +113,23 @@ def test_nan_cell_rejected(tmp_path, capsys):
     p.write_text("x,y\n1,2\n2,nan\n3,4\n")
     assert main(["fit", str(p), "-k", "1", "--y", "y", "--x", "x"]) == 2
     assert "line 3" in capsys.readouterr().err
+
+
+def test_experiment_list_and_describe_name_every_knob(capsys):
+    """`experiment list` gives whole first paragraphs and run times; `experiment describe NAME`
+    every knob with its default and meaning (a knob without a meaning fails here)."""
+    from conceptshift.experiments import EXPERIMENTS
+    from conceptshift.experiments.knobs import knob_help
+
+    assert main(["experiment", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and all(name in out for name in EXPERIMENTS)
+    for name, mod in EXPERIMENTS.items():
+        hmm = "n_states" in mod.DEFAULTS
+        assert all(knob_help(k, hmm) for k in mod.DEFAULTS)
+        assert main(["experiment", "describe", name]) == 0
+        out = capsys.readouterr().out
+        assert all(k in out for k in mod.DEFAULTS), name
+    assert main(["experiment", "describe"]) == 2
+    assert "needs an experiment name" in capsys.readouterr().err
+    assert main(["experiment", "consistency", "extra"]) == 2
