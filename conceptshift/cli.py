@@ -92,6 +92,17 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _components(text: str):
+    """K, or a range "A-B" (A <= B) as the list of its values."""
+    if "-" in text.strip()[1:]:
+        a, b = text.strip().split("-", 1)
+        lo, hi = _int(a), _int(b)
+        if lo > hi:
+            raise argparse.ArgumentTypeError(f"expected a range A-B with A <= B, got {text!r}")
+        return list(range(lo, hi + 1))
+    return _int(text)
+
+
 def _float(text: str) -> float:
     try:
         return parse_number(text)
@@ -112,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered family (softmax: experts with a softmax gate on x, flexmix's "
                         "concomitant model; logistic, binomial, categorical, poisson: GLM experts for "
                         "0/1, successes out of --trials, class and count responses)")
-    f.add_argument("--components", "-k", type=_int, required=True, help="K")
+    f.add_argument("--components", "-k", type=_components, required=True, metavar="K",
+                   help="K, or a range A-B: fit every K from A to B (one compiled program for the "
+                        "Gaussian-expert families), print BIC and ICL, and report the chosen fit")
+    f.add_argument("--criterion", choices=["bic", "icl"], default="bic",
+                   help="how --components A-B chooses K (lower is better; default bic)")
     f.add_argument("--y", help="response column (required unless --family hmm)")
     f.add_argument("--x", nargs="*", help="covariate column(s); none: intercept only")
     f.add_argument("--degree", type=_int,
@@ -254,6 +269,15 @@ def _fit_reporting_precision(fit, model, key, x, y, float32: bool, **kw):
 
 
 def cmd_fit(args) -> int:
+    k_range = args.components if isinstance(args.components, list) else None
+    if k_range is not None:
+        check_range("--components", k_range[0], 1, MAX_INT)
+        args.components = k_range[-1]  # the checks below hold for every K when they hold for B
+    elif args.criterion != "bic":
+        raise UsageError("--criterion chooses among a range of --components A-B")
+    args.k_range = k_range
+    if k_range is not None and "n_tokens" in _fields(args.family):
+        raise UsageError("--components A-B (choosing K) is not offered for --family hmm: fit each K")
     check_fit_args(args)
     if "n_tokens" in _fields(args.family):  # token sequences, not a table
         from .cli_hmm import cmd_fit_hmm
@@ -358,11 +382,28 @@ def cmd_fit(args) -> int:
     x = np.stack([cols[c] for c in read], axis=1) if read else None
     y = cols[args.y]
     console = Console(stderr=True)
-    with console.status(f"fitting K={args.components} by EM, {args.restarts} restarts...",
+    selection = None
+    what = f"K={args.components}" if k_range is None else f"K={k_range[0]}..{k_range[-1]}"
+    with console.status(f"fitting {what} by EM, {args.restarts} restarts...",
                         spinner="dots") if sys.stderr.isatty() and not args.json else _null():
-        result = _fit_reporting_precision(fit_em, model, jax.random.key(args.seed), x, y,
-                                          args.float32, restarts=args.restarts,
-                                          max_iter=args.max_iter, tol=args.tol)
+        if k_range is None:
+            result = _fit_reporting_precision(fit_em, model, jax.random.key(args.seed), x, y,
+                                              args.float32, restarts=args.restarts,
+                                              max_iter=args.max_iter, tol=args.tol)
+        else:
+            import dataclasses
+
+            from .inference import choose_components
+
+            def choose(m, key, x, y, **kw):
+                return choose_components(m, key, x, y, k_range, criterion=args.criterion, **kw)
+
+            selection = _fit_reporting_precision(choose, model, jax.random.key(args.seed), x, y,
+                                                 args.float32, restarts=args.restarts,
+                                                 max_iter=args.max_iter, tol=args.tol)
+            args.components = selection.best
+            model = dataclasses.replace(model, n_components=selection.best)
+            result = selection.fits[selection.best]
         with warnings.catch_warnings():  # said once already, by the fit
             warnings.simplefilter("ignore", DiscreteResponseWarning)
             summary = fit_summary(model, result, x, y, response_names=[args.y])
@@ -373,18 +414,38 @@ def cmd_fit(args) -> int:
         summary["trials"] = tc
     summary.update(data=str(args.data), y=args.y, x=xs, gate_x=(gx or xs) if gated else [],
                    degree=degree, seed=args.seed, restarts=args.restarts)
+    if selection is not None:
+        summary["selection"] = {"criterion": selection.criterion, "chosen": selection.best,
+                                "table": selection.table}
     if args.out is not None:
         write_json_atomic(args.out / "fit.json", summary)
     if args.json:
         print(dumps_strict(summary))
     else:
         out = wide_console()
+        if selection is not None:
+            _print_selection(out, selection)
         title = (f"{args.family} mixture of {args.y} on {', '.join(xs) or 'intercept'}"
                  f" (K = {args.components})")
         out.print(render_fit(summary, x_names=all_x, title=title))
         if args.out is not None:
             out.print(f"written: {args.out / 'fit.json'}")
     return 0
+
+
+def _print_selection(out, selection) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Choosing K: the lowest {selection.criterion.upper()} among the fits that are "
+                    f"not degenerate", title_justify="left")
+    for col in ("K", "log-likelihood", "BIC", "ICL", "converged", "restarts at best", ""):
+        t.add_column(col, justify="right" if col else "left")
+    for r in selection.table:
+        note = "chosen" if r["components"] == selection.best else (
+            "degenerate" if r["degenerate"] else "")
+        t.add_row(str(r["components"]), f"{r['loglik']:.4f}", f"{r['bic']:.4f}", f"{r['icl']:.4f}",
+                  "yes" if r["converged"] else "NO", str(r["restarts_at_best"]), note)
+    out.print(t)
 
 
 def _csv_header(path: Path) -> list[str]:

@@ -30,3 +30,12 @@ def rtol(f32: float, f64: float) -> float:
 # a test whose outcome does not depend on the precision (integer assignments, program structure,
 # jit/vmap plumbing): run once, in the float32 pass, to keep `make test` within its time budget
 once = pytest.mark.skipif(X64, reason="precision-independent: run once, in the float32 pass")
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_precision():
+    """The CLI run in-process sets JAX's precision for its fit (float64 unless --float32), also
+    when it then refuses the input: give every test the pass's precision back."""
+    yield
+    if bool(jax.config.jax_enable_x64) != X64:
+        jax.config.update("jax_enable_x64", X64)

@@ -478,3 +478,4 @@ def test_a_single_restart_at_the_best_optimum_warns():
         warn_single_optimum(one._replace(restarts_at_best=jnp.asarray(2, jnp.int32)))
         warn_single_optimum(one._replace(restart_loglik=one.restart_loglik[:1]))
         jax.jit(warn_single_optimum)(one)
+

@@ -117,3 +117,19 @@ def test_identify_refuses_bad_input_in_one_line(files, capsys, extra, needle):
     assert main(args + extra) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err, err
+
+
+@pytest.mark.slow  # a subprocess fitting K = 1..4
+def test_fit_components_range_chooses_k_on_npreg(data_dir):
+    """`fit --components 1-4` on flexmix's NPreg: BIC and ICL for each K, K = 2 chosen, its fit
+    flexmix's log Lik -642.532014."""
+    code, out, err = run_cli("fit", str(data_dir / "NPreg.csv"), "-k", "1-4", "--y", "yn", "--x",
+                             "x", "--degree", "2", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    sel = res["selection"]
+    assert sel["chosen"] == 2 and [r["components"] for r in sel["table"]] == [1, 2, 3, 4]
+    assert res["loglik"] == pytest.approx(-642.532014, abs=1e-5)
+    assert all(r["icl"] >= r["bic"] - 1e-9 for r in sel["table"])
+    code, _, err = run_cli("fit", str(data_dir / "NPreg.csv"), "-k", "4-2", "--y", "yn")
+    assert code == 2 and "A <= B" in err

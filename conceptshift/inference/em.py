@@ -7,7 +7,9 @@ arguments of the compiled function, so a second fit with new data of the same sh
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -231,14 +233,30 @@ def em_loop(step, params0, tol, max_iter: int, dtype, n):
     return params, n_iter, ll_tr, obj_tr, conv, bad
 
 
+def mask_weights(params, active: Array | None):
+    """The proportions restricted to the ``active`` components ((K,) bool; None: all): the others
+    get float's smallest normal number (log about -87 in float32: every density stays finite and
+    they take no point), the active ones are renormalised. EM's M-step for the proportions of a
+    mixture of the active components only (their Dirichlet prior included) is this map applied to
+    the full M-step: pi_k = (N_k + nu) / sum over the active (N_j + nu)."""
+    if active is None:
+        return params
+    lw = params.log_weights
+    tiny = jnp.log(jnp.asarray(jnp.finfo(lw.dtype).tiny, lw.dtype))
+    kept = jnp.where(active, lw, -jnp.inf)
+    kept = kept - jax.scipy.special.logsumexp(kept)
+    return params._replace(log_weights=jnp.where(active, kept, tiny))
+
+
 def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DEFAULT_BLOCK,
-            mesh=None, backend="xla") -> _Run:
+            mesh=None, backend="xla", active=None) -> _Run:
     stats_fn = make_stats_fn(model, x, y, w, stats, block_size=block_size, mesh=mesh,
                              backend=backend)
 
     def step(params):
         ll, ss = stats_fn(params)
-        return model.m_step_from_stats(ss, stats), ll, ll + model.log_prior(params, stats)
+        new = mask_weights(model.m_step_from_stats(ss, stats), active)
+        return new, ll, ll + model.log_prior(params, stats)
 
     params, n_iter, ll_tr, obj_tr, conv, failed = em_loop(step, params0, tol, max_iter, y.dtype,
                                                           jnp.sum(w))
@@ -250,24 +268,28 @@ def _run_em(model, x, y, w, stats, params0, tol, max_iter: int, *, block_size=DE
     return _Run(params, ll, obj, ll_tr, obj_tr, n_iter, converged)
 
 
-def _initial_params(model, key, x, y, w, stats, kind, init: str):
+def _initial_params(model, key, x, y, w, stats, kind, init: str, active=None):
     """M-step from initial responsibilities; ``kind`` (traced) picks the rule when init="mixed":
-    even restarts use k-means++ on (x, y), odd ones random-subset regressions."""
+    even restarts use k-means++ on (x, y), odd ones random-subset regressions. ``active``: (K,)
+    bool, the components in use (None: all)."""
     k1, k2 = jax.random.split(key)
     n, K = x.shape[0], model.n_components
     if init == "kmeans++":
-        r0 = kmeans_pp_responsibilities(k1, jnp.concatenate([x, y], axis=1), w, K)
+        r0 = kmeans_pp_responsibilities(k1, jnp.concatenate([x, y], axis=1), w, K, active=active)
     elif init == "subset":
-        r0 = subset_responsibilities(k2, model.design(x), y, w, K)
+        r0 = subset_responsibilities(k2, model.design(x), y, w, K, active=active)
     elif init == "random":
         r0 = random_responsibilities(k2, n, K, y.dtype)
+        if active is not None:
+            r0 = r0 * active[None, :]
+            r0 = r0 / jnp.sum(r0, axis=1, keepdims=True)
     else:
         r0 = jnp.where(
             kind == 0,
-            kmeans_pp_responsibilities(k1, jnp.concatenate([x, y], axis=1), w, K),
-            subset_responsibilities(k2, model.design(x), y, w, K),
+            kmeans_pp_responsibilities(k1, jnp.concatenate([x, y], axis=1), w, K, active=active),
+            subset_responsibilities(k2, model.design(x), y, w, K, active=active),
         )
-    return model.m_step(x, y, r0 * w[:, None], stats)
+    return mask_weights(model.m_step(x, y, r0 * w[:, None], stats), active)
 
 
 def standardise(model, x, y, w):
@@ -413,8 +435,12 @@ def check_em_args(key, restarts, max_iter, tol):
 
 
 def _fit_em_impl(model, key, x, y, w, std, tol, init_params, *, restarts, max_iter, init,
-                 block_size, mesh, backend):
-    """EM on standardised data (x, y) = (z, u); the result is mapped back through ``std``."""
+                 block_size, mesh, backend, n_active=None):
+    """EM on standardised data (x, y) = (z, u); the result is mapped back through ``std``.
+    ``n_active`` (traced int, or None for all): fit a mixture of the first n_active components
+    only (the others held at proportion ~0, :func:`mask_weights`), so that every number of
+    components up to K shares one compiled program (:func:`fit_em_range`)."""
+    active = None if n_active is None else jnp.arange(model.n_components) < n_active
     stats = model.data_stats(x, y, w)
     tol = jnp.asarray(tol, y.dtype)
     if init_params is not None:
@@ -424,15 +450,16 @@ def _fit_em_impl(model, key, x, y, w, std, tol, init_params, *, restarts, max_it
         keys = jax.random.split(key, restarts)
         kinds = jnp.arange(restarts) % 2
         params0 = jax.vmap(
-            lambda k, u: _initial_params(model, k, x, y, w, stats, u, init)
+            lambda k, u: _initial_params(model, k, x, y, w, stats, u, init, active)
         )(keys, kinds)
 
     runs = jax.vmap(
         lambda p: _run_em(model, x, y, w, stats, p, tol, max_iter, block_size=block_size,
-                          mesh=mesh, backend=backend)
+                          mesh=mesh, backend=backend, active=active)
     )(params0)
     degenerate = jax.vmap(
-        lambda p: jnp.any(model.degenerate_components(p, x, y, w, stats))
+        lambda p: jnp.any(model.degenerate_components(p, x, y, w, stats)
+                          & (True if active is None else active))
     )(runs.params)
     finite = jnp.isfinite(runs.objective)
     score = jnp.where(degenerate | ~finite, -jnp.inf, runs.loglik)
@@ -617,6 +644,58 @@ def fit_em(
         block_size=block_size, mesh=mesh, backend=backend,
     )
     return warn_single_optimum(check_finite_fit(result, map_error, u.dtype))
+
+
+@partial(jax.jit, static_argnames=("model", "restarts", "max_iter", "init", "block_size", "backend"))
+def _fit_em_range_jit(model, key, z, u, w, std, tol, n_active, *, restarts, max_iter, init, block_size,
+                      backend):
+    return jax.vmap(lambda nk: _fit_em_impl(
+        model, key, z, u, w, std, tol, None, restarts=restarts, max_iter=max_iter, init=init,
+        block_size=block_size, mesh=None, backend=backend, n_active=nk))(n_active)
+
+
+def fit_em_range(model, key, x, y, components, *, weights=None, restarts: int = 8,
+                 max_iter: int = 500, tol: float = 1e-8, init: str = "mixed",
+                 estep: str = "auto") -> dict:
+    """:func:`fit_em` at each number of components in ``components`` (e.g. ``range(1, 7)``), one
+    result per K: ``{K: EMResult}`` with each fit's parameters for K components and its BIC.
+
+    Families fitted by closed-form EM (``em_kind == "closed_form"``: the Gaussian-expert families)
+    fit every K in one compiled program: a mixture of max(components) components of which the
+    first K are active (the others held at proportion ~0, their starts and degeneracy checks
+    ignored), vmapped over K; it equals a K-component fit in distribution (the same starts' rules,
+    the same M-steps and prior). Other families fit each K in turn (a compile per K).
+    """
+    ks = sorted({check_int("components", k, minimum=1) for k in np.atleast_1d(
+        np.asarray(components, dtype=object)).tolist()}) if np.size(components) else []
+    if not ks:
+        raise ValueError("components must name at least one number of components")
+    kind = check_family(model, "fit_em_range", em_kinds=tuple(EM_KINDS)).em_kind
+    k_max = ks[-1]
+    big = dataclasses.replace(model, n_components=k_max)
+    if kind != "closed_form":
+        return {k: fit_em(dataclasses.replace(model, n_components=k), key, x, y, weights=weights,
+                          restarts=restarts, max_iter=max_iter, tol=tol, init=init, estep=estep)
+                for k in ks}
+    key, restarts, max_iter, tol = check_em_args(key, restarts, max_iter, tol)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    x, y, w = check_fit_data(big, x, y, weights)
+    z, u, w, std = standardise(big, x, y, w)
+    backend = resolve_backend(big, estep, u.dtype, platform_of(z))
+    results, map_errors = _fit_em_range_jit(
+        big, key, z, u, w, std, tol, jnp.asarray(ks, jnp.int32), restarts=restarts,
+        max_iter=max_iter, init=init, block_size=DEFAULT_BLOCK, backend=backend)
+    n = jnp.sum(w)
+    out = {}
+    for i, k in enumerate(ks):
+        mk = dataclasses.replace(model, n_components=k)
+        res = jax.tree_util.tree_map(lambda a, i=i: a[i], results)
+        params = jax.tree_util.tree_map(lambda a, k=k: a[:k], res.params)
+        params = params._replace(log_weights=jax.nn.log_softmax(params.log_weights))
+        res = res._replace(params=params, bic=-2.0 * res.loglik + mk.n_params * jnp.log(n))
+        out[k] = warn_single_optimum(check_finite_fit(res, map_errors[i], u.dtype))
+    return out
 
 
 def warn_single_optimum(result: EMResult) -> EMResult:

@@ -23,7 +23,13 @@ def _sq_dist(z: Array, centers: Array) -> Array:
     return jnp.maximum(zz - 2 * _p.mm(z, centers.T) + cc, 0.0)
 
 
-def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_lloyd: int = 10):
+def _masked(d: Array, active: Array | None) -> Array:
+    """Distances (N, K) with the inactive components' set to +inf (never the nearest)."""
+    return d if active is None else jnp.where(active[None, :], d, jnp.inf)
+
+
+def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_lloyd: int = 10,
+                               active: Array | None = None):
     """Hard responsibilities (N, K) from k-means++ seeding on standardised z followed by Lloyd steps.
 
     Args:
@@ -32,6 +38,8 @@ def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_llo
       w: (N,) non-negative sample weights.
       n_components: K.
       n_lloyd: number of Lloyd iterations after seeding.
+      active: optional (K,) bool, the components in use (the first ones): the others get no point
+        (the seeding is sequential, so the active centres are k-means++'s with that many).
     """
     K = n_components
     z = _standardise(z, w)
@@ -55,13 +63,14 @@ def kmeans_pp_responsibilities(key, z: Array, w: Array, n_components: int, n_llo
     centers, _ = jax.lax.fori_loop(1, K, seed, (centers, d2))
 
     def lloyd(_, centers):
-        onehot = jax.nn.one_hot(jnp.argmin(_sq_dist(z, centers), -1), K, dtype=z.dtype)
+        onehot = jax.nn.one_hot(jnp.argmin(_masked(_sq_dist(z, centers), active), -1), K,
+                                dtype=z.dtype)
         mass = _p.mm(onehot.T, w)
         sums = _p.mm((onehot * w[:, None]).T, z)
         return jnp.where(mass[:, None] > 0, sums / jnp.where(mass > 0, mass, 1.0)[:, None], centers)
 
     centers = jax.lax.fori_loop(0, n_lloyd, lloyd, centers)
-    return jax.nn.one_hot(jnp.argmin(_sq_dist(z, centers), -1), K, dtype=z.dtype)
+    return jax.nn.one_hot(jnp.argmin(_masked(_sq_dist(z, centers), active), -1), K, dtype=z.dtype)
 
 
 def random_responsibilities(key, n: int, n_components: int, dtype) -> Array:
@@ -69,11 +78,13 @@ def random_responsibilities(key, n: int, n_components: int, dtype) -> Array:
     return jax.random.dirichlet(key, jnp.ones((n_components,), dtype), (n,)).astype(dtype)
 
 
-def subset_responsibilities(key, phi: Array, y: Array, w: Array, n_components: int) -> Array:
+def subset_responsibilities(key, phi: Array, y: Array, w: Array, n_components: int,
+                            active: Array | None = None) -> Array:
     """Hard responsibilities (N, K) from K regressions, each fitted exactly to P + 1 random points.
 
     Suited to mixtures of regressions, whose components (e.g. crossing lines) need not be clusters
-    in (x, y). Each point goes to the line with the smallest standardised squared residual.
+    in (x, y). Each point goes to the line with the smallest standardised squared residual (among
+    the ``active`` components, (K,) bool, when given).
     """
     K = n_components
     N, P = phi.shape
@@ -87,4 +98,4 @@ def subset_responsibilities(key, phi: Array, y: Array, w: Array, n_components: i
     n = jnp.sum(w)
     y_var = _p.mm(w, (y - (_p.mm(w, y) / n)[None, :]) ** 2) / n
     score = jnp.sum(resid**2 / jnp.where(y_var > 0, y_var, 1.0)[None, None, :], -1)
-    return jax.nn.one_hot(jnp.argmin(score, -1), K, dtype=phi.dtype)
+    return jax.nn.one_hot(jnp.argmin(_masked(score, active), -1), K, dtype=phi.dtype)
