@@ -73,7 +73,9 @@ def _entry(model, key, caller: str):
 
 
 def _weighted(*samples):
-    return tuple(None if d is None else Data(*d).weighted() for d in samples)
+    """Each :class:`Data` with its weights filled in; anything else is left for the estimator's
+    own checks to refuse."""
+    return tuple(d.weighted() if isinstance(d, Data) else d for d in samples)
 
 
 ESTIMATORS = (
@@ -108,12 +110,16 @@ class Data(NamedTuple):
     w: Array | None = None
 
     def weighted(self) -> Data:
-        """The same sample with its weights filled in (unit weights where ``w`` is None)."""
-        if self.w is not None:
-            return self
-        x = jnp.asarray(self.x)
+        """The same sample with its weights filled in (unit weights where ``w`` is None) and a 1-D
+        x (one covariate per row) as a column."""
+        out = self
+        if getattr(self.x, "ndim", 2) == 1:
+            out = out._replace(x=self.x[:, None])
+        if out.w is not None:
+            return out
+        x = jnp.asarray(out.x)
         dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else float_dtype()
-        return self._replace(w=jnp.ones(x.shape[:1], dtype))
+        return out._replace(w=jnp.ones(x.shape[:1], dtype))
 
 
 def as_data(sample, w=None) -> Data:
