@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "poisson (counts), gated / softmax (experts with a gate on x)")
     i.add_argument("--degree", type=_int, help="polynomial degree in x (families that have one; "
                                                "default 1)")
-    i.add_argument("--restarts", type=_int, default=10)
-    i.add_argument("--max-iter", type=_int, default=1000)
+    i.add_argument("--restarts", type=_int, default=10, help="EM restarts per domain (default 10)")
+    i.add_argument("--max-iter", type=_int, default=1000, help="EM iterations per restart at most")
     i.add_argument("--tol", type=_float, default=1e-10, help="relative tolerance on the objective")
     i.add_argument("--seed", type=_int, default=0, help=f"0..{MAX_SEED}")
     i.add_argument("--predict", type=Path, metavar="NEW.csv",
@@ -559,8 +559,10 @@ def cmd_identify(args) -> int:
     predict = None
     if new is not None:
         xn = table(new, len(new[xs[0]]))
-        mean = result.predict(xn)
-        predict = {"mean": mean.tolist()}
+        # the mean of q(y|x) where y has one; the class probabilities (one list per row) where not
+        has_mean = hasattr(result.model, "conditional_mean")
+        key = "mean" if has_mean else "proba"
+        predict = {key: (result.predict(xn) if has_mean else result.predict_proba(xn)).tolist()}
         if boot is not None:
             lower, upper = boot.interval(xn, 0.9)
             predict.update(lower=lower.tolist(), upper=upper.tolist())
@@ -576,7 +578,7 @@ def cmd_identify(args) -> int:
         if predict is not None:
             write_atomic(args.out / "predictions.csv", _predictions_csv(xs, new, predict))
             written.append(args.out / "predictions.csv")
-        if len(xs) == 1:
+        if len(xs) == 1 and hasattr(result.model, "conditional_mean"):
             _identify_figure(args.out / "identify.png", result, boot, xs[0], args.y_weak,
                              xt_[:, 0], tgt[args.y_weak], new, xs_[:, 0], src[args.y])
             written.append(args.out / "identify.png")
@@ -590,15 +592,28 @@ def cmd_identify(args) -> int:
     return 0
 
 
+def _prediction_columns(predict) -> tuple[list[str], list[list[float]]]:
+    """The predictions as named columns: ``mean`` (and ``lower``, ``upper``), or for class
+    probabilities ``p_c`` (and ``lower_c``, ``upper_c``) per class c."""
+    if "mean" in predict:
+        names = [k for k in ("mean", "lower", "upper") if k in predict]
+        return names, [predict[k] for k in names]
+    n_classes = len(predict["proba"][0])
+    names, cols = [], []
+    for key, label in (("proba", "p"), ("lower", "lower"), ("upper", "upper")):
+        if key in predict:
+            for c in range(n_classes):
+                names.append(f"{label}_{c}")
+                cols.append([row[c] for row in predict[key]])
+    return names, cols
+
+
 def _predictions_csv(xs, new, predict) -> str:
-    cols = list(xs) + [k for k in ("mean", "lower", "upper") if k in predict]
-    rows = [",".join(cols)]
-    n = len(predict["mean"])
-    for r in range(n):
-        vals = [repr(float(new[c][r])) for c in xs] + [repr(float(predict[k][r]))
-                                                        for k in ("mean", "lower", "upper")
-                                                        if k in predict]
-        rows.append(",".join(vals))
+    names, cols = _prediction_columns(predict)
+    rows = [",".join(list(xs) + names)]
+    for r in range(len(cols[0])):
+        rows.append(",".join([repr(float(new[c][r])) for c in xs] + [repr(float(col[r]))
+                                                                    for col in cols]))
     return "\n".join(rows) + "\n"
 
 
@@ -629,18 +644,16 @@ def _print_identify(out, summary, result, boot, xs, new, predict) -> None:
     out.print(line)
     if predict is None:
         return
-    p = Table(title="Mean of q(y|x)" + (" with 90% bootstrap intervals" if "lower" in predict
-                                          else ""), title_justify="left")
-    for c in xs:
+    names, cols = _prediction_columns(predict)
+    what = "Mean of q(y|x)" if "mean" in predict else "q(y = c | x) for each class c"
+    p = Table(title=what + (" with 90% bootstrap intervals" if "lower" in predict else ""),
+              title_justify="left")
+    for c in list(xs) + names:
         p.add_column(c, justify="right")
-    for k in ("mean", "lower", "upper"):
-        if k in predict:
-            p.add_column(k, justify="right")
-    n = len(predict["mean"])
+    n = len(cols[0])
     shown = min(n, 20)
     for r in range(shown):
-        p.add_row(*(f"{new[c][r]:.6g}" for c in xs),
-                  *(f"{predict[k][r]:.6g}" for k in ("mean", "lower", "upper") if k in predict))
+        p.add_row(*(f"{new[c][r]:.6g}" for c in xs), *(f"{col[r]:.6g}" for col in cols))
     out.print(p)
     if shown < n:
         out.print(f"... {n - shown} more rows: --json or --out (predictions.csv) has them all")

@@ -133,3 +133,38 @@ def test_fit_components_range_chooses_k_on_npreg(data_dir):
     assert all(r["icl"] >= r["bic"] - 1e-9 for r in sel["table"])
     code, _, err = run_cli("fit", str(data_dir / "NPreg.csv"), "-k", "4-2", "--y", "yn")
     assert code == 2 and "A <= B" in err
+
+
+@pytest.mark.slow  # a subprocess with two categorical fits and a bootstrap
+def test_identify_categorical_prints_class_probabilities(tmp_path):
+    """A family without a mean (categorical y): the predictions are q(y = c | x) per class, with
+    intervals per class, as p_c / lower_c / upper_c columns."""
+    rng = np.random.default_rng(1)
+
+    def write(path, n, pi, strong):
+        k = rng.choice(2, n, p=pi)
+        x = rng.normal(size=n)
+        cols = [x]
+        for slope in ((3.0,) if strong else ()) + (2.0,):
+            logits = np.stack([np.zeros(n), np.where(k == 0, slope * x, -slope * x),
+                               np.where(k == 0, 1.0, -1.0)], 1)
+            p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+            cols.append((rng.random(n)[:, None] > np.cumsum(p, 1)).sum(1))
+        header = "x,y,yw" if strong else "x,yw"
+        np.savetxt(path, np.stack(cols, 1), delimiter=",", header=header, comments="",
+                   fmt=["%.6f"] + ["%d"] * (len(cols) - 1))
+
+    write(tmp_path / "s.csv", 1000, [0.7, 0.3], True)
+    write(tmp_path / "t.csv", 1000, [0.3, 0.7], False)
+    np.savetxt(tmp_path / "n.csv", np.linspace(-1, 1, 3)[:, None], header="x", comments="")
+    code, out, err = run_cli("identify", "--source", str(tmp_path / "s.csv"), "--target",
+                             str(tmp_path / "t.csv"), "--y", "y", "--y-weak", "yw", "--x", "x",
+                             "-k", "2", "--family", "categorical", "--predict",
+                             str(tmp_path / "n.csv"), "--bootstrap", "10", "--restarts", "4",
+                             "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    rows = (tmp_path / "o" / "predictions.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["x", "p_0", "p_1", "p_2"] and len(rows) == 4
+    p = np.asarray([[float(v) for v in r.split(",")[1:4]] for r in rows[1:]])
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-9)
+    assert not (tmp_path / "o" / "identify.png").exists()

@@ -88,6 +88,13 @@ class TargetFit:
                             f"{type(self.model).__name__} has none (use predictor.log_probs)")
         return np.asarray(self.predictor.mean(self.model.covariates(x)))
 
+    def predict_proba(self, x) -> np.ndarray:
+        """q̂(y = c | x) for every class c of a categorical y, (N, C)."""
+        if not hasattr(self.model, "conditional_log_probs"):
+            raise TypeError(f"predict_proba needs a family with class labels; "
+                            f"{type(self.model).__name__} has none (use predict)")
+        return np.exp(np.asarray(self.predictor.log_probs(self.model.covariates(x))))
+
     def summary(self) -> dict:
         """The fit as plain Python values (JSON-able): ``assignment``, ``margin``, ``match``,
         ``target_weights``, ``source`` and ``target`` (each fit's log-likelihood, convergence,
@@ -148,12 +155,21 @@ class TargetBootstrap:
         x = self.model.covariates(x)
         return np.asarray(_draw_means(self.model, self.params, x))
 
+    def predict_proba(self, x) -> np.ndarray:
+        """Each draw's q̂(y = c | x) for a categorical y, (n_boot, N, C)."""
+        if not hasattr(self.model, "conditional_log_probs"):
+            raise TypeError(f"predict_proba needs a family with class labels; "
+                            f"{type(self.model).__name__} has none")
+        x = self.model.covariates(x)
+        return np.exp(np.asarray(_draw_log_probs(self.model, self.params, x)))
+
     def interval(self, x, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-        """Equal-tailed percentile intervals of the mean of q̂(y | x) at ``level``, each (N,)."""
+        """Equal-tailed percentile intervals at ``level`` of the mean of q̂(y | x), each (N,), or
+        for a family without a mean (categorical y) of q̂(y = c | x), each (N, C)."""
         level = check_float("level", level, positive=True)
         if not level < 1:
             raise ValueError(f"level must lie in (0, 1), got {level}")
-        draws = self.predict(x)
+        draws = self.predict(x) if hasattr(self.model, "conditional_mean") else self.predict_proba(x)
         a = (1 - level) / 2
         return np.quantile(draws, a, axis=0), np.quantile(draws, 1 - a, axis=0)
 
@@ -165,6 +181,15 @@ def _draw_means_impl(predictors, x):
 
 def _draw_means(model, params, x):
     return _draw_means_impl(Predictor(model, params), x)
+
+
+@jax.jit
+def _draw_log_probs_impl(predictors, x):
+    return jax.vmap(lambda p: p.log_probs(x))(predictors)
+
+
+def _draw_log_probs(model, params, x):
+    return _draw_log_probs_impl(Predictor(model, params), x)
 
 
 @partial(jax.jit, static_argnames=("model", "match"))
