@@ -15,7 +15,9 @@ truth                  the true parameters, q_mean = q(x) and log_lik = log q(y_
 
 :func:`diagnose` summarises it (R-hat, ESS, ELPD by PSIS-LOO under q̂ and the truth's test
 log-likelihood, PIT calibration, coverage of q(x) by HDIs); :func:`plot_posterior` draws the q̂(x)
-band against q(x), a posterior predictive check and rank plots.
+band against q(x), a posterior predictive check and rank plots. R-hat, ESS, rank plots and
+PSIS-LOO are for Markov chains only: a tree of independent draws (bootstrap refits, a variational
+guide's draws; the root attribute ``draws``, :func:`draws_kind`) gets the rest.
 """
 
 from __future__ import annotations
@@ -70,13 +72,29 @@ def _draw_fns(model):
 _FNS: dict = {}
 
 
+DRAWS = ("mcmc", "independent")
+
+
+def draws_kind(dt) -> str:
+    """``"mcmc"`` (chains of a Markov chain: R-hat, ESS, rank plots and PSIS-LOO apply) or
+    ``"independent"`` (bootstrap refits, a variational guide's draws: none of those apply), from
+    the tree's ``draws`` attribute; a tree without it is independent when it has one chain."""
+    kind = dt.attrs.get("draws")
+    if kind in DRAWS:
+        return kind
+    return "independent" if dt["posterior"].sizes.get("chain", 1) < 2 else "mcmc"
+
+
 def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict | None = None,
-                       truth=None, name: str = "qhat", attrs: dict | None = None):
+                       truth=None, name: str = "qhat", attrs: dict | None = None,
+                       draws_kind: str = "mcmc"):
     """The DataTree described in the module docs.
 
     Args:
       model: a single-head family (q̂'s family).
       draws: its parameters with leading (chain, draw) axes.
+      draws_kind: ``"mcmc"`` (Markov chains) or ``"independent"`` (bootstrap refits, guide
+        draws: one chain of independent draws), stored as the root attribute ``draws``.
       x_test, y_test: gold test data (N, D) and (N,).
       key: for the posterior predictive draws.
       sample_stats: arrays of shape (chain, draw), e.g. ``MCMCResult.sample_stats``.
@@ -88,6 +106,8 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
 
     if model.n_heads != 1:
         raise ValueError(f"model must have one head (q̂'s family), got n_heads={model.n_heads}")
+    if draws_kind not in DRAWS:
+        raise ValueError(f"draws_kind must be one of {DRAWS}, got {draws_kind!r}")
     x_test = jnp.asarray(x_test)
     y_test = jnp.asarray(y_test, x_test.dtype)
     if x_test.ndim != 2 or y_test.shape != (x_test.shape[0],):
@@ -128,6 +148,7 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
         if "gate_cov" in tv:
             tcoords["feature_bis"] = coords["feature_bis"]
         dt["truth"] = xr.DataTree(xr.Dataset(data, coords=tcoords))
+    dt.attrs["draws"] = draws_kind
     for k, v in (attrs or {}).items():
         dt.attrs[k] = v
     return dt
@@ -252,11 +273,14 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
     from arviz_stats import loo, summary
 
     names = [v for v in PARAM_VARS if v in dt["posterior"].data_vars]
-    table = summary(dt, var_names=names, kind="all", round_to="none")
-    out = {"summary": table,
-           "max_rhat": _finite_extreme(table["r_hat"], np.max),
-           "min_ess_bulk": _finite_extreme(table["ess_bulk"], np.min),
-           "min_ess_tail": _finite_extreme(table["ess_tail"], np.min)}
+    mcmc = draws_kind(dt) == "mcmc"
+    table = summary(dt, var_names=names, kind="all" if mcmc else "stats", round_to="none")
+    out = {"summary": table, "draws": "Markov chains" if mcmc else "independent draws",
+           "n_draws": int(dt["posterior"].sizes["chain"] * dt["posterior"].sizes["draw"])}
+    if mcmc:
+        out.update(max_rhat=_finite_extreme(table["r_hat"], np.max),
+                   min_ess_bulk=_finite_extreme(table["ess_bulk"], np.min),
+                   min_ess_tail=_finite_extreme(table["ess_tail"], np.min))
     ll = dt["log_likelihood"]["y"].values  # (C, S, N)
     n = ll.shape[-1]
     flat = ll.reshape(-1, n)
@@ -265,12 +289,13 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
     out["n_test"] = int(n)
     out["elpd_test"] = float(np.sum(lppd))
     out["elpd_test_se"] = float(np.sqrt(n) * np.std(lppd))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        elpd = loo(dt, var_name="y")
-    out["elpd_loo"] = float(elpd.elpd)
-    out["elpd_loo_se"] = float(elpd.se)
-    out["pareto_k_max"] = float(np.max(np.asarray(elpd.pareto_k)))
+    if mcmc:  # PSIS-LOO reweights posterior draws; bootstrap or guide draws are not those
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            elpd = loo(dt, var_name="y")
+        out["elpd_loo"] = float(elpd.elpd)
+        out["elpd_loo_se"] = float(elpd.se)
+        out["pareto_k_max"] = float(np.max(np.asarray(elpd.pareto_k)))
     pit = pit_values(dt)
     out["pit_ks"], out["pit_ks_pvalue"] = ks_uniform(pit)
     if "truth" in dt.children:
@@ -288,7 +313,7 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
 def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[str]:
     """Figures into ``out_dir``: ``{prefix}band.png`` (q̂(x) band against q(x), one-dimensional x
     only), ``{prefix}ppc.png`` (posterior predictive check), ``{prefix}rank.png`` (rank plots of the
-    proportions and scales). Returns the paths written."""
+    proportions and scales; Markov chains only). Returns the paths written."""
     import arviz_plots as azp
     from arviz_stats import hdi
 
@@ -327,11 +352,12 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
         pc.savefig(p, dpi=100)
         paths.append(str(p))
         plt.close("all")
-        pc = azp.plot_rank(dt, var_names=["weights", "scale"], backend="matplotlib")
-        p = out_dir / f"{prefix}rank.png"
-        pc.savefig(p, dpi=100)
-        paths.append(str(p))
-        plt.close("all")
+        if draws_kind(dt) == "mcmc":  # rank plots compare chains: none for independent draws
+            pc = azp.plot_rank(dt, var_names=["weights", "scale"], backend="matplotlib")
+            p = out_dir / f"{prefix}rank.png"
+            pc.savefig(p, dpi=100)
+            paths.append(str(p))
+            plt.close("all")
     return paths
 
 
@@ -345,11 +371,12 @@ def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True, dt=None) 
     if dt is None:
         dt = load_posterior(path)
     d = diagnose(dt, prob=prob)
-    head = Table(title=f"{path.name}: {dt.attrs.get('method', '')}", title_justify="left")
+    head = Table(title=f"{path.name}: {dt.attrs.get('method', '')} ({d['draws']})",
+                 title_justify="left")
     head.add_column("diagnostic")
     head.add_column("value", justify="right")
     for k, v in d.items():
-        if k != "summary":
+        if k not in ("summary", "draws"):
             head.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     table = d["summary"]
     summ = Table(title="parameters", title_justify="left")
