@@ -151,7 +151,7 @@ def test_datatree_groups_and_netcdf_round_trip(boot_run, tmp_path):
     assert set(dt.children) == {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",
                                 "observed_data", "constant_data", "truth"}
     assert dt["posterior"]["q_mean"].dims == ("chain", "draw", "obs")
-    assert dt["truth"]["coef"].dims == ("component", "head", "term")
+    assert dt["truth"]["coef"].dims == ("component", "term")
     path = tmp_path / "run" / "posterior.nc"
     write_datatree(dt, path)
     back = read_datatree(path)
@@ -452,3 +452,20 @@ def test_independent_draws_get_no_chain_diagnostics(boot_run, tmp_path):
     assert main(["diagnose", str(tmp_path), "--no-figures"]) == 0
     with pytest.raises(ValueError, match="draws_kind"):
         posterior_datatree(M1, one, sim.test.x, sim.test.y, jax.random.key(4), draws_kind="iid")
+
+
+@once
+def test_truth_is_aligned_to_the_posteriors_labels_without_size_1_dims(boot_run):
+    """Draws in another component order than the truth: the truth group follows the draws'
+    labels (its permutation recorded), q̂'s one head leaves no size-1 dimension, and the
+    variables carry a long name."""
+    prob, sim, _, draws, _ = boot_run
+    swapped = jax.tree_util.tree_map(lambda a: a[:, :, ::-1], draws)
+    dt = posterior_datatree(M1, swapped, sim.test.x, sim.test.y, jax.random.key(4), truth=prob)
+    assert dt["truth"].attrs["truth_permutation"] == "1,0"
+    np.testing.assert_allclose(dt["truth"]["weights"].values,
+                               dt["posterior"]["weights"].mean(("chain", "draw")).values, atol=0.05)
+    assert dt["posterior"]["coef"].dims == ("chain", "draw", "component", "term")
+    assert all(n > 1 for v in dt["posterior"].data_vars.values() for n in v.shape[2:])
+    assert dt["posterior"]["weights"].attrs["long_name"].startswith("proportion")
+    assert list(dt["posterior"]["coef"].term.values) == ["Intercept", "x1"]

@@ -11,7 +11,8 @@ posterior_predictive   y ~ q̂(y | x) at the gold test x, one per draw
 log_likelihood         y: log q̂(y_test | x_test) per draw (for PSIS-LOO)
 observed_data          y: the gold test responses
 constant_data          x: the gold test covariates
-truth                  the true parameters, q_mean = q(x) and log_lik = log q(y_test | x_test)
+truth                  the true parameters (components in the posterior's order, attribute
+                       truth_permutation), q_mean = q(x) and log_lik = log q(y_test | x_test)
 
 :func:`diagnose` summarises it (R-hat, ESS, ELPD by PSIS-LOO under q̂ and the truth's test
 log-likelihood, PIT calibration, coverage of q(x) by HDIs); :func:`plot_posterior` draws the q̂(x)
@@ -38,8 +39,8 @@ def _dims(K, H, P, D, prefix=("chain", "draw")):
     pre = list(prefix)
     return {
         "weights": pre + ["component"],
-        "coef": pre + ["component", "head", "term"],
-        "scale": pre + ["component", "head"],
+        "coef": pre + ["component", "term"],
+        "scale": pre + ["component"],
         "gate_mean": pre + ["component", "feature"],
         "gate_cov": pre + ["component", "feature", "feature_bis"],
         "gate_weights": pre + ["component", "feature"],
@@ -47,15 +48,30 @@ def _dims(K, H, P, D, prefix=("chain", "draw")):
 
 
 def _param_arrays(params) -> dict:
+    """q̂'s parameters as arrays (one head: its size-1 axis dropped)."""
     out = {"weights": np.exp(np.asarray(params.log_weights, np.float64)),
-           "coef": np.asarray(params.coef, np.float64),
-           "scale": np.exp(np.asarray(params.log_scale, np.float64))}
+           "coef": np.asarray(params.coef, np.float64)[..., 0, :],
+           "scale": np.exp(np.asarray(params.log_scale, np.float64))[..., 0]}
     if hasattr(params, "gate_mean"):
         out["gate_mean"] = np.asarray(params.gate_mean, np.float64)
         out["gate_cov"] = np.asarray(params.gate_cov, np.float64)
     if hasattr(params, "gate_weights"):
         out["gate_weights"] = np.asarray(params.gate_weights, np.float64)
     return out
+
+
+def _aligned_truth(model, true, flat_draws):
+    """The true parameters with their components in the posterior's order: the permutation that
+    matches the truth's components to the draws' mean per-component vectors
+    (``model.relabel_vectors``) at the least total squared distance. Returns (params, perm), perm[k]
+    the true component shown as component k."""
+    from ..inference.matching import optimal_assignment
+
+    vec = np.asarray(jax.vmap(model.relabel_vectors)(flat_draws), np.float64).mean(0)
+    tv = np.asarray(model.relabel_vectors(true), np.float64)
+    cost = np.sum((vec[:, None, :] - tv[None, :, :]) ** 2, axis=-1)
+    perm = np.asarray(optimal_assignment(cost))
+    return model.permute(true, jnp.asarray(perm)), perm
 
 
 def _draw_fns(model):
@@ -73,6 +89,17 @@ _FNS: dict = {}
 
 
 DRAWS = ("mcmc", "independent")
+VARIABLE_ATTRS = {
+    "weights": ("proportion pi_k", "the target's proportion of concept k (q̂: the source component "
+                                   "under the matched target proportion)"),
+    "coef": ("expert coefficients beta_k", "the strong head's coefficients of component k, by term"),
+    "scale": ("noise standard deviation sigma_k", "the strong head's noise scale of component k"),
+    "gate_mean": ("gate mean m_k", "the Gaussian gate's mean of x for component k"),
+    "gate_cov": ("gate covariance S_k", "the Gaussian gate's covariance of x for component k"),
+    "gate_weights": ("gate slopes W_k", "the softmax gate's slopes of component k"),
+    "q_mean": ("q̂(x)", "the mean of q̂(y | x) at each gold test x"),
+    "log_lik": ("log q(y | x)", "the truth's log-density of each gold test point"),
+}
 
 
 def draws_kind(dt) -> str:
@@ -129,7 +156,8 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
     groups = {"posterior": post, "posterior_predictive": {"y": ypp}, "log_likelihood": {"y": logp}}
     if sample_stats:
         groups["sample_stats"] = {k: np.asarray(v) for k, v in sample_stats.items()}
-    coords = {"component": np.arange(K), "head": np.arange(H), "term": list(model.coef_names),
+    terms = ["Intercept" if t == "1" else t for t in model.coef_names]
+    coords = {"component": np.arange(K), "term": terms,
               "obs": np.arange(N), "feature": np.arange(D), "feature_bis": np.arange(D)}
     dt = from_dict(groups, name=name, coords=coords, dims=dims)
     dt["observed_data"] = xr.DataTree(xr.Dataset(
@@ -138,16 +166,21 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
         {"x": (("obs", "feature"), np.asarray(x_test, np.float64))},
         coords={"obs": np.arange(N), "feature": np.arange(D)}))
     if truth is not None:
-        true = truth.heads("q", "strong")
+        true, perm = _aligned_truth(model, truth.heads("q", "strong"), flat)
+        dt_attrs_truth = {"truth_permutation": ",".join(str(int(i)) for i in perm)}
         tv = _param_arrays(true)
         tdims = _dims(K, H, P, D, prefix=())
         data = {k: (tuple(tdims[k]), v) for k, v in tv.items()}
         data["q_mean"] = (("obs",), np.asarray(truth.true_mean(x_test), np.float64))
         data["log_lik"] = (("obs",), np.asarray(truth.true_log_prob(x_test, y_test), np.float64))
-        tcoords = {c: coords[c] for c in ("component", "head", "term", "obs", "feature")}
+        tcoords = {c: coords[c] for c in ("component", "term", "obs", "feature")}
         if "gate_cov" in tv:
             tcoords["feature_bis"] = coords["feature_bis"]
-        dt["truth"] = xr.DataTree(xr.Dataset(data, coords=tcoords))
+        dt["truth"] = xr.DataTree(xr.Dataset(data, coords=tcoords, attrs=dt_attrs_truth))
+    for var, (long_name, meaning) in VARIABLE_ATTRS.items():
+        for group in ("posterior", "truth"):
+            if group in dt.children and var in dt[group].data_vars:
+                dt[group][var].attrs.update(long_name=long_name, description=meaning)
     dt.attrs["draws"] = draws_kind
     for k, v in (attrs or {}).items():
         dt.attrs[k] = v
