@@ -340,6 +340,10 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
         out["reg_error"] = float(np.mean((q_hat - dt["truth"]["q_mean"].values) ** 2))
     if "sample_stats" in dt.children and "diverging" in dt["sample_stats"].data_vars:
         out["divergences"] = int(np.sum(dt["sample_stats"]["diverging"].values))
+    if mcmc and "sample_stats" in dt.children and "energy" in dt["sample_stats"].data_vars:
+        from arviz_stats import bfmi
+
+        out["bfmi_min"] = float(np.min(bfmi(dt)["energy"].values))  # below 0.3: poor exploration
     return out
 
 

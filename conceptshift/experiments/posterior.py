@@ -151,10 +151,20 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
         sr = fit_nuts(m2, ks, sim.source.x, ys, init_params=sfit.params, **kw)
         tr = fit_nuts(m1, kt, sim.target.x, sim.target.y_weak, init_params=tfit.params, **kw)
         q, _ = identification_draws(m1, sr.params, tr.params, n_batch=2)
-        stats = {"diverging": sr.sample_stats["diverging"] | tr.sample_stats["diverging"]}
-        for who, r in (("source", sr), ("target", tr)):
-            for k in ("lp", "acceptance_rate", "n_steps", "step_size"):
-                stats[f"{who}_{k}"] = r.sample_stats[k]
+        # ArviZ's standard names for the pair of chains behind each q̂ draw (the source and target
+        # fits are independent, so the pair's log density and energy are the sums), and each fit's
+        # own statistics under its prefix
+        ss, ts = sr.sample_stats, tr.sample_stats
+        stats = {"diverging": ss["diverging"] | ts["diverging"],
+                 "lp": ss["lp"] + ts["lp"],
+                 "energy": ss["energy"] + ts["energy"],
+                 "acceptance_rate": np.minimum(ss["acceptance_rate"], ts["acceptance_rate"]),
+                 "n_steps": ss["n_steps"] + ts["n_steps"],
+                 "tree_depth": np.maximum(*(np.ceil(np.log2(np.asarray(r["n_steps"]) + 1))
+                                            for r in (ss, ts))).astype(np.int64)}
+        for who, r in (("source", ss), ("target", ts)):
+            for k in ("lp", "acceptance_rate", "n_steps", "step_size", "energy"):
+                stats[f"{who}_{k}"] = r[k]
         extra = {"fit_seconds": time.perf_counter() - t0,
                  "relabelled_draws_source": float(np.mean(np.any(
                      np.asarray(sr.perms) != np.arange(m1.n_components), -1))),
