@@ -469,3 +469,23 @@ def test_truth_is_aligned_to_the_posteriors_labels_without_size_1_dims(boot_run)
     assert all(n > 1 for v in dt["posterior"].data_vars.values() for n in v.shape[2:])
     assert dt["posterior"]["weights"].attrs["long_name"].startswith("proportion")
     assert list(dt["posterior"]["coef"].term.values) == ["Intercept", "x1"]
+
+
+@once
+def test_matching_group_flags_chains_that_settle_in_different_matchings(boot_run, tmp_path):
+    prob, sim, _, draws, _ = boot_run
+    same = np.broadcast_to(np.array([0, 1]), (2, 100, 2))
+    split = np.stack([np.broadcast_to([0, 1], (100, 2)), np.broadcast_to([1, 0], (100, 2))])
+    d_same = diagnose(posterior_datatree(M1, draws, sim.test.x, sim.test.y, jax.random.key(4),
+                                         assignments=same))
+    assert d_same["matching_share"] == 1.0 and d_same["matchings_seen"] == 1
+    assert d_same["chains_disagree"] is False
+    dt = posterior_datatree(M1, draws, sim.test.x, sim.test.y, jax.random.key(4), assignments=split)
+    d = diagnose(dt)
+    assert d["matching_share"] == 0.5 and d["matchings_seen"] == 2 and d["chains_disagree"] is True
+    write_datatree(dt, tmp_path / "m.nc")
+    np.testing.assert_array_equal(read_datatree(tmp_path / "m.nc")["matching"]["assignment"].values,
+                                  split)
+    with pytest.raises(ValueError, match="assignments"):
+        posterior_datatree(M1, draws, sim.test.x, sim.test.y, jax.random.key(4),
+                           assignments=same[:, :10])

@@ -11,6 +11,7 @@ posterior_predictive   y ~ q̂(y | x) at the gold test x, one per draw
 log_likelihood         y: log q̂(y_test | x_test) per draw (for PSIS-LOO)
 observed_data          y: the gold test responses
 constant_data          x: the gold test covariates
+matching               assignment: the matching chosen in each draw (when given)
 truth                  the true parameters (components in the posterior's order, attribute
                        truth_permutation), q_mean = q(x) and log_lik = log q(y_test | x_test)
 
@@ -114,7 +115,7 @@ def draws_kind(dt) -> str:
 
 def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict | None = None,
                        truth=None, name: str = "qhat", attrs: dict | None = None,
-                       draws_kind: str = "mcmc"):
+                       draws_kind: str = "mcmc", assignments=None):
     """The DataTree described in the module docs.
 
     Args:
@@ -122,6 +123,8 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
       draws: its parameters with leading (chain, draw) axes.
       draws_kind: ``"mcmc"`` (Markov chains) or ``"independent"`` (bootstrap refits, guide
         draws: one chain of independent draws), stored as the root attribute ``draws``.
+      assignments: optional (chain, draw, K) integers, the matching Algorithm 1 chose for each
+        draw (``identification_draws``), kept as the group ``matching`` (:func:`matching_summary`).
       x_test, y_test: gold test data (N, D) and (N,).
       key: for the posterior predictive draws.
       sample_stats: arrays of shape (chain, draw), e.g. ``MCMCResult.sample_stats``.
@@ -181,6 +184,17 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
         for group in ("posterior", "truth"):
             if group in dt.children and var in dt[group].data_vars:
                 dt[group][var].attrs.update(long_name=long_name, description=meaning)
+    if assignments is not None:
+        a = np.asarray(assignments)
+        if a.shape != (C, S, K):
+            raise ValueError(f"assignments must have shape (chain, draw, K) = {(C, S, K)}, got "
+                             f"{a.shape}")
+        dt["matching"] = xr.DataTree(xr.Dataset(
+            {"assignment": (("chain", "draw", "component"), a.astype(np.int64),
+                            {"long_name": "matched target component a(k)",
+                             "description": "the target component Algorithm 1 matched to source "
+                                            "component k in each draw"})},
+            coords={"chain": np.arange(C), "draw": np.arange(S), "component": np.arange(K)}))
     dt.attrs["draws"] = draws_kind
     for k, v in (attrs or {}).items():
         dt.attrs[k] = v
@@ -287,6 +301,28 @@ def _finite_extreme(column, fn) -> float:
     return float(fn(v)) if v.size else float("nan")
 
 
+def matching_summary(dt) -> dict | None:
+    """How sure the draws are of the matching (the tree's ``matching`` group, None without one):
+    ``matching_share``, the share of draws whose matching is the most frequent one;
+    ``matchings_seen``, how many distinct matchings the draws chose; and for Markov chains
+    ``chains_disagree``, whether the chains' most frequent matchings differ (chains that settled in
+    different matchings: their q̂ mixes relabelled answers, and R-hat over q̂'s parameters need
+    not show it)."""
+    if "matching" not in dt.children:
+        return None
+    a = dt["matching"]["assignment"].values  # (C, S, K)
+    C, S, K = a.shape
+    codes = np.zeros((C, S), np.int64)
+    for k in range(K):
+        codes = codes * K + a[..., k]
+    values, counts = np.unique(codes, return_counts=True)
+    out = {"matching_share": float(counts.max() / codes.size), "matchings_seen": int(values.size)}
+    if draws_kind(dt) == "mcmc" and C > 1:
+        modes = [np.unique(codes[c], return_counts=True) for c in range(C)]
+        out["chains_disagree"] = len({int(v[np.argmax(n)]) for v, n in modes}) > 1
+    return out
+
+
 def diagnose(dt, *, prob: float = 0.9) -> dict:
     """R-hat and ESS of every parameter; the ELPD of the gold test data under q̂ against the truth's
     test log-likelihood; PIT calibration; HDI coverage of q(x) (when the DataTree has a truth).
@@ -340,6 +376,7 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
         out["reg_error"] = float(np.mean((q_hat - dt["truth"]["q_mean"].values) ** 2))
     if "sample_stats" in dt.children and "diverging" in dt["sample_stats"].data_vars:
         out["divergences"] = int(np.sum(dt["sample_stats"]["diverging"].values))
+    out.update(matching_summary(dt) or {})
     if mcmc and "sample_stats" in dt.children and "energy" in dt["sample_stats"].data_vars:
         from arviz_stats import bfmi
 

@@ -99,9 +99,9 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     base = jax.random.fold_in(jax.random.key(cfg["seed"]), 3)
     sweep = Sweep(out, cfg, NAME)
 
-    def finish(name, draws, extra, stats=None):
+    def finish(name, draws, extra, stats=None, assignments=None):
         dt = posterior_datatree(m1, draws, sim.test.x, sim.test.y, jax.random.fold_in(base, 99),
-                                sample_stats=stats, truth=problem,
+                                sample_stats=stats, truth=problem, assignments=assignments,
                                 attrs={"method": name, "title": f"q̂(x) by {name}"},
                                 draws_kind="mcmc" if name == "nuts" else "independent")
         write_datatree(dt, out / f"{name}.nc")
@@ -117,11 +117,12 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             nb = int(cfg["n_boot"])
             sb = bootstrap_em(m2, ks, sfit.params, sim.source.x, nb)
             tb = bootstrap_em(m1, kt, tfit.params, sim.target.x, nb)
-            q, _ = identification_draws(m1, sb, tb, n_batch=1)
+            q, a = identification_draws(m1, sb, tb, n_batch=1)
             draws = jax.tree_util.tree_map(lambda a: a[None], q)
+            assignments = np.asarray(a)[None]
             extra = {"fit_seconds": time.perf_counter() - t0 + em_s,
                      "source_loglik": float(sfit.loglik), "target_loglik": float(tfit.loglik)}
-            return finish(name, draws, extra)
+            return finish(name, draws, extra, assignments=assignments)
         if name == "svi_fullrank":
             kw = dict(num_steps=int(cfg["svi_steps"]), learning_rate=float(cfg["svi_lr"]),
                       progress=progress)
@@ -138,19 +139,20 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
 
             sdraw, _ = relabel(m2, sr.sample_params(k1, S), sfit.params, n_batch=1)
             tdraw, _ = relabel(m1, tr.sample_params(k2, S), tfit.params, n_batch=1)
-            q, _ = identification_draws(m1, sdraw, tdraw, n_batch=1)
+            q, a = identification_draws(m1, sdraw, tdraw, n_batch=1)
             draws = jax.tree_util.tree_map(lambda a: a[None], q)
+            assignments = np.asarray(a)[None]
             n = int(cfg["n"])
             extra = {"fit_seconds": time.perf_counter() - t0,
                      "svi_delta_source_gap_per_obs": (float(sfit.loglik) - sd.loglik) / n,
                      "svi_delta_target_gap_per_obs": (float(tfit.loglik) - td.loglik) / n,
                      "svi_rejected_steps": sd.n_rejected + td.n_rejected + sr.n_rejected + tr.n_rejected}
-            return finish(name, draws, extra)
+            return finish(name, draws, extra, assignments=assignments)
         kw = dict(num_chains=int(cfg["num_chains"]), num_warmup=int(cfg["num_warmup"]),
                   num_samples=int(cfg["num_samples"]), progress=progress)
         sr = fit_nuts(m2, ks, sim.source.x, ys, init_params=sfit.params, **kw)
         tr = fit_nuts(m1, kt, sim.target.x, sim.target.y_weak, init_params=tfit.params, **kw)
-        q, _ = identification_draws(m1, sr.params, tr.params, n_batch=2)
+        q, assignments = identification_draws(m1, sr.params, tr.params, n_batch=2)
         # ArviZ's standard names for the pair of chains behind each q̂ draw (the source and target
         # fits are independent, so the pair's log density and energy are the sums), and each fit's
         # own statistics under its prefix
@@ -170,7 +172,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
                      np.asarray(sr.perms) != np.arange(m1.n_components), -1))),
                  "relabelled_draws_target": float(np.mean(np.any(
                      np.asarray(tr.perms) != np.arange(m1.n_components), -1)))}
-        return finish(name, draws=q, extra=extra, stats=stats)
+        return finish(name, draws=q, extra=extra, stats=stats, assignments=assignments)
 
     cells = sweep.run([(m, m) for m in METHODS], cell, progress=progress)
     results = {
