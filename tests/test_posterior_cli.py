@@ -80,5 +80,8 @@ def test_experiment_posterior_end_to_end(tmp_path):
     # rerun: every cell reused
     code, stdout, err = run_cli(*args)
     assert code == 0 and "0 cell(s) computed, 3 reused" in stdout
-    code, stdout, err = run_cli("diagnose", str(out), "--no-figures")
-    assert code == 0 and "nuts.nc" in stdout
+    code, stdout, err = run_cli("diagnose", str(out))
+    assert code == 0 and "nuts.nc" in stdout and "independent draws" in stdout, err
+    # rank plots compare chains: the bootstrap and SVI trees (independent draws) get none
+    assert (out / "nuts_rank.png").is_file() and not (out / "em_bootstrap_rank.png").exists()
+    assert "matching_share" in stdout
