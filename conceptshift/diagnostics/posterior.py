@@ -412,7 +412,7 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
         if "truth" in dt.children:
             ax.plot(xs, dt["truth"]["q_mean"].values[order], "k--", lw=1.2, label="truth q(x)")
         ax.set(xlabel="x", ylabel="E[y | x]", title=dt.attrs.get("title", "q̂(x) against q(x)"))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
         p = out_dir / f"{prefix}band.png"
         savefig(fig, p)
         plt.close(fig)

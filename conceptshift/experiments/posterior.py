@@ -37,6 +37,8 @@ DEFAULTS = {
 }
 METHODS = ("em_bootstrap", "svi_fullrank", "nuts")
 SHORT = {"em_bootstrap": "EM boot", "svi_fullrank": "SVI", "nuts": "NUTS"}
+LONG = {"em_bootstrap": "EM + parametric bootstrap", "svi_fullrank": "SVI, full-rank Gaussian guide",
+        "nuts": "NUTS (Markov chains)"}
 
 
 def validate(cfg: dict) -> None:
@@ -102,7 +104,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     def finish(name, draws, extra, stats=None, assignments=None):
         dt = posterior_datatree(m1, draws, sim.test.x, sim.test.y, jax.random.fold_in(base, 99),
                                 sample_stats=stats, truth=problem, assignments=assignments,
-                                attrs={"method": name, "title": f"q̂(x) by {name}"},
+                                attrs={"method": name, "title": f"q̂(x) by {LONG.get(name, name)}"},
                                 draws_kind="mcmc" if name == "nuts" else "independent")
         write_datatree(dt, out / f"{name}.nc")
         d = _jsonable(diagnose(dt, prob=prob))
@@ -211,14 +213,20 @@ def plot(results: dict, path) -> None:
         order = np.argsort(x)
         band = hdi(dt, prob=prob, var_names=["q_mean"])["q_mean"]
         lo, hi = band.sel(ci_bound="lower").values[order], band.sel(ci_bound="upper").values[order]
-        ax.scatter(x, dt["observed_data"]["y"].values, s=3, color="0.8")
-        ax.fill_between(x[order], lo, hi, color="C0", alpha=0.35, lw=0, label=f"{prob:.0%} HDI of q̂(x)")
+        ax.scatter(x, dt["observed_data"]["y"].values, s=3, color="0.8", label="gold test data")
+        ax.fill_between(x[order], lo, hi, color="C0", alpha=0.35, lw=0,
+                        label=f"{prob:.0%} band of q̂(x) over the draws")
+        ax.plot(x[order], dt["posterior"]["q_mean"].mean(("chain", "draw")).values[order],
+                color="C0", lw=1.2, label="mean of q̂(x) over the draws")
         ax.plot(x[order], dt["truth"]["q_mean"].values[order], "k--", lw=1.2, label="truth q(x)")
         r = results["methods"][m]
-        ax.set(title=f"{m}: coverage {r['hdi_coverage']:.2f}", xlabel="x (first feature)")
+        ax.set_title(f"{LONG.get(m, m)}\ncoverage of q(x) {r['hdi_coverage']:.2f}", fontsize=10)
+        ax.set_xlabel("x (first feature)")
     axes[0].set_ylabel("E[y | x]")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Algorithm 1's q̂(x) with uncertainty against the truth")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
+    fig.suptitle("Algorithm 1's q̂(x) with uncertainty against the truth", y=1.02)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     savefig(fig, path)
     plt.close(fig)
 
