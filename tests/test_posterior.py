@@ -483,6 +483,7 @@ def test_matching_group_flags_chains_that_settle_in_different_matchings(boot_run
     dt = posterior_datatree(M1, draws, sim.test.x, sim.test.y, jax.random.key(4), assignments=split)
     d = diagnose(dt)
     assert d["matching_share"] == 0.5 and d["matchings_seen"] == 2 and d["chains_disagree"] is True
+    assert d["matchings"] == "0,1: 0.500;1,0: 0.500"
     write_datatree(dt, tmp_path / "m.nc")
     np.testing.assert_array_equal(read_datatree(tmp_path / "m.nc")["matching"]["assignment"].values,
                                   split)

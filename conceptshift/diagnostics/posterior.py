@@ -304,7 +304,8 @@ def _finite_extreme(column, fn) -> float:
 def matching_summary(dt) -> dict | None:
     """How sure the draws are of the matching (the tree's ``matching`` group, None without one):
     ``matching_share``, the share of draws whose matching is the most frequent one;
-    ``matchings_seen``, how many distinct matchings the draws chose; and for Markov chains
+    ``matchings_seen``, how many distinct matchings the draws chose; ``matchings``, the three most
+    frequent as "a(0),...,a(K-1): share" separated by semicolons; and for Markov chains
     ``chains_disagree``, whether the chains' most frequent matchings differ (chains that settled in
     different matchings: their q̂ mixes relabelled answers, and R-hat over q̂'s parameters need
     not show it)."""
@@ -317,6 +318,12 @@ def matching_summary(dt) -> dict | None:
         codes = codes * K + a[..., k]
     values, counts = np.unique(codes, return_counts=True)
     out = {"matching_share": float(counts.max() / codes.size), "matchings_seen": int(values.size)}
+    flat = a.reshape(-1, K)
+    top = np.argsort(-counts, kind="stable")[:3]
+    first = {int(c): i for i, c in reversed(list(enumerate(codes.reshape(-1))))}
+    out["matchings"] = ";".join(
+        f"{','.join(map(str, flat[first[int(values[t])]]))}: {counts[t] / codes.size:.3f}"
+        for t in top)  # the most frequent matchings, a(0),...,a(K-1): share of the draws
     if draws_kind(dt) == "mcmc" and C > 1:
         modes = [np.unique(codes[c], return_counts=True) for c in range(C)]
         out["chains_disagree"] = len({int(v[np.argmax(n)]) for v, n in modes}) > 1
