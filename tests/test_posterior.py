@@ -431,10 +431,11 @@ def test_nuts_well_specified_rhat_ess_and_hdi_coverage():
 
 @once
 def test_independent_draws_get_no_chain_diagnostics(boot_run, tmp_path):
-    """Bootstrap refits or guide draws (one chain of independent draws): no R-hat, ESS, rank plot
-    or PSIS-LOO, labelled as such; the CLI's diagnose exits 0 on a folder holding such a tree."""
+    """Bootstrap refits or guide draws (one chain of independent draws): no R-hat, ESS or
+    PSIS-LOO, labelled as such; the CLI's diagnose exits 0 on a folder holding such a tree (the
+    posterior experiment's end-to-end test checks that no rank plot is drawn for them)."""
     from conceptshift.cli import main
-    from conceptshift.diagnostics.posterior import draws_kind, plot_posterior
+    from conceptshift.diagnostics.posterior import draws_kind
 
     prob, sim, _, draws, _ = boot_run
     one = jax.tree_util.tree_map(lambda a: a[:1], draws)
@@ -445,8 +446,6 @@ def test_independent_draws_get_no_chain_diagnostics(boot_run, tmp_path):
     assert d["draws"] == "independent draws" and d["n_draws"] == 100
     assert not {"max_rhat", "min_ess_bulk", "elpd_loo", "pareto_k_max"} & set(d)
     assert "r_hat" not in d["summary"].columns and np.isfinite(d["elpd_test"])
-    paths = plot_posterior(dt, tmp_path, prefix="b_")
-    assert paths and not any("rank" in p for p in paths)
     assert draws_kind(boot_run[4]) == "mcmc" and "max_rhat" in diagnose(boot_run[4])
     write_datatree(dt, tmp_path / "boot.nc")
     assert main(["diagnose", str(tmp_path), "--no-figures"]) == 0
