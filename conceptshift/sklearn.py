@@ -10,7 +10,9 @@ cross-validation and ``clone`` accept.
 
 Both fit by EM with ``n_init`` restarts (:func:`~conceptshift.inference.fit_em`) in float64 (JAX's
 x64 mode, inside the estimator only), seeded by ``random_state``; ``warm_start=True`` starts the
-next ``fit`` from the current parameters. Fitted attributes are numpy arrays (they pickle).
+next ``fit`` from the current parameters. EM sees the distinct rows with their summed weights
+(rows of weight 0 dropped), so ``sample_weight`` is exactly repetition, random starts included.
+Fitted attributes are numpy arrays (they pickle).
 scikit-learn itself is needed (``pip install conceptshift[sklearn]``); the tests run
 ``sklearn.utils.estimator_checks.check_estimator`` on both.
 """
@@ -44,6 +46,17 @@ def _float64():
     from jax.experimental import enable_x64  # older JAX
 
     return enable_x64()
+
+
+def _collapse(X, y, w):
+    """The distinct (x, y) rows with their summed weights, rows of weight 0 dropped, in sorted
+    order: EM's likelihood is the same, and its random starts draw from these rows, so a sample
+    with repeated rows and one with the same rows weighted by their counts give the same fit."""
+    keep = w > 0
+    data = np.column_stack([X[keep], y[keep]])
+    uniq, inverse = np.unique(data, axis=0, return_inverse=True)
+    weights = np.bincount(inverse.reshape(-1), weights=w[keep], minlength=len(uniq))
+    return uniq[:, :-1], uniq[:, -1], weights
 
 
 def _to_numpy(tree):
@@ -173,7 +186,11 @@ class MixtureRegressor(RegressorMixin, _MixtureBase):
         if len(X) < self.n_components:
             raise ValueError(f"n_components={self.n_components} exceeds the {len(X)} samples")
         sw = _check_sample_weight(sample_weight, X, dtype=np.float64)
-        self._fit_em(model, X, y, sw)
+        Xc, yc, wc = _collapse(X, y, sw)
+        if len(Xc) < self.n_components:
+            raise ValueError(f"n_components={self.n_components} exceeds the {len(Xc)} distinct "
+                             f"samples of positive weight")
+        self._fit_em(model, Xc, yc, wc)
         self.coef_ = np.asarray(self.params_.coef, np.float64)[:, 0, :]
         self.scale_ = np.exp(np.asarray(self.params_.log_scale, np.float64))[:, 0]
         return self
@@ -254,7 +271,11 @@ class MixtureClassifier(ClassifierMixin, _MixtureBase):
             raise ValueError(f"n_components={self.n_components} exceeds the {len(X)} samples")
         model = self._family(X.shape[1], len(self.classes_))
         sw = _check_sample_weight(sample_weight, X, dtype=np.float64)
-        self._fit_em(model, X, yi.astype(np.int32), sw)
+        Xc, yc, wc = _collapse(X, yi.astype(np.float64), sw)
+        if len(Xc) < self.n_components:
+            raise ValueError(f"n_components={self.n_components} exceeds the {len(Xc)} distinct "
+                             f"samples of positive weight")
+        self._fit_em(model, Xc, yc.astype(np.int32), wc)
         self.coef_ = np.asarray(self.params_.coef, np.float64)[:, 0]
         return self
 
