@@ -35,6 +35,7 @@ from .files import (
 )
 
 MAX_DEGREE = 10
+MAX_RANGE = 50  # numbers of components one `fit --components A-B` tries
 # option -> (its attribute, the hyperparameter a family must have for it to apply): which family an
 # option belongs to is read off the registered classes, not listed by family name
 FAMILY_FLAGS = {
@@ -99,6 +100,9 @@ def _components(text: str):
         lo, hi = _int(a), _int(b)
         if lo > hi:
             raise argparse.ArgumentTypeError(f"expected a range A-B with A <= B, got {text!r}")
+        if hi - lo >= MAX_RANGE:
+            raise argparse.ArgumentTypeError(f"a range A-B spans at most {MAX_RANGE} values of K, "
+                                             f"got {text!r}")
         return list(range(lo, hi + 1))
     return _int(text)
 
@@ -183,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tol", type=_float, default=1e-10, help="relative tolerance on the objective")
     i.add_argument("--seed", type=_int, default=0, help=f"0..{MAX_SEED}")
     i.add_argument("--predict", type=Path, metavar="NEW.csv",
-                   help="CSV with the --x columns: print the mean of q(y|x) for each row")
+                   help="CSV with the --x columns: print the mean of q(y|x) for each row (for a "
+                        "categorical y, q(y = c|x) for each class c)")
     i.add_argument("--bootstrap", type=_int, metavar="B",
                    help="B parametric-bootstrap refits of both domains (and the matching): 90%% "
                         "intervals for --predict and the share of draws that keep the matching")
@@ -570,7 +575,7 @@ def cmd_identify(args) -> int:
     summary.update(family=args.family, components=args.components, source=dict(
         summary["source"], data=str(args.source), rows=n_s), target=dict(
         summary["target"], data=str(args.target), rows=n_t), y=args.y, y_weak=args.y_weak, x=xs,
-        degree=degree if "degree" in fields else None, seed=args.seed, restarts=args.restarts)
+        degree=getattr(model, "degree", None), seed=args.seed, restarts=args.restarts)
     written = []
     if args.out is not None:
         write_json_atomic(args.out / "identify.json", summary)
@@ -720,6 +725,8 @@ def _describe_experiment(overrides, name) -> int:
     from .experiments import EXPERIMENTS
     from .experiments.knobs import RUNTIMES, knob_help, summary
 
+    if overrides:
+        raise UsageError("--set does not apply to describe: it lists the knobs and their defaults")
     if name is None:
         raise UsageError("describe needs an experiment name: conceptshift experiment describe NAME "
                          f"({', '.join(EXPERIMENTS)})")

@@ -185,7 +185,7 @@ class MixtureRegressor(RegressorMixin, _MixtureBase):
         model = self._family(X.shape[1])
         if len(X) < self.n_components:
             raise ValueError(f"n_components={self.n_components} exceeds the {len(X)} samples")
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         Xc, yc, wc = _collapse(X, y, sw)
         if len(Xc) < self.n_components:
             raise ValueError(f"n_components={self.n_components} exceeds the {len(Xc)} distinct "
@@ -270,8 +270,11 @@ class MixtureClassifier(ClassifierMixin, _MixtureBase):
         if len(X) < self.n_components:
             raise ValueError(f"n_components={self.n_components} exceeds the {len(X)} samples")
         model = self._family(X.shape[1], len(self.classes_))
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         Xc, yc, wc = _collapse(X, yi.astype(np.float64), sw)
+        if len(np.unique(yc)) < 2:
+            raise ValueError("MixtureClassifier needs samples of at least 2 classes among the rows of "
+                             "positive weight, got 1")
         if len(Xc) < self.n_components:
             raise ValueError(f"n_components={self.n_components} exceeds the {len(Xc)} distinct "
                              f"samples of positive weight")

@@ -53,3 +53,16 @@ def test_fit_em_range_fits_every_k_in_one_program_and_chooses_k():
         assert choice.best == 2 and [r["components"] for r in choice.table] == [1, 2, 3]
     with pytest.raises(ValueError, match="criterion"):
         choose_components(RegressionMixture(1), jax.random.key(0), x, y, criterion="aic")
+
+
+def test_components_range_refusals_and_intercept_only(tmp_path, capsys):
+    """The CLI's --components A-B: a reversed or huge range is one line and exit 2 (checked while
+    parsing, before anything is built)."""
+    from conceptshift.cli import main
+
+    p = tmp_path / "d.csv"
+    p.write_text("y\n" + "".join(f"{v}\n" for v in (1, 2, 3, 9, 10, 11)))
+    for arg, needle in (("2-1", "A <= B"), ("1-2000000000", "at most 50")):
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", str(p), "--y", "y", "-k", arg])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err

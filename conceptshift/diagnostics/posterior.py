@@ -313,17 +313,13 @@ def matching_summary(dt) -> dict | None:
         return None
     a = dt["matching"]["assignment"].values  # (C, S, K)
     C, S, K = a.shape
-    codes = np.zeros((C, S), np.int64)
-    for k in range(K):
-        codes = codes * K + a[..., k]
-    values, counts = np.unique(codes, return_counts=True)
-    out = {"matching_share": float(counts.max() / codes.size), "matchings_seen": int(values.size)}
-    flat = a.reshape(-1, K)
+    rows, inverse, counts = np.unique(a.reshape(-1, K), axis=0, return_inverse=True,
+                                      return_counts=True)
+    codes = inverse.reshape(C, S)  # each draw's matching as an index into rows
+    out = {"matching_share": float(counts.max() / codes.size), "matchings_seen": int(len(rows))}
     top = np.argsort(-counts, kind="stable")[:3]
-    first = {int(c): i for i, c in reversed(list(enumerate(codes.reshape(-1))))}
-    out["matchings"] = ";".join(
-        f"{','.join(map(str, flat[first[int(values[t])]]))}: {counts[t] / codes.size:.3f}"
-        for t in top)  # the most frequent matchings, a(0),...,a(K-1): share of the draws
+    out["matchings"] = ";".join(  # the most frequent matchings, a(0),...,a(K-1): share of draws
+        f"{','.join(map(str, rows[t]))}: {counts[t] / codes.size:.3f}" for t in top)
     if draws_kind(dt) == "mcmc" and C > 1:
         modes = [np.unique(codes[c], return_counts=True) for c in range(C)]
         out["chains_disagree"] = len({int(v[np.argmax(n)]) for v, n in modes}) > 1

@@ -412,6 +412,8 @@ def start_params(model, key, batch, init: str = "kmeans++"):
 def check_fit_data(model, x, y, weights):
     """(x, y, w) for an EM driver: validated by the family (float64 numpy where no input is a JAX
     array, for :func:`standardise`), unit weights by default, at least K rows."""
+    if y is None:
+        raise TypeError("y must be an array of responses (N,) or (N, H), got None")
     arrays = model.check_data(x, y, weights, host=True)
     x, y = arrays[0], arrays[1]
     if weights is not None:

@@ -62,7 +62,7 @@ from .em import EMResult, fit_em, standardise
 from .label_shift import bbse, proportions_em, proportions_x
 from .matching import assign_traced, assignment_margin, greedy_assignment
 from .predictor import Predictor, strong_predictor, with_proportions
-from .refinement import RefinedPredictor, refined, refined_icl
+from .refinement import DEMOS, RefinedPredictor, refined, refined_icl
 
 
 def _entry(model, key, caller: str):
@@ -72,10 +72,21 @@ def _entry(model, key, caller: str):
     return check_key("key", key)
 
 
-def _weighted(*samples):
-    """Each :class:`Data` with its weights filled in; anything else is left for the estimator's
-    own checks to refuse."""
-    return tuple(d.weighted() if isinstance(d, Data) else d for d in samples)
+def _weighted(*samples, needs: tuple[tuple[str, ...], ...] = (),
+              names: tuple[str, ...] = ("source", "target", "gold")):
+    """Each sample, a :class:`Data`, with its weights filled in; ``needs[i]``: the labels sample i
+    must carry (``"y"``, ``"y_weak"``). Raises TypeError for anything but Data and ValueError for a
+    missing label, naming it, before anything is fitted."""
+    out = []
+    for i, d in enumerate(samples):
+        name = names[i]
+        if not isinstance(d, Data):
+            raise TypeError(f"{name} must be a Data (see as_data), got {type(d).__name__}")
+        for label in (needs[i] if i < len(needs) else ()):
+            if getattr(d, label) is None:
+                raise ValueError(f"{name}.{label} is required here, got None")
+        out.append(d.weighted())
+    return tuple(out)
 
 
 ESTIMATORS = (
@@ -143,14 +154,14 @@ def fit_em_with(model, key, x, y, w, opts: EMOptions) -> EMResult:
 # ---------------------------------------------------------------------------------- baselines
 def source_only(model, key, source: Data, opts: EMOptions = EMOptions()) -> Predictor:
     key = _entry(model, key, "source_only")
-    source, = _weighted(source)
+    source, = _weighted(source, needs=(("y",),), names=("source",))
     fit = fit_em_with(model.with_heads(1), key, source.x, source.y, source.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
 
 def weak_only(model, key, target: Data, opts: EMOptions = EMOptions()) -> Predictor:
     key = _entry(model, key, "weak_only")
-    target, = _weighted(target)
+    target, = _weighted(target, needs=(("y_weak",),), names=("target",))
     fit = fit_em_with(model.with_heads(1), key, target.x, target.y_weak, target.w, opts)
     return Predictor(model.with_heads(1), fit.params)
 
@@ -158,7 +169,7 @@ def weak_only(model, key, target: Data, opts: EMOptions = EMOptions()) -> Predic
 def oracle(model, key, gold: Data, opts: EMOptions = EMOptions()) -> Predictor:
     """The mixture fitted on gold target labels (x, y) ~ Q: the reference no estimator can see."""
     key = _entry(model, key, "oracle")
-    gold, = _weighted(gold)
+    gold, = _weighted(gold, needs=(("y",),), names=("gold",))
     return source_only(model, key, gold, opts)
 
 
@@ -215,7 +226,7 @@ def weak_training_ll(model, key, source: Data, target: Data, lam,
                      opts: EMOptions = EMOptions()) -> Predictor:
     """The likelihood-weighted version: the mixture fitted by EM to Q' (weight 1) and P (weight lam)."""
     key = _entry(model, key, "weak_training_ll")
-    source, target = _weighted(source, target)
+    source, target = _weighted(source, target, needs=(("y",), ("y_weak",)))
     _check_weak_training(model, source, target, lam)
     x, y, w = _pooled(source, target, lam)
     fit = fit_em_with(model.with_heads(1), key, x, y, w, opts)
@@ -229,7 +240,7 @@ def refinement(model, key, source: Data, target: Data, opts: EMOptions = EMOptio
     with q̂(k | x) = E_{y' ~ q̂'(y'|x)} p̂(k | x, y') (:mod:`.refinement`), from the two-head source fit
     and the weak target fit."""
     key = _entry(model, key, "refinement")
-    source, target = _weighted(source, target)
+    source, target = _weighted(source, target, needs=(("y", "y_weak"), ("y_weak",)))
     ks, kt, kd = jax.random.split(key, 3)
     y = jnp.stack([source.y, source.y_weak], axis=1)
     s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
@@ -245,7 +256,9 @@ def refinement_icl(model, key, source: Data, target: Data, opts: EMOptions = EMO
     concept (``demos="concept"``, Prop. 3.2; the concepts are those of the weak target fit, fitted
     here), from the two-head source fit (:mod:`.refinement`)."""
     key = _entry(model, key, "refinement_icl")
-    source, target = _weighted(source, target)
+    source, target = _weighted(source, target, needs=(("y", "y_weak"), ("y_weak",)))
+    if demos not in DEMOS:
+        raise ValueError(f"demos must be one of {DEMOS}, got {demos!r}")
     ks, kd, kt = jax.random.split(key, 3)
     y = jnp.stack([source.y, source.y_weak], axis=1)
     s2 = fit_em_with(model.with_heads(2), ks, source.x, y, source.w, opts).params
@@ -313,7 +326,8 @@ def identification(model, key, source: Data, target: Data, opts: EMOptions = EMO
     """Algorithm 1, for every family: MLE on D_P (with the weak head when ``match="weak"``), MLE on
     D_Q', matching (:func:`identify`), pi^q onto P's components."""
     key = _entry(model, key, "identification")
-    source, target = _weighted(source, target)
+    need = ("y", "y_weak") if _match(match, weak_source) == "weak" else ("y",)
+    source, target = _weighted(source, target, needs=(need, ("y_weak",)))
     match = _match(match, weak_source)
     ks, kt = jax.random.split(key)
     if match == "weak":

@@ -62,13 +62,14 @@ def choose_components(model, key, x, y, components=range(1, 7), *, criterion: st
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     fits = fit_em_range(model, key, x, y, components, weights=weights, restarts=restarts,
                         max_iter=max_iter, tol=tol)
-    y_rows = y
+    if x is None:  # an intercept-only fit: no covariates
+        x = np.zeros((np.shape(y)[0], 0))
     table = []
     for k, fit in fits.items():
         mk = dataclasses.replace(model, n_components=k)
         ent = classification_entropy(mk, fit.params, mk.rows(x) if hasattr(mk, "rows") else x,
-                                     mk.response_rows(jnp.asarray(y_rows)) if hasattr(
-                                         mk, "response_rows") else y_rows, weights)
+                                     mk.response_rows(jnp.asarray(y)) if hasattr(
+                                         mk, "response_rows") else y, weights)
         table.append(_row(k, fit, ent))
     eligible = [r for r in table if not r["degenerate"] and np.isfinite(r[criterion])]
     if not eligible:
