@@ -48,9 +48,10 @@ def test_bbse_on_the_source_itself_returns_its_mean_responsibilities():
 @pytest.mark.slow
 def test_label_shift_baselines_are_consistent_only_without_a_weak_shift():
     """n = 4000, medians over three data sets (one data set's target proportions can be off by two
-    standard errors, which moves every estimator's error alike), 32 restarts (in float64, 8
-    restarts leave the weak target fit 225 nats short of its optimum on one of these data sets,
-    where float32's reach it; the claim here is the estimators', not the optimiser's): without a
+    standard errors, which moves every estimator's error alike), 32 restarts (on one of the
+    float64 pass's data sets 1-3 of 8 restarts reach the weak target fit's optimum, in either
+    precision, and a key whose 8 miss it leaves the fit 225 nats short; the claim here is the
+    estimators', not the optimiser's): without a
     weak-head shift EMQ's and BBSE's errors are within 20x the oracle's floor; with a weak shift
     of 1 they are more than 4x Algorithm 1's and 3x their own without the shift."""
     errs = {0.0: [], 1.0: []}
