@@ -226,6 +226,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_float32_range(cols: dict) -> None:
+    """Refuses, before precision is set, a column with values beyond float32's range."""
+    import numpy as np
+
+    limit = float(np.finfo(np.float32).max)
+    for c, v in cols.items():
+        big = float(np.max(np.abs(v)))
+        if big > limit:
+            raise UsageError(f"column {c!r} holds {big:.3g}, beyond float32's range ({limit:.3g}); "
+                             f"rescale the data or drop --float32")
+
+
+def _build_family(name: str, n_components: int, kw: dict, has_x: bool):
+    """The registered family ``name`` with K components; a family that needs covariates, given
+    none, is one UsageError line."""
+    from .models import family
+
+    try:
+        return family(name, n_components=n_components, **kw)
+    except ValueError as err:
+        if has_x:
+            raise
+        raise UsageError(f"--family {name} needs at least one --x column ({err})") from None
+
+
 def check_fit_args(args) -> None:
     """The checks every family shares: options of another family, counts, seed, tolerance."""
     for flag, (attr, field) in FAMILY_FLAGS.items():
@@ -335,14 +360,7 @@ def cmd_fit(args) -> int:
         raise UsageError(f"--degree {degree} with {D} --x column(s) gives {P} design columns; the "
                          f"{n} data rows need fewer")
     if args.float32:
-        import numpy as np
-
-        limit = float(np.finfo(np.float32).max)
-        for c, v in cols.items():
-            big = float(np.max(np.abs(v)))
-            if big > limit:
-                raise UsageError(f"column {c!r} holds {big:.3g}, beyond float32's range ({limit:.3g});"
-                                 f" rescale the data or drop --float32")
+        _check_float32_range(cols)
 
     setup_precision(args.float32)
     import warnings
@@ -353,7 +371,6 @@ def cmd_fit(args) -> int:
     from ._validation import DiscreteResponseWarning
     from .diagnostics import fit_summary, render_fit
     from .inference import fit_em
-    from .models import family
     from .models.registry import family_class
 
     fields = _fields(args.family)
@@ -376,12 +393,7 @@ def cmd_fit(args) -> int:
         kw.update(derive(cols[args.y]))
     if args.classes is not None:
         kw["n_classes"] = args.classes
-    try:
-        model = family(args.family, n_components=args.components, **kw)
-    except ValueError as err:
-        if all_x:
-            raise
-        raise UsageError(f"--family {args.family} needs at least one --x column ({err})") from None
+    model = _build_family(args.family, args.components, kw, bool(all_x))
     if getattr(model, "gate_fields", lambda: ())() and not all_x:
         raise UsageError(f"--family {args.family} gates on x: it needs at least one --x column")
     x = np.stack([cols[c] for c in read], axis=1) if read else None
@@ -503,21 +515,14 @@ def cmd_identify(args) -> int:
             raise UsageError(f"--components {args.components} exceeds the {n} rows of {name}")
     degree = 1 if args.degree is None else args.degree
     if args.float32:
-        import numpy as np
-
-        limit = float(np.finfo(np.float32).max)
-        for file, cols in ((args.source, src), (args.target, tgt), (args.predict, new or {})):
-            for c, v in cols.items():
-                if float(np.max(np.abs(v))) > limit:
-                    raise UsageError(f"column {c!r} of {file} holds values beyond float32's range; "
-                                     f"rescale the data or drop --float32")
+        for cols in (src, tgt, new or {}):
+            _check_float32_range(cols)
 
     setup_precision(args.float32)
     import jax
     import numpy as np
 
     from .inference import fit_target
-    from .models import family
     from .models.registry import family_class
 
     kw = {"n_features": len(xs)}
@@ -527,12 +532,7 @@ def cmd_identify(args) -> int:
     if derive is not None:
         labels = [src[args.y], tgt[args.y_weak]] + ([src[args.y_weak]] if weak_source else [])
         kw.update(derive(np.concatenate(labels)))
-    try:
-        model = family(args.family, n_components=args.components, **kw)
-    except ValueError as err:
-        if xs:
-            raise
-        raise UsageError(f"--family {args.family} needs at least one --x column ({err})") from None
+    model = _build_family(args.family, args.components, kw, bool(xs))
 
     def table(cols, n):
         return np.stack([cols[c] for c in xs], axis=1) if xs else np.zeros((n, 0))

@@ -82,6 +82,15 @@ class _MixtureBase(BaseEstimator):
         rs = check_random_state(self.random_state)
         return jax.random.key(int(rs.randint(0, 2**31 - 1)))
 
+    def _distinct_rows(self, X, y, sample_weight):
+        """:func:`_collapse` of the validated data, with at least ``n_components`` rows left."""
+        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        Xc, yc, wc = _collapse(X, y, sw)
+        if len(Xc) < self.n_components:
+            raise ValueError(f"n_components={self.n_components} exceeds the {len(Xc)} distinct "
+                             f"samples of positive weight")
+        return Xc, yc, wc
+
     def _fit_em(self, model, X, y, sample_weight):
         from .inference import fit_em
 
@@ -183,14 +192,7 @@ class MixtureRegressor(RegressorMixin, _MixtureBase):
         self._check_common()
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         model = self._family(X.shape[1])
-        if len(X) < self.n_components:
-            raise ValueError(f"n_components={self.n_components} exceeds the {len(X)} samples")
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-        Xc, yc, wc = _collapse(X, y, sw)
-        if len(Xc) < self.n_components:
-            raise ValueError(f"n_components={self.n_components} exceeds the {len(Xc)} distinct "
-                             f"samples of positive weight")
-        self._fit_em(model, Xc, yc, wc)
+        self._fit_em(model, *self._distinct_rows(X, y, sample_weight))
         self.coef_ = np.asarray(self.params_.coef, np.float64)[:, 0, :]
         self.scale_ = np.exp(np.asarray(self.params_.log_scale, np.float64))[:, 0]
         return self
@@ -267,17 +269,11 @@ class MixtureClassifier(ClassifierMixin, _MixtureBase):
         if len(self.classes_) < 2:
             raise ValueError(f"MixtureClassifier needs samples of at least 2 classes in the data, "
                              f"got 1 class: {self.classes_[0]!r}")
-        if len(X) < self.n_components:
-            raise ValueError(f"n_components={self.n_components} exceeds the {len(X)} samples")
         model = self._family(X.shape[1], len(self.classes_))
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-        Xc, yc, wc = _collapse(X, yi.astype(np.float64), sw)
+        Xc, yc, wc = self._distinct_rows(X, yi.astype(np.float64), sample_weight)
         if len(np.unique(yc)) < 2:
             raise ValueError("MixtureClassifier needs samples of at least 2 classes among the rows of "
                              "positive weight, got 1")
-        if len(Xc) < self.n_components:
-            raise ValueError(f"n_components={self.n_components} exceeds the {len(Xc)} distinct "
-                             f"samples of positive weight")
         self._fit_em(model, Xc, yc.astype(np.int32), wc)
         self.coef_ = np.asarray(self.params_.coef, np.float64)[:, 0]
         return self

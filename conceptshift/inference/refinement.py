@@ -187,12 +187,18 @@ class DemoWeights:
         lp = model.log_posterior_k(params, x, **data)  # log p̂(k | x), (N, K)
         if self.n_demos == 0:
             return lp
-        n = lp.shape[0]
-        p = self.pool_w / jnp.sum(self.pool_w)
-        idx = jax.random.choice(self.key, p.shape[0], (n, self.n_draws, self.m_pool), p=p)
-        logits = lp[:, None, :] + jnp.sum(self.demo[idx[:, :, : self.n_demos]], axis=2)
-        post = jax.nn.log_softmax(logits, axis=-1)  # (N, draws, K)
-        return logsumexp(post, axis=1) - jnp.log(jnp.asarray(self.n_draws, post.dtype))
+        return _demo_posterior(lp, self.demo, self.pool_w / jnp.sum(self.pool_w), self.key,
+                               self.n_demos, self.n_draws, self.m_pool)
+
+
+def _demo_posterior(lp, demo, p, key, n_demos: int, n_draws: int, m_pool: int) -> Array:
+    """log E_V p̂(k | x, V), (N, K): per row, ``n_draws`` sets of ``m_pool`` demonstrations drawn
+    from the pool with probabilities ``p``, of which the first ``n_demos`` are used (nested in M);
+    ``lp`` = log p̂(k | x), ``demo`` = log p̂(x_j, y'_j | k) (N_pool, K)."""
+    idx = jax.random.choice(key, p.shape[0], (lp.shape[0], n_draws, m_pool), p=p)
+    logits = lp[:, None, :] + jnp.sum(demo[idx[:, :, :n_demos]], axis=2)
+    post = jax.nn.log_softmax(logits, axis=-1)  # (N, draws, K)
+    return logsumexp(post, axis=1) - jnp.log(jnp.asarray(n_draws, post.dtype))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -229,16 +235,12 @@ class ConceptDemoWeights:
         lp = model.log_posterior_k(params, x, **data)  # log p̂(k | x), (N, K)
         if self.n_demos == 0:
             return lp
-        n = lp.shape[0]
         lq = self.weak_model.log_posterior_k(self.weak_target, x, **data)  # log q̂'(k' | x), (N, K')
         pool = jnp.log(self.pool_w)[:, None] + self.pool_concepts  # (N_pool, K')
         probs = jax.nn.softmax(pool, axis=0)  # padding rows (w = 0) get probability 0
 
         def per_concept(p, key):  # log E_{V ~ concept} p̂(k | x, V), (N, K)
-            idx = jax.random.choice(key, p.shape[0], (n, self.n_draws, self.m_pool), p=p)
-            logits = lp[:, None, :] + jnp.sum(self.demo[idx[:, :, : self.n_demos]], axis=2)
-            post = jax.nn.log_softmax(logits, axis=-1)
-            return logsumexp(post, axis=1) - jnp.log(jnp.asarray(self.n_draws, post.dtype))
+            return _demo_posterior(lp, self.demo, p, key, self.n_demos, self.n_draws, self.m_pool)
 
         keys = jax.random.split(self.key, probs.shape[1])
         per = jax.vmap(per_concept, in_axes=(1, 0))(probs, keys)  # (K', N, K)

@@ -57,7 +57,7 @@ def choose_components(model, key, x, y, components=range(1, 7), *, criterion: st
       >>> choose_components(RegressionMixture(1), jax.random.key(0), x, y, range(1, 5)).best
       2
     """
-    check_family(model, "choose_components")
+    check_family(model, "choose_components", needs=("rows", "response_rows"))  # table families
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     fits = fit_em_range(model, key, x, y, components, weights=weights, restarts=restarts,
@@ -67,9 +67,8 @@ def choose_components(model, key, x, y, components=range(1, 7), *, criterion: st
     table = []
     for k, fit in fits.items():
         mk = dataclasses.replace(model, n_components=k)
-        ent = classification_entropy(mk, fit.params, mk.rows(x) if hasattr(mk, "rows") else x,
-                                     mk.response_rows(jnp.asarray(y)) if hasattr(
-                                         mk, "response_rows") else y, weights)
+        ent = classification_entropy(mk, fit.params, mk.rows(x), mk.response_rows(jnp.asarray(y)),
+                                     weights)
         table.append(_row(k, fit, ent))
     eligible = [r for r in table if not r["degenerate"] and np.isfinite(r[criterion])]
     if not eligible:

@@ -174,22 +174,18 @@ class TargetBootstrap:
         return np.quantile(draws, a, axis=0), np.quantile(draws, 1 - a, axis=0)
 
 
-@jax.jit
-def _draw_means_impl(predictors, x):
-    return jax.vmap(lambda p: p.mean(x))(predictors)
+@partial(jax.jit, static_argnames=("method",))
+def _over_draws(predictors, x, method: str):
+    """``predictor.method(x)`` of every draw (a Predictor whose params carry a draws axis)."""
+    return jax.vmap(lambda p: getattr(p, method)(x))(predictors)
 
 
 def _draw_means(model, params, x):
-    return _draw_means_impl(Predictor(model, params), x)
-
-
-@jax.jit
-def _draw_log_probs_impl(predictors, x):
-    return jax.vmap(lambda p: p.log_probs(x))(predictors)
+    return _over_draws(Predictor(model, params), x, "mean")
 
 
 def _draw_log_probs(model, params, x):
-    return _draw_log_probs_impl(Predictor(model, params), x)
+    return _over_draws(Predictor(model, params), x, "log_probs")
 
 
 @partial(jax.jit, static_argnames=("model", "match"))

@@ -38,7 +38,7 @@ from .. import _precision as _p
 from .._validation import DiscreteResponseWarning, as_float_array, check_float, check_int, is_traced
 from ._estep import EStepScheduling
 from .basis import Basis
-from .batch import Batch
+from .batch import Batch, TableRows
 
 
 class DataStats(NamedTuple):
@@ -174,7 +174,7 @@ def _warn_if_discrete(y, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class ExpertsFamily(EStepScheduling):
+class ExpertsFamily(TableRows, EStepScheduling):
     """Base of the families whose experts are Gaussian regressions on a feature map.
 
     Subclasses define the gate g(x | eta_k); this class owns the heads and everything around them.
@@ -188,18 +188,6 @@ class ExpertsFamily(EStepScheduling):
     basis_fn: Any = None
     shared_scale: bool = False
     reg: float = 1e-6
-
-    def rows(self, x):
-        """x as (N, D): a 1-D x of N rows is one covariate per row when D == 1."""
-        if getattr(x, "ndim", 2) == 1 and self.n_features == 1:
-            return x[:, None]
-        return x
-
-    def response_rows(self, y):
-        """y as (N, H): a 1-D y of N rows is one head's labels when H == 1."""
-        if getattr(y, "ndim", 2) == 1 and self.n_heads == 1:
-            return y[:, None]
-        return y
 
     def __post_init__(self):
         check_int("n_components", self.n_components, minimum=1)

@@ -25,6 +25,23 @@ class Batch(NamedTuple):
     w: Array
 
 
+class TableRows:
+    """What the table families (covariates x, one response per head) share: 1-D inputs of one
+    covariate or one head as columns. Needs ``n_features`` and ``n_heads``."""
+
+    def rows(self, x):
+        """x as (N, D): a 1-D x of N rows is one covariate per row when D == 1."""
+        if getattr(x, "ndim", 2) == 1 and self.n_features == 1:
+            return x[:, None]
+        return x
+
+    def response_rows(self, y):
+        """y as (N, H): a 1-D y of N rows is one head's labels when H == 1."""
+        if getattr(y, "ndim", 2) == 1 and self.n_heads == 1:
+            return y[:, None]
+        return y
+
+
 def pad_tokens(x, lengths) -> Array:
     """Tokens (N, T) with every entry past a sequence's length set to -1: the protocol's ``x`` for
     sequence families, from tokens and their lengths (N,)."""

@@ -56,7 +56,7 @@ from numpyro.distributions import constraints
 
 from .. import _precision as _p
 from .._validation import as_float_array, check_float, check_int, float_dtype, is_traced
-from .batch import Batch
+from .batch import Batch, TableRows
 
 MAX_ETA = 60.0  # log-link predictors are clipped here: exp(60) ~ 1e26 counts, finite in float32
 HALVINGS = 12  # step sizes 1, 1/2, .., 2^-12 are tried in each Newton step
@@ -155,7 +155,7 @@ SEPARATED_NLL = 1e-4  # a component whose rows' labels it predicts this surely i
 
 
 @dataclass(frozen=True)
-class GLMExperts:
+class GLMExperts(TableRows):
     """A K-component mixture of generalized linear experts with a constant gate (module docs); use a
     concrete family: :class:`LogisticMixture`, :class:`CategoricalMixture` or
     :class:`PoissonRegressionMixture`.
@@ -183,18 +183,6 @@ class GLMExperts:
     expert_columns: tuple[int, ...] | None = None
 
     response: ClassVar[str] = ""
-
-    def rows(self, x):
-        """x as (N, D): a 1-D x of N rows is one covariate per row when D == 1."""
-        if getattr(x, "ndim", 2) == 1 and self.n_features == 1:
-            return x[:, None]
-        return x
-
-    def response_rows(self, y):
-        """y as (N, H): a 1-D y of N rows is one head's labels when H == 1."""
-        if getattr(y, "ndim", 2) == 1 and self.n_heads == 1:
-            return y[:, None]
-        return y
 
     def __post_init__(self):
         check_int("n_components", self.n_components, minimum=1)
