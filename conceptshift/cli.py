@@ -560,7 +560,8 @@ def cmd_identify(args) -> int:
         with _null() if quiet else Console(stderr=True).status(
                 f"bootstrap: {args.bootstrap} refits of both domains...", spinner="dots"):
             boot = result.bootstrap(jax.random.fold_in(jax.random.key(args.seed), 1), args.bootstrap)
-        summary["bootstrap"] = {"n_boot": args.bootstrap, "agreement": boot.agreement}
+        summary["bootstrap"] = {"n_boot": args.bootstrap, "agreement": boot.agreement,
+                                "matching_posterior": boot.matching_posterior()}
     predict = None
     if new is not None:
         xn = table(new, len(new[xs[0]]))
@@ -647,6 +648,10 @@ def _print_identify(out, summary, result, boot, xs, new, predict) -> None:
     if boot is not None:
         line += (f"; the matching held in {boot.agreement:.0%} of {boot.n_boot} bootstrap draws")
     out.print(line)
+    post = summary["bootstrap"]["matching_posterior"] if boot is not None else summary["matching_posterior"]
+    top = "; ".join(f"{','.join(map(str, m['assignment']))}: {m['prob']:.3g}" for m in post["matchings"])
+    out.print(f"posterior probability of each matching (shift prior, its scale integrated out"
+              f"{', averaged over the bootstrap draws' if boot is not None else ''}): {top}")
     if predict is None:
         return
     names, cols = _prediction_columns(predict)

@@ -278,7 +278,7 @@ def test_cli_experiment_errors(capsys):
     assert main(["experiment", "consistency", "--set", "n_grid=a"]) == 2
     assert set(EXPERIMENTS) == {"consistency", "distinguishability", "refinement-bias", "weak-training",
                                 "misspecified", "posterior", "icl", "anchors", "weak-to-strong",
-                                "label-shift"}
+                                "label-shift", "calibration"}
 
 
 TINY = {

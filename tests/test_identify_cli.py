@@ -71,6 +71,10 @@ def test_identify_json_predicts_q(files):
     np.testing.assert_allclose(np.sort(res["target_weights"]), np.sort(PI_Q), atol=0.06)
     mean = np.asarray(res["predict"]["mean"])
     assert mean.shape == (9,) and np.max(np.abs(mean - _truth(np.linspace(-2, 2, 9)))) < 0.15
+    # the matching posterior: its mode is the matching chosen, all 3! matchings are weighed, and
+    # the heads here are far apart, so it is sure of it
+    post = res["matching_posterior"]
+    assert post["best"] == res["assignment"] and post["n_candidates"] == 6 and post["best_prob"] > 0.99
 
 
 @pytest.mark.slow
@@ -85,6 +89,8 @@ def test_identify_bootstrap_intervals_cover_q_and_out_writes_everything(files):
     truth = _truth(np.linspace(-2, 2, 9))
     covered = (np.asarray(p["lower"]) <= truth) & (truth <= np.asarray(p["upper"]))
     assert covered.mean() >= 0.75 and res["bootstrap"]["agreement"] > 0.9
+    assert res["bootstrap"]["matching_posterior"]["best"] == res["assignment"]
+    assert "posterior probability of each matching" in out
     rows = (out_dir / "predictions.csv").read_text().splitlines()
     assert rows[0] == "dose,mean,lower,upper" and len(rows) == 10
     assert (out_dir / "identify.png").stat().st_size > 10_000

@@ -279,7 +279,7 @@ def test_nuts_reproduces_the_exact_regression_posterior(ols_nuts):
     np.testing.assert_allclose(coef.std(0), sd, rtol=0.1)
     assert abs(sigma.mean() - e_sigma) < 0.2 * sigma.std()
     st = res.sample_stats
-    assert set(st) == {"diverging", "acceptance_rate", "n_steps", "energy", "lp", "step_size"}
+    assert set(st) == {"diverging", "acceptance_rate", "n_steps", "energy", "lp", "step_size", "tree_depth"}
     assert all(v.shape == (2, 500) for v in st.values())
     assert not st["diverging"].any()
     # warm-up adapted the step size (from 1.0) and it stays fixed while sampling

@@ -71,17 +71,24 @@ def test_experiment_posterior_end_to_end(tmp_path):
     code, stdout, err = run_cli(*args)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"em_bootstrap", "svi_fullrank", "nuts"}
+    assert set(res["methods"]) == {"em_bootstrap", "svi_fullrank", "nuts", "joint_svi", "joint_nuts"}
     for m in res["methods"].values():
         assert 0 <= m["hdi_coverage"] <= 1 and np.isfinite(m["elpd_test"])
     assert abs(res["methods"]["svi_fullrank"]["svi_delta_source_gap_per_obs"]) < 1e-3
-    for name in ("em_bootstrap.nc", "svi_fullrank.nc", "nuts.nc", "posterior.png", "nuts_band.png"):
+    for name in ("em_bootstrap.nc", "svi_fullrank.nc", "nuts.nc", "joint_svi.nc", "joint_nuts.nc",
+                 "posterior.png", "nuts_band.png"):
         assert (out / name).is_file()
+    # every route reports the matching posterior; the Markov chains their sampled parameters' R-hat
+    for m in res["methods"].values():
+        assert 0 < m["matching_posterior_prob"] <= 1 + 1e-9 and m["matching_posterior_best"].count(",") == 1
+    for m in ("nuts", "joint_nuts"):
+        assert res["methods"][m]["max_rhat_fit"] >= 0.99 and res["methods"][m]["min_ess_bulk_fit"] > 0
+    assert "max_rhat_fit" not in res["methods"]["joint_svi"]
     # rerun: every cell reused
     code, stdout, err = run_cli(*args)
-    assert code == 0 and "0 cell(s) computed, 3 reused" in stdout
+    assert code == 0 and "0 cell(s) computed, 5 reused" in stdout
     code, stdout, err = run_cli("diagnose", str(out))
     assert code == 0 and "nuts.nc" in stdout and "independent draws" in stdout, err
     # rank plots compare chains: the bootstrap and SVI trees (independent draws) get none
     assert (out / "nuts_rank.png").is_file() and not (out / "em_bootstrap_rank.png").exists()
-    assert "matching_share" in stdout
+    assert "matching_share" in stdout and "matching_posterior_prob" in stdout

@@ -108,4 +108,4 @@ def _no_mean_predict():
     class NoMean:
         pass
 
-    TargetFit(NoMean(), *([None] * 9)).predict(np.zeros(3))
+    TargetFit(NoMean(), *([None] * 11)).predict(np.zeros(3))

@@ -143,5 +143,8 @@ class PoissonMixture:
         a, b = params_a.log_rate[:, head_a], params_b.log_rate[:, head_b]
         return (a[:, None] - b[None, :]) ** 2
 
+    def match_dim(self, head) -> int:
+        return 1
+
     def relabel_vectors(self, params: PoissonParams) -> Array:
         return jnp.concatenate([params.log_weights[:, None], params.log_rate], axis=1)

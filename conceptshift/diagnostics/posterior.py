@@ -115,7 +115,8 @@ def draws_kind(dt) -> str:
 
 def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict | None = None,
                        truth=None, name: str = "qhat", attrs: dict | None = None,
-                       draws_kind: str = "mcmc", assignments=None):
+                       draws_kind: str = "mcmc", assignments=None, fit_draws: dict | None = None,
+                       matching_posterior=None):
     """The DataTree described in the module docs.
 
     Args:
@@ -125,6 +126,12 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
         draws: one chain of independent draws), stored as the root attribute ``draws``.
       assignments: optional (chain, draw, K) integers, the matching Algorithm 1 chose for each
         draw (``identification_draws``), kept as the group ``matching`` (:func:`matching_summary`).
+      fit_draws: optional {name: (chain, draw, ...) array}, the sampled parameters of the fits
+        behind q̂ (relabelled), kept as the group ``fit_posterior``: their R-hat and ESS are the
+        sampler's convergence, apart from the matching (:func:`fit_draw_arrays` builds it).
+      matching_posterior: optional (assignments (M, K), prob (M,)), the posterior probability of
+        each matching given the data (``average_matching_posterior``, or the joint model's
+        ``matching_prob``), kept as the group ``matching_posterior``.
       x_test, y_test: gold test data (N, D) and (N,).
       key: for the posterior predictive draws.
       sample_stats: arrays of shape (chain, draw), e.g. ``MCMCResult.sample_stats``.
@@ -195,6 +202,29 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
                              "description": "the target component Algorithm 1 matched to source "
                                             "component k in each draw"})},
             coords={"chain": np.arange(C), "draw": np.arange(S), "component": np.arange(K)}))
+    if fit_draws:
+        fit = {}
+        for name, v in fit_draws.items():
+            v = np.asarray(v, np.float64)
+            if v.shape[:2] != (C, S):
+                raise ValueError(f"fit_draws[{name!r}] must have leading (chain, draw) = {(C, S)}, got "
+                                 f"{v.shape}")
+            fit[name] = (("chain", "draw") + tuple(f"{name}_dim_{i}" for i in range(v.ndim - 2)), v)
+        dt["fit_posterior"] = xr.DataTree(xr.Dataset(
+            fit, coords={"chain": np.arange(C), "draw": np.arange(S)},
+            attrs={"description": "the sampled parameters of the fits behind q̂, relabelled"}))
+    if matching_posterior is not None:
+        perms, prob = (np.asarray(a) for a in matching_posterior)
+        if perms.ndim != 2 or perms.shape[1] != K or prob.shape != perms.shape[:1]:
+            raise ValueError(f"matching_posterior must be (assignments (M, {K}), prob (M,)), got shapes "
+                             f"{perms.shape} and {prob.shape}")
+        dt["matching_posterior"] = xr.DataTree(xr.Dataset(
+            {"prob": (("matching",), prob.astype(np.float64),
+                      {"long_name": "posterior probability of the matching",
+                       "description": "p(a | data) under the shift prior, averaged over the draws"}),
+             "assignment": (("matching", "component"), perms.astype(np.int64),
+                            {"long_name": "matched target component a(k)"})},
+            coords={"matching": [",".join(map(str, r)) for r in perms], "component": np.arange(K)}))
     dt.attrs["draws"] = draws_kind
     for k, v in (attrs or {}).items():
         dt.attrs[k] = v
@@ -301,6 +331,55 @@ def _finite_extreme(column, fn) -> float:
     return float(fn(v)) if v.size else float("nan")
 
 
+def fit_draw_arrays(prefix: str, params) -> dict:
+    """{prefix_field: (chain, draw, ...) array} for a NamedTuple of parameter draws (a nested one
+    flattened with its field names), for ``posterior_datatree(fit_draws=...)``."""
+    out = {}
+    for field, v in zip(params._fields, params, strict=True):
+        if hasattr(v, "_fields"):
+            out.update(fit_draw_arrays(f"{prefix}_{field}", v))
+        else:
+            out[f"{prefix}_{field}"] = np.asarray(v)
+    return out
+
+
+def fit_convergence(dt) -> dict | None:
+    """R-hat (rank-normalised, split) and bulk ESS over the tree's ``fit_posterior`` group, the
+    sampled parameters themselves (Markov chains only): ``max_rhat_fit``, ``min_ess_bulk_fit`` and
+    ``worst_rhat_fit`` (the variable with the largest R-hat)."""
+    if "fit_posterior" not in dt.children or draws_kind(dt) != "mcmc":
+        return None
+    from arviz_stats.base import array_stats
+
+    worst, name, ess = 0.0, "", np.inf
+    for var, da in dt["fit_posterior"].data_vars.items():
+        v = da.values.reshape(da.shape[0], da.shape[1], -1)
+        keep = np.std(v, axis=(0, 1)) > 0  # constant coordinates (a pinned parameter) have no R-hat
+        if not keep.any():
+            continue
+        r = np.asarray(array_stats.rhat(v[..., keep], chain_axis=0, draw_axis=1))
+        e = np.asarray(array_stats.ess(v[..., keep], chain_axis=0, draw_axis=1, method="bulk"))
+        if np.nanmax(r) > worst:
+            worst, name = float(np.nanmax(r)), var
+        ess = min(ess, float(np.nanmin(e)))
+    return {"max_rhat_fit": worst, "min_ess_bulk_fit": ess, "worst_rhat_fit": name}
+
+
+def matching_posterior_report(dt) -> dict | None:
+    """The tree's ``matching_posterior`` group as plain numbers: ``matching_posterior_best`` (the
+    most probable matching, "a(0),...,a(K-1)"), ``matching_posterior_prob`` (its probability) and
+    ``matching_posterior_top`` (the three most probable, "a: p" separated by semicolons)."""
+    if "matching_posterior" not in dt.children:
+        return None
+    g = dt["matching_posterior"]
+    prob = g["prob"].values
+    names = [str(m) for m in g["matching"].values]
+    order = np.argsort(-prob, kind="stable")
+    return {"matching_posterior_best": names[order[0]],
+            "matching_posterior_prob": float(prob[order[0]]),
+            "matching_posterior_top": ";".join(f"{names[i]}: {prob[i]:.3g}" for i in order[:3])}
+
+
 def matching_summary(dt) -> dict | None:
     """How sure the draws are of the matching (the tree's ``matching`` group, None without one):
     ``matching_share``, the share of draws whose matching is the most frequent one;
@@ -380,6 +459,8 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
     if "sample_stats" in dt.children and "diverging" in dt["sample_stats"].data_vars:
         out["divergences"] = int(np.sum(dt["sample_stats"]["diverging"].values))
     out.update(matching_summary(dt) or {})
+    out.update(matching_posterior_report(dt) or {})
+    out.update(fit_convergence(dt) or {})
     if mcmc and "sample_stats" in dt.children and "energy" in dt["sample_stats"].data_vars:
         from arviz_stats import bfmi
 
@@ -391,7 +472,6 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
     """Figures into ``out_dir``: ``{prefix}band.png`` (q̂(x) band against q(x), one-dimensional x
     only), ``{prefix}ppc.png`` (posterior predictive check), ``{prefix}rank.png`` (rank plots of the
     proportions and scales; Markov chains only). Returns the paths written."""
-    import arviz_plots as azp
     from arviz_stats import hdi
 
     from .figures import pyplot, savefig
@@ -420,22 +500,74 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
         savefig(fig, p)
         plt.close(fig)
         paths.append(str(p))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pc = azp.plot_ppc_dist(dt, backend="matplotlib", num_samples=50)
-        p = out_dir / f"{prefix}ppc.png"
-        pc.savefig(p, dpi=100)
+    fig = _ppc_figure(plt, dt)
+    p = out_dir / f"{prefix}ppc.png"
+    savefig(fig, p)
+    plt.close(fig)
+    paths.append(str(p))
+    if draws_kind(dt) == "mcmc":  # rank plots compare chains: none for independent draws
+        fig = _rank_figure(plt, dt, ("weights", "scale"))
+        p = out_dir / f"{prefix}rank.png"
+        savefig(fig, p)
+        plt.close(fig)
         paths.append(str(p))
-        plt.close("all")
-        if draws_kind(dt) == "mcmc":  # rank plots compare chains: none for independent draws
-            pc = azp.plot_rank(dt, var_names=["weights", "scale"], backend="matplotlib")
-            p = out_dir / f"{prefix}rank.png"
-            pc.savefig(p, dpi=100)
-            paths.append(str(p))
-            plt.close("all")
     return paths
+
+
+def _ppc_figure(plt, dt, n_draws: int = 50):
+    """Posterior predictive check: kernel density of the gold test responses against that of
+    ``n_draws`` posterior predictive data sets at the same x."""
+    from scipy.stats import gaussian_kde
+
+    y = dt["observed_data"]["y"].values
+    ypp = dt["posterior_predictive"]["y"].values.reshape(-1, y.shape[0])
+    pick = np.random.default_rng(0).choice(ypp.shape[0], min(n_draws, ypp.shape[0]), replace=False)
+    lo, hi = min(y.min(), ypp[pick].min()), max(y.max(), ypp[pick].max())
+    grid = np.linspace(lo, hi, 256)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, j in enumerate(pick):
+        ax.plot(grid, gaussian_kde(ypp[j])(grid), color="C0", alpha=0.25, lw=0.8,
+                label=f"posterior predictive draws ({len(pick)})" if i == 0 else None)
+    ax.plot(grid, gaussian_kde(y)(grid), color="k", lw=1.6, label="gold test responses")
+    ax.set(xlabel="y at the gold test x", ylabel="density (Gaussian kernel)",
+           title=f"Posterior predictive check: {dt.attrs.get('method', '')}".rstrip(": "))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    return fig
+
+
+def _rank_figure(plt, dt, names, n_bins: int = 20):
+    """Rank plots: for each scalar parameter, the ranks of its draws among all chains' draws,
+    histogrammed per chain; chains that sample the same distribution give flat, overlapping
+    histograms (the dashed line)."""
+    post = dt["posterior"]
+    panels = []
+    for name in names:
+        if name not in post.data_vars:
+            continue
+        v = post[name].values  # (C, S, ...)
+        flat = v.reshape(v.shape[0], v.shape[1], -1)
+        for i in range(flat.shape[-1]):
+            if np.std(flat[..., i]) > 0:
+                panels.append((f"{name}[{i}]", flat[..., i]))
+    C, S = post.sizes["chain"], post.sizes["draw"]
+    ncols = min(3, max(1, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.8 * nrows), squeeze=False)
+    edges = np.linspace(0, C * S, n_bins + 1)
+    for ax, (label, a) in zip(axes.ravel(), panels, strict=False):
+        ranks = np.argsort(np.argsort(a.ravel(), kind="stable"), kind="stable").reshape(C, S)
+        for c in range(C):
+            counts, _ = np.histogram(ranks[c], bins=edges)
+            ax.step(edges[:-1], counts, where="post", color=f"C{c}", lw=1.2, label=f"chain {c}")
+        ax.axhline(S / n_bins, color="k", ls="--", lw=0.8, label="uniform")
+        ax.set(title=label, xlabel="rank among all draws", ylabel="draws per bin")
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=8)
+    fig.suptitle(f"Rank plots (Markov chains): {dt.attrs.get('method', '')}".rstrip(": "))
+    fig.tight_layout(rect=(0, 0.06 if nrows > 1 else 0.1, 1, 1))
+    return fig
 
 
 def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True, dt=None) -> list:

@@ -3,6 +3,7 @@ table(results)."""
 
 from . import (
     anchors,  # mixture of HMMs (Example 2.7)
+    calibration,  # uncertainty over the matching
     consistency,
     distinguishability,
     icl,  # mixture of HMMs (Example 2.7)
@@ -15,7 +16,7 @@ from . import (
 )
 
 EXPERIMENTS = {m.NAME: m for m in (consistency, distinguishability, refinement_bias, weak_training,
-                                   misspecified, icl, anchors, posterior,
+                                   misspecified, icl, anchors, posterior, calibration,
                                    weak_to_strong, label_shift)}
 
 __all__ = ["EXPERIMENTS"]

@@ -205,6 +205,7 @@ def replicate(key, n, problem, *, design: Design) -> dict:
             tgt_truth = problem.truth_labels(target_fit.params, 0, "q", 1)
             out[name]["matching_accuracy"] = matching_accuracy(ident.assignment, src_truth, tgt_truth)
         out[name]["matching_margin"] = ident.margin
+        out[name]["matching_prob"] = ident.matching_prob
         # the share of replicates whose fits look unreliable: a fit with a single restart at its
         # best optimum (of several), degenerate or not converged
         need = min(2, design.opts.restarts)

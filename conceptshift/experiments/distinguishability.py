@@ -51,7 +51,7 @@ DEFAULTS = {
     "n_test": 1000,
     **EM_KNOBS,
 }
-METRICS = ("matching_accuracy", "matching_margin", "reg_error", "kl", "excess_nll",
+METRICS = ("matching_accuracy", "matching_margin", "matching_prob", "reg_error", "kl", "excess_nll",
            "greedy_bijection", "greedy_agrees")
 
 

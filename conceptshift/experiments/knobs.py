@@ -57,6 +57,10 @@ KNOB_HELP = {
                   "experts)",
     "delta_grid": "Delta values (Assumption 4.5's distinguishability) the weak heads are drawn at",
     "swap_grid": "weak_swap values, from a clear matching to a wrong one",
+    "level": "probability of the central intervals of q̂(x) (0.9: from the 5% to the 95% quantile "
+             "over the draws)",
+    "methods": "routes to a band of q̂(x): em_bootstrap, svi_fullrank (separate fits), joint_svi, "
+               "joint_nuts (the joint model, matching summed out)",
     "two_truths": "also run the two-truths case (same observable laws, different q)",
     "shift_grid": "weak_shift values swept, from 0 (label shift) upward",
     "k_grid": "numbers of components fitted (the truth has n_components)",
@@ -107,6 +111,7 @@ RUNTIMES = {
     "weak-training": "about 15 s",
     "misspecified": "about 2 min",
     "posterior": "about 75 s",
+    "calibration": "about 14 min",
     "weak-to-strong": "about 5-6 min",
     "label-shift": "about 95 s",
     "icl": "about 3.5 min",

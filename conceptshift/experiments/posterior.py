@@ -1,11 +1,14 @@
-"""Experiment `posterior`: Algorithm 1's q̂(y|x) with uncertainty by EM (bootstrap), SVI and NUTS.
+"""Experiment `posterior`: q̂(y|x) with uncertainty by EM bootstrap, SVI, NUTS and the joint model.
 
-One simulated problem: the source (x, y, y') and weak-target (x, y') samples are fitted by EM, by SVI
-(AutoDelta for the MLE, a full-rank guide for a posterior) and by NUTS (chains vectorized, draws
-relabelled to the EM fit); Algorithm 1 turns each pair of source and target draws into a draw of
-q̂. Every method's draws go into an ArviZ DataTree (netCDF in the output folder) and are checked
-against the truth: R-hat and ESS, test ELPD under q̂ and under q, PIT calibration, HDI coverage
-of q(x).
+One simulated problem: the source (x, y, y') and weak-target (x, y') samples are fitted separately
+by EM, by SVI (AutoDelta for the MLE, a full-rank guide for a posterior) and by NUTS (chains
+vectorized, draws relabelled to the EM fit), and Algorithm 1 turns each pair of source and target
+draws into a draw of q̂ (a hard matching per draw). The joint model of both domains
+(:mod:`conceptshift.inference.joint`, the matching summed out under the shift prior) is fitted by
+SVI and by NUTS, each draw's matching drawn from its exact conditional. Every method's draws go into
+an ArviZ DataTree (netCDF in the output folder) and are checked against the truth: R-hat and ESS
+(of q̂'s parameters and of the sampled fits' own), the posterior over matchings, test ELPD under q̂
+and under q, PIT calibration, HDI coverage of q(x).
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ DEFAULTS = {
     "n_boot": 200,
     "hdi_prob": 0.9,
 }
-METHODS = ("em_bootstrap", "svi_fullrank", "nuts")
-SHORT = {"em_bootstrap": "EM boot", "svi_fullrank": "SVI", "nuts": "NUTS"}
+METHODS = ("em_bootstrap", "svi_fullrank", "nuts", "joint_svi", "joint_nuts")
+SEPARATE = ("em_bootstrap", "svi_fullrank", "nuts")
+SHORT = {"em_bootstrap": "EM boot", "svi_fullrank": "SVI", "nuts": "NUTS", "joint_svi": "joint SVI",
+         "joint_nuts": "joint NUTS"}
 LONG = {"em_bootstrap": "EM + parametric bootstrap", "svi_fullrank": "SVI, full-rank Gaussian guide",
-        "nuts": "NUTS (Markov chains)"}
+        "nuts": "NUTS (Markov chains)", "joint_svi": "Joint model, SVI (matching summed out)",
+        "joint_nuts": "Joint model, NUTS (matching summed out)"}
 
 
 def validate(cfg: dict) -> None:
@@ -88,10 +94,12 @@ def _jsonable(d: dict) -> dict:
 
 
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
-    from ..diagnostics.posterior import diagnose, posterior_datatree, write_datatree
+    from ..diagnostics.posterior import diagnose, fit_draw_arrays, posterior_datatree, write_datatree
+    from ..inference.estimators import Data
+    from ..inference.joint import fit_joint
     from ..inference.mcmc import fit_nuts
     from ..inference.svi import fit_svi
-    from ..inference.uncertainty import bootstrap_em, identification_draws
+    from ..inference.uncertainty import bootstrap_em, identification_draws, matching_posterior_of_draws
 
     validate(cfg)
     out = Path(out_dir)
@@ -101,11 +109,12 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     base = jax.random.fold_in(jax.random.key(cfg["seed"]), 3)
     sweep = Sweep(out, cfg, NAME)
 
-    def finish(name, draws, extra, stats=None, assignments=None):
+    def finish(name, draws, extra, stats=None, assignments=None, fit_draws=None, matching=None):
         dt = posterior_datatree(m1, draws, sim.test.x, sim.test.y, jax.random.fold_in(base, 99),
                                 sample_stats=stats, truth=problem, assignments=assignments,
                                 attrs={"method": name, "title": f"q̂(x) by {LONG.get(name, name)}"},
-                                draws_kind="mcmc" if name == "nuts" else "independent")
+                                draws_kind="mcmc" if name.endswith("nuts") else "independent",
+                                fit_draws=fit_draws, matching_posterior=matching)
         write_datatree(dt, out / f"{name}.nc")
         d = _jsonable(diagnose(dt, prob=prob))
         d.update(extra)
@@ -124,7 +133,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             assignments = np.asarray(a)[None]
             extra = {"fit_seconds": time.perf_counter() - t0 + em_s,
                      "source_loglik": float(sfit.loglik), "target_loglik": float(tfit.loglik)}
-            return finish(name, draws, extra, assignments=assignments)
+            return finish(name, draws, extra, assignments=assignments,
+                          matching=matching_posterior_of_draws(m1, sb, tb, n_batch=1))
         if name == "svi_fullrank":
             kw = dict(num_steps=int(cfg["svi_steps"]), learning_rate=float(cfg["svi_lr"]),
                       progress=progress)
@@ -144,12 +154,29 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             q, a = identification_draws(m1, sdraw, tdraw, n_batch=1)
             draws = jax.tree_util.tree_map(lambda a: a[None], q)
             assignments = np.asarray(a)[None]
+            matching = matching_posterior_of_draws(m1, sdraw, tdraw, n_batch=1)
             n = int(cfg["n"])
             extra = {"fit_seconds": time.perf_counter() - t0,
                      "svi_delta_source_gap_per_obs": (float(sfit.loglik) - sd.loglik) / n,
                      "svi_delta_target_gap_per_obs": (float(tfit.loglik) - td.loglik) / n,
                      "svi_rejected_steps": sd.n_rejected + td.n_rejected + sr.n_rejected + tr.n_rejected}
-            return finish(name, draws, extra, assignments=assignments)
+            return finish(name, draws, extra, assignments=assignments, matching=matching)
+        if name.startswith("joint"):
+            src = Data(sim.source.x, sim.source.y, sim.source.y_weak)
+            tgt = Data(sim.target.x, None, sim.target.y_weak)
+            jp = fit_joint(m1, ks, src, tgt, method=name.removeprefix("joint_"), source_fit=sfit,
+                           target_fit=tfit, num_chains=int(cfg["num_chains"]),
+                           num_warmup=int(cfg["num_warmup"]), num_samples=int(cfg["num_samples"]),
+                           svi_steps=int(cfg["svi_steps"]), learning_rate=float(cfg["svi_lr"]),
+                           progress=progress)
+            q, a = jp.predictor_draws(kd)
+            fit_draws = {**fit_draw_arrays("source", jp.params.source),
+                         **fit_draw_arrays("target", jp.params.target),
+                         "log_shift_scale": np.asarray(jp.params.log_shift_scale)}
+            extra = {"fit_seconds": time.perf_counter() - t0,
+                     "shift_scale_median": float(np.median(np.exp(np.asarray(jp.params.log_shift_scale))))}
+            return finish(name, q, extra, stats=jp.sample_stats, assignments=np.asarray(a),
+                          fit_draws=fit_draws, matching=(jp.assignments, jp.matching_prob))
         kw = dict(num_chains=int(cfg["num_chains"]), num_warmup=int(cfg["num_warmup"]),
                   num_samples=int(cfg["num_samples"]), progress=progress)
         sr = fit_nuts(m2, ks, sim.source.x, ys, init_params=sfit.params, **kw)
@@ -174,7 +201,10 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
                      np.asarray(sr.perms) != np.arange(m1.n_components), -1))),
                  "relabelled_draws_target": float(np.mean(np.any(
                      np.asarray(tr.perms) != np.arange(m1.n_components), -1)))}
-        return finish(name, draws=q, extra=extra, stats=stats, assignments=assignments)
+        return finish(name, draws=q, extra=extra, stats=stats, assignments=assignments,
+                      fit_draws={**fit_draw_arrays("source", sr.params),
+                                 **fit_draw_arrays("target", tr.params)},
+                      matching=matching_posterior_of_draws(m1, sr.params, tr.params, n_batch=2))
 
     cells = sweep.run([(m, m) for m in METHODS], cell, progress=progress)
     results = {
@@ -206,8 +236,14 @@ def plot(results: dict, path) -> None:
 
     plt = pyplot()
     prob = float(results["config"]["hdi_prob"])
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 4), sharey=True)
-    for ax, (m, file) in zip(axes, zip(METHODS, results["datatrees"], strict=True), strict=True):
+    methods = [m for m in METHODS if m in results["methods"]]
+    ncols = min(3, len(methods))
+    nrows = -(-len(methods) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), sharey=True, squeeze=False)
+    axes = grid.ravel()
+    files = dict(zip(METHODS, results["datatrees"], strict=False))
+    for ax, m in zip(axes, methods, strict=False):
+        file = files[m]
         dt = read_datatree(file)
         x = dt["constant_data"]["x"].values[:, 0]
         order = np.argsort(x)
@@ -222,11 +258,20 @@ def plot(results: dict, path) -> None:
         r = results["methods"][m]
         ax.set_title(f"{LONG.get(m, m)}\ncoverage of q(x) {r['hdi_coverage']:.2f}", fontsize=10)
         ax.set_xlabel("x (first feature)")
-    axes[0].set_ylabel("E[y | x]")
+    for row in grid:
+        row[0].set_ylabel("E[y | x]")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
-    fig.suptitle("Algorithm 1's q̂(x) with uncertainty against the truth", y=1.02)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    spare = axes[len(methods):]
+    for ax in spare:
+        ax.axis("off")
+    if len(spare):  # the legend in the empty panel, off the data
+        spare[0].legend(handles, labels, loc="center", frameon=False, fontsize=9)
+        fig.suptitle("Algorithm 1's q̂(x) with uncertainty against the truth")
+        fig.tight_layout()
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
+        fig.suptitle("Algorithm 1's q̂(x) with uncertainty against the truth", y=1.02)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
     savefig(fig, path)
     plt.close(fig)
 
@@ -236,13 +281,16 @@ def table(results: dict):
 
     t = Table(title="Posterior over q̂(y|x) (Algorithm 1) against the truth, gold test data",
               title_justify="left")
-    for c in ("method", "s", "R-hat", "ESS", "ELPD", "truth", "gap/obs", "PIT p", "cover",
-              "error"):
+    for c in ("method", "s", "R-hat", "R-hat fit", "ESS", "match p", "ELPD", "truth", "gap/obs", "PIT p",
+              "cover", "error"):
         t.add_column(c, justify="right" if c != "method" else "left", no_wrap=True)
     for m, r in results["methods"].items():
         mcmc = "max_rhat" in r  # independent draws (bootstrap, SVI) have no R-hat or ESS
         t.add_row(SHORT.get(m, m), f"{r['fit_seconds']:.0f}",
-                  f"{r['max_rhat']:.3f}" if mcmc else "-", f"{r['min_ess_bulk']:.0f}" if mcmc else "-",
+                  f"{r['max_rhat']:.3f}" if mcmc else "-",
+                  f"{r['max_rhat_fit']:.3f}" if "max_rhat_fit" in r else "-",
+                  f"{r['min_ess_bulk']:.0f}" if mcmc else "-",
+                  f"{r['matching_posterior_prob']:.3f}" if "matching_posterior_prob" in r else "-",
                   f"{r['elpd_test']:.1f}", f"{r['elpd_truth']:.1f}", f"{r['elpd_gap_per_obs']:.4f}",
                   f"{r['pit_ks_pvalue']:.2f}", f"{r['hdi_coverage']:.2f}", f"{r['reg_error']:.2g}")
     return t
@@ -256,8 +304,10 @@ def reading(results: dict) -> str:
         "p-value of the posterior predictive PIT against uniform; HDI cover: fraction of test x "
         f"whose true q(x) lies in the {results['config']['hdi_prob']:.0%} HDI of q̂(x); error: "
         "E_x (mean q̂(x) - q(x))^2. R-hat and ESS are over q̂'s parameters (draws relabelled to the "
-        "EM fit before matching); the bootstrap's and SVI's are independent draws, which get no R-hat, "
-        "ESS, rank plot or PSIS-LOO. AutoDelta's MLE "
+        "EM fit before matching); R-hat fit: over the sampled fits' own parameters (the joint model's "
+        "with log tau); match p: posterior probability of the most probable matching under the shift "
+        "prior, averaged over the draws. The bootstrap's and SVI's are independent draws, which get no "
+        "R-hat, ESS, rank plot or PSIS-LOO. AutoDelta's MLE "
         f"ended {svi['svi_delta_source_gap_per_obs']:.2e} (source) and "
         f"{svi['svi_delta_target_gap_per_obs']:.2e} (target) nats per sample below EM's optimum."
     )

@@ -39,7 +39,7 @@ KNOB_BOUNDS = {
     "n_classes": (2, None), "anchor_mass": (0, 1), "hdi_prob": (0, 1), "lam_grid": (0, None),
     "weak_swap": (0, None), "swap_grid": (0, None), "pi_p": (0, 1), "pi_q": (0, 1),
     "target_scale": (0, None), "strong_drift": (0, None), "fit_degree": (0, 10),
-    "noise_df": (0, None),
+    "noise_df": (0, None), "level": (0, 1),
 }
 
 
@@ -54,6 +54,8 @@ def _parse_value(name: str, text: str, default):
             return parse_integer(text)
         if isinstance(default, float):
             return parse_number(text)
+        if isinstance(default, list) and default and isinstance(default[0], str):
+            return [v.strip() for v in text.split(",") if v.strip()]
         if isinstance(default, list):
             kind = parse_integer if default and isinstance(default[0], int) else parse_number
             return [kind(v) for v in text.split(",") if v.strip()]

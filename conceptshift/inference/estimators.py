@@ -60,7 +60,7 @@ from ..models.registry import check_family
 from ..models.regression import RegressionMixture
 from .em import EMResult, fit_em, standardise
 from .label_shift import bbse, proportions_em, proportions_x
-from .matching import assign_traced, assignment_margin, greedy_assignment
+from .matching import assign_traced, assignment_margin, greedy_assignment, matching_log_posterior
 from .predictor import Predictor, strong_predictor, with_proportions
 from .refinement import DEMOS, RefinedPredictor, refined, refined_icl
 
@@ -87,6 +87,14 @@ def _weighted(*samples, needs: tuple[tuple[str, ...], ...] = (),
                 raise ValueError(f"{name}.{label} is required here, got None")
         out.append(d.weighted())
     return tuple(out)
+
+
+def check_data_samples(*samples, needs: tuple[tuple[str, ...], ...] = (),
+                       names: tuple[str, ...] = ("source", "target", "gold")):
+    """Each sample, a :class:`Data`, with its weights filled in; ``needs[i]`` the labels sample i
+    must carry. TypeError for anything but Data, ValueError naming a missing label, before
+    anything is fitted."""
+    return _weighted(*samples, needs=needs, names=names)
 
 
 ESTIMATORS = (
@@ -281,6 +289,9 @@ class Identification(NamedTuple):
     greedy: Array  # (K,) the paper's argmin rule
     greedy_bijection: Array  # () whether the greedy rule gave a permutation
     cost: Array  # (K, K)
+    # () the posterior probability of ``assignment`` given the fitted heads, under the shift prior
+    # with its scale integrated out (matching.matching_log_posterior; the heads taken as known)
+    matching_prob: Array
     source_fit: EMResult | None = None  # the fit of D_P (loglik, converged, degenerate, ...)
     target_fit: EMResult | None = None  # the fit of D_Q'
 
@@ -310,14 +321,16 @@ def identify(model, source_params, target_params, *, match: str = "weak", weak_s
       weak_source: the earlier spelling of ``match`` (True: "weak", False: "strong").
       source_fit, target_fit: the fits the parameters came from, carried into the result.
     """
-    check_family(model, "identify", needs=("match_cost", "with_heads", "select_heads"))
+    check_family(model, "identify", needs=("match_cost", "match_dim", "with_heads", "select_heads"))
     head_a, head_b = MATCHES[_match(match, weak_source)]
     cost = model.match_cost(source_params, head_a, target_params, head_b)
     a = assign_traced(cost)
     greedy, bij = greedy_assignment(cost)
     strong = strong_predictor(model, source_params, 0)
     pred = with_proportions(strong, target_params.log_weights[a])
-    return Identification(pred, a, assignment_margin(cost), greedy, bij, cost, source_fit,
+    perms, log_prob = matching_log_posterior(cost, dim=int(model.match_dim(head_a)))
+    prob = jnp.sum(jnp.where(jnp.all(perms == a[None], axis=1), jnp.exp(log_prob), 0.0))
+    return Identification(pred, a, assignment_margin(cost), greedy, bij, cost, prob, source_fit,
                           target_fit)
 
 

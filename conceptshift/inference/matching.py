@@ -81,3 +81,121 @@ def assignment_margin(cost) -> Array:
 def invert_permutation(perm) -> np.ndarray | Array:
     perm = jnp.asarray(perm)
     return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+# ---------------------------------------------------------------------------------- posterior
+MAX_EXACT = 7  # K! = 5040 assignments; beyond, a neighbourhood of the optimal one (see below)
+
+
+def all_permutations(K: int) -> np.ndarray:
+    """Every assignment of K components, (K!, K) int32 in lexicographic order (identity first)."""
+    import itertools
+
+    return np.asarray(list(itertools.permutations(range(K))), np.int32).reshape(-1, K)
+
+
+def local_permutations(K: int) -> np.ndarray:
+    """The moves that change at most three pairs of an assignment, (M, K) int32: the identity, the
+    K(K-1)/2 transpositions and the K(K-1)(K-2)/3 three-cycles (identity first)."""
+    import itertools
+
+    moves = [np.arange(K)]
+    for i, j in itertools.combinations(range(K), 2):
+        m = np.arange(K)
+        m[[i, j]] = m[[j, i]]
+        moves.append(m)
+    for i, j, k in itertools.combinations(range(K), 3):
+        for a, b, c in ((j, k, i), (k, i, j)):  # the two 3-cycles on {i, j, k}
+            m = np.arange(K)
+            m[[i, j, k]] = [a, b, c]
+            moves.append(m)
+    return np.asarray(moves, np.int32)
+
+
+def candidate_assignments(cost: Array) -> Array:
+    """The assignments a matching posterior is computed over, (M, K): all K! of them for
+    K <= MAX_EXACT; beyond, the optimal assignment composed with every move of
+    :func:`local_permutations` (the best one and all that differ from it in at most three pairs;
+    1 + K(K-1)/2 + K(K-1)(K-2)/3 of them), a documented truncation whose neglected mass is that of
+    the assignments four or more pairs away from the best."""
+    K = cost.shape[-1]
+    if K <= MAX_EXACT:
+        return jnp.asarray(all_permutations(K))
+    best = assign_traced(cost)
+    return best[jnp.asarray(local_permutations(K))]
+
+
+def matching_log_posterior(cost, *, dim: int | None = None, scale=None) -> tuple[Array, Array]:
+    """The posterior over assignments a of the components k of fit a to the components a(k) of fit
+    b, from the matching cost (squared distances between the matched heads' vectors).
+
+    The shift prior encodes Assumption 4.5: the target's weak head of a(k) lies near the source's
+    weak head of k, theta^wq_{a(k)} ~ N(theta^wp_k, tau^2 I_dim) independently over k, with every
+    assignment a priori equally likely. Given the heads, the likelihood of a is
+    prod_k N(theta^wq_{a(k)}; theta^wp_k, tau^2) proportional to exp(-C_a / (2 tau^2)), where
+    C_a = sum_k cost[k, a(k)]; so:
+
+    * ``scale`` = tau given: log p(a | heads) = -C_a / (2 tau^2) - log Z;
+    * ``dim`` given and no scale: tau is integrated out under the scale-invariant prior
+      p(tau) proportional to 1/tau, which leaves p(a | heads) proportional to C_a^(-K dim / 2).
+
+    ``dim`` is the length of the vectors the cost compares (the family's ``match_dim(head)``).
+
+    Returns:
+      (assignments (M, K) int32, log_prob (M,)), normalised over the M candidates of
+      :func:`candidate_assignments` (exact for K <= 7). The mode is the optimal (Hungarian)
+      assignment. Works under ``jit``/``vmap`` (static K, dim).
+    """
+    cost = jnp.asarray(cost)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"cost must be square (K, K), got shape {cost.shape}")
+    if (dim is None) == (scale is None):
+        raise ValueError("give exactly one of dim (the scale integrated out) and scale (tau)")
+    perms = candidate_assignments(cost)
+    K = cost.shape[0]
+    total = jnp.sum(cost[jnp.arange(K), perms], axis=-1)  # (M,) C_a
+    if scale is not None:
+        logw = -total / (2.0 * jnp.asarray(scale, cost.dtype) ** 2)
+    else:
+        dim = int(dim)
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        tiny = jnp.finfo(cost.dtype).tiny
+        logw = -0.5 * K * dim * jnp.log(jnp.maximum(total, tiny))
+    return perms, logw - jax.nn.logsumexp(logw)
+
+
+def matching_posterior_summary(perms, prob, *, top: int = 3) -> dict:
+    """The ``top`` most probable assignments of a matching posterior (host side): ``best``
+    (assignment list), ``best_prob``, ``matchings`` [{"assignment", "prob"}], ``n_candidates``
+    and ``entropy`` (nats)."""
+    perms, prob = np.asarray(perms), np.asarray(prob, np.float64)
+    order = np.argsort(-prob, kind="stable")[:top]
+    p = prob[prob > 0]
+    return {"best": perms[order[0]].tolist(), "best_prob": float(prob[order[0]]),
+            "matchings": [{"assignment": perms[i].tolist(), "prob": float(prob[i])} for i in order],
+            "n_candidates": int(perms.shape[0]), "entropy": float(-np.sum(p * np.log(p)))}
+
+
+def average_matching_posterior(costs, *, dim: int) -> tuple[Array, Array]:
+    """The matching posterior averaged over draws (the Rao-Blackwellised probability of each
+    assignment given the data, when the costs are posterior draws of both fits' heads), with the
+    scale integrated out per draw as in :func:`matching_log_posterior`.
+
+    Args:
+      costs: (S, K, K) the matching costs of S draws.
+      dim: the length of the vectors the cost compares.
+
+    Returns:
+      (assignments (M, K), prob (M,)). For K > 7 the candidates are the neighbourhood of the
+      optimal assignment of the mean cost, shared by every draw.
+    """
+    costs = jnp.asarray(costs)
+    if costs.ndim != 3:
+        raise ValueError(f"costs must have shape (S, K, K), got {costs.shape}")
+    perms = candidate_assignments(jnp.mean(costs, 0))
+    K = costs.shape[-1]
+    tiny = jnp.finfo(costs.dtype).tiny
+    total = jnp.sum(costs[:, jnp.arange(K), perms], axis=-1)  # (S, M)
+    logw = -0.5 * K * int(dim) * jnp.log(jnp.maximum(total, tiny))
+    return perms, jnp.mean(jax.nn.softmax(logw, axis=-1), 0)

@@ -74,7 +74,8 @@ class MCMCResult:
     ``params``: the family's parameter pytree with leading (chain, draw) axes, relabelled to
     ``reference`` when one was given; ``raw_params`` before relabelling; ``perms`` (C, S, K) the
     permutations applied; ``sample_stats``: NUTS's per-draw statistics (C, S), named as ArviZ
-    expects (``diverging``, ``acceptance_rate``, ``n_steps``, ``energy``, ``lp``, ``step_size``).
+    expects (``diverging``, ``acceptance_rate``, ``n_steps``, ``energy``, ``lp``, ``step_size``,
+    ``tree_depth``).
     """
 
     model: Any
@@ -89,7 +90,7 @@ class MCMCResult:
 
 @dataclass
 class _Runner:
-    """The compiled NUTS program of one configuration (see :func:`_runner`)."""
+    """The compiled NUTS program of one configuration (see :func:`nuts_program`)."""
 
     init: Any  # jit(keys (C,), batch, params0 (C, ...) | None) -> HMCState batched over chains
     run_chunk: Any  # jit(state, batch, length=L) -> (state, (params (L, C, ...), stats (L, C)))
@@ -98,8 +99,11 @@ class _Runner:
 _RUNNERS: dict = {}
 
 
-def _runner(model, batch, num_chains, num_warmup, num_samples, target_accept, max_tree_depth) -> _Runner:
-    """NUTS over the family's NumPyro model of a batch (``model.batch_model``) built from NumPyro's
+def nuts_program(model, batch, num_chains, num_warmup, num_samples, target_accept,
+                 max_tree_depth) -> _Runner:
+    """NUTS over a NumPyro model of a batch (``model.batch_model``; ``model`` is a family or
+    anything hashable with ``batch_model``, ``site_names``, ``to_sites`` and ``from_sites``, such as
+    :class:`~conceptshift.inference.joint.JointModel`; ``batch`` any pytree of arrays) built from NumPyro's
     functional kernel (``hmc(algo="NUTS")``:
     ``init_kernel`` / ``sample_kernel``), chains vectorized with ``jax.vmap`` and steps under
     ``lax.scan``. The data are arguments of the compiled functions, so one runner serves every data
@@ -110,7 +114,7 @@ def _runner(model, batch, num_chains, num_warmup, num_samples, target_accept, ma
     averaging, diagonal mass matrix by Welford) for ``num_warmup`` steps; ``sample_kernel`` adapts
     while the state's step counter is below it, then samples with the adapted kernel.
     """
-    shapes = tuple((a.shape, str(a.dtype)) for a in batch)
+    shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(batch))
     config = (model, shapes, num_chains, num_warmup, num_samples, target_accept, max_tree_depth)
     if config in _RUNNERS:
         return _RUNNERS[config]
@@ -201,6 +205,52 @@ def _chain_params(model, params, num_chains, dtype):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params), False
 
 
+def sample_nuts(model, key, batch, params0, *, num_chains: int, num_warmup: int, num_samples: int,
+                target_accept: float = 0.8, max_tree_depth: int = 8, progress: bool = False):
+    """The NUTS loop of :func:`fit_nuts` on a prepared batch (no input checks): ``model`` as for
+    :func:`nuts_program`, ``params0`` its parameters with a leading chain axis (or None: NumPyro's
+    ``init_to_uniform``).
+
+    Returns:
+      (draws: the model's parameters with leading (chain, draw) axes, after warm-up;
+      sample_stats: dict of (C, S) arrays named as ArviZ expects).
+    """
+    runner = nuts_program(model, batch, num_chains, num_warmup, num_samples, target_accept,
+                          max_tree_depth)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = num_warmup + num_samples
+    cols = [TextColumn(f"NUTS ({num_chains} chains)"), BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn()]
+    draws, stats = [], []
+    with Progress(*cols, disable=not progress, transient=False) as bar:
+        task = bar.add_task("nuts", total=total)
+        with numpyro_numerics():
+            state = runner.init(jax.random.split(key, num_chains), batch, params0)
+            for length in _chunks(total, bool(progress)):
+                state, (p, st) = runner.run_chunk(state, batch, length=length)
+                draws.append(p)
+                stats.append(st)
+                bar.advance(task, length)
+
+    def chains_first(parts):  # (T, C, ...) chunks -> (C, S, ...) post-warm-up draws
+        a = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        return jnp.swapaxes(a[num_warmup:], 0, 1)
+
+    raw = jax.tree_util.tree_map(lambda *parts: chains_first(parts), *draws)
+    extra = {f: np.asarray(chains_first([st[i] for st in stats])) for i, f in enumerate(EXTRA_FIELDS)}
+    sample_stats = {
+        "diverging": extra["diverging"],
+        "acceptance_rate": extra["accept_prob"],
+        "n_steps": extra["num_steps"],
+        "energy": extra["energy"],
+        "lp": -extra["potential_energy"],
+        "step_size": extra["adapt_state.step_size"],
+        "tree_depth": np.ceil(np.log2(extra["num_steps"].astype(np.float64) + 1)).astype(np.int64),
+    }
+    return raw, sample_stats
+
+
 def fit_nuts(
     model,
     key,
@@ -250,40 +300,13 @@ def fit_nuts(
         params0, unbatched = _chain_params(model, init_params, num_chains, dtype)
         if reference is None and unbatched:
             reference = init_params
-    runner = _runner(model, batch, num_chains, num_warmup, num_samples, target_accept, max_tree_depth)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    total = num_warmup + num_samples
-    cols = [TextColumn(f"NUTS ({num_chains} chains)"), BarColumn(),
-            TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn()]
-    draws, stats = [], []
-    with Progress(*cols, disable=not progress, transient=False) as bar:
-        task = bar.add_task("nuts", total=total)
-        with numpyro_numerics():
-            state = runner.init(jax.random.split(key, num_chains), batch, params0)
-            for length in _chunks(total, bool(progress)):
-                state, (p, st) = runner.run_chunk(state, batch, length=length)
-                draws.append(p)
-                stats.append(st)
-                bar.advance(task, length)
-
-    def chains_first(parts):  # (T, C, ...) chunks -> (C, S, ...) post-warm-up draws
-        a = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-        return jnp.swapaxes(a[num_warmup:], 0, 1)
-
-    raw = jax.tree_util.tree_map(lambda *parts: chains_first(parts), *draws)
-    extra = {f: np.asarray(chains_first([st[i] for st in stats])) for i, f in enumerate(EXTRA_FIELDS)}
+    raw, sample_stats = sample_nuts(model, key, batch, params0, num_chains=num_chains,
+                                    num_warmup=num_warmup, num_samples=num_samples,
+                                    target_accept=target_accept, max_tree_depth=max_tree_depth,
+                                    progress=progress)
     if reference is not None:
         reference = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), reference)
         params, perms = relabel(model, raw, reference)
     else:
         params, perms = raw, None
-    sample_stats = {
-        "diverging": extra["diverging"],
-        "acceptance_rate": extra["accept_prob"],
-        "n_steps": extra["num_steps"],
-        "energy": extra["energy"],
-        "lp": -extra["potential_energy"],
-        "step_size": extra["adapt_state.step_size"],
-    }
     return MCMCResult(model, params, raw, perms, reference, sample_stats, num_chains, num_samples)

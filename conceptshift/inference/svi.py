@@ -269,17 +269,28 @@ def fit_svi(
             from .._validation import check_float
 
             learning_rate = check_float("learning_rate", learning_rate, positive=True)
-        optimizer = _adam(learning_rate)
+        optimizer = cached_adam(learning_rate)
     elif not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got "
                         f"{type(optimizer).__name__}")
     batch = model.batch(x, y)
     if batch.x.shape[0] < model.n_components:
         raise ValueError(f"x has {batch.x.shape[0]} rows, fewer than n_components={model.n_components}")
-    dtype = batch.w.dtype
     k_init, k_svi = jax.random.split(key)
     if init_params is None:
         init_params = _init_jit(model, k_init, batch, "kmeans++")
+    return svi_on_batch(model, k_svi, batch, init_params, guide=guide, num_steps=num_steps,
+                        optimizer=optimizer, mle=mle, chunk_size=chunk_size, progress=progress)
+
+
+def svi_on_batch(model, key, batch, init_params, *, guide: str, num_steps: int, optimizer,
+                 mle: bool = False, chunk_size: int = 250, progress: bool = False) -> SVIResult:
+    """The SVI loop of :func:`fit_svi` on a prepared batch (no input checks). ``model`` is a family
+    or anything hashable with ``batch_model``, ``site_names``, ``to_sites``, ``from_sites`` and
+    ``batch_log_likelihood`` (such as :class:`~conceptshift.inference.joint.JointModel`);
+    ``init_params`` its parameters, where the guide starts."""
+    k_svi = key
+    dtype = jax.tree_util.tree_leaves(batch)[-1].dtype
     sites = sites_from_params(model, jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype),
                                                              init_params))
     chunk = min(chunk_size, num_steps)
@@ -318,10 +329,11 @@ def fit_svi(
                      int(np.sum(~accepted)), bool(mle), supports)
 
 
+
 _ADAMS: dict = {}
 
 
-def _adam(learning_rate):
+def cached_adam(learning_rate):
     """One optax.adam object per learning rate (or schedule), so repeated fits share a compile."""
     if learning_rate not in _ADAMS:
         _ADAMS[learning_rate] = optax.adam(learning_rate)

@@ -16,6 +16,8 @@ both fits and the matching (so an interval includes the matching's own uncertain
     boot = fit.bootstrap(jax.random.key(1), 200)
     lower, upper = boot.interval(x_new, 0.9)     # 90% percentile intervals
     boot.agreement                               # share of draws that kept the matching
+    fit.summary()["matching_posterior"]          # p(matching | fits) under the shift prior
+    boot.matching_posterior()                    # the same averaged over the redrawn fits
 
 Arrays are numpy or JAX; x may be (N,) for one covariate everywhere x is taken. This is the
 host-side convenience (its results are numpy values and Python numbers); the compiled pieces it
@@ -39,6 +41,7 @@ from .._validation import check_float, check_int, check_key, float_dtype
 from ..models.registry import check_family
 from .em import EMResult, fit_em
 from .estimators import identify
+from .matching import average_matching_posterior, matching_log_posterior, matching_posterior_summary
 from .predictor import Predictor
 from .uncertainty import bootstrap_em
 
@@ -68,6 +71,11 @@ class TargetFit:
         against the target's weak heads, when the source has no weak labels).
       source_fit, target_fit: the two :class:`~conceptshift.inference.em.EMResult` (log-likelihood,
         convergence, restarts at the best optimum, ...).
+      matchings, matching_prob: every candidate matching (M, K) and its posterior probability given
+        the two fits under the shift prior of Assumption 4.5 (target weak head a(k) near source head
+        k at a common scale, that scale integrated out;
+        :func:`~conceptshift.inference.matching.matching_log_posterior`). It treats the fitted heads
+        as known; :meth:`bootstrap`'s ``matching_prob`` averages it over redrawn fits.
     """
 
     model: Any
@@ -80,6 +88,8 @@ class TargetFit:
     target_fit: EMResult
     source_x: Any
     target_x: Any
+    matchings: np.ndarray
+    matching_prob: np.ndarray
 
     def predict(self, x) -> np.ndarray:
         """The mean of q̂(y | x) for each row of ``x`` ((N, D), or (N,) for one covariate)."""
@@ -100,6 +110,7 @@ class TargetFit:
         ``target_weights``, ``source`` and ``target`` (each fit's log-likelihood, convergence,
         degeneracy, restarts at the best optimum, iterations, BIC)."""
         return {"assignment": self.assignment.tolist(), "margin": self.margin, "match": self.match,
+                "matching_posterior": matching_posterior_summary(self.matchings, self.matching_prob),
                 "target_weights": self.target_weights.tolist(),
                 "source": _fit_info(self.source_fit), "target": _fit_info(self.target_fit)}
 
@@ -119,8 +130,10 @@ class TargetFit:
                           max_iter=max_iter, tol=tol)
         tb = bootstrap_em(self.model, kt, self.target_fit.params, self.target_x, n_boot,
                           max_iter=max_iter, tol=tol)
-        params, assignments = _match_draws(self.model, self.match, sb, tb)
-        return TargetBootstrap(self.model, params, np.asarray(assignments), self.assignment)
+        params, assignments, costs = _match_draws(self.model, self.match, sb, tb)
+        perms, prob = average_matching_posterior(costs, dim=_match_dim(self.model, self.match))
+        return TargetBootstrap(self.model, params, np.asarray(assignments), self.assignment,
+                               np.asarray(perms), np.asarray(prob, np.float64))
 
 
 @dataclass(frozen=True)
@@ -132,12 +145,21 @@ class TargetBootstrap:
       assignments: (n_boot, K) each draw's matching.
       agreement: the share of draws whose matching equals the point estimate's (1: the matching
         never changed; near 1/K!: the data do not decide it).
+      matchings, matching_prob: every candidate matching and its posterior probability under the
+        shift prior (:class:`TargetFit`'s), averaged over the draws.
     """
 
     model: Any
     params: Any
     assignments: np.ndarray
     point_assignment: np.ndarray
+    matchings: np.ndarray
+    matching_prob: np.ndarray
+
+    def matching_posterior(self, top: int = 3) -> dict:
+        """The ``top`` most probable matchings with their probabilities
+        (:func:`~conceptshift.inference.matching.matching_posterior_summary`)."""
+        return matching_posterior_summary(self.matchings, self.matching_prob, top=top)
 
     @property
     def n_boot(self) -> int:
@@ -198,7 +220,7 @@ def _identify(model, match, source_fit, target_fit):
 def _match_draws(model, match, source_draws, target_draws):
     def one(s, t):
         ident = identify(model, s, t, match=match)
-        return ident.predictor.params, ident.assignment
+        return ident.predictor.params, ident.assignment, ident.cost
 
     return jax.vmap(one)(source_draws, target_draws)
 
@@ -223,7 +245,7 @@ def fit_target(model, key, source_x, source_y, target_x, target_y_weak, *, sourc
     Returns:
       a :class:`TargetFit`.
     """
-    check_family(model, "fit_target")
+    check_family(model, "fit_target", needs=("match_cost", "match_dim"))
     key = check_key("key", key)
     restarts = check_int("restarts", restarts, minimum=1)
     max_iter = check_int("max_iter", max_iter, minimum=1)
@@ -244,6 +266,7 @@ def fit_target(model, key, source_x, source_y, target_x, target_y_weak, *, sourc
     sfit = fit_em(sm, ks, source_x, ys, **em)
     tfit = fit_em(m1, kt, target_x, yt, **em)
     ident = _identify(m1, match, sfit, tfit)
+    perms, log_prob = matching_log_posterior(ident.cost, dim=_match_dim(m1, match))
     dtype = float_dtype()
     return TargetFit(
         model=m1, predictor=ident.predictor, assignment=np.asarray(ident.assignment),
@@ -251,7 +274,13 @@ def fit_target(model, key, source_x, source_y, target_x, target_y_weak, *, sourc
         target_weights=np.exp(np.asarray(ident.predictor.params.log_weights, np.float64)),
         match=match, source_fit=sfit, target_fit=tfit,
         source_x=jnp.asarray(m1.covariates(source_x), dtype),
-        target_x=jnp.asarray(m1.covariates(target_x), dtype))
+        target_x=jnp.asarray(m1.covariates(target_x), dtype), matchings=np.asarray(perms),
+        matching_prob=np.exp(np.asarray(log_prob, np.float64)))
+
+
+def _match_dim(model, match: str) -> int:
+    """The length of the head vectors the matching compares (source head 1 for weak, 0 for strong)."""
+    return int(model.match_dim(1 if match == "weak" else 0))
 
 
 def _labels(name: str, y, n: int):

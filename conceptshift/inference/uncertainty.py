@@ -18,6 +18,7 @@ from ..models import ExpertsFamily
 from ..models.registry import check_family
 from .em import fit_em
 from .estimators import identify
+from .matching import average_matching_posterior
 from .mcmc import relabel_one
 
 
@@ -84,3 +85,21 @@ def bootstrap_identification(model: ExpertsFamily, key, source_params, target_pa
 
 
 __all__ = ["bootstrap_em", "bootstrap_identification", "identification_draws"]
+
+
+def matching_posterior_of_draws(model, source_draws, target_draws, *, n_batch: int = 2):
+    """The posterior probability of each matching from draws of the separate source and target
+    fits: p(a | heads) under the shift prior with its scale integrated out
+    (:func:`~conceptshift.inference.matching.matching_log_posterior` with ``dim``), averaged over
+    the draws.
+
+    Returns:
+      (assignments (M, K), prob (M,)).
+    """
+    check_family(model, "matching_posterior_of_draws", needs=("match_cost", "match_dim"))
+    fn = lambda s, t: model.match_cost(s, 1, t, 0)  # noqa: E731
+    for _ in range(n_batch):
+        fn = jax.vmap(fn)
+    costs = fn(source_draws, target_draws)
+    K = costs.shape[-1]
+    return average_matching_posterior(costs.reshape(-1, K, K), dim=int(model.match_dim(1)))

@@ -348,6 +348,14 @@ class ExpertsFamily(TableRows, EStepScheduling):
         a, b = vectors(params_a, head_a), vectors(params_b, head_b)
         return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
 
+    def match_dim(self, head) -> int:
+        """The length of the vectors :meth:`match_cost` compares for ``head``: the head's
+        coefficients and its log-scale."""
+        if head is None:
+            raise ValueError(f"{type(self).__name__} matches components by a head; it has no head-free "
+                             "component signature")
+        return self.n_coef + 1
+
     def relabel_vectors(self, params) -> Array:
         """One row per component, (K, F), that draws are aligned on: coefficients of every head,
         log-scales, log-weight and the gate's per-component fields."""

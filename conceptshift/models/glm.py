@@ -822,6 +822,14 @@ class GLMExperts(TableRows):
         b = params_b.coef[:, head_b].reshape(params_b.coef.shape[0], -1)
         return jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
 
+    def match_dim(self, head) -> int:
+        """The length of the vectors :meth:`match_cost` compares for ``head``: the head's
+        coefficients."""
+        if head is None:
+            raise ValueError(f"{type(self).__name__} matches components by a head; it has no head-free "
+                             "component signature")
+        return self.n_predictors * self.n_coef
+
     def relabel_vectors(self, params: GLMParams) -> Array:
         """One row per component: log-weight, every coefficient and the gate's parameters."""
         K = params.coef.shape[0]

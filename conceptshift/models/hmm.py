@@ -290,6 +290,11 @@ class HMMMixture:
         sa, sb = concept_signature(params_a, head_a), concept_signature(b, head_b)
         return jnp.sum((sa[:, None, :] - sb[None, :, :]) ** 2, -1)
 
+    def match_dim(self, head) -> int:
+        """The length of the signatures :meth:`match_cost` compares: S * V (theta_k tau_head), or
+        S * S (theta_k) when ``head`` is None."""
+        return self.n_states * (self.n_states if head is None else self.n_tokens)
+
     # ------------------------------------------------------------------ posterior sites
     def site_names(self) -> tuple[str, ...]:
         """The latent sites of :meth:`numpyro_model` in the order they are sampled."""
