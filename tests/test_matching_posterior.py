@@ -27,7 +27,14 @@ def _brute(cost, dim=None, scale=None):
     K = cost.shape[0]
     perms = np.asarray(list(itertools.permutations(range(K))))
     total = np.array([sum(cost[k, p[k]] for k in range(K)) for p in perms])
-    logw = -total / (2 * scale**2) if scale is not None else -0.5 * K * dim * np.log(total)
+    # tau integrated out under a flat prior by quadrature, not by the closed form
+    if scale is not None:
+        logw = -total / (2 * scale**2)
+    else:
+        from scipy.integrate import quad
+
+        logw = np.log([quad(lambda t, c=c: t ** (-K * dim) * np.exp(-c / (2 * t * t)), 0, np.inf)[0]
+                       for c in total])
     return perms, np.exp(logw - logsumexp(logw))
 
 
@@ -95,8 +102,22 @@ def test_errors_name_the_argument():
         matching_log_posterior(np.ones((3, 3)))
     with pytest.raises(ValueError, match="cost must be square"):
         matching_log_posterior(np.ones((3, 2)), dim=1)
-    with pytest.raises(ValueError, match="costs must have shape"):
+    with pytest.raises(ValueError, match="costs must have ndim"):
         average_matching_posterior(np.ones((3, 3)), dim=1)
+    with pytest.raises(ValueError, match="costs must have shape"):
+        average_matching_posterior(np.ones((2, 3, 2)), dim=1)
+    with pytest.raises(ValueError, match="cost has non-finite"):
+        matching_log_posterior(np.full((3, 3), np.nan), dim=1)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        matching_log_posterior(np.ones((3, 3)), scale=0.0)
+    with pytest.raises(ValueError, match="not log-probabilities"):
+        matching_posterior_summary(*matching_log_posterior(np.ones((3, 3)), dim=2))
+    # a draw with a non-finite cost (a degenerate refit) is left out of the average
+    costs = np.random.default_rng(4).uniform(0.1, 2, size=(3, 3, 3))
+    bad = costs.copy()
+    bad[1, 0, 0] = np.nan
+    np.testing.assert_allclose(np.asarray(average_matching_posterior(bad, dim=2)[1]),
+                               np.asarray(average_matching_posterior(costs[[0, 2]], dim=2)[1]), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- joint model
@@ -130,7 +151,8 @@ def test_joint_shift_density_is_the_sum_over_assignments_written_out():
     joint, _ = log_density(jm.batch_model, (batch,), {}, sites)
     s_only, _ = log_density(jm.source_model.batch_model, (sb,), {}, jm.source_model.to_sites(sp))
     t_only, _ = log_density(jm.target_model.batch_model, (tb,), {}, jm.target_model.to_sites(tp))
-    np.testing.assert_allclose(float(joint), float(s_only + t_only) + got, rtol=1e-5 if X64 else 1e-4)
+    # (and log tau, the Jacobian of the flat prior on tau)
+    np.testing.assert_allclose(float(joint), float(s_only + t_only) + got - 0.3, rtol=1e-5 if X64 else 1e-4)
     del x
     # the site maps go both ways
     back = jm.from_sites(sites)

@@ -221,7 +221,9 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
         dt["matching_posterior"] = xr.DataTree(xr.Dataset(
             {"prob": (("matching",), prob.astype(np.float64),
                       {"long_name": "posterior probability of the matching",
-                       "description": "p(a | data) under the shift prior, averaged over the draws"}),
+                       "description": "p(a | heads) under the shift prior, averaged over the draws "
+                                      "(the posterior given the data for the joint model's draws; "
+                                      "an approximation for separate fits' draws)"}),
              "assignment": (("matching", "component"), perms.astype(np.int64),
                             {"long_name": "matched target component a(k)"})},
             coords={"matching": [",".join(map(str, r)) for r in perms], "component": np.arange(K)}))
@@ -334,6 +336,8 @@ def _finite_extreme(column, fn) -> float:
 def fit_draw_arrays(prefix: str, params) -> dict:
     """{prefix_field: (chain, draw, ...) array} for a NamedTuple of parameter draws (a nested one
     flattened with its field names), for ``posterior_datatree(fit_draws=...)``."""
+    if not hasattr(params, "_fields"):
+        raise TypeError(f"params must be a NamedTuple of parameter draws, got {type(params).__name__}")
     out = {}
     for field, v in zip(params._fields, params, strict=True):
         if hasattr(v, "_fields"):
@@ -362,6 +366,8 @@ def fit_convergence(dt) -> dict | None:
         if np.nanmax(r) > worst:
             worst, name = float(np.nanmax(r)), var
         ess = min(ess, float(np.nanmin(e)))
+    if not name:  # nothing varied, or no R-hat could be computed
+        return None
     return {"max_rhat_fit": worst, "min_ess_bulk_fit": ess, "worst_rhat_fit": name}
 
 
@@ -505,8 +511,8 @@ def plot_posterior(dt, out_dir, *, prob: float = 0.9, prefix: str = "") -> list[
     savefig(fig, p)
     plt.close(fig)
     paths.append(str(p))
-    if draws_kind(dt) == "mcmc":  # rank plots compare chains: none for independent draws
-        fig = _rank_figure(plt, dt, ("weights", "scale"))
+    fig = _rank_figure(plt, dt, ("weights", "scale")) if draws_kind(dt) == "mcmc" else None
+    if fig is not None:  # rank plots compare chains: none for independent draws
         p = out_dir / f"{prefix}rank.png"
         savefig(fig, p)
         plt.close(fig)
@@ -525,10 +531,12 @@ def _ppc_figure(plt, dt, n_draws: int = 50):
     lo, hi = min(y.min(), ypp[pick].min()), max(y.max(), ypp[pick].max())
     grid = np.linspace(lo, hi, 256)
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    pick = [j for j in pick if np.std(ypp[j]) > 0]  # a constant draw has no kernel density
     for i, j in enumerate(pick):
         ax.plot(grid, gaussian_kde(ypp[j])(grid), color="C0", alpha=0.25, lw=0.8,
                 label=f"posterior predictive draws ({len(pick)})" if i == 0 else None)
-    ax.plot(grid, gaussian_kde(y)(grid), color="k", lw=1.6, label="gold test responses")
+    if np.std(y) > 0:
+        ax.plot(grid, gaussian_kde(y)(grid), color="k", lw=1.6, label="gold test responses")
     ax.set(xlabel="y at the gold test x", ylabel="density (Gaussian kernel)",
            title=f"Posterior predictive check: {dt.attrs.get('method', '')}".rstrip(": "))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
@@ -549,8 +557,10 @@ def _rank_figure(plt, dt, names, n_bins: int = 20):
         for i in range(flat.shape[-1]):
             if np.std(flat[..., i]) > 0:
                 panels.append((f"{name}[{i}]", flat[..., i]))
+    if not panels:  # nothing varies across draws (e.g. one component)
+        return None
     C, S = post.sizes["chain"], post.sizes["draw"]
-    ncols = min(3, max(1, len(panels)))
+    ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.8 * nrows), squeeze=False)
     edges = np.linspace(0, C * S, n_bins + 1)

@@ -328,8 +328,11 @@ def identify(model, source_params, target_params, *, match: str = "weak", weak_s
     greedy, bij = greedy_assignment(cost)
     strong = strong_predictor(model, source_params, 0)
     pred = with_proportions(strong, target_params.log_weights[a])
-    perms, log_prob = matching_log_posterior(cost, dim=int(model.match_dim(head_a)))
-    prob = jnp.sum(jnp.where(jnp.all(perms == a[None], axis=1), jnp.exp(log_prob), 0.0))
+    perms, log_prob = matching_log_posterior(jnp.where(jnp.isfinite(cost), cost, 0.0),
+                                             dim=int(model.match_dim(head_a)))
+    # NaN where the cost is not finite (no matching was made: ``assignment`` is all -1)
+    prob = jnp.where(a[0] >= 0, jnp.sum(jnp.where(jnp.all(perms == a[None], axis=1), jnp.exp(log_prob), 0.0)),
+                     jnp.nan)
     return Identification(pred, a, assignment_margin(cost), greedy, bij, cost, prob, source_fit,
                           target_fit)
 

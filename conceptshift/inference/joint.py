@@ -8,13 +8,21 @@ matching into the model instead:
   proportions pi^p, under the family's own priors;
 * the weak target D_Q' = {(x, y')}: the family with one head (theta^wq_j) and proportions pi^q;
 * the shift prior of Assumption 4.5, linking them through the unknown assignment a (component k of
-  P is component a(k) of Q):
+  P is component a(k) of Q), a factor on top of the family's own weak priors on theta^wq (so the
+  effective prior of the target heads is their product, close to the shift prior when tau is small
+  against the family priors' scales):
 
       p(theta^wq | theta^wp, tau) = (1 / K!) sum_a prod_k N(theta^wq_{a(k)}; theta^wp_k, tau^2 I_d),
 
-  the sum over all K! assignments written out (log-sum-exp, K <= 7), tau with the scale-invariant
-  prior p(tau) proportional to 1/tau (flat in log tau), and the family's ``match_cost`` / ``match_dim``
-  giving the squared distances between the matched heads' d-vectors.
+  the sum over all K! assignments written out (log-sum-exp, K <= 7), tau with the flat prior
+  p(tau) proportional to 1 on (0, inf), and the family's ``match_cost`` / ``match_dim`` giving the
+  squared distances between the matched heads' d-vectors.
+
+The prior on tau is flat in tau, not in log tau: as tau -> 0 the shift prior pins theta^wq_{a(k)}
+to theta^wp_k, and the integral over the target heads tends to the likelihood at that point, so the
+scale-invariant p(tau) proportional to 1/tau (flat in log tau) would leave the joint posterior
+improper at tau -> 0 (the hierarchical-variance case of Gelman, 2006); a flat p(tau) vanishes there
+in log tau, and above it the shift prior's tau^(-K d) keeps the posterior proper.
 
 The assignment is a discrete latent summed out of the density, so NUTS and SVI see only continuous
 sites. Each posterior draw (theta, tau) then carries the exact conditional p(a | theta, tau)
@@ -41,7 +49,7 @@ import numpyro.distributions as dist
 from jax import Array
 from numpyro import handlers
 
-from .._validation import check_int, check_key
+from .._validation import check_float, check_int, check_key
 from ..models.batch import Batch
 from ..models.registry import check_family
 from .em import EMResult, fit_em
@@ -83,6 +91,9 @@ class JointModel:
         if K > MAX_EXACT:
             raise ValueError(f"the joint model sums all K! matchings in its density; n_components must "
                              f"be <= {MAX_EXACT}, got {K}")
+        if K * self.match_dim < 2:
+            raise ValueError(f"the shift prior's scale needs K * match_dim >= 2 for a proper posterior, "
+                             f"got K={K}, match_dim={self.match_dim}")
 
     @property
     def source_model(self):
@@ -132,13 +143,15 @@ class JointModel:
 
     def batch_model(self, batch: JointBatch) -> None:
         """The NumPyro model: both domains' family models (sites prefixed ``source/`` and
-        ``target/``), log tau (flat) and the shift prior as a factor."""
+        ``target/``), log tau (with the Jacobian that makes tau flat) and the shift prior as a
+        factor."""
         with handlers.scope(prefix="source", divider="/"):
             src = handlers.trace(self.source_model.batch_model).get_trace(batch.source)
         with handlers.scope(prefix="target", divider="/"):
             tgt = handlers.trace(self.target_model.batch_model).get_trace(batch.target)
         dtype = batch.target.w.dtype
         log_tau = numpyro.sample("log_shift_scale", dist.ImproperUniform(dist.constraints.real, (), ()))
+        numpyro.factor("shift_scale_prior", log_tau)  # p(tau) flat: p(log tau) proportional to tau
         sites = {n: src[n]["value"] for n in src if src[n]["type"] == "sample" and not src[n]["is_observed"]}
         sites.update({n: tgt[n]["value"] for n in tgt
                       if tgt[n]["type"] == "sample" and not tgt[n]["is_observed"]})
@@ -240,8 +253,16 @@ def fit_joint(family, key, source: Data, target: Data, *, method: str = "nuts", 
     num_samples = check_int("num_samples", num_samples, minimum=1)
     svi_steps = check_int("svi_steps", svi_steps, minimum=1)
     restarts = check_int("restarts", restarts, minimum=1)
+    max_tree_depth = check_int("max_tree_depth", max_tree_depth, minimum=1)
+    learning_rate = check_float("learning_rate", learning_rate, positive=True)
+    target_accept = check_float("target_accept", target_accept, positive=True)
+    if not target_accept < 1:
+        raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
     if (source_fit is None) != (target_fit is None):
         raise ValueError("give both source_fit and target_fit, or neither")
+    for name, fit in (("source_fit", source_fit), ("target_fit", target_fit)):
+        if fit is not None and not isinstance(fit, EMResult):
+            raise TypeError(f"{name} must be an EMResult (fit_em's result), got {type(fit).__name__}")
     model = JointModel(family.with_heads(1))
     batch = _joint_batch(model, source, target)
     t0 = time.perf_counter()

@@ -125,6 +125,14 @@ def candidate_assignments(cost: Array) -> Array:
     return best[jnp.asarray(local_permutations(K))]
 
 
+def _check_dim(K: int, dim) -> int:
+    """dim >= 1; then K dim >= 2 (a proper posterior of the scale) whenever there is a choice
+    (K >= 2), and K = 1 has its one assignment."""
+    from .._validation import check_int
+
+    return check_int("dim", dim, minimum=1)
+
+
 def matching_log_posterior(cost, *, dim: int | None = None, scale=None) -> tuple[Array, Array]:
     """The posterior over assignments a of the components k of fit a to the components a(k) of fit
     b, from the matching cost (squared distances between the matched heads' vectors).
@@ -136,40 +144,48 @@ def matching_log_posterior(cost, *, dim: int | None = None, scale=None) -> tuple
     C_a = sum_k cost[k, a(k)]; so:
 
     * ``scale`` = tau given: log p(a | heads) = -C_a / (2 tau^2) - log Z;
-    * ``dim`` given and no scale: tau is integrated out under the scale-invariant prior
-      p(tau) proportional to 1/tau, which leaves p(a | heads) proportional to C_a^(-K dim / 2).
+    * ``dim`` given and no scale: tau is integrated out under the flat prior p(tau) proportional
+      to 1 on (0, inf), the joint model's (:mod:`conceptshift.inference.joint`), which leaves
+      p(a | heads) proportional to C_a^(-(K dim - 1) / 2).
 
     ``dim`` is the length of the vectors the cost compares (the family's ``match_dim(head)``).
 
     Returns:
       (assignments (M, K) int32, log_prob (M,)), normalised over the M candidates of
       :func:`candidate_assignments` (exact for K <= 7). The mode is the optimal (Hungarian)
-      assignment. Works under ``jit``/``vmap`` (static K, dim).
+      assignment. Works under ``jit``/``vmap`` (static K, dim); there a non-finite cost gives NaN
+      probabilities (outside ``jit`` it raises ValueError, as does a scale that is not positive).
     """
-    cost = jnp.asarray(cost)
-    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
-        raise ValueError(f"cost must be square (K, K), got shape {cost.shape}")
     if (dim is None) == (scale is None):
         raise ValueError("give exactly one of dim (the scale integrated out) and scale (tau)")
+    cost = _check_cost(cost)
     perms = candidate_assignments(cost)
     K = cost.shape[0]
     total = jnp.sum(cost[jnp.arange(K), perms], axis=-1)  # (M,) C_a
     if scale is not None:
-        logw = -total / (2.0 * jnp.asarray(scale, cost.dtype) ** 2)
+        scale = jnp.asarray(scale, cost.dtype)
+        if not is_traced(scale) and not (scale.ndim == 0 and bool(jnp.isfinite(scale)) and float(scale) > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        logw = -total / (2.0 * scale**2)
     else:
-        dim = int(dim)
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+        dim = _check_dim(K, dim)
         tiny = jnp.finfo(cost.dtype).tiny
-        logw = -0.5 * K * dim * jnp.log(jnp.maximum(total, tiny))
+        logw = -0.5 * (K * dim - 1) * jnp.log(jnp.maximum(total, tiny))
     return perms, logw - jax.nn.logsumexp(logw)
 
 
 def matching_posterior_summary(perms, prob, *, top: int = 3) -> dict:
     """The ``top`` most probable assignments of a matching posterior (host side): ``best``
     (assignment list), ``best_prob``, ``matchings`` [{"assignment", "prob"}], ``n_candidates``
-    and ``entropy`` (nats)."""
+    and ``entropy`` (nats). ``prob`` are probabilities (not logs), one per row of ``perms``."""
+    from .._validation import check_int
+
+    top = check_int("top", top, minimum=1)
     perms, prob = np.asarray(perms), np.asarray(prob, np.float64)
+    if perms.ndim != 2 or prob.shape != perms.shape[:1]:
+        raise ValueError(f"perms must be (M, K) and prob (M,), got shapes {perms.shape} and {prob.shape}")
+    if not np.all(np.isfinite(prob)) or np.any(prob < 0) or abs(prob.sum() - 1) > 1e-3:
+        raise ValueError("prob must be probabilities summing to 1 (not log-probabilities, no NaN)")
     order = np.argsort(-prob, kind="stable")[:top]
     p = prob[prob > 0]
     return {"best": perms[order[0]].tolist(), "best_prob": float(prob[order[0]]),
@@ -178,24 +194,36 @@ def matching_posterior_summary(perms, prob, *, top: int = 3) -> dict:
 
 
 def average_matching_posterior(costs, *, dim: int) -> tuple[Array, Array]:
-    """The matching posterior averaged over draws (the Rao-Blackwellised probability of each
-    assignment given the data, when the costs are posterior draws of both fits' heads), with the
-    scale integrated out per draw as in :func:`matching_log_posterior`.
+    """The matching posterior of :func:`matching_log_posterior` (the scale integrated out) averaged
+    over draws of the two fits' heads.
+
+    For draws of a joint posterior that includes the shift prior this average is the posterior
+    probability of each matching given the data. For draws of separate fits (bootstrap refits,
+    separate posteriors) it is an approximation: those draws were made without the shift prior, and
+    each draw's matching posterior is normalised before the average.
 
     Args:
-      costs: (S, K, K) the matching costs of S draws.
+      costs: (S, K, K) the matching costs of S draws. Draws with a non-finite cost (a degenerate
+        refit) are left out of the average; none finite is a ValueError (NaN under ``jit``).
       dim: the length of the vectors the cost compares.
 
     Returns:
       (assignments (M, K), prob (M,)). For K > 7 the candidates are the neighbourhood of the
-      optimal assignment of the mean cost, shared by every draw.
+      optimal assignment of the mean finite cost, shared by every draw.
     """
-    costs = jnp.asarray(costs)
-    if costs.ndim != 3:
-        raise ValueError(f"costs must have shape (S, K, K), got {costs.shape}")
-    perms = candidate_assignments(jnp.mean(costs, 0))
-    K = costs.shape[-1]
+    costs = as_float_array("costs", costs, ndim=3, allow_nan=True)
+    S, K, K2 = costs.shape
+    if K != K2 or S < 1:
+        raise ValueError(f"costs must have shape (S, K, K) with S >= 1, got {costs.shape}")
+    dim = _check_dim(K, dim)
+    ok = jnp.all(jnp.isfinite(costs), axis=(1, 2))  # (S,)
+    if not is_traced(costs) and not bool(jnp.any(ok)):
+        raise ValueError("costs has no draw with finite entries; cannot match components")
+    safe = jnp.where(ok[:, None, None], costs, 0.0)
+    n_ok = jnp.sum(ok).astype(costs.dtype)
+    perms = candidate_assignments(jnp.sum(safe, 0) / jnp.maximum(n_ok, 1))
     tiny = jnp.finfo(costs.dtype).tiny
-    total = jnp.sum(costs[:, jnp.arange(K), perms], axis=-1)  # (S, M)
-    logw = -0.5 * K * int(dim) * jnp.log(jnp.maximum(total, tiny))
-    return perms, jnp.mean(jax.nn.softmax(logw, axis=-1), 0)
+    total = jnp.sum(safe[:, jnp.arange(K), perms], axis=-1)  # (S, M)
+    logw = -0.5 * (K * dim - 1) * jnp.log(jnp.maximum(total, tiny))
+    each = jnp.where(ok[:, None], jax.nn.softmax(logw, axis=-1), 0.0)
+    return perms, jnp.sum(each, 0) / jnp.where(n_ok > 0, n_ok, jnp.nan)

@@ -84,22 +84,34 @@ def bootstrap_identification(model: ExpertsFamily, key, source_params, target_pa
     return identification_draws(model.with_heads(1), sb, tb, n_batch=1)
 
 
-__all__ = ["bootstrap_em", "bootstrap_identification", "identification_draws"]
+__all__ = ["bootstrap_em", "bootstrap_identification", "identification_draws", "matching_posterior_of_draws"]
 
 
-def matching_posterior_of_draws(model, source_draws, target_draws, *, n_batch: int = 2):
-    """The posterior probability of each matching from draws of the separate source and target
-    fits: p(a | heads) under the shift prior with its scale integrated out
+def matching_posterior_of_draws(model, source_draws, target_draws, *, n_batch: int = 2,
+                                match: str = "weak"):
+    """The probability of each matching from draws of the separate source and target fits:
+    p(a | heads) under the shift prior with its scale integrated out
     (:func:`~conceptshift.inference.matching.matching_log_posterior` with ``dim``), averaged over
-    the draws.
+    the draws (:func:`~conceptshift.inference.matching.average_matching_posterior`; for separate
+    fits an approximation of the posterior given the data, which the joint model computes).
+
+    Args:
+      model: the one-head family.
+      source_draws, target_draws: the fits' parameters with ``n_batch`` leading axes.
+      match: ``"weak"`` (the source's weak head 1 against the target's head 0) or ``"strong"`` (the
+        source's strong head 0).
 
     Returns:
       (assignments (M, K), prob (M,)).
     """
     check_family(model, "matching_posterior_of_draws", needs=("match_cost", "match_dim"))
-    fn = lambda s, t: model.match_cost(s, 1, t, 0)  # noqa: E731
+    n_batch = check_int("n_batch", n_batch, minimum=0)
+    if match not in ("weak", "strong"):
+        raise ValueError(f"match must be 'weak' or 'strong', got {match!r}")
+    head = 1 if match == "weak" else 0
+    fn = lambda s, t: model.match_cost(s, head, t, 0)  # noqa: E731
     for _ in range(n_batch):
         fn = jax.vmap(fn)
     costs = fn(source_draws, target_draws)
     K = costs.shape[-1]
-    return average_matching_posterior(costs.reshape(-1, K, K), dim=int(model.match_dim(1)))
+    return average_matching_posterior(costs.reshape(-1, K, K), dim=int(model.match_dim(head)))

@@ -291,9 +291,10 @@ class HMMMixture:
         return jnp.sum((sa[:, None, :] - sb[None, :, :]) ** 2, -1)
 
     def match_dim(self, head) -> int:
-        """The length of the signatures :meth:`match_cost` compares: S * V (theta_k tau_head), or
-        S * S (theta_k) when ``head`` is None."""
-        return self.n_states * (self.n_states if head is None else self.n_tokens)
+        """The dimension in which the signatures :meth:`match_cost` compares differ: each is S rows
+        of a stochastic matrix (theta_k tau_head, S x V; or theta_k, S x S, when ``head`` is None),
+        and rows that sum to 1 differ in S (V - 1), or S (S - 1), dimensions."""
+        return self.n_states * ((self.n_states if head is None else self.n_tokens) - 1)
 
     # ------------------------------------------------------------------ posterior sites
     def site_names(self) -> tuple[str, ...]:
