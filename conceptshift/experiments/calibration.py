@@ -69,9 +69,11 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"methods must be a non-empty list among {METHODS}, got {cfg['methods']}")
     if int(cfg["n"]) < 4 * int(cfg["n_components"]):
         raise ValueError(f"n must be >= 4 * n_components, got n={cfg['n']}")
-    if cfg["family"] not in ("regression", "gated", "softmax"):
-        raise ValueError(f"family must be regression, gated or softmax here (families with a "
-                         f"conditional mean q(x)), got {cfg['family']!r}")
+    from ..models.registry import family_class
+
+    if not hasattr(family_class(cfg["family"]), "conditional_mean"):
+        raise ValueError(f"family must be one whose q(y|x) has a mean q(x) (e.g. regression, gated, "
+                         f"softmax, logistic, poisson), got {cfg['family']!r}")
     for k in ("n_test", "svi_steps", "num_warmup", "num_samples", "n_boot", "restarts", "replicates"):
         if int(cfg[k]) < 1:
             raise ValueError(f"{k} must be >= 1, got {cfg[k]}")
