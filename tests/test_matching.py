@@ -74,3 +74,16 @@ def test_vmap():
     for c, p in zip(costs, perms, strict=True):
         r, col = linear_sum_assignment(np.asarray(c))
         assert float(c[jnp.arange(4), p].sum()) == pytest.approx(float(c[r, col].sum()), abs=1e-5)
+
+
+def test_an_eager_assignment_compiles_once_per_shape():
+    """Outside jit, optax's Hungarian loop compiled on every call (a long sweep ran out of memory
+    after ~60 replicates); the assignment is jitted, so a second call of the same shape compiles
+    nothing."""
+    from test_target import _compiles
+
+    rng = np.random.default_rng(11)
+    optimal_assignment(rng.normal(size=(6, 6)))
+    assert _compiles(lambda: optimal_assignment(rng.normal(size=(6, 6)))) == 0
+    assignment_margin(rng.normal(size=(6, 6)))  # its first call compiles its eager operations
+    assert _compiles(lambda: assignment_margin(rng.normal(size=(6, 6)))) == 0

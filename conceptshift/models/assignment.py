@@ -3,11 +3,13 @@ helper every place that pairs components (or hidden states) calls."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 from optax.assignment import hungarian_algorithm
 
 
+@jax.jit  # an eager call compiles once per shape (optax's loop would otherwise compile every call)
 def assign(cost: Array) -> Array:
     """perm (R,): row r's partner column in the assignment minimising sum_r cost[r, perm[r]]
     (R <= C rows)."""
