@@ -111,7 +111,7 @@ RUNTIMES = {
     "weak-training": "about 15 s",
     "misspecified": "about 2 min",
     "posterior": "about 75 s",
-    "calibration": "about 14 min",
+    "calibration": "about 10 min",
     "weak-to-strong": "about 5-6 min",
     "label-shift": "about 95 s",
     "icl": "about 3.5 min",
