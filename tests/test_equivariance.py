@@ -127,6 +127,7 @@ def _base_loglik(model) -> float:
     return float(_fit(model, x, y).loglik)
 
 
+@pytest.mark.slow  # 17 s; the default run keeps the NPreg equivariance tests over affine maps
 @once  # 2 examples x 3 families of compiles: the float32 pass (where the shifts cost most digits)
 @settings(max_examples=2, deadline=None, derandomize=True)
 @given(log_sx=st.floats(-8, 8), tx=st.floats(-1e8, 1e8), log_sy=st.floats(-8, 8),
