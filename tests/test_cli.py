@@ -53,6 +53,7 @@ def test_fit_gated_json_has_gates(data_dir):
     assert res["converged"] is True
 
 
+@pytest.mark.slow  # 10 s; the gated family's fit through the CLI runs by default
 @once  # precision-independent plumbing
 def test_fit_softmax_gate_through_the_registry(tmp_path):
     """--family softmax (flexmix's concomitant model) is offered because it is registered; its JSON

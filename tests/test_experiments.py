@@ -180,6 +180,7 @@ def test_refinement_bias_bound_and_prop32_identity(tmp_path):
     assert (tmp_path / "refinement_bias.png").stat().st_size > 10_000
 
 
+@once  # the runner's bookkeeping: precision-independent
 def test_killed_sweep_resumes_to_identical_results(tmp_path, monkeypatch):
     cfg = load_config(refinement_bias.DEFAULTS, None, SMALL_RB)
     full = refinement_bias.run(cfg, tmp_path / "a", progress=False)

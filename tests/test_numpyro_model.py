@@ -52,7 +52,8 @@ def test_regression_model_likelihood_equals_log_likelihood():
 
 @once
 @pytest.mark.parametrize("covariance, D", [pytest.param("full", 2, marks=pytest.mark.slow),
-                                          ("diag", 2), ("full", 1)])
+                                          pytest.param("diag", 2, marks=pytest.mark.slow),  # 8 s
+                                          ("full", 1)])
 def test_gated_model_sites_and_prior_draw(covariance, D):
     model = GatedExperts(2, n_features=D, covariance=covariance)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(15, D)))

@@ -32,6 +32,8 @@ def registered():
     contract.test_fit_svi_runs_and_relabel_undoes_a_permutation,
     contract.test_algorithm_1_undoes_a_known_relabelling,
 ], ids=lambda f: f.__name__.removeprefix("test_"))
+@once  # the toy family shows that one file and one line make a family; the registered families'
+# contract tests run in both precisions
 def test_contract(check):
     check(NAME)
 
