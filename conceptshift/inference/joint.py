@@ -222,7 +222,7 @@ def _joint_batch(model: JointModel, source: Data, target: Data) -> JointBatch:
 def fit_joint(family, key, source: Data, target: Data, *, method: str = "nuts", restarts: int = 8,
               source_fit: EMResult | None = None, target_fit: EMResult | None = None,
               num_chains: int = 4, num_warmup: int = 500, num_samples: int = 500,
-              svi_steps: int = 3000, learning_rate: float = 0.02, target_accept: float = 0.8,
+              svi_steps: int = 3000, learning_rate: float = 0.02, target_accept: float = 0.95,
               max_tree_depth: int = 8, progress: bool = False) -> JointPosterior:
     """The joint model of D_P and D_Q' (:class:`JointModel`) fitted by NUTS or SVI.
 
@@ -236,6 +236,10 @@ def fit_joint(family, key, source: Data, target: Data, *, method: str = "nuts", 
       restarts: EM restarts of the separate fits the chains start from (and the draws are relabelled
         to), unless ``source_fit`` and ``target_fit`` are given.
       num_chains, num_warmup, num_samples, target_accept, max_tree_depth: NUTS's settings.
+        ``target_accept`` defaults to 0.95, not NUTS's usual 0.8: where the data put tau near 0
+        the shift prior makes a funnel between tau and the heads, and the smaller steps avoid its
+        divergences (measured at ``experiment posterior --set seed=7 --set n=300``, 4 x 300 draws:
+        10 divergences and R-hat 1.06 on log tau at 0.8, none and 1.02 at 0.95, same run time).
       svi_steps, learning_rate: SVI's.
 
     Every chain starts at the EM fits with tau at sqrt(C_best / (K d)), the scale the optimal
