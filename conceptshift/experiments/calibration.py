@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import PROBLEM_KNOBS, mean_se, problem_from, pyplot, savefig
+from .common import PROBLEM_KNOBS, mean_se, problem_from, pyplot, savefig, separate_fit_draws
 from .runner import Sweep, check_knobs, versions
 
 NAME = "calibration"
@@ -92,13 +92,12 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
     """One data set at ``weak_swap = swap``: every route's band scored against the truth."""
     from .._validation import OptimumWarning
     from ..diagnostics.metrics import matching_accuracy
-    from ..inference import fit_em, fit_svi
+    from ..inference import fit_em
     from ..inference.estimators import Data, identify
     from ..inference.joint import fit_joint
     from ..inference.matching import all_permutations
-    from ..inference.mcmc import relabel
     from ..inference.predictor import Predictor
-    from ..inference.uncertainty import bootstrap_em, identification_draws, matching_posterior_of_draws
+    from ..inference.uncertainty import identification_draws, matching_posterior_of_draws
     from ..models.problem import simulate
 
     problem = problem_from(cfg, weak_swap=float(swap))
@@ -147,19 +146,12 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
         k = jax.random.fold_in(km, METHODS.index(name))
         k1, k2, k3 = jax.random.split(k, 3)
         t0 = time.perf_counter()
-        if name == "em_bootstrap":
-            nb = int(cfg["n_boot"])
-            sb = bootstrap_em(m2, k1, sfit.params, sim.source.x, nb)
-            tb = bootstrap_em(m1, k2, tfit.params, sim.target.x, nb)
-            q, _ = identification_draws(m1, sb, tb, n_batch=1)
-            perms, prob = matching_posterior_of_draws(m1, sb, tb, n_batch=1)
-        elif name == "svi_fullrank":
-            kw = dict(guide="fullrank", num_steps=int(cfg["svi_steps"]), learning_rate=float(cfg["svi_lr"]))
-            sr = fit_svi(m2, k1, sim.source.x, ys, init_params=sfit.params, **kw)
-            tr = fit_svi(m1, k2, sim.target.x, sim.target.y_weak, init_params=tfit.params, **kw)
-            S = int(cfg["num_samples"])
-            sdraw, _ = relabel(m2, sr.sample_params(k3, S), sfit.params, n_batch=1)
-            tdraw, _ = relabel(m1, tr.sample_params(jax.random.fold_in(k3, 1), S), tfit.params, n_batch=1)
+        if name in ("em_bootstrap", "svi_fullrank"):
+            sdraw, tdraw, _ = separate_fit_draws(
+                name, m1, (k1, k2, k3, jax.random.fold_in(k3, 1)), sfit, tfit, sim.source.x, ys,
+                sim.target.x, sim.target.y_weak, n_boot=int(cfg["n_boot"]),
+                num_samples=int(cfg["num_samples"]), svi_steps=int(cfg["svi_steps"]),
+                svi_lr=float(cfg["svi_lr"]))
             q, _ = identification_draws(m1, sdraw, tdraw, n_batch=1)
             perms, prob = matching_posterior_of_draws(m1, sdraw, tdraw, n_batch=1)
         else:

@@ -439,3 +439,32 @@ def pgr_table(cells: list[dict], n_boot: int, seed: int, metric: str = "error") 
             out[n]["lower"].append(float(lo))
             out[n]["upper"].append(float(hi))
     return out
+
+
+def separate_fit_draws(route: str, m1, keys, source_fit, target_fit, source_x, source_ys, target_x,
+                       target_y_weak, *, n_boot: int, num_samples: int, svi_steps: int, svi_lr: float,
+                       progress: bool = False):
+    """Draws of the two separate fits behind Algorithm 1's q̂, as the posterior and calibration
+    experiments make them: ``"em_bootstrap"`` (a parametric bootstrap of each EM fit, ``n_boot``
+    refits) or ``"svi_fullrank"`` (a full-rank Gaussian guide of each domain from its EM fit,
+    ``num_samples`` draws relabelled to it).
+
+    ``keys``: (source fit, target fit, source draws, target draws). Returns (source draws, target
+    draws, each with one leading axis; the two SVIResults, or None for the bootstrap)."""
+    from ..inference import fit_svi
+    from ..inference.mcmc import relabel
+    from ..inference.uncertainty import bootstrap_em
+
+    m2 = m1.with_heads(2)
+    ks, kt, k_sd, k_td = keys
+    if route == "em_bootstrap":
+        return (bootstrap_em(m2, ks, source_fit.params, source_x, n_boot),
+                bootstrap_em(m1, kt, target_fit.params, target_x, n_boot), None)
+    if route != "svi_fullrank":
+        raise ValueError(f"route must be 'em_bootstrap' or 'svi_fullrank', got {route!r}")
+    kw = dict(guide="fullrank", num_steps=svi_steps, learning_rate=svi_lr, progress=progress)
+    sr = fit_svi(m2, ks, source_x, source_ys, init_params=source_fit.params, **kw)
+    tr = fit_svi(m1, kt, target_x, target_y_weak, init_params=target_fit.params, **kw)
+    sdraw, _ = relabel(m2, sr.sample_params(k_sd, num_samples), source_fit.params, n_batch=1)
+    tdraw, _ = relabel(m1, tr.sample_params(k_td, num_samples), target_fit.params, n_batch=1)
+    return sdraw, tdraw, (sr, tr)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import PROBLEM_KNOBS, problem_from, pyplot, savefig
+from .common import PROBLEM_KNOBS, problem_from, pyplot, savefig, separate_fit_draws
 from .runner import Sweep, check_knobs, versions
 
 NAME = "posterior"
@@ -99,7 +99,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     from ..inference.joint import fit_joint
     from ..inference.mcmc import fit_nuts
     from ..inference.svi import fit_svi
-    from ..inference.uncertainty import bootstrap_em, identification_draws, matching_posterior_of_draws
+    from ..inference.uncertainty import identification_draws, matching_posterior_of_draws
 
     validate(cfg)
     out = Path(out_dir)
@@ -124,10 +124,11 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
         key = jax.random.fold_in(base, METHODS.index(name))
         ks, kt, kd = jax.random.split(key, 3)
         t0 = time.perf_counter()
+        separate = dict(n_boot=int(cfg["n_boot"]), num_samples=int(cfg["num_samples"]),
+                        svi_steps=int(cfg["svi_steps"]), svi_lr=float(cfg["svi_lr"]), progress=progress)
         if name == "em_bootstrap":
-            nb = int(cfg["n_boot"])
-            sb = bootstrap_em(m2, ks, sfit.params, sim.source.x, nb)
-            tb = bootstrap_em(m1, kt, tfit.params, sim.target.x, nb)
+            sb, tb, _ = separate_fit_draws(name, m1, (ks, kt, None, None), sfit, tfit, sim.source.x, ys,
+                                        sim.target.x, sim.target.y_weak, **separate)
             q, a = identification_draws(m1, sb, tb, n_batch=1)
             draws = jax.tree_util.tree_map(lambda a: a[None], q)
             assignments = np.asarray(a)[None]
@@ -142,15 +143,9 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             sd = fit_svi(m2, ks, sim.source.x, ys, guide="delta", mle=True, init_params=sfit.params, **kw)
             td = fit_svi(m1, kt, sim.target.x, sim.target.y_weak, guide="delta", mle=True,
                          init_params=tfit.params, **kw)
-            sr = fit_svi(m2, ks, sim.source.x, ys, guide="fullrank", init_params=sfit.params, **kw)
-            tr = fit_svi(m1, kt, sim.target.x, sim.target.y_weak, guide="fullrank",
-                         init_params=tfit.params, **kw)
-            S = int(cfg["num_samples"])
-            k1, k2 = jax.random.split(kd)
-            from ..inference.mcmc import relabel
-
-            sdraw, _ = relabel(m2, sr.sample_params(k1, S), sfit.params, n_batch=1)
-            tdraw, _ = relabel(m1, tr.sample_params(k2, S), tfit.params, n_batch=1)
+            sdraw, tdraw, (sr, tr) = separate_fit_draws(
+                name, m1, (ks, kt, *jax.random.split(kd)), sfit, tfit, sim.source.x, ys, sim.target.x,
+                sim.target.y_weak, **separate)
             q, a = identification_draws(m1, sdraw, tdraw, n_batch=1)
             draws = jax.tree_util.tree_map(lambda a: a[None], q)
             assignments = np.asarray(a)[None]
