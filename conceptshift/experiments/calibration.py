@@ -133,7 +133,7 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
         hit = np.all(np.asarray(perms) == a[None], axis=1)
         return float(np.asarray(prob)[hit].sum())
 
-    def score(name, q_draws, perms, prob, seconds):
+    def score(name, q_draws, perms, prob, seconds, divergences=None):
         means = np.asarray(_flatten_means(m1, template, q_draws, x))
         lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0)
         out[name] = {"coverage": float(np.mean((q_true >= lo) & (q_true <= hi))),
@@ -141,11 +141,13 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
                      "error": float(np.mean((means.mean(0) - q_true) ** 2)),
                      "p_true_matching": p_of(perms, prob, a_true),
                      "seconds": seconds}
+        if divergences is not None:  # NUTS's divergent transitions after warm-up, all chains
+            out[name]["divergences"] = divergences
 
     for name in cfg["methods"]:
         k = jax.random.fold_in(km, METHODS.index(name))
         k1, k2, k3 = jax.random.split(k, 3)
-        t0 = time.perf_counter()
+        t0, div = time.perf_counter(), None
         if name in ("em_bootstrap", "svi_fullrank"):
             sdraw, tdraw, _ = separate_fit_draws(
                 name, m1, (k1, k2, k3, jax.random.fold_in(k3, 1)), sfit, tfit, sim.source.x, ys,
@@ -163,7 +165,9 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
                            learning_rate=float(cfg["svi_lr"]))
             q, _ = jp.predictor_draws(k3)
             perms, prob = perms_all, jp.matching_prob
-        score(name, q, perms, prob, time.perf_counter() - t0)
+            if jp.sample_stats is not None:
+                div = int(np.sum(np.asarray(jp.sample_stats["diverging"])))
+        score(name, q, perms, prob, time.perf_counter() - t0, div)
     return out
 
 
@@ -206,6 +210,9 @@ def summarise(rows: list[dict], cfg: dict) -> dict:
             pooled, pooled_se = mean_se([r[m][metric] for r in rows])
             out["pooled"].setdefault(m, {})[metric] = pooled
             out["pooled"][m][f"{metric}_se"] = pooled_se
+        if all("divergences" in r[m] for r in rows):  # NUTS: the data sets with any divergence
+            entry["with_divergences"] = [int(sum(r[m]["divergences"] > 0 for r in rows if r["swap"] == s))
+                                         for s in grid]
         out[m] = entry
     out["n_datasets"] = len(rows)
     return out
