@@ -34,7 +34,7 @@ DEFAULTS = {
     "svi_lr": 0.02,
     "num_chains": 4,
     "num_warmup": 500,
-    "num_samples": 500,
+    "num_samples": 1000,
     "n_boot": 200,
     "hdi_prob": 0.9,
 }
