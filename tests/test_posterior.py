@@ -21,6 +21,7 @@ from scipy.special import logsumexp
 
 from conceptshift.diagnostics.posterior import (
     diagnose,
+    failed_checks,
     hdi_coverage,
     pit_values,
     posterior_datatree,
@@ -483,9 +484,28 @@ def test_matching_group_flags_chains_that_settle_in_different_matchings(boot_run
     d = diagnose(dt)
     assert d["matching_share"] == 0.5 and d["matchings_seen"] == 2 and d["chains_disagree"] is True
     assert d["matchings"] == "0,1: 0.500;1,0: 0.500"
+    assert "chains settle in different matchings" in d["failed_checks"]
+    assert "different matchings" not in d_same["failed_checks"]
     write_datatree(dt, tmp_path / "m.nc")
     np.testing.assert_array_equal(read_datatree(tmp_path / "m.nc")["matching"]["assignment"].values,
                                   split)
     with pytest.raises(ValueError, match="assignments"):
         posterior_datatree(M1, draws, sim.test.x, sim.test.y, jax.random.key(4),
                            assignments=same[:, :10])
+
+
+def test_failed_checks_name_each_sampler_check_that_fails():
+    """Vehtari et al.'s thresholds (R-hat <= 1.01, ESS >= 100 per chain) plus no divergences,
+    E-BFMI >= 0.3 and chains that agree on the matching; independent draws are not checked."""
+    good = {"draws": "Markov chains", "max_rhat": 1.004, "min_ess_bulk": 900.0, "min_ess_tail": 800.0,
+            "divergences": 0, "bfmi_min": 0.8, "chains_disagree": False, "max_rhat_fit": 1.009,
+            "min_ess_bulk_fit": 401.0, "worst_rhat_fit": "target_coef"}
+    assert failed_checks(good, 4) == []
+    bad = {**good, "max_rhat_fit": 1.172, "min_ess_tail": 19.0, "divergences": 1, "bfmi_min": 0.2}
+    got = failed_checks(bad, 4)
+    assert got == ["R-hat of the fits' parameters (worst: target_coef) 1.172 > 1.01",
+                   "tail ESS of q̂'s parameters 19 < 400 (100 per chain)",
+                   "1 divergent transition after warm-up", "E-BFMI 0.20 < 0.3"]
+    assert failed_checks({**good, "max_rhat": float("nan")}, 4) == ["R-hat of q̂'s parameters nan > 1.01"]
+    assert failed_checks(good, 5) == ["bulk ESS of the fits' parameters 401 < 500 (100 per chain)"]
+    assert failed_checks({**bad, "draws": "independent draws"}, 1) == []

@@ -411,6 +411,41 @@ def matching_summary(dt) -> dict | None:
     return out
 
 
+RHAT_MAX = 1.01  # Vehtari et al. (2021): rank-normalised split R-hat below 1.01
+ESS_PER_CHAIN = 100  # and bulk and tail ESS above 100 per chain (400 for four chains)
+BFMI_MIN = 0.3
+
+
+def failed_checks(d: dict, n_chains: int) -> list[str]:
+    """The sampler checks a :func:`diagnose` result fails, as sentences (empty: none failed).
+
+    Markov chains only (independent draws have nothing to check here): R-hat of q̂'s parameters and
+    of the fits' (``max_rhat``, ``max_rhat_fit``) at most :data:`RHAT_MAX`; bulk and tail ESS at
+    least :data:`ESS_PER_CHAIN` per chain; no divergent transitions; E-BFMI at least
+    :data:`BFMI_MIN`; chains that agree on the most frequent matching."""
+    if d.get("draws") != "Markov chains":
+        return []
+    out = []
+    fits = "the fits' parameters" + (f" (worst: {d['worst_rhat_fit']})" if "worst_rhat_fit" in d else "")
+    for key, what in (("max_rhat", "q̂'s parameters"), ("max_rhat_fit", fits)):
+        if key in d and not d[key] <= RHAT_MAX:
+            out.append(f"R-hat of {what} {d[key]:.3f} > {RHAT_MAX}")
+    need = ESS_PER_CHAIN * n_chains
+    for key, what in (("min_ess_bulk", "bulk ESS of q̂'s parameters"),
+                      ("min_ess_tail", "tail ESS of q̂'s parameters"),
+                      ("min_ess_bulk_fit", "bulk ESS of the fits' parameters")):
+        if key in d and not d[key] >= need:
+            out.append(f"{what} {d[key]:.0f} < {need} ({ESS_PER_CHAIN} per chain)")
+    if d.get("divergences", 0) > 0:
+        n = d["divergences"]
+        out.append(f"{n} divergent transition{'s' if n != 1 else ''} after warm-up")
+    if "bfmi_min" in d and not d["bfmi_min"] >= BFMI_MIN:
+        out.append(f"E-BFMI {d['bfmi_min']:.2f} < {BFMI_MIN}")
+    if d.get("chains_disagree"):
+        out.append("chains settle in different matchings")
+    return out
+
+
 def diagnose(dt, *, prob: float = 0.9) -> dict:
     """R-hat and ESS of every parameter; the ELPD of the gold test data under q̂ against the truth's
     test log-likelihood; PIT calibration; HDI coverage of q(x) (when the DataTree has a truth).
@@ -423,7 +458,8 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
     pessimistic here and its k-hat values flag that.
 
     Returns a dict of plain numbers plus ``summary`` (a pandas DataFrame from
-    ``arviz_stats.summary``).
+    ``arviz_stats.summary``); for Markov chains ``failed_checks``, the sampler checks of
+    :func:`failed_checks` that fail, separated by semicolons ("none" if all pass).
     """
     import warnings
 
@@ -471,6 +507,8 @@ def diagnose(dt, *, prob: float = 0.9) -> dict:
         from arviz_stats import bfmi
 
         out["bfmi_min"] = float(np.min(bfmi(dt)["energy"].values))  # below 0.3: poor exploration
+    if mcmc:
+        out["failed_checks"] = "; ".join(failed_checks(out, int(dt["posterior"].sizes["chain"]))) or "none"
     return out
 
 
@@ -595,7 +633,7 @@ def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True, dt=None) 
     head.add_column("diagnostic")
     head.add_column("value", justify="right")
     for k, v in d.items():
-        if k not in ("summary", "draws"):
+        if k not in ("summary", "draws", "failed_checks"):
             head.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     table = d["summary"]
     summ = Table(title="parameters", title_justify="left")
@@ -606,6 +644,9 @@ def render_diagnosis(path, *, prob: float = 0.9, figures: bool = True, dt=None) 
     for name, row in table.iterrows():
         summ.add_row(str(name), *(f"{float(row[c]):.4g}" for c in cols))
     out = [head, summ]
+    if "failed_checks" in d:  # Markov chains: the sampler checks, in words
+        out.insert(1, "sampler checks: all passed" if d["failed_checks"] == "none"
+                   else "[bold red]sampler checks failed[/]: " + d["failed_checks"])
     if figures:
         paths = plot_posterior(dt, path.parent, prob=prob, prefix=f"{path.stem}_")
         out.append("figures: " + ", ".join(paths))

@@ -305,4 +305,7 @@ def reading(results: dict) -> str:
         "R-hat, ESS, rank plot or PSIS-LOO. AutoDelta's MLE "
         f"ended {svi['svi_delta_source_gap_per_obs']:.2e} (source) and "
         f"{svi['svi_delta_target_gap_per_obs']:.2e} (target) nats per sample below EM's optimum."
+        + "".join(f" Sampler checks, {SHORT.get(m, m)}: "
+                  + ("all passed." if r["failed_checks"] == "none" else r["failed_checks"] + ".")
+                  for m, r in results["methods"].items() if "failed_checks" in r)
     )
