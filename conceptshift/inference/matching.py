@@ -147,8 +147,8 @@ def matching_log_posterior(cost, *, dim: int | None = None, scale=None) -> tuple
     * ``dim`` given and no scale: tau is integrated out under the flat prior p(tau) proportional
       to 1 on (0, inf), which leaves p(a | heads) proportional to C_a^(-(K dim - 1) / 2). (The
       joint model, :mod:`conceptshift.inference.joint`, samples tau under a prior that vanishes
-      at 0 like tau, for its sampler's sake; integrated out here, that prior would give the
-      exponent (K dim - 2) / 2, flat for every assignment at K dim = 2, e.g. two Poisson rates.)
+      at 0 like tau, for its sampler's sake; integrated out here, p(tau) proportional to tau would
+      give C_a^(-(K dim - 2) / 2), flat over the assignments at K dim = 2, e.g. two Poisson rates.)
 
     ``dim`` is the length of the vectors the cost compares (the family's ``match_dim(head)``).
 

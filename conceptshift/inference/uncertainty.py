@@ -93,7 +93,8 @@ def matching_posterior_of_draws(model, source_draws, target_draws, *, n_batch: i
     p(a | heads) under the shift prior with its scale integrated out
     (:func:`~conceptshift.inference.matching.matching_log_posterior` with ``dim``), averaged over
     the draws (:func:`~conceptshift.inference.matching.average_matching_posterior`; for separate
-    fits an approximation of the posterior given the data, which the joint model computes).
+    fits an approximation: those draws were made without the shift prior, and tau is integrated
+    out under a flat prior here, where the joint model samples it under a Gamma(2, 0.1)).
 
     Args:
       model: the one-head family.
