@@ -412,7 +412,7 @@ def matching_summary(dt) -> dict | None:
 
 
 RHAT_MAX = 1.01  # Vehtari et al. (2021): rank-normalised split R-hat at most 1.01
-ESS_PER_CHAIN = 100  # and bulk and tail ESS above 100 per chain (400 for four chains)
+ESS_PER_CHAIN = 100  # and bulk and tail ESS at least 100 per chain (400 for four chains)
 BFMI_MIN = 0.3
 
 
