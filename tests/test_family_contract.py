@@ -165,10 +165,11 @@ def test_fit_svi_runs_and_relabel_undoes_a_permutation(name):
     # two draws: the reference itself and the reference with its components swapped
     ref = params
     stacked = jax.tree.map(lambda *a: jnp.stack(a), ref, model.permute(ref, jnp.asarray([1, 0])))
-    back, perms = relabel(model, stacked, ref, n_batch=1)
-    np.testing.assert_array_equal(np.asarray(perms), [[0, 1], [1, 0]])
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ref), strict=True):
-        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b))
+    for by in (None, batch):  # by the parameter vectors, and by allocation on the data
+        back, perms = relabel(model, stacked, ref, n_batch=1, batch=by)
+        np.testing.assert_array_equal(np.asarray(perms), [[0, 1], [1, 0]])
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b))
 
 
 @pytest.mark.parametrize("name", PLUMBING)

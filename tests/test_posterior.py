@@ -69,6 +69,37 @@ def test_relabel_restores_permuted_draws_exactly(model):
     assert np.all(np.asarray(ident) == np.arange(3))
 
 
+def test_relabel_by_allocation_keeps_occupied_components_when_one_has_emptied():
+    """A NUTS draw of the kind seen at `experiment posterior --set seed=314`'s weak-target fit: the
+    third component has emptied (weight 0.003) and its line wanders over its prior, far from every
+    other. The occupied components are the reference's first two, in the same order. The distance
+    between parameter vectors puts the wandering component under label 0 and the 73% component
+    under label 2; the allocation cost (what each component explains in the data) keeps the
+    identity."""
+    model = RegressionMixture(3)
+    ref = model.init_params(jax.random.key(0))._replace(
+        log_weights=jnp.asarray([-0.343, -1.407, -3.085]),
+        coef=jnp.asarray([[[-3.422, 0.794]], [[1.756, 0.232]], [[-0.666, -1.656]]]),
+        log_scale=jnp.asarray([[0.031], [-0.080], [-0.887]]))
+    draw = ref._replace(
+        log_weights=jnp.log(jnp.asarray([0.727, 0.270, 0.003])),
+        coef=jnp.asarray([[[-3.42, 0.76]], [[1.68, 0.18]], [[-10.6, 7.15]]]),
+        log_scale=jnp.asarray([[0.03], [-0.05], [0.5]]))
+    batch = model.sample_batch(jax.random.key(1), ref, 500)
+    draws = jax.tree_util.tree_map(lambda a: a[None], draw)
+    _, by_distance = relabel(model, draws, ref, n_batch=1)
+    assert np.asarray(by_distance[0]).tolist() == [2, 1, 0]  # the case discriminates
+    _, by_allocation = relabel(model, draws, ref, n_batch=1, batch=batch)
+    assert np.asarray(by_allocation[0]).tolist() == [0, 1, 2]
+    # and a permuted copy of the draw comes back to the identity labelling
+    perm = jnp.asarray([2, 0, 1])
+    shuffled = jax.tree_util.tree_map(lambda a: a[None], model.permute(draw, perm))
+    back, found = relabel(model, shuffled, ref, n_batch=1, batch=batch)
+    np.testing.assert_array_equal(np.asarray(found[0]), np.argsort(perm))
+    for u, v in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(draws), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
 @pytest.fixture(scope="module")
 def problem_data():
     prob = make_problem(jax.random.key(0), n_components=2, noise=0.5)
@@ -116,6 +147,14 @@ def test_nuts_chains_in_different_labellings_agree_once_relabelled(problem_data)
     assert float(r["w"].max()) < 1.1 and float(r["c"].max()) < 1.1
     np.testing.assert_allclose(np.sort(post["w"].mean((0, 1))),
                                np.sort(np.asarray(prob.params_q.weights, float)), atol=0.15)
+    assert res.checks["max_rhat"] < 1.1
+    # without a reference nothing is relabelled: the checks fail on R-hat, and fit_nuts says so
+    from conceptshift.inference.mcmc import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match=r"^fit_nuts: sampler checks failed: R-hat \d"):
+        unaligned = fit_nuts(M1, jax.random.key(3), x, y, num_chains=2, num_warmup=100, num_samples=100,
+                             init_params=starts, max_tree_depth=5)
+    assert unaligned.perms is None and unaligned.checks["max_rhat"] > 1.5
 
 
 @once
@@ -509,3 +548,40 @@ def test_failed_checks_name_each_sampler_check_that_fails():
     assert failed_checks({**good, "max_rhat": float("nan")}, 4) == ["R-hat of q̂'s parameters nan > 1.01"]
     assert failed_checks(good, 5) == ["bulk ESS of the fits' parameters 401 < 500 (100 per chain)"]
     assert failed_checks({**bad, "draws": "independent draws"}, 1) == []
+    assert failed_checks({**good, "min_ess_tail_fit": 350.0}, 4) == [
+        "tail ESS of the fits' parameters 350 < 400 (100 per chain)"]
+
+
+def test_convergence_checks_match_arviz_and_name_what_fails():
+    """The checks fit_nuts and fit_joint run on their draws: R-hat and ESS as ArviZ computes them,
+    each failing check named, and none on iid chains."""
+    from arviz_stats.base import array_stats
+
+    from conceptshift.inference.mcmc import ConvergenceWarning, convergence_checks, warn_unconverged
+
+    rng = np.random.default_rng(0)
+    arrays = {"coef": rng.normal(size=(4, 500, 2, 3)), "log_tau": rng.normal(size=(4, 500))}
+    stats = {"diverging": np.zeros((4, 500), bool), "energy": rng.normal(size=(4, 500))}
+    good = convergence_checks(arrays, stats)
+    assert good["failed"] == [] and good["divergences"] == 0
+    r = [np.max(array_stats.rhat(a.reshape(4, 500, -1), chain_axis=0, draw_axis=1)) for a in arrays.values()]
+    np.testing.assert_allclose(good["max_rhat"], max(r), rtol=1e-12)
+    np.testing.assert_allclose(good["bfmi_min"], np.min(array_stats.bfmi(stats["energy"])), rtol=1e-12)
+    # the tail ESS ArviZ's summary reports
+    from arviz_base import from_dict
+    from arviz_stats import summary
+
+    table = summary(from_dict({"posterior": arrays}), round_to="none")
+    np.testing.assert_allclose(good["min_ess_tail"], table["ess_tail"].min(), rtol=1e-10)
+    np.testing.assert_allclose(good["min_ess_bulk"], table["ess_bulk"].min(), rtol=1e-10)
+    # one chain elsewhere in one coordinate; two divergences; a random-walk energy (poor E-BFMI)
+    shifted = {**arrays, "log_tau": arrays["log_tau"] + np.array([0, 0, 0, 1.0])[:, None]}
+    diverging = np.zeros((4, 500), bool)
+    diverging[:, :2] = True
+    bad = convergence_checks(shifted, {"diverging": diverging, "energy": np.cumsum(stats["energy"], 1)})
+    assert bad["worst_rhat"] == "log_tau"
+    assert bad["failed"][0].startswith("R-hat ") and bad["failed"][0].endswith("> 1.01 (worst: log_tau)")
+    assert "8 divergent transitions after warm-up" in bad["failed"]
+    assert bad["failed"][-1].startswith("E-BFMI ")
+    with pytest.warns(ConvergenceWarning, match="fit_nuts: sampler checks failed: R-hat"):
+        warn_unconverged(bad, "fit_nuts")

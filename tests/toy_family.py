@@ -74,6 +74,9 @@ class PoissonMixture:
         lp = y * params.log_rate[None] - jnp.exp(params.log_rate)[None] - gammaln(y + 1)
         return params.log_weights[None, :] + jnp.sum(lp, axis=-1)
 
+    def batch_component_log_probs(self, params: PoissonParams, batch: Batch) -> Array:
+        return self.component_log_probs(params, batch)
+
     def batch_log_likelihood(self, params: PoissonParams, batch: Batch) -> Array:
         return jnp.sum(batch.w * logsumexp(self.component_log_probs(params, batch), axis=-1))
 

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..inference.mcmc import BFMI_MIN, ESS_PER_CHAIN, RHAT_MAX, draws_convergence, param_arrays
+
 PARAM_VARS = ("weights", "coef", "scale", "gate_mean", "gate_cov", "gate_weights")
 
 
@@ -336,39 +338,21 @@ def _finite_extreme(column, fn) -> float:
 def fit_draw_arrays(prefix: str, params) -> dict:
     """{prefix_field: (chain, draw, ...) array} for a NamedTuple of parameter draws (a nested one
     flattened with its field names), for ``posterior_datatree(fit_draws=...)``."""
-    if not hasattr(params, "_fields"):
-        raise TypeError(f"params must be a NamedTuple of parameter draws, got {type(params).__name__}")
-    out = {}
-    for field, v in zip(params._fields, params, strict=True):
-        if hasattr(v, "_fields"):
-            out.update(fit_draw_arrays(f"{prefix}_{field}", v))
-        else:
-            out[f"{prefix}_{field}"] = np.asarray(v)
-    return out
+    return param_arrays(prefix, params)
 
 
 def fit_convergence(dt) -> dict | None:
-    """R-hat (rank-normalised, split) and bulk ESS over the tree's ``fit_posterior`` group, the
-    sampled parameters themselves (Markov chains only): ``max_rhat_fit``, ``min_ess_bulk_fit`` and
-    ``worst_rhat_fit`` (the variable with the largest R-hat)."""
+    """R-hat (rank-normalised, split), bulk and tail ESS over the tree's ``fit_posterior`` group,
+    the sampled parameters themselves (Markov chains only): ``max_rhat_fit``, ``min_ess_bulk_fit``,
+    ``min_ess_tail_fit`` and ``worst_rhat_fit`` (the variable with the largest R-hat), as
+    :func:`~conceptshift.inference.mcmc.draws_convergence` computes them."""
     if "fit_posterior" not in dt.children or draws_kind(dt) != "mcmc":
         return None
-    from arviz_stats.base import array_stats
-
-    worst, name, ess = 0.0, "", np.inf
-    for var, da in dt["fit_posterior"].data_vars.items():
-        v = da.values.reshape(da.shape[0], da.shape[1], -1)
-        keep = np.std(v, axis=(0, 1)) > 0  # constant coordinates (a pinned parameter) have no R-hat
-        if not keep.any():
-            continue
-        r = np.asarray(array_stats.rhat(v[..., keep], chain_axis=0, draw_axis=1))
-        e = np.asarray(array_stats.ess(v[..., keep], chain_axis=0, draw_axis=1, method="bulk"))
-        if np.nanmax(r) > worst:
-            worst, name = float(np.nanmax(r)), var
-        ess = min(ess, float(np.nanmin(e)))
-    if not name:  # nothing varied, or no R-hat could be computed
+    conv = draws_convergence({v: da.values for v, da in dt["fit_posterior"].data_vars.items()})
+    if conv is None:  # nothing varied
         return None
-    return {"max_rhat_fit": worst, "min_ess_bulk_fit": ess, "worst_rhat_fit": name}
+    return {"max_rhat_fit": conv["max_rhat"], "min_ess_bulk_fit": conv["min_ess_bulk"],
+            "min_ess_tail_fit": conv["min_ess_tail"], "worst_rhat_fit": conv["worst_rhat"]}
 
 
 def matching_posterior_report(dt) -> dict | None:
@@ -411,11 +395,6 @@ def matching_summary(dt) -> dict | None:
     return out
 
 
-RHAT_MAX = 1.01  # Vehtari et al. (2021): rank-normalised split R-hat at most 1.01
-ESS_PER_CHAIN = 100  # and bulk and tail ESS at least 100 per chain (400 for four chains)
-BFMI_MIN = 0.3
-
-
 def failed_checks(d: dict, n_chains: int) -> list[str]:
     """The sampler checks a :func:`diagnose` result fails, as sentences (empty: none failed).
 
@@ -433,7 +412,8 @@ def failed_checks(d: dict, n_chains: int) -> list[str]:
     need = ESS_PER_CHAIN * n_chains
     for key, what in (("min_ess_bulk", "bulk ESS of q̂'s parameters"),
                       ("min_ess_tail", "tail ESS of q̂'s parameters"),
-                      ("min_ess_bulk_fit", "bulk ESS of the fits' parameters")):
+                      ("min_ess_bulk_fit", "bulk ESS of the fits' parameters"),
+                      ("min_ess_tail_fit", "tail ESS of the fits' parameters")):
         if key in d and not d[key] >= need:
             out.append(f"{what} {d[key]:.0f} < {need} ({ESS_PER_CHAIN} per chain)")
     if d.get("divergences", 0) > 0:

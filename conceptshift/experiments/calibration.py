@@ -96,6 +96,7 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
     from ..inference.estimators import Data, identify
     from ..inference.joint import fit_joint
     from ..inference.matching import all_permutations
+    from ..inference.mcmc import ConvergenceWarning
     from ..inference.predictor import Predictor
     from ..inference.uncertainty import identification_draws, matching_posterior_of_draws
     from ..models.problem import simulate
@@ -133,7 +134,7 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
         hit = np.all(np.asarray(perms) == a[None], axis=1)
         return float(np.asarray(prob)[hit].sum())
 
-    def score(name, q_draws, perms, prob, seconds, divergences=None):
+    def score(name, q_draws, perms, prob, seconds, checks=None):
         means = np.asarray(_flatten_means(m1, template, q_draws, x))
         lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0)
         out[name] = {"coverage": float(np.mean((q_true >= lo) & (q_true <= hi))),
@@ -141,13 +142,15 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
                      "error": float(np.mean((means.mean(0) - q_true) ** 2)),
                      "p_true_matching": p_of(perms, prob, a_true),
                      "seconds": seconds}
-        if divergences is not None:  # NUTS's divergent transitions after warm-up, all chains
-            out[name]["divergences"] = divergences
+        if checks is not None:  # NUTS: divergent transitions after warm-up, and every failed check
+            out[name]["divergences"] = checks["divergences"]
+            out[name]["max_rhat"] = checks.get("max_rhat", float("nan"))
+            out[name]["failed_checks"] = "; ".join(checks["failed"]) or "none"
 
     for name in cfg["methods"]:
         k = jax.random.fold_in(km, METHODS.index(name))
         k1, k2, k3 = jax.random.split(k, 3)
-        t0, div = time.perf_counter(), None
+        t0, checks = time.perf_counter(), None
         if name in ("em_bootstrap", "svi_fullrank"):
             sdraw, tdraw, _ = separate_fit_draws(
                 name, m1, (k1, k2, k3, jax.random.fold_in(k3, 1)), sfit, tfit, sim.source.x, ys,
@@ -157,17 +160,18 @@ def replicate(cfg: dict, swap: float, rep: int) -> dict:
             q, _ = identification_draws(m1, sdraw, tdraw, n_batch=1)
             perms, prob = matching_posterior_of_draws(m1, sdraw, tdraw, n_batch=1)
         else:
-            jp = fit_joint(m1, k1, Data(sim.source.x, sim.source.y, sim.source.y_weak),
-                           Data(sim.target.x, None, sim.target.y_weak),
-                           method=name.removeprefix("joint_"), source_fit=sfit, target_fit=tfit,
-                           num_chains=int(cfg["num_chains"]), num_warmup=int(cfg["num_warmup"]),
-                           num_samples=int(cfg["num_samples"]), svi_steps=int(cfg["svi_steps"]),
-                           learning_rate=float(cfg["svi_lr"]))
+            with warnings.catch_warnings():  # recorded per data set (failed_checks) instead
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                jp = fit_joint(m1, k1, Data(sim.source.x, sim.source.y, sim.source.y_weak),
+                               Data(sim.target.x, None, sim.target.y_weak),
+                               method=name.removeprefix("joint_"), source_fit=sfit, target_fit=tfit,
+                               num_chains=int(cfg["num_chains"]), num_warmup=int(cfg["num_warmup"]),
+                               num_samples=int(cfg["num_samples"]), svi_steps=int(cfg["svi_steps"]),
+                               learning_rate=float(cfg["svi_lr"]))
             q, _ = jp.predictor_draws(k3)
             perms, prob = perms_all, jp.matching_prob
-            if jp.sample_stats is not None:
-                div = int(np.sum(np.asarray(jp.sample_stats["diverging"])))
-        score(name, q, perms, prob, time.perf_counter() - t0, div)
+            checks = jp.checks
+        score(name, q, perms, prob, time.perf_counter() - t0, checks)
     return out
 
 
@@ -210,9 +214,13 @@ def summarise(rows: list[dict], cfg: dict) -> dict:
             pooled, pooled_se = mean_se([r[m][metric] for r in rows])
             out["pooled"].setdefault(m, {})[metric] = pooled
             out["pooled"][m][f"{metric}_se"] = pooled_se
-        if all("divergences" in r[m] for r in rows):  # NUTS: the data sets with any divergence
+        if all("divergences" in r[m] for r in rows):  # NUTS: the data sets with any divergence,
+            # and with any failed sampler check
             entry["with_divergences"] = [int(sum(r[m]["divergences"] > 0 for r in rows if r["swap"] == s))
                                          for s in grid]
+        if all("failed_checks" in r[m] for r in rows):
+            entry["with_failed_checks"] = [int(sum(r[m]["failed_checks"] != "none" for r in rows
+                                                   if r["swap"] == s)) for s in grid]
         out[m] = entry
     out["n_datasets"] = len(rows)
     return out
@@ -274,5 +282,8 @@ def reading(results: dict) -> str:
     s = results["summary"]
     parts = [f"{m}: P(true matching) {s['pooled'][m]['p_true_matching']:.2f}, width "
              f"{s['pooled'][m]['width']:.3f}" for m in results["config"]["methods"]]
+    checked = [f"{m}: {sum(s[m]['with_failed_checks'])} of {s['n_datasets']} data sets failed a sampler "
+               f"check ({sum(s[m].get('with_divergences', []))} with divergences)"
+               for m in results["config"]["methods"] if "with_failed_checks" in s[m]]
     return ("Coverage: share of gold test x whose q(x) lies in the route's central interval; s.e.: over "
-            "data sets. " + "; ".join(parts) + ".")
+            "data sets. " + "; ".join(parts) + "." + "".join(f" {c}." for c in checked))

@@ -465,6 +465,8 @@ def separate_fit_draws(route: str, m1, keys, source_fit, target_fit, source_x, s
     kw = dict(guide="fullrank", num_steps=svi_steps, learning_rate=svi_lr, progress=progress)
     sr = fit_svi(m2, ks, source_x, source_ys, init_params=source_fit.params, **kw)
     tr = fit_svi(m1, kt, target_x, target_y_weak, init_params=target_fit.params, **kw)
-    sdraw, _ = relabel(m2, sr.sample_params(k_sd, num_samples), source_fit.params, n_batch=1)
-    tdraw, _ = relabel(m1, tr.sample_params(k_td, num_samples), target_fit.params, n_batch=1)
+    sdraw, _ = relabel(m2, sr.sample_params(k_sd, num_samples), source_fit.params, n_batch=1,
+                       batch=m2.batch(source_x, source_ys))
+    tdraw, _ = relabel(m1, tr.sample_params(k_td, num_samples), target_fit.params, n_batch=1,
+                       batch=m1.batch(target_x, target_y_weak))
     return sdraw, tdraw, (sr, tr)

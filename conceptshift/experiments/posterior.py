@@ -14,6 +14,7 @@ and under q, PIT calibration, HDI coverage of q(x).
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -97,7 +98,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     from ..diagnostics.posterior import diagnose, fit_draw_arrays, posterior_datatree, write_datatree
     from ..inference.estimators import Data
     from ..inference.joint import fit_joint
-    from ..inference.mcmc import fit_nuts
+    from ..inference.mcmc import ConvergenceWarning, fit_nuts
     from ..inference.svi import fit_svi
     from ..inference.uncertainty import identification_draws, matching_posterior_of_draws
 
@@ -192,6 +193,9 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
             for k in ("lp", "acceptance_rate", "n_steps", "step_size", "energy"):
                 stats[f"{who}_{k}"] = r[k]
         extra = {"fit_seconds": time.perf_counter() - t0,
+                 # each fit's own checks (its E-BFMI on its own energy, its tail ESS)
+                 "source_failed_checks": "; ".join(sr.checks["failed"]) or "none",
+                 "target_failed_checks": "; ".join(tr.checks["failed"]) or "none",
                  "relabelled_draws_source": float(np.mean(np.any(
                      np.asarray(sr.perms) != np.arange(m1.n_components), -1))),
                  "relabelled_draws_target": float(np.mean(np.any(
@@ -201,7 +205,9 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
                                  **fit_draw_arrays("target", tr.params)},
                       matching=matching_posterior_of_draws(m1, sr.params, tr.params, n_batch=2))
 
-    cells = sweep.run([(m, m) for m in METHODS], cell, progress=progress)
+    with warnings.catch_warnings():  # diagnose names the failed checks, in results.json and the reading
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cells = sweep.run([(m, m) for m in METHODS], cell, progress=progress)
     results = {
         "experiment": NAME,
         "config": cfg,

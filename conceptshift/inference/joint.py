@@ -53,7 +53,8 @@ p(a | theta, tau) over draws is the posterior probability of each matching given
 
 The target's components are labelled only up to the matching (the shift prior is symmetric in
 them), and the source's up to a joint relabelling; draws are relabelled to the EM fits they start
-from, the source's and the target's separately.
+from, the source's and the target's separately, each by what its components explain in its own data
+(:func:`~conceptshift.inference.mcmc.relabel` with the batch).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from ..models.registry import check_family
 from .em import EMResult, fit_em
 from .estimators import Data, check_data_samples
 from .matching import MAX_EXACT, all_permutations, matching_log_posterior, matching_posterior_summary
-from .mcmc import relabel, sample_nuts
+from .mcmc import convergence_checks, param_arrays, relabel, sample_nuts, warn_unconverged
 from .predictor import strong_predictor, with_proportions
 from .sites import numpyro_numerics
 from .svi import cached_adam, svi_on_batch
@@ -107,7 +108,7 @@ class JointModel:
     def __post_init__(self):
         check_family(self.family, "JointModel", needs=("with_heads", "batch", "batch_model", "to_sites",
                                                        "from_sites", "match_cost", "match_dim",
-                                                       "relabel_vectors", "permute",
+                                                       "batch_component_log_probs", "permute",
                                                        "batch_log_likelihood"))
         K = self.family.n_components
         if K > MAX_EXACT:
@@ -204,7 +205,9 @@ class JointPosterior:
     relabelled to ``source_fit`` and the target to ``target_fit``; ``assignments`` (M, K) every
     matching; ``matching_log_prob`` (C, S, M) log p(a | theta, tau) of each draw;
     ``matching_prob`` (M,) their average, the posterior probability of each matching given the
-    data; ``sample_stats``: NUTS's per-draw statistics (None for SVI).
+    data; ``sample_stats``: NUTS's per-draw statistics (None for SVI); ``checks``: NUTS's sampler
+    checks (:func:`~conceptshift.inference.mcmc.convergence_checks` over the source's and target's
+    parameters and log tau; ``failed`` empty when all passed; None for SVI).
     """
 
     model: JointModel
@@ -217,6 +220,7 @@ class JointPosterior:
     source_fit: EMResult
     target_fit: EMResult
     seconds: float = 0.0
+    checks: dict | None = None
 
     def predictor_draws(self, key) -> tuple[Any, Array]:
         """One q̂ per draw, its matching sampled from p(a | theta, tau): (the one-head family's
@@ -270,6 +274,10 @@ def fit_joint(family, key, source: Data, target: Data, *, method: str = "nuts", 
 
     Every chain starts at the EM fits with tau at sqrt(C_best / (K d)), the scale the optimal
     matching's cost suggests. A second call with data of the same shapes compiles nothing.
+
+    NUTS's draws are checked (R-hat, bulk and tail ESS, divergences, E-BFMI; the result's
+    ``checks``) and a :class:`~conceptshift.inference.mcmc.ConvergenceWarning` names any check that
+    fails.
     """
     import time
 
@@ -320,12 +328,16 @@ def fit_joint(family, key, source: Data, target: Data, *, method: str = "nuts", 
         res = svi_on_batch(model, kf, batch, start, guide="fullrank", num_steps=svi_steps,
                            optimizer=cached_adam(float(learning_rate)), progress=progress)
         raw = jax.tree_util.tree_map(lambda a: a[None], res.sample_params(kd, num_samples))
-    src, _ = relabel(model.source_model, raw.source, sp)
-    tgt, _ = relabel(model.target_model, raw.target, tp)
+    src, _ = relabel(model.source_model, raw.source, sp, batch=batch.source)
+    tgt, _ = relabel(model.target_model, raw.target, tp, batch=batch.target)
     params = JointParams(src, tgt, raw.log_shift_scale)
     with numpyro_numerics():
         lp = jax.vmap(jax.vmap(model.matching_log_posterior))(params)
     prob = np.asarray(jnp.mean(jnp.exp(lp).reshape(-1, lp.shape[-1]), 0), np.float64)
     jax.block_until_ready(lp)
+    checks = None
+    if stats is not None:
+        checks = convergence_checks(param_arrays("", params), stats)
+        warn_unconverged(checks, "fit_joint")
     return JointPosterior(model, method, params, jnp.asarray(all_permutations(K)), lp, prob, stats,
-                          source_fit, target_fit, time.perf_counter() - t0)
+                          source_fit, target_fit, time.perf_counter() - t0, checks)

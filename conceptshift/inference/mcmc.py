@@ -4,12 +4,24 @@ The model is ``numpyro_model`` itself: k is summed out in its ``MixtureSameFamil
 NUTS samples only continuous sites. The posterior of a K-component mixture is invariant under the K!
 relabellings of its components; chains (and long single chains) visit different labellings, and
 every per-component summary (R-hat, ESS, intervals) is meaningless until the draws are aligned.
-:func:`relabel` aligns each draw to a reference fit (e.g. EM's) by the permutation that minimises the
-squared distance between component parameter vectors (Hungarian algorithm, vmapped over draws).
+:func:`relabel` aligns each draw to a reference fit (e.g. EM's) by an optimal assignment (vmapped
+over draws), on one of two costs:
+
+- given the data, by what the components explain: the assignment that minimises
+  -sum_i w_i p_ref(k | row i) log p_draw(a(k) | row i), Stephens' (2000) Kullback-Leibler criterion
+  against a fixed reference (the family's ``batch_component_log_probs``). A draw in which a
+  component has emptied (its weight near 0, its parameters wandering over their prior) keeps every
+  occupied component under its own label;
+- without data, by squared distance between the components' parameter vectors
+  (``relabel_vectors``). This is exact for permuted copies of one draw but can mislabel such emptied
+  draws: the wandering component's vector may lie nearer an occupied component of the reference than
+  the occupied one does. :func:`fit_nuts` and :func:`~conceptshift.inference.joint.fit_joint`
+  relabel by the data.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,40 +42,169 @@ from .sites import latent_site_names, numpyro_numerics, params_from_sites, sites
 EXTRA_FIELDS = ("diverging", "accept_prob", "num_steps", "energy", "potential_energy",
                 "adapt_state.step_size")
 
+RHAT_MAX = 1.01  # Vehtari et al. (2021): rank-normalised split R-hat at most 1.01
+ESS_PER_CHAIN = 100  # and bulk and tail ESS at least 100 per chain (400 for four chains)
+BFMI_MIN = 0.3  # E-BFMI below it: the momentum resampling explores the energy poorly
 
-def relabel_one(model, params, reference):
+
+class ConvergenceWarning(UserWarning):
+    """A Markov-chain fit failed one of the sampler checks of :func:`convergence_checks`: its
+    draws are not yet a sample of the posterior to trust."""
+
+
+def param_arrays(prefix: str, params) -> dict:
+    """{prefix_field: (chain, draw, ...) array} for a NamedTuple of parameter draws (a nested one
+    flattened with its field names)."""
+    if not hasattr(params, "_fields"):
+        raise TypeError(f"params must be a NamedTuple of parameter draws, got {type(params).__name__}")
+    out = {}
+    for field, v in zip(params._fields, params, strict=True):
+        name = f"{prefix}_{field}" if prefix else field
+        out.update(param_arrays(name, v) if hasattr(v, "_fields") else {name: np.asarray(v)})
+    return out
+
+
+def draws_convergence(arrays: dict) -> dict | None:
+    """R-hat (rank-normalised split, the larger of bulk and folded; Vehtari et al. 2021), bulk and
+    tail ESS of every coordinate of named (chain, draw, ...) arrays: ``max_rhat``, ``worst_rhat``
+    (the name holding it), ``min_ess_bulk``, ``min_ess_tail``. Constant coordinates (a pinned
+    parameter) are skipped; None when nothing varies."""
+    from arviz_base import rcParams
+    from arviz_stats.base import array_stats
+
+    # tail ESS at the quantiles ArviZ's summary uses: ci_prob and 1 - ci_prob (0.89 by default)
+    ci_prob = rcParams["stats.ci_prob"]
+    worst, name, bulk, tail = 0.0, "", np.inf, np.inf
+    for var, a in arrays.items():
+        a = np.asarray(a)
+        v = a.reshape(a.shape[0], a.shape[1], -1)
+        keep = np.std(v, axis=(0, 1)) > 0
+        if not keep.any():
+            continue
+        v = v[..., keep]
+        r = np.asarray(array_stats.rhat(v, chain_axis=0, draw_axis=1))
+        if np.nanmax(r) > worst:
+            worst, name = float(np.nanmax(r)), var
+        bulk = min(bulk, float(np.nanmin(array_stats.ess(v, chain_axis=0, draw_axis=1, method="bulk"))))
+        tail = min(tail, float(np.nanmin(array_stats.ess(v, chain_axis=0, draw_axis=1, method="tail",
+                                                             prob=ci_prob))))
+    if not name:
+        return None
+    return {"max_rhat": worst, "worst_rhat": name, "min_ess_bulk": bulk, "min_ess_tail": tail}
+
+
+def convergence_checks(arrays: dict, sample_stats: dict) -> dict:
+    """The sampler checks of a Markov-chain fit, on its draws (named (chain, draw, ...) arrays, as
+    :func:`param_arrays` gives them) and its ``sample_stats``: R-hat at most :data:`RHAT_MAX`, bulk
+    and tail ESS at least :data:`ESS_PER_CHAIN` per chain, no divergent transition after warm-up,
+    E-BFMI at least :data:`BFMI_MIN` in every chain.
+
+    Returns :func:`draws_convergence`'s numbers, ``divergences``, ``bfmi_min`` and ``failed``: the
+    checks that fail, as sentences (empty: all passed).
+    """
+    from arviz_stats.base import array_stats
+
+    out = dict(draws_convergence(arrays) or {})
+    n_chains = int(np.shape(sample_stats["diverging"])[0])
+    out["divergences"] = int(np.sum(sample_stats["diverging"]))
+    energy = np.asarray(sample_stats["energy"], np.float64)
+    out["bfmi_min"] = float(np.min(array_stats.bfmi(energy, chain_axis=0, draw_axis=1)))
+    failed = []
+    if "max_rhat" in out and not out["max_rhat"] <= RHAT_MAX:
+        failed.append(f"R-hat {out['max_rhat']:.3f} > {RHAT_MAX} (worst: {out['worst_rhat']})")
+    need = ESS_PER_CHAIN * n_chains
+    for key, what in (("min_ess_bulk", "bulk ESS"), ("min_ess_tail", "tail ESS")):
+        if key in out and not out[key] >= need:
+            failed.append(f"{what} {out[key]:.0f} < {need} ({ESS_PER_CHAIN} per chain)")
+    if out["divergences"]:
+        n = out["divergences"]
+        failed.append(f"{n} divergent transition{'s' if n != 1 else ''} after warm-up")
+    if not out["bfmi_min"] >= BFMI_MIN:
+        failed.append(f"E-BFMI {out['bfmi_min']:.2f} < {BFMI_MIN}")
+    out["failed"] = failed
+    return out
+
+
+def warn_unconverged(checks: dict, who: str) -> None:
+    """A :class:`ConvergenceWarning` naming the failed checks of :func:`convergence_checks`, if
+    any."""
+    if checks["failed"]:
+        warnings.warn(f"{who}: sampler checks failed: {'; '.join(checks['failed'])}. The draws are not "
+                      "yet a sample to trust: run longer chains, raise target_accept, or read the "
+                      "posterior's shape (conceptshift diagnose).", ConvergenceWarning, stacklevel=3)
+
+
+def reference_responsibilities(model, reference, batch) -> Array:
+    """p_ref(k | row i), (N, K), times the row weights: the reference's side of the allocation cost
+    (computed once per set of draws)."""
+    lr = jax.nn.log_softmax(model.batch_component_log_probs(reference, batch), axis=-1)
+    return batch.w[:, None] * jnp.exp(lr)
+
+
+def relabel_one(model, params, reference, batch=None, weighted_resp=None):
     """(aligned params, perm): component k of the result is component perm[k] of ``params``, the
-    one closest to the reference's component k (squared distance between the family's
-    ``relabel_vectors``) under the optimal assignment."""
-    a, b = model.relabel_vectors(reference), model.relabel_vectors(params)
-    cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
+    one assigned to the reference's component k by the optimal assignment.
+
+    With ``batch`` (the data the draws were fitted to) the cost is by allocation:
+    cost[k, j] = -sum_i w_i p_ref(k | row i) log p_params(j | row i) (``weighted_resp``, the first
+    factor, may be passed precomputed by :func:`reference_responsibilities`). Without, it is the
+    squared distance between the family's ``relabel_vectors``.
+    """
+    if batch is None:
+        a, b = model.relabel_vectors(reference), model.relabel_vectors(params)
+        cost = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
+    else:
+        if weighted_resp is None:
+            weighted_resp = reference_responsibilities(model, reference, batch)
+        lr = jax.nn.log_softmax(model.batch_component_log_probs(params, batch), axis=-1)
+        cost = -(weighted_resp.T @ lr)
     perm = assign_traced(cost)
     return model.permute(params, perm), perm
 
 
-def _relabel_flat_impl(model, flat, reference):
-    return jax.vmap(lambda p: relabel_one(model, p, reference))(flat)
+def _relabel_flat_impl(model, flat, reference, batch, draws_per_step):
+    if batch is None:
+        return jax.vmap(lambda p: relabel_one(model, p, reference))(flat)
+    resp = reference_responsibilities(model, reference, batch)
+    # draws in groups: each holds its own (N, K) log-responsibilities
+    return jax.lax.map(lambda p: relabel_one(model, p, reference, batch, resp), flat,
+                       batch_size=draws_per_step)
 
 
-_relabel_flat = jax.jit(_relabel_flat_impl, static_argnums=0)
+_relabel_flat = jax.jit(_relabel_flat_impl, static_argnums=(0, 4))
+
+# elements of the (draws, N, K) log-responsibilities one step of the allocation cost holds
+_RELABEL_ELEMENTS = 1 << 24
 
 
-def relabel(model, params, reference, *, n_batch: int = 2):
+def relabel(model, params, reference, *, n_batch: int = 2, batch=None):
     """Aligns draws of ``model``'s parameters with ``n_batch`` leading axes (2 for (chain, draw))
-    to ``reference``; works for every registered family (through ``relabel_vectors`` and
-    ``permute``).
+    to ``reference``; works for every registered family.
+
+    Args:
+      batch: the data the draws were fitted to, as ``model.batch(x, y)`` gives it. With it, the
+        draws are aligned by allocation (Stephens' criterion, see the module docstring; needs the
+        family's ``batch_component_log_probs``), which keeps occupied components under their labels
+        in draws where another component has emptied; without it, by the distance between
+        ``relabel_vectors``.
 
     Returns:
       (aligned params, perms of shape batch + (K,)). Relabelling an already aligned set of draws
-      returns it unchanged; a draw whose components were permuted comes back exactly.
+      returns it unchanged; a draw whose components were permuted comes back exactly (both costs).
     """
-    check_family(model, "relabel", needs=("relabel_vectors", "permute"))
+    needs = ("permute",) + (("relabel_vectors",) if batch is None else ("batch_component_log_probs",))
+    check_family(model, "relabel", needs=needs)
     n_batch = check_int("n_batch", n_batch, minimum=0)
     leaves = jax.tree_util.tree_leaves(params)
-    batch = leaves[0].shape[:n_batch]
+    lead = leaves[0].shape[:n_batch]
     flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[n_batch:]), params)
-    out, perm = _relabel_flat(model, flat, reference)
-    unflat = lambda a: a.reshape(batch + a.shape[1:])  # noqa: E731
+    n_draws = max(1, jax.tree_util.tree_leaves(flat)[0].shape[0])
+    step = None
+    if batch is not None:
+        rows = int(jax.tree_util.tree_leaves(batch)[0].shape[0]) * model.n_components
+        step = max(1, min(n_draws, _RELABEL_ELEMENTS // max(rows, 1)))
+    out, perm = _relabel_flat(model, flat, reference, batch, step)
+    unflat = lambda a: a.reshape(lead + a.shape[1:])  # noqa: E731
     return jax.tree_util.tree_map(unflat, out), unflat(perm)
 
 
@@ -75,7 +216,9 @@ class MCMCResult:
     ``reference`` when one was given; ``raw_params`` before relabelling; ``perms`` (C, S, K) the
     permutations applied; ``sample_stats``: NUTS's per-draw statistics (C, S), named as ArviZ
     expects (``diverging``, ``acceptance_rate``, ``n_steps``, ``energy``, ``lp``, ``step_size``,
-    ``tree_depth``).
+    ``tree_depth``); ``checks``: :func:`convergence_checks` on the (relabelled) draws, its
+    ``failed`` list empty when every sampler check passed (a :class:`ConvergenceWarning` says
+    otherwise).
     """
 
     model: Any
@@ -86,6 +229,7 @@ class MCMCResult:
     sample_stats: dict
     num_chains: int
     num_samples: int
+    checks: dict
 
 
 @dataclass
@@ -274,17 +418,21 @@ def fit_nuts(
       num_chains, num_warmup, num_samples: per chain.
       init_params: the family's parameters to start every chain from (e.g. an EM fit), or a pytree
         with a leading chain axis (one start per chain); default: NumPyro's ``init_to_uniform``.
-      reference: parameters the draws are relabelled to (default: ``init_params`` when unbatched;
-        None and no init: no relabelling).
+      reference: parameters the draws are relabelled to, by allocation on (x, y) (see
+        :func:`relabel`; default: ``init_params`` when unbatched; None and no init: no relabelling).
       target_accept, max_tree_depth: NUTS settings.
       progress: show a rich progress bar (the steps then run in about 20 compiled chunks).
 
     Warm-up adapts the step size (dual averaging towards ``target_accept``) and a diagonal mass
     matrix, as NumPyro's ``NUTS``. The same key gives the same draws. A second call with data of
     the same shapes and the same settings reuses the compiled sampler (no recompilation).
+
+    The draws are checked (R-hat, bulk and tail ESS, divergences, E-BFMI: the result's ``checks``),
+    and a :class:`ConvergenceWarning` names any check that fails. Without a reference the draws are
+    not relabelled, and chains in different labellings fail R-hat.
     """
     check_family(model, "fit_nuts", needs=("batch", "batch_model", "to_sites", "from_sites",
-                                           "relabel_vectors", "permute"))
+                                           "batch_component_log_probs", "permute"))
     key = check_key("key", key)
     num_chains = check_int("num_chains", num_chains, minimum=1)
     num_warmup = check_int("num_warmup", num_warmup, minimum=1)
@@ -306,7 +454,9 @@ def fit_nuts(
                                     progress=progress)
     if reference is not None:
         reference = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), reference)
-        params, perms = relabel(model, raw, reference)
+        params, perms = relabel(model, raw, reference, batch=batch)
     else:
         params, perms = raw, None
-    return MCMCResult(model, params, raw, perms, reference, sample_stats, num_chains, num_samples)
+    checks = convergence_checks(param_arrays("", params), sample_stats)
+    warn_unconverged(checks, "fit_nuts")
+    return MCMCResult(model, params, raw, perms, reference, sample_stats, num_chains, num_samples, checks)

@@ -49,11 +49,10 @@ def _bootstrap_impl(model, keys, params, x, tol, max_iter):
     def one(key):
         b = model.resample_batch(key, params, x)
         fit = fit_em(model, key, b.x, b.y, init_params=params, max_iter=max_iter, tol=tol)
-        return fit.params
+        # each refit aligned to the fit by what its components explain in its own data set
+        return relabel_one(model, fit.params, params, batch=b)[0]
 
-    draws = jax.vmap(one)(keys)
-    aligned, _ = jax.vmap(lambda d: relabel_one(model, d, params))(draws)
-    return aligned
+    return jax.vmap(one)(keys)
 
 
 def bootstrap_em(model, key, params, x, n_boot: int, *, max_iter: int = 300, tol: float = 1e-7):
@@ -63,7 +62,7 @@ def bootstrap_em(model, key, params, x, n_boot: int, *, max_iter: int = 300, tol
     HMMs), each refitted by EM starting from ``params`` and relabelled to it. Returns the refits
     with a leading axis of size ``n_boot``; one compiled call.
     """
-    check_family(model, "bootstrap_em", needs=("covariates", "resample_batch", "relabel_vectors",
+    check_family(model, "bootstrap_em", needs=("covariates", "resample_batch", "batch_component_log_probs",
                                                "permute"))
     key = check_key("key", key)
     n_boot = check_int("n_boot", n_boot, minimum=1)

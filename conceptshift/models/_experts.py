@@ -422,6 +422,10 @@ class ExpertsFamily(TableRows, EStepScheduling):
         y = self.response_rows(y)
         return self.component_log_probs_t(params, x.T, y.T).T
 
+    def batch_component_log_probs(self, params, batch: Batch) -> Array:
+        """:meth:`component_log_probs` of a batch, (N, K) (the row weights are not applied)."""
+        return self.component_log_probs_t(params, batch.x.T, batch.y.T).T
+
     def log_likelihood(self, params, x: Array, y: Array) -> Array:
         """Per-sample log p(x, y) (log p(y | x) when the family does not model x), shape (N,)."""
         x = self.rows(x)

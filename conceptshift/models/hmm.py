@@ -262,6 +262,10 @@ class HMMMixture:
         d = self.data_of(batch)
         return jnp.sum(d.w * logsumexp(self.data_component_log_probs(params, d), axis=-1))
 
+    def batch_component_log_probs(self, params: HMMParams, batch: Batch) -> Array:
+        """log pi_k + log p(x_n, y_n | k) of a batch, (N, K) (the row weights are not applied)."""
+        return self.data_component_log_probs(params, self.data_of(batch))
+
     def batch_model(self, batch: Batch):
         """:meth:`numpyro_model` conditioned on ``batch`` (row weights scale the observations)."""
         self._numpyro_model(self.data_of(batch), 1.0)
