@@ -16,7 +16,8 @@ from conceptshift.experiments.runner import load_config
 def test_joint_model_intervals_are_calibrated_and_separate_fits_are_not(tmp_path):
     """100 data sets at weak swaps 0, 0.3, 0.4, 0.45, 0.5 (Algorithm 1's EM matching right in
     100%, 100%, 85%, 65%, 10% of them): the joint model's NUTS intervals cover q(x) at 0.85-0.95
-    pooled (measured 0.916, s.e. 0.017) and at >= 0.75 at every swap; the separate EM fits'
+    pooled (measured 0.923 and, on another machine, 0.916; s.e. 0.017) and at >= 0.75 at every swap;
+    the separate EM fits'
     bootstrap under-covers (measured 0.72) because each draw keeps a hard matching."""
     mod = EXPERIMENTS["calibration"]
     cfg = load_config(mod.DEFAULTS, None, ["methods=em_bootstrap,joint_nuts"])
