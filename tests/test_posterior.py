@@ -10,6 +10,7 @@ standard error) are ``slow``.
 """
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,15 @@ def test_relabel_by_allocation_keeps_occupied_components_when_one_has_emptied():
     np.testing.assert_array_equal(np.asarray(found[0]), np.argsort(perm))
     for u, v in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(draws), strict=True):
         np.testing.assert_array_equal(u, v)
+    # a component no row can belong to in the reference (responsibility 0) and of weight exactly 0
+    # in the draw (log-responsibility -inf): 0 x -inf must not turn the cost into nan
+    far = ref._replace(coef=ref.coef.at[2].set(jnp.asarray([[400.0, 0.0]])))
+    empty = far._replace(log_weights=far.log_weights.at[2].set(-jnp.inf))
+    _, found = relabel(model, jax.tree_util.tree_map(lambda a: a[None], empty), far, n_batch=1, batch=batch)
+    assert np.asarray(found[0]).tolist() == [0, 1, 2]
+    broken = jax.tree_util.tree_map(lambda a: a[None], draw._replace(coef=draw.coef.at[0].set(jnp.nan)))
+    with pytest.raises(ValueError, match="relabelling cost is not finite"):
+        relabel(model, broken, ref, n_batch=1, batch=batch)
 
 
 @pytest.fixture(scope="module")
@@ -585,3 +595,7 @@ def test_convergence_checks_match_arviz_and_name_what_fails():
     assert bad["failed"][-1].startswith("E-BFMI ")
     with pytest.warns(ConvergenceWarning, match="fit_nuts: sampler checks failed: R-hat"):
         warn_unconverged(bad, "fit_nuts")
+    # too few draws for R-hat (nan): the check fails, it does not pass
+    few = convergence_checks({"c": arrays["coef"][:, :3]}, {"diverging": diverging[:, :3] & False,
+                                                           "energy": stats["energy"][:, :3]})
+    assert math.isnan(few["max_rhat"]) and few["failed"][0] == "R-hat nan > 1.01 (worst: c)"

@@ -190,7 +190,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
     res = sweep.run(cells, lambda c: replicate(cfg, *c), progress=progress)
     rows = list(res.values())
     results = {"experiment": NAME, "config": cfg, "versions": versions(),
-               "summary": summarise(rows, cfg)}
+               "summary": summarise(rows, cfg), "datasets": rows}
     return sweep.finish(results, plot, "calibration.png")
 
 

@@ -21,6 +21,7 @@ over draws), on one of two costs:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -82,12 +83,13 @@ def draws_convergence(arrays: dict) -> dict | None:
         if not keep.any():
             continue
         v = v[..., keep]
-        r = np.asarray(array_stats.rhat(v, chain_axis=0, draw_axis=1))
-        if np.nanmax(r) > worst:
-            worst, name = float(np.nanmax(r)), var
-        bulk = min(bulk, float(np.nanmin(array_stats.ess(v, chain_axis=0, draw_axis=1, method="bulk"))))
-        tail = min(tail, float(np.nanmin(array_stats.ess(v, chain_axis=0, draw_axis=1, method="tail",
-                                                             prob=ci_prob))))
+        # nan (too few draws for the statistic) propagates: it fails the checks, never passes them
+        r = float(np.max(array_stats.rhat(v, chain_axis=0, draw_axis=1)))
+        if not math.isnan(worst) and not r <= worst:
+            worst, name = r, var
+        bulk = float(np.min([bulk, *np.ravel(array_stats.ess(v, chain_axis=0, draw_axis=1, method="bulk"))]))
+        tail = float(np.min([tail, *np.ravel(array_stats.ess(v, chain_axis=0, draw_axis=1, method="tail",
+                                                             prob=ci_prob))]))
     if not name:
         return None
     return {"max_rhat": worst, "worst_rhat": name, "min_ess_bulk": bulk, "min_ess_tail": tail}
@@ -157,6 +159,9 @@ def relabel_one(model, params, reference, batch=None, weighted_resp=None):
         if weighted_resp is None:
             weighted_resp = reference_responsibilities(model, reference, batch)
         lr = jax.nn.log_softmax(model.batch_component_log_probs(params, batch), axis=-1)
+        # a probability that underflowed to 0 (log -inf) counts as the smallest normal number, so
+        # that a reference responsibility of 0 against it adds 0, not nan
+        lr = jnp.where(jnp.isneginf(lr), jnp.log(jnp.finfo(lr.dtype).tiny), lr)
         cost = -(weighted_resp.T @ lr)
     perm = assign_traced(cost)
     return model.permute(params, perm), perm
@@ -201,9 +206,15 @@ def relabel(model, params, reference, *, n_batch: int = 2, batch=None):
     n_draws = max(1, jax.tree_util.tree_leaves(flat)[0].shape[0])
     step = None
     if batch is not None:
-        rows = int(jax.tree_util.tree_leaves(batch)[0].shape[0]) * model.n_components
-        step = max(1, min(n_draws, _RELABEL_ELEMENTS // max(rows, 1)))
+        # elements per draw: its (N, K) log-responsibilities, or the family's widest E-step
+        # temporary per row (``row_width``, the HMM's forward recursion) times N
+        n = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+        width = model.row_width(batch) if hasattr(model, "row_width") else model.n_components
+        step = max(1, min(n_draws, _RELABEL_ELEMENTS // max(n * width, 1)))
     out, perm = _relabel_flat(model, flat, reference, batch, step)
+    if np.any(np.asarray(perm) < 0):  # the assignment solver's answer to a cost that is not finite
+        raise ValueError("relabel: the relabelling cost is not finite for some draws (draws or reference "
+                         "with non-finite parameters?)")
     unflat = lambda a: a.reshape(lead + a.shape[1:])  # noqa: E731
     return jax.tree_util.tree_map(unflat, out), unflat(perm)
 
@@ -418,8 +429,9 @@ def fit_nuts(
       num_chains, num_warmup, num_samples: per chain.
       init_params: the family's parameters to start every chain from (e.g. an EM fit), or a pytree
         with a leading chain axis (one start per chain); default: NumPyro's ``init_to_uniform``.
-      reference: parameters the draws are relabelled to, by allocation on (x, y) (see
-        :func:`relabel`; default: ``init_params`` when unbatched; None and no init: no relabelling).
+      reference: parameters the draws are relabelled to, by allocation on the data (x, y and the
+        row weights; see :func:`relabel`; default: ``init_params`` when unbatched; None and no
+        init: no relabelling).
       target_accept, max_tree_depth: NUTS settings.
       progress: show a rich progress bar (the steps then run in about 20 compiled chunks).
 

@@ -59,7 +59,8 @@ def bootstrap_em(model, key, params, x, n_boot: int, *, max_iter: int = 300, tol
     """Parametric bootstrap of an EM fit, for every family: ``n_boot`` data sets drawn from
     ``params`` with the rows of ``x`` (the family's ``resample_batch``: at the observed x for
     regression mixtures, x redrawn for gated families, the same sequence lengths for a mixture of
-    HMMs), each refitted by EM starting from ``params`` and relabelled to it. Returns the refits
+    HMMs), each refitted by EM starting from ``params`` and relabelled to it by allocation on its
+    own resampled data set (:func:`~conceptshift.inference.mcmc.relabel`). Returns the refits
     with a leading axis of size ``n_boot``; one compiled call.
     """
     check_family(model, "bootstrap_em", needs=("covariates", "resample_batch", "batch_component_log_probs",
