@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..inference.mcmc import BFMI_MIN, ESS_PER_CHAIN, RHAT_MAX, draws_convergence, param_arrays
+from ..inference.mcmc import draws_convergence, threshold_failures
 
 PARAM_VARS = ("weights", "coef", "scale", "gate_mean", "gate_cov", "gate_weights")
 
@@ -130,7 +130,8 @@ def posterior_datatree(model, draws, x_test, y_test, key, *, sample_stats: dict 
         draw (``identification_draws``), kept as the group ``matching`` (:func:`matching_summary`).
       fit_draws: optional {name: (chain, draw, ...) array}, the sampled parameters of the fits
         behind q̂ (relabelled), kept as the group ``fit_posterior``: their R-hat and ESS are the
-        sampler's convergence, apart from the matching (:func:`fit_draw_arrays` builds it).
+        sampler's convergence, apart from the matching
+        (:func:`~conceptshift.inference.mcmc.param_arrays` builds it).
       matching_posterior: optional (assignments (M, K), prob (M,)), the posterior probability of
         each matching given the data (``average_matching_posterior``, or the joint model's
         ``matching_prob``), kept as the group ``matching_posterior``.
@@ -335,12 +336,6 @@ def _finite_extreme(column, fn) -> float:
     return float(fn(v)) if v.size else float("nan")
 
 
-def fit_draw_arrays(prefix: str, params) -> dict:
-    """{prefix_field: (chain, draw, ...) array} for a NamedTuple of parameter draws (a nested one
-    flattened with its field names), for ``posterior_datatree(fit_draws=...)``."""
-    return param_arrays(prefix, params)
-
-
 def fit_convergence(dt) -> dict | None:
     """R-hat (rank-normalised, split), bulk and tail ESS over the tree's ``fit_posterior`` group,
     the sampled parameters themselves (Markov chains only): ``max_rhat_fit``, ``min_ess_bulk_fit``,
@@ -399,28 +394,22 @@ def failed_checks(d: dict, n_chains: int) -> list[str]:
     """The sampler checks a :func:`diagnose` result fails, as sentences (empty: none failed).
 
     Markov chains only (independent draws have nothing to check here): R-hat of q̂'s parameters and
-    of the fits' (``max_rhat``, ``max_rhat_fit``) at most :data:`RHAT_MAX`; bulk and tail ESS at
-    least :data:`ESS_PER_CHAIN` per chain; no divergent transitions; E-BFMI at least
-    :data:`BFMI_MIN`; chains that agree on the most frequent matching."""
+    of the fits' (``max_rhat``, ``max_rhat_fit``) at most 1.01; bulk and tail ESS at least 100 per
+    chain; no divergent transitions; E-BFMI at least 0.3 (the thresholds of
+    :func:`~conceptshift.inference.mcmc.threshold_failures`); chains that agree on the most
+    frequent matching."""
     if d.get("draws") != "Markov chains":
         return []
-    out = []
     fits = "the fits' parameters" + (f" (worst: {d['worst_rhat_fit']})" if "worst_rhat_fit" in d else "")
-    for key, what in (("max_rhat", "q̂'s parameters"), ("max_rhat_fit", fits)):
-        if key in d and not d[key] <= RHAT_MAX:
-            out.append(f"R-hat of {what} {d[key]:.3f} > {RHAT_MAX}")
-    need = ESS_PER_CHAIN * n_chains
-    for key, what in (("min_ess_bulk", "bulk ESS of q̂'s parameters"),
-                      ("min_ess_tail", "tail ESS of q̂'s parameters"),
-                      ("min_ess_bulk_fit", "bulk ESS of the fits' parameters"),
-                      ("min_ess_tail_fit", "tail ESS of the fits' parameters")):
-        if key in d and not d[key] >= need:
-            out.append(f"{what} {d[key]:.0f} < {need} ({ESS_PER_CHAIN} per chain)")
-    if d.get("divergences", 0) > 0:
-        n = d["divergences"]
-        out.append(f"{n} divergent transition{'s' if n != 1 else ''} after warm-up")
-    if "bfmi_min" in d and not d["bfmi_min"] >= BFMI_MIN:
-        out.append(f"E-BFMI {d['bfmi_min']:.2f} < {BFMI_MIN}")
+    rhat = [(f"R-hat of {what} ", d[key], "") for key, what in (("max_rhat", "q̂'s parameters"),
+                                                                 ("max_rhat_fit", fits)) if key in d]
+    ess = [(f"{what} ", d[key]) for key, what in (("min_ess_bulk", "bulk ESS of q̂'s parameters"),
+                                                  ("min_ess_tail", "tail ESS of q̂'s parameters"),
+                                                  ("min_ess_bulk_fit", "bulk ESS of the fits' parameters"),
+                                                  ("min_ess_tail_fit", "tail ESS of the fits' parameters"))
+           if key in d]
+    out = threshold_failures(n_chains, rhat=rhat, ess=ess, divergences=d.get("divergences", 0),
+                             bfmi_min=d.get("bfmi_min"))
     if d.get("chains_disagree"):
         out.append("chains settle in different matchings")
     return out

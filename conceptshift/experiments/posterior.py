@@ -95,10 +95,10 @@ def _jsonable(d: dict) -> dict:
 
 
 def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
-    from ..diagnostics.posterior import diagnose, fit_draw_arrays, posterior_datatree, write_datatree
+    from ..diagnostics.posterior import diagnose, posterior_datatree, write_datatree
     from ..inference.estimators import Data
     from ..inference.joint import fit_joint
-    from ..inference.mcmc import ConvergenceWarning, fit_nuts
+    from ..inference.mcmc import ConvergenceWarning, fit_nuts, param_arrays
     from ..inference.svi import fit_svi
     from ..inference.uncertainty import identification_draws, matching_posterior_of_draws
 
@@ -166,9 +166,7 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
                            svi_steps=int(cfg["svi_steps"]), learning_rate=float(cfg["svi_lr"]),
                            progress=progress)
             q, a = jp.predictor_draws(kd)
-            fit_draws = {**fit_draw_arrays("source", jp.params.source),
-                         **fit_draw_arrays("target", jp.params.target),
-                         "log_shift_scale": np.asarray(jp.params.log_shift_scale)}
+            fit_draws = param_arrays("", jp.params)  # source_*, target_*, log_shift_scale
             extra = {"fit_seconds": time.perf_counter() - t0,
                      "shift_scale_median": float(np.median(np.exp(np.asarray(jp.params.log_shift_scale))))}
             return finish(name, q, extra, stats=jp.sample_stats, assignments=np.asarray(a),
@@ -201,8 +199,8 @@ def run(cfg: dict, out_dir, *, progress: bool = True) -> dict:
                  "relabelled_draws_target": float(np.mean(np.any(
                      np.asarray(tr.perms) != np.arange(m1.n_components), -1)))}
         return finish(name, draws=q, extra=extra, stats=stats, assignments=assignments,
-                      fit_draws={**fit_draw_arrays("source", sr.params),
-                                 **fit_draw_arrays("target", tr.params)},
+                      fit_draws={**param_arrays("source", sr.params),
+                                 **param_arrays("target", tr.params)},
                       matching=matching_posterior_of_draws(m1, sr.params, tr.params, n_batch=2))
 
     with warnings.catch_warnings():  # diagnose names the failed checks, in results.json and the reading

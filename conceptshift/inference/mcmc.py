@@ -111,19 +111,26 @@ def convergence_checks(arrays: dict, sample_stats: dict) -> dict:
     out["divergences"] = int(np.sum(sample_stats["diverging"]))
     energy = np.asarray(sample_stats["energy"], np.float64)
     out["bfmi_min"] = float(np.min(array_stats.bfmi(energy, chain_axis=0, draw_axis=1)))
-    failed = []
-    if "max_rhat" in out and not out["max_rhat"] <= RHAT_MAX:
-        failed.append(f"R-hat {out['max_rhat']:.3f} > {RHAT_MAX} (worst: {out['worst_rhat']})")
+    rhat = [("R-hat ", out["max_rhat"], f" (worst: {out['worst_rhat']})")] if "max_rhat" in out else []
+    ess = [(f"{k} ESS ", out[f"min_ess_{k}"]) for k in ("bulk", "tail") if f"min_ess_{k}" in out]
+    out["failed"] = threshold_failures(n_chains, rhat=rhat, ess=ess, divergences=out["divergences"],
+                                       bfmi_min=out["bfmi_min"])
+    return out
+
+
+def threshold_failures(n_chains: int, *, rhat=(), ess=(), divergences: int = 0, bfmi_min=None) -> list[str]:
+    """The sampler checks that fail, as sentences, in this order: each ``rhat`` triple (words
+    before, value, words after) above :data:`RHAT_MAX`, each ``ess`` pair (words before, value)
+    below :data:`ESS_PER_CHAIN` per chain, divergent transitions after warm-up, and the smallest
+    E-BFMI below :data:`BFMI_MIN`. A nan value fails. Shared by :func:`convergence_checks` and
+    ``diagnostics.posterior.failed_checks``."""
+    out = [f"{before}{v:.3f} > {RHAT_MAX}{after}" for before, v, after in rhat if not v <= RHAT_MAX]
     need = ESS_PER_CHAIN * n_chains
-    for key, what in (("min_ess_bulk", "bulk ESS"), ("min_ess_tail", "tail ESS")):
-        if key in out and not out[key] >= need:
-            failed.append(f"{what} {out[key]:.0f} < {need} ({ESS_PER_CHAIN} per chain)")
-    if out["divergences"]:
-        n = out["divergences"]
-        failed.append(f"{n} divergent transition{'s' if n != 1 else ''} after warm-up")
-    if not out["bfmi_min"] >= BFMI_MIN:
-        failed.append(f"E-BFMI {out['bfmi_min']:.2f} < {BFMI_MIN}")
-    out["failed"] = failed
+    out += [f"{before}{v:.0f} < {need} ({ESS_PER_CHAIN} per chain)" for before, v in ess if not v >= need]
+    if divergences:
+        out.append(f"{divergences} divergent transition{'s' if divergences != 1 else ''} after warm-up")
+    if bfmi_min is not None and not bfmi_min >= BFMI_MIN:
+        out.append(f"E-BFMI {bfmi_min:.2f} < {BFMI_MIN}")
     return out
 
 
